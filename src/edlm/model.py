@@ -1,0 +1,271 @@
+"""DiffusionLM: any Hugging Face causal LM driven as a block-diffusion LM through its own arguments.
+
+No modeling code is copied: the wrapper passes a custom 4D attention mask (or a flex ``BlockMask``), explicit
+``position_ids`` and ``logits_to_keep`` to the model's ordinary ``forward``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edlm.config import DiffusionConfig, from_dict
+from edlm.errors import EdlmError
+from edlm.masks import PATTERNS, MaskMod, dense_mask, flex_block_mask, to_attention_mask
+from edlm.noising import Noised
+
+logger = logging.getLogger(__name__)
+
+EDLM_CONFIG_NAME = "edlm_config.json"
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    """Scalar training loss (weighted per ``loss_weighting``)."""
+    masked_ce: torch.Tensor
+    """Scalar: unweighted mean cross-entropy over masked tokens (comparable across weightings)."""
+    n_masked: int
+    """Number of masked (scored) tokens."""
+
+
+def add_mask_token(model: nn.Module, tokenizer: Any, token: str) -> int:
+    """Make sure ``token`` exists as a special token with a usable embedding row; return its id.
+
+    A new token gets the mean of the existing input (and, if untied, output) embeddings, so the model starts from
+    an "average token" rather than a random one.
+    """
+    vocab = tokenizer.get_vocab()
+    is_new = token not in vocab
+    if is_new:
+        tokenizer.add_special_tokens({"mask_token": token})
+    elif tokenizer.mask_token != token:
+        tokenizer.mask_token = token
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    emb = model.get_input_embeddings()
+    old_rows = emb.weight.shape[0]
+    if token_id >= old_rows:
+        model.resize_token_embeddings(token_id + 1, mean_resizing=False)
+    if is_new or token_id >= old_rows:
+        with torch.no_grad():
+            inp = model.get_input_embeddings().weight
+            inp[token_id] = inp[: min(old_rows, token_id)].mean(dim=0)
+            out = model.get_output_embeddings()
+            if out is not None and out.weight.data_ptr() != inp.data_ptr():
+                out.weight[token_id] = out.weight[: min(old_rows, token_id)].mean(dim=0)
+                if getattr(out, "bias", None) is not None:
+                    out.bias[token_id] = out.bias[: min(old_rows, token_id)].mean()
+        logger.info("added mask token %r as id %d (embedding rows %d -> %d)", token, token_id, old_rows,
+                    model.get_input_embeddings().weight.shape[0])
+    return token_id
+
+
+class DiffusionLM(nn.Module):
+    """A causal LM plus its tokenizer and diffusion settings.
+
+    Args:
+        model: a ``transformers`` causal LM (``AutoModelForCausalLM``), optionally wrapped by peft.
+        tokenizer: its tokenizer; must contain ``config.mask_token``.
+        config: diffusion settings; ``mask_token_id`` is filled in from the tokenizer.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: DiffusionConfig):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        vocab = tokenizer.get_vocab()
+        if config.mask_token not in vocab:
+            raise EdlmError(
+                f"the tokenizer has no mask token {config.mask_token!r}; convert the model with `edlm convert` "
+                "(which adds it), or set diffusion.mask_token to a token the tokenizer has")
+        mask_id = vocab[config.mask_token]
+        if mask_id >= model.get_input_embeddings().weight.shape[0]:
+            raise EdlmError(f"mask token id {mask_id} is outside the model's embedding table; re-run conversion")
+        self.config = dataclasses.replace(config, mask_token_id=mask_id)
+        self.pattern = PATTERNS[self.config.pattern]
+        self._mask_cache: dict[tuple, Any] = {}
+        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(self._base_forward()).parameters
+
+    # ------------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_ar(cls, model: nn.Module, tokenizer: Any, config: DiffusionConfig | None = None) -> DiffusionLM:
+        """Wrap an AR model for conversion, adding the mask token when the tokenizer lacks it."""
+        config = config or DiffusionConfig()
+        add_mask_token(model, tokenizer, config.mask_token)
+        return cls(model, tokenizer, config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", attn_implementation: str = "sdpa") -> DiffusionLM:
+        """Load a converted model folder written by :meth:`save_pretrained` (or by ``edlm convert``)."""
+        from edlm.assets import load_hf
+
+        path = Path(path)
+        cfg_file = path / EDLM_CONFIG_NAME
+        if path.is_dir() and (path / "config.json").is_file() and not cfg_file.is_file():
+            raise EdlmError(
+                f"{str(path)!r} is a Hugging Face model but not a converted edlm model (no {EDLM_CONFIG_NAME}); "
+                f"convert it first: edlm convert --model {path} --output-dir OUT")
+        model, tokenizer = load_hf(path, dtype=dtype, attn_implementation=attn_implementation)
+        config = read_diffusion_config(path)
+        return cls(model.to(device), tokenizer, config)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write a normal HF model folder plus ``edlm_config.json``; LoRA adapters are merged into the weights.
+
+        Files are written to a temporary sibling folder and moved into place one by one, so a crash never
+        leaves a partly written file under its final name.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f".tmp-save-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = self.model
+        if hasattr(model, "merge_and_unload"):  # peft: merge a copy-free view; the live model keeps its adapters
+            model = _merged_copy(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        (tmp / EDLM_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+        for item in sorted(tmp.iterdir()):
+            os.replace(item, path / item.name)
+        tmp.rmdir()
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def _base_forward(self):
+        model = self.model
+        if hasattr(model, "get_base_model"):  # peft
+            model = model.get_base_model()
+        return model.forward
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def attn_implementation(self) -> str:
+        cfg = self.model.config
+        return getattr(cfg, "_attn_implementation", None) or "sdpa"
+
+    @property
+    def mask_id(self) -> int:
+        return self.config.mask_token_id
+
+    def attention_mask(self, mask_mod: MaskMod, q_len: int, kv_len: int, key: tuple) -> Any:
+        """The 4D mask (or flex BlockMask) for a predicate, cached under ``key``."""
+        impl = self.attn_implementation
+        full_key = (key, q_len, kv_len, impl, str(self.device))
+        if full_key not in self._mask_cache:
+            if len(self._mask_cache) > 64:
+                self._mask_cache.clear()
+            if impl == "flex_attention":
+                mask = flex_block_mask(mask_mod, q_len, kv_len, self.device)
+            else:
+                dtype = self.model.get_input_embeddings().weight.dtype
+                mask = to_attention_mask(dense_mask(mask_mod, q_len, kv_len, self.device), dtype, impl)
+            self._mask_cache[full_key] = mask
+        return self._mask_cache[full_key]
+
+    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: Any,
+            keep: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool = False):
+        """One forward of the underlying model; returns its output (``.logits`` only at ``keep`` positions)."""
+        kwargs: dict[str, Any] = {}
+        if keep is not None and self._accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        if attention_mask is not None and not hasattr(attention_mask, "mask_mod") \
+                and attention_mask.shape[0] == 1 and input_ids.shape[0] > 1:
+            attention_mask = attention_mask.expand(input_ids.shape[0], *attention_mask.shape[1:])
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                         past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        if keep is not None and not self._accepts_logits_to_keep:
+            out.logits = out.logits[:, keep] if keep.dim() == 1 else torch.gather(
+                out.logits, 1, keep[..., None].expand(-1, -1, out.logits.shape[-1]))
+        return out
+
+    # ----------------------------------------------------------------------------------------------- training
+
+    def prediction_index(self, length: int, device: torch.device) -> torch.Tensor:
+        """Index into the training forward's positions whose state predicts each noisy token: (L,) long.
+
+        No shift: noisy position i predicts token i. Token shift: the state at i - 1 predicts token i; at a block
+        start that state belongs to the previous block, which is the *clean* copy when the pattern has one (as in
+        decoding, where the previous block is final). Token 0 has no predictor (index 0, excluded from the loss).
+        """
+        idx = torch.arange(length, device=device)
+        if not self.config.token_shift:
+            return idx
+        prev = (idx - 1).clamp_min(0)
+        if self.pattern.clean_copy:
+            block_start = (idx % self.config.block_size == 0) & (idx > 0)
+            prev = torch.where(block_start, prev + length, prev)
+        return prev
+
+    def training_logits(self, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Logits predicting each noisy position's clean token: (B, L, V) from xt, x0 of shape (B, L)."""
+        batch, length = xt.shape
+        cfg = self.config
+        if self.pattern.clean_copy:
+            input_ids = torch.cat([xt, x0], dim=1)  # (B, 2L)
+            position_ids = torch.arange(length, device=xt.device).repeat(2)[None].expand(batch, -1)
+        else:
+            input_ids = xt
+            position_ids = torch.arange(length, device=xt.device)[None].expand(batch, -1)
+        total = input_ids.shape[1]
+        mask_mod = self.pattern.build(length, cfg.block_size, cfg.clean_causal)
+        attn = self.attention_mask(mask_mod, total, total, key=("train", cfg.pattern, cfg.block_size,
+                                                                  cfg.clean_causal, length))
+        keep = self.prediction_index(length, xt.device)
+        return self.run(input_ids, position_ids, attn, keep=keep).logits
+
+    def loss(self, noised: Noised) -> LossOutput:
+        """Masked-token cross-entropy on the noisy half; 1/t-weighted per ``loss_weighting``, averaged over tokens."""
+        x0 = noised.x0
+        logits = self.training_logits(noised.xt, x0)  # (B, L, V)
+        scored = noised.masked.clone()
+        if self.config.token_shift:
+            scored[:, 0] = False  # token 0 has no predecessor
+        n_masked = int(scored.sum())
+        if n_masked == 0:
+            zero = logits.sum() * 0.0
+            return LossOutput(loss=zero, masked_ce=zero.detach(), n_masked=0)
+        ce = F.cross_entropy(logits[scored].float(), x0[scored], reduction="none")  # (M,)
+        masked_ce = ce.mean()
+        if self.config.loss_weighting == "inv_t":
+            loss = (ce / noised.ratio[scored]).sum() / x0.numel()
+        else:
+            loss = masked_ce
+        return LossOutput(loss=loss, masked_ce=masked_ce.detach(), n_masked=n_masked)
+
+    def forward(self, noised: Noised) -> LossOutput:
+        return self.loss(noised)
+
+
+def _merged_copy(peft_model: nn.Module) -> nn.Module:
+    """Merge LoRA weights into a copy of the base model, leaving the training model untouched."""
+    import copy
+
+    return copy.deepcopy(peft_model).merge_and_unload()
+
+
+def read_diffusion_config(path: str | os.PathLike) -> DiffusionConfig:
+    """The :class:`DiffusionConfig` saved in a converted model folder."""
+    cfg_file = Path(path) / EDLM_CONFIG_NAME
+    if not cfg_file.is_file():
+        raise EdlmError(f"{str(path)!r} has no {EDLM_CONFIG_NAME}: it is not a model converted by edlm")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise EdlmError(f"{cfg_file} is not valid JSON ({e}); re-save the model") from None
+    return from_dict(DiffusionConfig, data, where=f"{cfg_file}: ")

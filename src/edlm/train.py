@@ -1,0 +1,338 @@
+"""The conversion loop: continued pretraining of an AR model as a block-diffusion LM, on accelerate.
+
+Determinism and resume: the data order is a fixed permutation per epoch (seeded) and each sample's noise comes
+from a generator seeded by (seed, sample position in the stream), so the batch at step s is a pure function of
+(config, s). A checkpoint therefore only needs the model, optimizer and LR-scheduler state plus the step; a
+resumed run sees exactly the data and noise an uninterrupted run would, and the same holds under any number of
+processes with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+
+from edlm.config import TrainConfig, to_dict
+from edlm.errors import EdlmError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+# Settings that may change between a run and its resumption without changing what is trained.
+_RESUMABLE_FIELDS = ("output_dir", "max_steps", "log_every", "save_every", "keep_checkpoints", "num_threads")
+
+
+# ----------------------------------------------------------------------------------------------- metric loggers
+
+
+class MetricLogger(Protocol):
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlLogger:
+    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path):
+        self.file = path.open("a")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardLogger:
+    """Scalars to tensorboard, when it is installed."""
+
+    def __init__(self, path: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(path))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _make_loggers(out: Path) -> list[MetricLogger]:
+    loggers: list[MetricLogger] = [JsonlLogger(out / METRICS_FILE)]
+    try:
+        import tensorboard  # noqa: F401
+
+        loggers.append(TensorBoardLogger(out / "tensorboard"))
+    except ImportError:
+        pass
+    return loggers
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of cfg.lr at optimizer step s: linear warm-up, then constant or cosine down to min_lr."""
+
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        floor = cfg.min_lr / cfg.lr
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+class DataStream:
+    """Sample positions -> dataset rows: a seeded permutation per epoch."""
+
+    def __init__(self, n_rows: int, seed: int):
+        self.n_rows, self.seed = n_rows, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def rows(self, positions: list[int]) -> list[int]:
+        out = []
+        for pos in positions:
+            epoch, i = divmod(pos, self.n_rows)
+            if epoch not in self._perms:
+                self._perms = {epoch: torch.randperm(self.n_rows, generator=torch.Generator().manual_seed(
+                    self.seed * 7919 + epoch))}
+            out.append(int(self._perms[epoch][i]))
+        return out
+
+
+def config_fingerprint(cfg: TrainConfig) -> str:
+    """Hash of the settings that define what is trained (excludes max_steps, output_dir, logging...)."""
+    data = {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_FIELDS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``out`` (incomplete ones never have the final name)."""
+    found = []
+    for p in out.glob(f"{CHECKPOINT_PREFIX}*"):
+        if p.is_dir() and (p / STATE_FILE).is_file() and p.name[len(CHECKPOINT_PREFIX):].isdigit():
+            found.append((int(p.name[len(CHECKPOINT_PREFIX):]), p))
+    return max(found)[1] if found else None
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only metric lines up to ``last_step`` (a resumed run rewrites what follows)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _apply_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_cfg)
+    if cfg.train_embeddings:  # the paper trains embeddings, norms and LM head fully alongside the adapters
+        for name, param in model.named_parameters():
+            if "lora_" not in name and ("embed" in name or "norm" in name or "lm_head" in name):
+                param.requires_grad_(True)
+    return model
+
+
+def _resolve_runtime(cfg: TrainConfig) -> tuple[str, str]:
+    cuda = torch.cuda.is_available()
+    mixed = cfg.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    attn = cfg.attn_implementation
+    if attn == "auto":
+        attn = "sdpa"  # flex_attention is opt-in until its path is validated on GPU
+    if attn == "flex_attention" and not cuda:
+        raise EdlmError("attn_implementation=flex_attention needs a CUDA GPU (flex has no backward on CPU); "
+                        "use sdpa on CPU")
+    return mixed, attn
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+ProgressFn = Callable[[int, int, dict[str, Any]], None]
+
+
+def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None = None) -> Path:
+    """Convert an AR model into a block-diffusion LM; returns the output folder (the final model is saved there).
+
+    Args:
+        cfg: the run's settings.
+        resume: continue from the latest checkpoint in ``cfg.output_dir`` (error if its settings differ).
+        progress: called as ``progress(step, max_steps, info)`` after every optimizer step on the main process.
+    """
+    from accelerate import Accelerator
+
+    from edlm.assets import resolve_model
+    from edlm.data import build_data
+    from edlm.model import DiffusionLM
+    from edlm.noising import noise_samples
+
+    out = Path(cfg.output_dir)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    mixed, attn = _resolve_runtime(cfg)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        logger.warning("--resume: no checkpoint in %s; starting from step 0", out)
+    if ckpt is not None:
+        saved = json.loads((ckpt / STATE_FILE).read_text())
+        if saved["fingerprint"] != config_fingerprint(cfg):
+            raise EdlmError(f"checkpoint {ckpt} was written with different settings than this run "
+                            f"(see {out / 'train_config.yaml'}); resume with the same config, or use a new "
+                            "--output-dir")
+    elif main and not resume and latest_checkpoint(out) is not None:
+        raise EdlmError(f"{out} already holds checkpoints; pass --resume to continue that run or choose a new "
+                        "--output-dir")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    model, tokenizer = resolve_model(cfg.model, dtype=torch.float32, attn_implementation=attn, seed=cfg.seed)
+    dlm = DiffusionLM.from_ar(model, tokenizer, cfg.diffusion)
+    if cfg.lora is not None:
+        dlm.model = _apply_lora(dlm.model, cfg.lora)
+    with accelerator.main_process_first():
+        train_data, _ = build_data(cfg.data, tokenizer)
+
+    params = [p for p in dlm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    dlm, optimizer = accelerator.prepare(dlm, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    raw = accelerator.unwrap_model(dlm)
+
+    start = 0
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        start = json.loads((ckpt / STATE_FILE).read_text())["step"]
+        logger.info("resumed from %s at step %d", ckpt, start)
+    if main:
+        _truncate_metrics(out / METRICS_FILE, start)
+    loggers = _make_loggers(out) if main else []
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mb, accum = cfg.micro_batch_size, cfg.grad_accum
+    global_batch = mb * accum * world
+    stream = DataStream(len(train_data), cfg.seed)
+    tokens_per_step = global_batch * cfg.data.seq_len
+    logger.info("training %s: %d sequences of %d tokens, global batch %d, steps %d..%d",
+                type(raw.model).__name__, len(train_data), cfg.data.seq_len, global_batch, start, cfg.max_steps)
+
+    window: dict[str, float] = {"loss": 0.0, "masked_ce": 0.0, "n": 0}
+    t_window = time.perf_counter()
+    dlm.train()
+    for step in range(start, cfg.max_steps):
+        for micro in range(accum):
+            first = step * global_batch + micro * mb * world + rank * mb
+            positions = list(range(first, first + mb))
+            x0 = train_data[stream.rows(positions)].to(accelerator.device)
+            noised = noise_samples(x0, raw.config, raw.mask_id, cfg.seed, positions)
+            sync = micro == accum - 1
+            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(dlm)
+            with ctx:
+                result = dlm(noised)
+                accelerator.backward(result.loss / accum)
+            window["loss"] += float(result.loss.detach()) / accum
+            window["masked_ce"] += float(result.masked_ce) / accum
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window["n"] += 1
+        done = step + 1
+
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            elapsed = time.perf_counter() - t_window
+            record = {
+                "step": done,
+                "loss": _mean_across(accelerator, window["loss"] / window["n"]),
+                "masked_ce": _mean_across(accelerator, window["masked_ce"] / window["n"]),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens": done * tokens_per_step,
+                "tokens_per_s": window["n"] * tokens_per_step / max(elapsed, 1e-9),
+            }
+            for lg in loggers:
+                lg.log(record)
+            window = {"loss": 0.0, "masked_ce": 0.0, "n": 0}
+            t_window = time.perf_counter()
+            if progress and main:
+                progress(done, cfg.max_steps, record)
+        elif progress and main:
+            progress(done, cfg.max_steps, {})
+
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+            _save_checkpoint(accelerator, out, done, cfg)
+
+    for lg in loggers:
+        lg.close()
+    accelerator.wait_for_everyone()
+    if main:
+        raw.save_pretrained(out)
+        logger.info("saved converted model to %s", out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _mean_across(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="mean"))
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, cfg: TrainConfig) -> None:
+    """Write ``checkpoint-STEP`` atomically: everything goes to a hidden folder that is renamed when complete."""
+    final = out / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = out / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "fingerprint": config_fingerprint(cfg), "config": to_dict(cfg)}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        ckpts = sorted((int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in out.glob(f"{CHECKPOINT_PREFIX}*")
+                       if p.name[len(CHECKPOINT_PREFIX):].isdigit())
+        for _, old in ckpts[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint %s", final)
+    accelerator.wait_for_everyone()
+
+

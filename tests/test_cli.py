@@ -1,0 +1,33 @@
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edlm.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_convert_then_generate_on_the_tiny_preset(tmp_path):
+    out = tmp_path / "tiny"
+    r = run("convert", "--config", "configs/tiny.yaml", "--output-dir", str(out), "--max-steps", "40")
+    assert r.returncode == 0, r.stderr
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    import json
+
+    rec = [json.loads(x) for x in lines]
+    assert rec[-1]["step"] == 40 and rec[-1]["loss"] < rec[0]["loss"] - 1.0
+    assert any(p.name.startswith("checkpoint") for p in out.iterdir())
+    r = run("generate", "--model", str(out), "--prompt", "Shall I compare thee", "--max-new-tokens", "12",
+            "--stats")
+    assert r.returncode == 0, r.stderr
+    assert "tokens/forward" in r.stderr
+
+
+def test_bad_input_gives_a_message_not_a_traceback(tmp_path):
+    r = run("convert", "--config", "configs/tiny.yaml", "--set", "data.seq_len=60", "--output-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert "not a multiple of diffusion.block_size" in r.stderr and "Traceback" not in r.stderr
+    r = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
