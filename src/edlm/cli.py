@@ -78,6 +78,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from edlm.bench import train_throughput, write_json
+    from edlm.config import load_train_config
+
+    cfg = load_train_config(args.config, args.set, model=args.model)
+    result = train_throughput(cfg, steps=args.steps, warmup=args.warmup)
+    write_json(result, args.json)
+    ar, dl = result["ar_finetune"], result["dlm_convert"]
+    print(f"AR fine-tune : {ar['tokens_per_s']:8.1f} tokens/s  peak {ar['peak_mem_mb']:.0f} MB")
+    print(f"dLM convert  : {dl['tokens_per_s']:8.1f} tokens/s  peak {dl['peak_mem_mb']:.0f} MB")
+    print(f"dLM step time / AR step time: {result['dlm_over_ar_step_time']:.2f}  -> {args.json}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
@@ -111,10 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--stats", action="store_true", help="print tokens/s and tokens per forward")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench-train", help="conversion vs AR fine-tuning throughput (JSON)")
+    p.add_argument("--config", help="YAML preset; model, batch, seq_len and block come from it")
+    p.add_argument("--model", help="source model (default: the config's, else embedded SmolLM2-135M)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per phase")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per phase")
+    p.add_argument("--json", required=True, help="output JSON file")
+    p.set_defaults(func=cmd_bench_train)
     return parser
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"convert": cmd_convert, "generate": cmd_generate}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "convert": cmd_convert, "generate": cmd_generate, "bench-train": cmd_bench_train}
 
 
 def main(argv: list[str] | None = None) -> int:

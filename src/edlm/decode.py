@@ -1,64 +1,78 @@
 """Block-by-block parallel decoding of a DiffusionLM.
 
-The decoder knows only token ids. A block starts all-mask (blocks are aligned to absolute positions as in
-training, so the prompt's last partial block is completed first); each step predicts every masked position of the
-block in parallel and a commit policy chooses which predictions become final. When the block has no mask left the
-next block starts. Decoding stops at EOS or ``max_new_tokens``.
+The decoder knows only token ids. Blocks are aligned to absolute positions 0, B, 2B, ... as in training, so the
+prompt's last partial block is completed first. A block starts all-mask after the prompt; every step predicts all
+its masked positions in parallel and a commit policy picks which predictions become final (at least one per
+step). When a block has no mask left it becomes context for the next one. Decoding stops at EOS or
+``max_new_tokens``.
 
-This module's reference decoder recomputes the whole sequence at every step (``use_cache=False`` semantics); it is
-exact with respect to the training attention pattern and is the yardstick for faster decoders.
+Batching: each row is left-padded by a whole number of blocks so that every row's *current* block sits in the same
+columns. All rows then move through blocks in lockstep; pads are never attended (a pad only sees itself, so no
+NaN appears) and position ids are each row's own absolute positions, so padding never changes a row's result.
+
+Two steppers compute a block's logits over the same layout:
+    ``FullStepper``   recomputes the whole sequence every step (the reference);
+    ``CachedStepper`` keeps keys/values of finished blocks in a ``DynamicCache``. A finished block is re-encoded
+                      as clean context in the same forward as the first step of the next block, so caching costs
+                      no extra forward.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
-from edlm.masks import inference_mask_mod
+from edlm.masks import dense_mask, inference_mask_mod
 
-# A policy maps the confidences of the still-masked positions (n,) to a bool selection (n,) with >= 1 True.
+# A policy maps the confidences of a row's still-masked positions (n,) to a bool selection (n,) with >= 1 True.
 Policy = Callable[[torch.Tensor, DecodeConfig], torch.Tensor]
-
-
-def _at_least_one(select: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
-    select = select.clone()
-    select[conf.argmax()] = True
-    return select
 
 
 def threshold_policy(conf: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
     """Commit every position whose confidence is at least ``cfg.threshold``, and always the most confident."""
-    return _at_least_one(conf >= cfg.threshold, conf)
+    select = conf >= cfg.threshold
+    select[conf.argmax()] = True
+    return select
 
 
 def fixed_policy(conf: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
     """Commit the ``cfg.tokens_per_step`` most confident positions."""
-    k = min(cfg.tokens_per_step, conf.numel())
     select = torch.zeros_like(conf, dtype=torch.bool)
-    select[conf.topk(k).indices] = True
+    select[conf.topk(min(cfg.tokens_per_step, conf.numel())).indices] = True
     return select
 
 
-POLICIES: dict[str, Policy] = {"threshold": threshold_policy, "fixed": fixed_policy}
+def left_to_right_policy(conf: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
+    """Commit the leftmost ``cfg.tokens_per_step`` masked positions (AR order; a sanity baseline)."""
+    select = torch.zeros_like(conf, dtype=torch.bool)
+    select[: cfg.tokens_per_step] = True
+    return select
+
+
+POLICIES: dict[str, Policy] = {"threshold": threshold_policy, "fixed": fixed_policy,
+                               "left_to_right": left_to_right_policy}
 
 
 @dataclass
 class DecodeStats:
     forwards: int = 0
-    """Model forward passes (all rows of a batch count once)."""
+    """Model forward passes (a batched forward counts once)."""
     tokens: int = 0
-    """Generated tokens, summed over rows (up to and including EOS)."""
+    """Generated tokens summed over rows (up to and including EOS)."""
     seconds: float = 0.0
     """Wall time of the call."""
+    rows: int = 1
+    """Prompts in the call."""
 
     @property
     def tokens_per_forward(self) -> float:
-        return self.tokens / max(self.forwards, 1)
+        """Tokens committed per forward, per row (1.0 for AR decoding)."""
+        return self.tokens / max(self.forwards * self.rows, 1)
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,93 +82,263 @@ class DecodeStats:
 @dataclass
 class DecodeOutput:
     sequences: list[list[int]]
-    """Generated ids per prompt (prompt excluded; ends at and includes EOS when one was produced)."""
+    """Generated ids per prompt (prompt excluded; ends with EOS when one was produced)."""
     stats: DecodeStats = field(default_factory=DecodeStats)
 
 
 def choose(logits: torch.Tensor, cfg: DecodeConfig, generator: torch.Generator | None):
-    """Predicted tokens and their confidence from logits (n, V): greedy, or temperature / top-p sampling."""
-    probs = torch.softmax(logits.float(), dim=-1)
+    """Tokens and their confidence from logits (n, V): greedy, or temperature / top-p sampling."""
     if cfg.temperature == 0.0:
-        conf, tokens = probs.max(dim=-1)
+        conf, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)
         return tokens, conf
     probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
     if cfg.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
     tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def validate(dlm, prompt: list[int], cfg: DecodeConfig) -> int:
-    """Check a prompt and settings; returns the decoding block size."""
-    if len(prompt) == 0:
-        raise EdlmError("the prompt is empty; give at least one token of text")
+def decode_block_size(dlm, cfg: DecodeConfig) -> int:
     block = cfg.block_size or dlm.config.block_size
     train_block = dlm.config.block_size
     if block % train_block and train_block % block:
         raise EdlmError(f"decoding block size {block} is inconsistent with the model's training block size "
                         f"{train_block}: use a multiple or a divisor of it")
-    if cfg.policy not in POLICIES:
-        raise EdlmError(f"unknown decoding policy {cfg.policy!r}; choose one of {sorted(POLICIES)}")
-    limit = getattr(dlm.model.config, "max_position_embeddings", None)
-    if limit is not None and len(prompt) + cfg.max_new_tokens > limit:
-        raise EdlmError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
-                        f"context of {limit} tokens; shorten the prompt or lower max_new_tokens")
     return block
 
 
-@torch.no_grad()
-def generate_uncached(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> DecodeOutput:
-    """Reference decoder: recompute the full sequence each step. Prompts are decoded one at a time."""
-    stats = DecodeStats()
-    start = time.perf_counter()
-    generator = torch.Generator(device=dlm.device).manual_seed(cfg.seed)
+def validate(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> int:
+    """Check prompts and settings; returns the decoding block size."""
+    if not prompts:
+        raise EdlmError("no prompts given")
+    if any(len(p) == 0 for p in prompts):
+        raise EdlmError("a prompt is empty; give at least one token of text")
+    if cfg.policy not in POLICIES:
+        raise EdlmError(f"unknown decoding policy {cfg.policy!r}; choose one of {sorted(POLICIES)}")
+    block = decode_block_size(dlm, cfg)
+    limit = getattr(dlm.model.config, "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts)
+    if limit is not None and longest + cfg.max_new_tokens + block > limit:
+        raise EdlmError(f"prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) does not fit the "
+                        f"model's context of {limit} tokens; shorten the prompt or lower max_new_tokens")
+    return block
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+
+
+@dataclass
+class Layout:
+    """Left-padded token matrix in which all rows' current blocks share columns."""
+
+    tokens: torch.Tensor
+    """(R, C) long: pads, prompts, generated tokens and masks."""
+    pad: torch.Tensor
+    """(R,) long: left pad of each row, a multiple of the block size."""
+    prompt_len: list[int]
+    block: int
+
+    @classmethod
+    def build(cls, prompts: list[list[int]], block: int, pad_id: int, device) -> Layout:
+        full_blocks = [len(p) // block for p in prompts]
+        top = max(full_blocks)
+        pads = [(top - k) * block for k in full_blocks]
+        width = max(pad + len(p) for pad, p in zip(pads, prompts))
+        tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        for r, (pad, p) in enumerate(zip(pads, prompts)):
+            tokens[r, pad:pad + len(p)] = torch.tensor(p)
+        return cls(tokens.to(device), torch.tensor(pads, device=device), [len(p) for p in prompts], block)
+
+    def positions(self, start: int, stop: int) -> torch.Tensor:
+        """(R, stop - start) absolute position ids of columns [start, stop); pads get 0."""
+        cols = torch.arange(start, stop, device=self.tokens.device)[None]
+        return (cols - self.pad[:, None]).clamp_min(0)
+
+    def attention(self, dlm, q_start: int, q_stop: int, noisy_start: int):
+        """4D mask (R, 1, Q, K) for queries [q_start, q_stop) over keys [0, q_stop)."""
+        q_len, kv_len = q_stop - q_start, q_stop
+        mod = inference_mask_mod(self.block, dlm.pattern.causal_in_block, dlm.config.clean_causal,
+                                 noisy_start=noisy_start, q_offset=q_start)
+        rule = dense_mask(mod, q_len, kv_len, self.tokens.device)  # (Q, K): blocks align across rows
+        kv = torch.arange(kv_len, device=self.tokens.device)
+        q = torch.arange(q_start, q_stop, device=self.tokens.device)
+        valid = kv[None, None, :] >= self.pad[:, None, None]  # (R, 1, K)
+        self_pad = (q[:, None] == kv[None, :])[None] & (q[None, :, None] < self.pad[:, None, None])
+        mask = (rule[None] & valid) | self_pad  # (R, Q, K)
+        mask = mask[:, None]
+        if dlm.attn_implementation == "eager":
+            dtype = dlm.model.get_input_embeddings().weight.dtype
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask
+
+
+# ---------------------------------------------------------------------------------------------------- steppers
+
+
+class FullStepper:
+    """Recomputes every column up to the end of the current block at each step (no cache)."""
+
+    def __init__(self, dlm, layout: Layout):
+        self.dlm, self.layout = dlm, layout
+        self.forwards = 0
+
+    def block_logits(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits at the block's columns (R, B, V), logits at column start - 1 (R, V))."""
+        lay, stop = self.layout, start + self.layout.block
+        attn = lay.attention(self.dlm, 0, stop, noisy_start=start)
+        keep = torch.arange(max(start - 1, 0), stop, device=lay.tokens.device)
+        logits = self.dlm.run(lay.tokens[:, :stop], lay.positions(0, stop), attn, keep=keep).logits
+        self.forwards += 1
+        if start == 0:
+            return logits, logits[:, 0] * float("nan")
+        return logits[:, 1:], logits[:, 0]
+
+    def finish_block(self, start: int) -> None:
+        pass
+
+
+class CachedStepper:
+    """Keys/values of finished columns live in a DynamicCache; a finished block is encoded lazily, fused with the
+    next block's first step."""
+
+    def __init__(self, dlm, layout: Layout, first_block: int):
+        from transformers import DynamicCache
+
+        self.dlm, self.layout = dlm, layout
+        self.cache = DynamicCache(config=dlm.model.config)
+        self.forwards = 0
+        self.cached = 0  # columns whose keys/values are in the cache
+        self.edge: torch.Tensor | None = None  # logits at column (current block start - 1)
+        self.first_block = first_block
+
+    def _forward(self, q_start: int, stop: int, noisy_start: int, keep_from: int):
+        lay = self.layout
+        attn = lay.attention(self.dlm, q_start, stop, noisy_start)
+        keep = torch.arange(keep_from - q_start, stop - q_start, device=lay.tokens.device)
+        out = self.dlm.run(lay.tokens[:, q_start:stop], lay.positions(q_start, stop), attn, keep=keep,
+                           past_key_values=self.cache, use_cache=True)
+        self.forwards += 1
+        return out.logits
+
+    def block_logits(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        stop = start + self.layout.block
+        # Everything before this block that is not cached yet (the prompt on the first call, the finished block
+        # afterwards) is encoded now as clean context, in the same forward as the block.
+        q_start = self.cached
+        keep_from = max(start - 1, q_start)
+        logits = self._forward(q_start, stop, noisy_start=start, keep_from=keep_from)
+        self.cache.crop(-(stop - start))  # drop the block's (noisy) keys/values; keep the clean prefix
+        self.cached = start
+        if keep_from < start:
+            self.edge = logits[:, 0]
+            logits = logits[:, 1:]
+        elif self.edge is None:
+            self.edge = logits[:, 0] * float("nan")
+        return logits, self.edge
+
+    def finish_block(self, start: int) -> None:
+        self.edge = None  # the next block's edge logits come from the fused forward
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+def _row_budget(layout: Layout, start: int, cfg: DecodeConfig) -> torch.Tensor:
+    """(R, B) bool: block columns a row may still generate into (inside max_new_tokens and after its prompt)."""
+    cols = torch.arange(start, start + layout.block, device=layout.tokens.device)[None]
+    first_new = layout.pad[:, None] + torch.tensor(layout.prompt_len, device=layout.tokens.device)[:, None]
+    return (cols >= first_new) & (cols < first_new + cfg.max_new_tokens)
+
+
+def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> Iterator[tuple[list[list[int]], DecodeStats]]:
+    """Decode, yielding after every finished block: (new tokens per row finalised in that block, running stats).
+
+    The new tokens of a finished row end with EOS; rows that are done yield empty lists.
+    """
+    block = validate(dlm, prompts, cfg)
+    t0 = time.perf_counter()
+    device = dlm.device
     eos = dlm.tokenizer.eos_token_id
+    pad_id = dlm.tokenizer.pad_token_id if dlm.tokenizer.pad_token_id is not None else (eos or 0)
+    layout = Layout.build(prompts, block, pad_id, device)
+    rows = len(prompts)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     policy = POLICIES[cfg.policy]
-    results = []
-    for prompt in prompts:
-        block = validate(dlm, prompt, cfg)
-        x = torch.tensor([prompt], device=dlm.device)  # (1, T)
-        produced = 0
-        finished = False
-        while produced < cfg.max_new_tokens and not finished:
-            block_start = (x.shape[1] // block) * block
-            n_new = min(block_start + block - x.shape[1], cfg.max_new_tokens - produced)
-            first_new = x.shape[1]
-            x = torch.cat([x, torch.full((1, n_new), dlm.mask_id, device=x.device)], dim=1)
-            while True:
-                masked = (x[0, first_new:] == dlm.mask_id).nonzero().squeeze(-1) + first_new  # (n,)
-                if masked.numel() == 0:
-                    break
-                length = x.shape[1]
-                mask_mod = inference_mask_mod(block, dlm.pattern.causal_in_block, dlm.config.clean_causal,
-                                              noisy_start=block_start)
-                attn = dlm.attention_mask(mask_mod, length, length, key=("infer", block, block_start, length))
-                keep = masked - 1 if dlm.config.token_shift else masked
-                logits = dlm.run(x, torch.arange(length, device=x.device)[None], attn, keep=keep).logits[0]
-                stats.forwards += 1
-                logits[:, dlm.mask_id] = float("-inf")  # never predict the mask itself
-                tokens, conf = choose(logits, cfg, generator)
-                select = policy(conf, cfg)
-                x[0, masked[select]] = tokens[select]
-            produced += n_new
-            new = x[0, len(prompt):].tolist()
+    start = int(layout.pad[0]) + (layout.prompt_len[0] // block) * block  # same column for every row
+    stepper = CachedStepper(dlm, layout, start) if cfg.use_cache else FullStepper(dlm, layout)
+    stats = DecodeStats(rows=rows)
+    produced = [0] * rows
+    done = [False] * rows
+    shift = dlm.config.token_shift
+
+    while not all(done):
+        # Open the next block: masks where a row may generate, the row's pad token elsewhere (its prompt tail
+        # stays in place); extend the matrix when needed.
+        need = start + block - layout.tokens.shape[1]
+        if need > 0:
+            layout.tokens = torch.cat([layout.tokens, torch.full((rows, need), pad_id, device=device)], dim=1)
+        budget = _row_budget(layout, start, cfg)  # (R, B)
+        for r in range(rows):
+            if done[r]:
+                budget[r] = False
+        blk = layout.tokens[:, start:start + block]
+        blk[budget] = dlm.mask_id
+        open_ = budget.clone()  # positions still to decide
+        while bool(open_.any()):
+            logits, edge = stepper.block_logits(start)  # (R, B, V), (R, V)
+            if shift:  # state at i - 1 predicts token i
+                logits = torch.cat([edge[:, None], logits[:, :-1]], dim=1)
+            logits[..., dlm.mask_id] = float("-inf")
+            for r in range(rows):
+                pos = open_[r].nonzero().squeeze(-1)
+                if pos.numel() == 0:
+                    continue
+                tokens, conf = choose(logits[r, pos], cfg, generator)
+                pick = policy(conf, cfg)
+                blk[r, pos[pick]] = tokens[pick]
+                open_[r, pos[pick]] = False
+                # Once an EOS is final with nothing undecided before it, the rest of the block is irrelevant.
+                if eos is not None:
+                    is_eos = (blk[r] == eos) & budget[r] & ~open_[r]
+                    if bool(is_eos.any()):
+                        first = int(is_eos.nonzero()[0])
+                        if not bool(open_[r, :first].any()):
+                            open_[r, first:] = False
+        stepper.finish_block(start)
+        stats.forwards = stepper.forwards
+        finished_now = []
+        for r in range(rows):
+            new = blk[r][budget[r]].tolist() if not done[r] else []
             if eos is not None and eos in new:
-                finished = True
-        new = x[0, len(prompt):].tolist()
-        if eos is not None and eos in new:
-            new = new[: new.index(eos) + 1]
-        new = new[: cfg.max_new_tokens]
-        stats.tokens += len(new)
-        results.append(new)
-    stats.seconds = time.perf_counter() - start
-    return DecodeOutput(sequences=results, stats=stats)
+                new = new[: new.index(eos) + 1]
+                done[r] = True
+            produced[r] += len(new)
+            if produced[r] >= cfg.max_new_tokens:
+                done[r] = True
+            finished_now.append(new)
+        stats.tokens = sum(produced)
+        stats.seconds = time.perf_counter() - t0
+        start += block
+        yield finished_now, stats
 
 
+@torch.no_grad()
 def generate(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> DecodeOutput:
-    """Decode token-id prompts with a DiffusionLM (see module docstring)."""
-    return generate_uncached(dlm, prompts, cfg)
+    """Decode token-id prompts with a DiffusionLM (see module docstring); all rows in one batch."""
+    sequences: list[list[int]] = [[] for _ in prompts]
+    stats = DecodeStats(rows=len(prompts))
+    for new, stats in iter_blocks(dlm, prompts, cfg):
+        for seq, part in zip(sequences, new):
+            seq.extend(part)
+    return DecodeOutput(sequences=sequences, stats=stats)
+
+
+def stream(dlm, prompt: list[int], cfg: DecodeConfig) -> Iterator[list[int]]:
+    """Yield the new token ids of one prompt block by block as they are finalised."""
+    with torch.no_grad():
+        for new, _ in iter_blocks(dlm, [prompt], cfg):
+            if new[0]:
+                yield new[0]
