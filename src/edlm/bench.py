@@ -20,11 +20,12 @@ def machine_info() -> dict[str, Any]:
     cpu, flags = platform.processor() or "", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not cpu.strip(" x86_64"):
+            if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
                 have = set(line.split(":", 1)[1].split())
-                flags = sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma") if f in have)
+                wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
+                flags = sorted(f for f in wanted if f in have)
                 break
     except OSError:
         pass
