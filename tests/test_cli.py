@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,6 @@ def test_convert_then_generate_on_the_tiny_preset(tmp_path):
     r = run("convert", "--config", "configs/tiny.yaml", "--output-dir", str(out), "--max-steps", "40")
     assert r.returncode == 0, r.stderr
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    import json
-
     rec = [json.loads(x) for x in lines]
     assert rec[-1]["step"] == 40 and rec[-1]["loss"] < rec[0]["loss"] - 1.0
     assert any(p.name.startswith("checkpoint") for p in out.iterdir())
@@ -23,6 +22,14 @@ def test_convert_then_generate_on_the_tiny_preset(tmp_path):
             "--stats")
     assert r.returncode == 0, r.stderr
     assert "tokens/forward" in r.stderr
+    bench = tmp_path / "bench.json"
+    r = run("bench", "--model", str(out), "--json", str(bench), "--max-new-tokens", "16", "--sweep", "0.9", "0.5",
+            "--dtypes", "fp32", "--no-chat")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(bench.read_text())
+    assert {"ar", "dlm", "speedup", "settings", "machine"} <= set(result)
+    assert {"tokens_per_s", "tokens_per_forward", "latency_s"} <= set(result["dlm"])
+    assert (tmp_path / "bench.png").is_file() and "speedup" in r.stdout
 
 
 def test_bad_input_gives_a_message_not_a_traceback(tmp_path):

@@ -112,3 +112,16 @@ def test_clear_errors_for_bad_models(tmp_path):
 
     with pytest.raises(EdlmError, match="not a causal language model"):
         load_hf(tmp_path / "vit")
+
+
+def test_tiny_model_specs_and_sizes():
+    from edlm.assets import parse_tiny_spec, resolve_model
+
+    assert parse_tiny_spec("tiny") == ("llama", (64, 2))
+    assert parse_tiny_spec("tiny:qwen3@32x3") == ("qwen3", (32, 3))
+    model, _ = resolve_model("tiny:qwen3@32x3")
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 3
+    with pytest.raises(EdlmError, match="HIDDENxLAYERS"):
+        parse_tiny_spec("tiny@big")
+    with pytest.raises(EdlmError, match="unknown tiny model family"):
+        resolve_model("tiny:bert")

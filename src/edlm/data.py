@@ -20,7 +20,8 @@ from edlm.errors import EdlmError
 logger = logging.getLogger(__name__)
 
 _LOADERS = {".txt": "text", ".md": "text", ".rst": "text", ".jsonl": "json", ".json": "json",
-            ".parquet": "parquet"}
+            ".parquet": "parquet",
+            **{ext: "text" for ext in (".py", ".c", ".h", ".cpp", ".js", ".ts", ".rs", ".go", ".java")}}
 
 
 def _expand(source: str) -> list[Path] | Path:

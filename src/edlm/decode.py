@@ -140,6 +140,7 @@ class Layout:
     """(R,) long: left pad of each row, a multiple of the block size."""
     prompt_len: list[int]
     block: int
+    _masks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, prompts: list[list[int]], block: int, pad_id: int, device) -> Layout:
@@ -158,7 +159,14 @@ class Layout:
         return (cols - self.pad[:, None]).clamp_min(0)
 
     def attention(self, dlm, q_start: int, q_stop: int, noisy_start: int):
-        """4D mask (R, 1, Q, K) for queries [q_start, q_stop) over keys [0, q_stop)."""
+        """4D mask (R, 1, Q, K) for queries [q_start, q_stop) over keys [0, q_stop); memoised (every step of a
+        block uses the same one)."""
+        key = (q_start, q_stop, noisy_start)
+        if key not in self._masks:
+            self._masks = {key: self._attention(dlm, q_start, q_stop, noisy_start)}  # keep only the latest
+        return self._masks[key]
+
+    def _attention(self, dlm, q_start: int, q_stop: int, noisy_start: int):
         q_len, kv_len = q_stop - q_start, q_stop
         mod = inference_mask_mod(self.block, dlm.pattern.causal_in_block, dlm.config.clean_causal,
                                  noisy_start=noisy_start, q_offset=q_start)
@@ -253,10 +261,14 @@ def _row_budget(layout: Layout, start: int, cfg: DecodeConfig) -> torch.Tensor:
     return (cols >= first_new) & (cols < first_new + cfg.max_new_tokens)
 
 
-def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> Iterator[tuple[list[list[int]], DecodeStats]]:
+def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
+                should_stop: Callable[[int], bool] | None = None,
+                ) -> Iterator[tuple[list[list[int]], DecodeStats]]:
     """Decode, yielding after every finished block: (new tokens per row finalised in that block, running stats).
 
-    The new tokens of a finished row end with EOS; rows that are done yield empty lists.
+    The new tokens of a finished row end with EOS; rows that are done yield empty lists. ``should_stop(row)`` is
+    asked at every block boundary; a row for which it returns True is finished (a cancelled request, a stop string
+    seen by the caller) and costs nothing further but its share of the batched forward.
     """
     block = validate(dlm, prompts, cfg)
     t0 = time.perf_counter()
@@ -274,7 +286,11 @@ def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> Iterator[tu
     done = [False] * rows
     shift = dlm.config.token_shift
 
-    while not all(done):
+    while True:
+        if should_stop is not None:
+            done = [d or should_stop(r) for r, d in enumerate(done)]
+        if all(done):
+            return
         # Open the next block: masks where a row may generate, the row's pad token elsewhere (its prompt tail
         # stays in place); extend the matrix when needed.
         need = start + block - layout.tokens.shape[1]

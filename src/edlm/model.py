@@ -251,6 +251,37 @@ class DiffusionLM(nn.Module):
     def forward(self, noised: Noised) -> LossOutput:
         return self.loss(noised)
 
+    # ---------------------------------------------------------------------------------------------- inference
+
+    def encode(self, text: str, chat: bool = True) -> list[int]:
+        """Token ids of a user prompt, through the tokenizer's chat template when it has one and ``chat`` is on."""
+        return encode_prompt(self.tokenizer, text, chat)
+
+    def generate(self, prompts: str | list[str], config: Any = None, chat: bool = True, **overrides: Any):
+        """Generate text for one or more prompts; returns ``(texts, stats)``.
+
+        Args:
+            prompts: prompt text(s); each is wrapped in the chat template when the tokenizer has one and ``chat``.
+            config: a :class:`edlm.config.DecodeConfig` (default settings when None).
+            overrides: fields of DecodeConfig to change, e.g. ``threshold=0.7, max_new_tokens=64``.
+        """
+        from edlm.config import DecodeConfig
+        from edlm.decode import generate
+
+        cfg = dataclasses.replace(config or DecodeConfig(), **overrides)
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        out = generate(self, [self.encode(t, chat) for t in texts], cfg)
+        decoded = [self.tokenizer.decode(seq, skip_special_tokens=True) for seq in out.sequences]
+        return decoded, out.stats
+
+
+def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
+    """Token ids of a user prompt, through the tokenizer's chat template when it has one and ``chat`` is on."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
 
 def _merged_copy(peft_model: nn.Module) -> nn.Module:
     """Merge LoRA weights into a copy of the base model, leaving the training model untouched."""
