@@ -84,3 +84,22 @@ def test_bad_decoding_input_is_rejected_clearly():
         DecodeConfig(threshold=1.2)
     assert generate(dlm, PROMPTS, DecodeConfig(block_size=8, max_new_tokens=4, threshold=0.02)).sequences
     assert torch.is_tensor(dlm.model.get_input_embeddings().weight)
+
+
+def test_sampled_rows_are_independent_of_their_batch_neighbours():
+    dlm = make_dlm(block_size=4)
+    cfg = DecodeConfig(max_new_tokens=12, temperature=1.0, threshold=0.5)
+    from edlm.decode import iter_blocks
+
+    def run(prompts, seeds):
+        seqs = [[] for _ in prompts]
+        with torch.no_grad():
+            for new, _ in iter_blocks(dlm, prompts, cfg, seeds=seeds):
+                for s, part in zip(seqs, new):
+                    s.extend(part)
+        return seqs
+
+    batched = run(PROMPTS, [11, 12, 13])
+    alone = [run([p], [seed])[0] for p, seed in zip(PROMPTS, [11, 12, 13])]
+    assert batched == alone
+    assert run(PROMPTS[:1], [14])[0] != alone[0]

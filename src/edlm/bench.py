@@ -287,3 +287,35 @@ def plot_sweep(result: dict[str, Any], path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def mask_memory(lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192), block: int = 64,
+                device: str | None = None) -> dict[str, Any]:
+    """Bytes held by the training attention mask of ``[xt ; x0]`` at growing sequence lengths.
+
+    Dense: the (2L, 2L) bool mask SDPA needs (the CPU path). Flex: the tensors of the sparse ``BlockMask`` built
+    from the same predicate (the GPU path; built here on ``device``, CPU by default). The dense mask grows
+    quadratically; the BlockMask stores per 128x128 tile only indices of the non-empty tiles.
+    """
+    from edlm.masks import PATTERNS, flex_block_mask
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for n in lengths:
+        total = 2 * n
+        mod = PATTERNS["block_causal_clean"].build(n, block, False)
+        dense_bytes = total * total  # torch.bool: one byte per entry
+        row: dict[str, Any] = {"seq_len": n, "attention_len": total, "dense_bytes": dense_bytes}
+        try:
+            t0 = time.perf_counter()
+            bm = flex_block_mask(mod, total, total, device)
+            row["flex_build_s"] = time.perf_counter() - t0
+            row["flex_bytes"] = sum(t.numel() * t.element_size() for t in bm.as_tuple() if torch.is_tensor(t))
+        except Exception as e:  # flex needs a recent torch; report instead of failing the whole benchmark
+            row["flex_error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+    return {"pattern": "block_causal_clean", "block": block, "device": device, "rows": rows,
+            "machine": machine_info()}

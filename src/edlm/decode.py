@@ -262,13 +262,14 @@ def _row_budget(layout: Layout, start: int, cfg: DecodeConfig) -> torch.Tensor:
 
 
 def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
-                should_stop: Callable[[int], bool] | None = None,
+                should_stop: Callable[[int], bool] | None = None, seeds: list[int] | None = None,
                 ) -> Iterator[tuple[list[list[int]], DecodeStats]]:
     """Decode, yielding after every finished block: (new tokens per row finalised in that block, running stats).
 
     The new tokens of a finished row end with EOS; rows that are done yield empty lists. ``should_stop(row)`` is
     asked at every block boundary; a row for which it returns True is finished (a cancelled request, a stop string
-    seen by the caller) and costs nothing further but its share of the batched forward.
+    seen by the caller) and costs nothing further but its share of the batched forward. Each row samples from its
+    own generator seeded with ``seeds[row]`` (default ``cfg.seed``), so a row's output never depends on the others.
     """
     block = validate(dlm, prompts, cfg)
     t0 = time.perf_counter()
@@ -277,7 +278,9 @@ def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
     pad_id = dlm.tokenizer.pad_token_id if dlm.tokenizer.pad_token_id is not None else (eos or 0)
     layout = Layout.build(prompts, block, pad_id, device)
     rows = len(prompts)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if seeds is not None and len(seeds) != rows:
+        raise EdlmError(f"got {len(seeds)} seeds for {rows} prompts")
+    generators = [torch.Generator(device=device).manual_seed(s) for s in (seeds or [cfg.seed] * rows)]
     policy = POLICIES[cfg.policy]
     start = int(layout.pad[0]) + (layout.prompt_len[0] // block) * block  # same column for every row
     stepper = CachedStepper(dlm, layout, start) if cfg.use_cache else FullStepper(dlm, layout)
@@ -312,7 +315,7 @@ def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
                 pos = open_[r].nonzero().squeeze(-1)
                 if pos.numel() == 0:
                     continue
-                tokens, conf = choose(logits[r, pos], cfg, generator)
+                tokens, conf = choose(logits[r, pos], cfg, generators[r])
                 pick = policy(conf, cfg)
                 blk[r, pos[pick]] = tokens[pick]
                 open_[r, pos[pick]] = False

@@ -94,6 +94,8 @@ class DiffusionLM(nn.Module):
             raise EdlmError(f"mask token id {mask_id} is outside the model's embedding table; re-run conversion")
         self.config = dataclasses.replace(config, mask_token_id=mask_id)
         self.pattern = PATTERNS[self.config.pattern]
+        # FSDP's transformer auto-wrap looks for this on the wrapped module: the decoder layer class names.
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
         self._mask_cache: dict[tuple, Any] = {}
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(self._base_forward()).parameters
 
@@ -122,8 +124,11 @@ class DiffusionLM(nn.Module):
         config = read_diffusion_config(path)
         return cls(model.to(device), tokenizer, config)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write a normal HF model folder plus ``edlm_config.json``; LoRA adapters are merged into the weights.
+
+        ``state_dict`` (keys as in ``DiffusionLM.state_dict()``) replaces the live weights, e.g. a full state dict
+        gathered from FSDP shards.
 
         Files are written to a temporary sibling folder and moved into place one by one, so a crash never
         leaves a partly written file under its final name.
@@ -133,9 +138,13 @@ class DiffusionLM(nn.Module):
         tmp = path / f".tmp-save-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         model = self.model
-        if hasattr(model, "merge_and_unload"):  # peft: merge a copy-free view; the live model keeps its adapters
+        if state_dict is not None:
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        if hasattr(model, "merge_and_unload"):  # peft: merge a copy; the live model keeps its adapters
             model = _merged_copy(model)
-        model.save_pretrained(tmp, safe_serialization=True)
+            if state_dict is not None:
+                raise EdlmError("saving a gathered state dict of a LoRA model is not supported; save unsharded")
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(tmp)
         (tmp / EDLM_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
         for item in sorted(tmp.iterdir()):

@@ -16,9 +16,9 @@ One process, two sides::
     or one JSON body
 
 The worker knows only token ids; text lives in the handlers. A stop string or a client that goes away cancels the
-row through ``should_stop``, so its slot is free at the next block boundary. Greedy rows batch freely: padding never
-changes a row's result in this decoder. Sampled rows (temperature > 0) decode alone, because ``iter_blocks`` draws
-all rows of a call from one generator, and a seed must give the same text whoever else is being served.
+row through ``should_stop``, so its slot is free at the next block boundary. Rows batch freely: padding never
+changes a row's result in this decoder, and each row samples from its own generator seeded with its request's seed,
+so a seed gives the same text whoever else is being served.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import socket
 import statistics
@@ -48,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edlm.config import DecodeConfig, apply_overrides, from_dict
-from edlm.decode import DecodeStats, iter_blocks, validate
+from edlm.decode import POLICIES, DecodeStats, iter_blocks, validate
 from edlm.errors import ConfigError, EdlmError
 
 logger = logging.getLogger(__name__)
@@ -78,9 +79,11 @@ class ServeSettings:
     """Most rows in one cohort (one batched ``iter_blocks`` call); 1 decodes every request on its own."""
     max_active: int = 64
     """Most requests decoding at once over all cohorts; further requests wait in the queue."""
-    batch_window_ms: float = 10.0
-    """How long a request may wait for others to arrive and join its cohort (never longer than max_batch
-    arrivals take); 0 admits every request at the next block boundary."""
+    batch_window_ms: float = 100.0
+    """Longest a request waits for others to join its cohort; 0 admits every request at the next block boundary.
+    Waiting ends early once max_batch requests wait or no request arrived for ``batch_gap_ms``."""
+    batch_gap_ms: float = 20.0
+    """A burst of arrivals is over when no request came for this long; its requests are admitted together."""
     max_prompt_tokens: int = 1024
     """Longest prompt accepted, in tokens (longer: HTTP 400)."""
     max_tokens_limit: int = 512
@@ -116,9 +119,8 @@ class ServeSettings:
                                                  f"({self.max_active})")
         check(self.max_tokens <= self.max_tokens_limit,
               f"the default max_tokens ({self.max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})")
-        check(self.batch_window_ms >= 0, f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
-        from edlm.decode import POLICIES
-
+        check(self.batch_window_ms >= 0 and self.batch_gap_ms >= 0,
+              f"batch_window_ms and batch_gap_ms must be >= 0, got {self.batch_window_ms}, {self.batch_gap_ms}")
         check(self.policy in POLICIES, f"unknown decoding policy {self.policy!r}; choose one of {sorted(POLICIES)}")
         self.decode_config(max_new_tokens=self.max_tokens)  # the decoding defaults must make a valid DecodeConfig
 
@@ -138,8 +140,6 @@ def load_serve_settings(model_dir: str | Path | None = None, overrides: list[str
     ``model_id`` defaults to the model folder's name and ``api_key`` to ``$EDLM_API_KEY`` (read from ``env``,
     default ``os.environ``).
     """
-    import os
-
     env = os.environ if env is None else env
     data = apply_overrides({}, overrides or [])
     data.update({k: v for k, v in fields.items() if v is not None})
@@ -367,11 +367,9 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        """Jobs with equal keys decode identically in one batched call. Greedy decoding ignores seed and top_p;
-        sampled jobs get a key of their own (see the module docstring)."""
-        if self.cfg.temperature > 0:
-            return ("sampled", self.id)
-        skip = {"stop", "seed", "top_p"}
+        """Jobs with equal keys can share one batched call: every setting but the per-row seed (and top_p, which
+        greedy decoding ignores) must match."""
+        skip = {"stop", "seed"} if self.cfg.temperature > 0 else {"stop", "seed", "top_p"}
         return tuple((f.name, getattr(self.cfg, f.name)) for f in dataclasses.fields(self.cfg) if f.name not in skip)
 
     def push(self, event: Event) -> None:
@@ -395,7 +393,8 @@ class Engine:
 
     Args:
         dlm: a loaded :class:`edlm.model.DiffusionLM` in eval mode.
-        settings: queue and batching limits (``max_queue``, ``max_batch``, ``max_active``, ``batch_window_ms``).
+        settings: queue and batching limits (``max_queue``, ``max_batch``, ``max_active``, ``batch_window_ms``,
+            ``batch_gap_ms``).
     """
 
     def __init__(self, dlm: Any, settings: ServeSettings):
@@ -499,9 +498,9 @@ class Engine:
                             self._active.append(cohort)
         except Exception:  # the worker must never die silently: fail everyone still waiting
             logger.exception("engine worker crashed")
-            self._shutdown_jobs(500, "the decoding worker crashed; see the server log")
             with self._cond:
                 self._stopping = True
+            self._shutdown_jobs(500, "the decoding worker crashed; see the server log")
             raise
         self._shutdown_jobs(503, "the server is shutting down")
         logger.info("engine worker stopped")
@@ -509,6 +508,8 @@ class Engine:
     def _shutdown_jobs(self, status: int, message: str) -> None:
         with self._cond:
             jobs = [j for c in self._active for j in c.jobs if j.state != "done"] + list(self._waiting)
+            for cohort in self._active:
+                cohort.steps.close()
             self._waiting.clear()
             self._active.clear()
             self._busy = 0
@@ -520,19 +521,20 @@ class Engine:
         """New cohorts to start at this block boundary ([] for none); None when the engine stops. Blocks while
         there is nothing to decode."""
         s = self.settings
-        window = s.batch_window_ms / 1000
+        window, gap = s.batch_window_ms / 1000, s.batch_gap_ms / 1000
         with self._cond:
             while True:
                 if self._stopping:
                     return None
                 room = s.max_active - self._busy
                 if self._waiting and room > 0:
-                    age = time.monotonic() - self._waiting[0].enqueued
-                    if len(self._waiting) >= min(room, s.max_batch) or age >= window:
+                    now = time.monotonic()
+                    oldest, newest = now - self._waiting[0].enqueued, now - self._waiting[-1].enqueued
+                    if len(self._waiting) >= min(room, s.max_batch) or oldest >= window or newest >= gap:
                         taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                         return self._form_cohorts(taken)
-                    if not self._active:
-                        self._cond.wait(timeout=window - age)  # idle: let more requests join the first one
+                    if not self._active:  # idle: let the rest of a burst join its first request
+                        self._cond.wait(timeout=min(window - oldest, gap - newest))
                         continue
                 if self._active:
                     return []
@@ -551,7 +553,8 @@ class Engine:
                     job.state = "active"
                 self._busy += len(rows)
                 steps = iter_blocks(self.dlm, [j.prompt for j in rows], rows[0].cfg,
-                                    should_stop=lambda r, jobs=rows: self._row_stopped(jobs[r]))
+                                    should_stop=lambda r, jobs=rows: self._row_stopped(jobs[r]),
+                                    seeds=[j.cfg.seed for j in rows])
                 cohorts.append(_Cohort(rows, steps))
                 self._counts["cohorts"] += 1
                 self._counts["rows"] += len(rows)
@@ -581,8 +584,9 @@ class Engine:
             with self._cond:
                 for job in cohort.jobs:
                     if job.state != "done":
+                        if job.cancel_reason is None:  # a cancelled row already gave its slot back
+                            self._busy -= 1
                         job.state = "done"
-                        self._busy -= job.cancel_reason is None
                         self._counts["failed"] += 1
                         job.push(ErrorEvent(500, f"decoding failed: {e}"))
             return False
@@ -1124,7 +1128,7 @@ async def _load_test(base_url: str, n_requests: int, concurrency: int, max_token
         drop = set(streamed[:: max(1, len(streamed) // disconnect)][:disconnect]) if disconnect else set()
         long = max(4 * max_tokens, 64)  # leavers ask for more so that they are surely still decoding when they go
         outs = [_Outcome(i, i % 2 == 0, i in drop, long if i in drop else max_tokens) for i in range(n_requests)]
-        prompts = [f"[request {i:05d}] {prompt}" for i in range(n_requests)]
+        prompts = [f"{prompt} #{i}" for i in range(n_requests)]  # the id last: it steers the output most
         gate = asyncio.Semaphore(concurrency)
 
         async def run(out: _Outcome) -> None:

@@ -203,6 +203,9 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
     mixed, attn = _resolve_runtime(cfg)
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
+    if accelerator.distributed_type.name == "DEEPSPEED" and cfg.grad_accum > 1:
+        raise EdlmError("under DeepSpeed set grad_accum: 1 in the edlm config and put the accumulation in the "
+                        "accelerate config (deepspeed_config.gradient_accumulation_steps)")
 
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
@@ -213,7 +216,7 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
             raise EdlmError(f"checkpoint {ckpt} was written with different settings than this run "
                             f"(see {out / 'train_config.yaml'}); resume with the same config, or use a new "
                             "--output-dir")
-    elif main and not resume and latest_checkpoint(out) is not None:
+    elif not resume and latest_checkpoint(out) is not None:  # every rank checks: no rank may hang waiting
         raise EdlmError(f"{out} already holds checkpoints; pass --resume to continue that run or choose a new "
                         "--output-dir")
     if main:
@@ -300,8 +303,11 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
     for lg in loggers:
         lg.close()
     accelerator.wait_for_everyone()
+    # Under FSDP / ZeRO-3 the parameters are sharded: gather a full state dict (every rank takes part).
+    sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+    state = accelerator.get_state_dict(dlm) if sharded else None
     if main:
-        raw.save_pretrained(out)
+        raw.save_pretrained(out, state_dict=state)
         logger.info("saved converted model to %s", out)
     accelerator.wait_for_everyone()
     return out
