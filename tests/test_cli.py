@@ -38,3 +38,13 @@ def test_bad_input_gives_a_message_not_a_traceback(tmp_path):
     assert "not a multiple of diffusion.block_size" in r.stderr and "Traceback" not in r.stderr
     r = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_subcommand_is_dispatched_through_the_command_table():
+    from edlm.cli import COMMANDS, build_parser
+
+    choices = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert set(choices) == set(COMMANDS)
+    for name in COMMANDS:
+        r = run(name, "--help")
+        assert r.returncode == 0 and f"edlm {name}" in r.stdout

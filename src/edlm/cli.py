@@ -150,6 +150,20 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_masks(args: argparse.Namespace) -> int:
+    from edlm.bench import mask_memory, write_json
+
+    result = mask_memory(tuple(args.lengths), block=args.block, device=args.device)
+    write_json(result, args.json)
+    print(f"{'seq_len':>8} {'dense MB':>10} {'flex MB':>9} {'flex build s':>12}")
+    for row in result["rows"]:
+        flex = f"{row['flex_bytes'] / 2**20:9.3f}" if "flex_bytes" in row else f"{'n/a':>9}"
+        build = f"{row['flex_build_s']:12.3f}" if "flex_build_s" in row else f"{'n/a':>12}"
+        print(f"{row['seq_len']:8d} {row['dense_bytes'] / 2**20:10.1f} {flex} {build}")
+    print(f"-> {args.json}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
@@ -166,7 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set diffusion.block_size=8 --set lr=1e-4")
-    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate text with a converted model")
     p.add_argument("--model", required=True, help="converted model folder (output of edlm convert)")
@@ -182,7 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--stats", action="store_true", help="print tokens/s and tokens per forward")
-    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench-train", help="conversion vs AR fine-tuning throughput (JSON)")
     p.add_argument("--config", help="YAML preset; model, batch, seq_len and block come from it")
@@ -191,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps per phase")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per phase")
     p.add_argument("--json", required=True, help="output JSON file")
-    p.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("bench-masks", help="memory of the training attention mask: dense (SDPA) vs flex BlockMask")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--device", default=None, help="where to build the BlockMask (default: cuda if present, else cpu)")
+    p.add_argument("--json", required=True)
 
     p = sub.add_parser("bench", help="dLM decoding vs AR decoding of the same prompts (JSON + PNG sweep)")
     p.add_argument("--model", required=True, help="converted model folder")
@@ -208,7 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AR baseline: 'auto' (the source in train_config.yaml), a folder, or 'self'")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--threads", type=int, default=None)
-    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     p.add_argument("--model", required=True, help="converted model folder")
@@ -221,7 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any ServeSettings field, e.g. --set max_tokens_limit=1024 --set threshold=0.8")
-    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-bench", help="load-test the server: batched vs one request at a time (JSON)")
     p.add_argument("--model", required=True, help="converted model folder")
@@ -233,13 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="max_batch of the batched configuration")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any ServeSettings field")
-    p.set_defaults(func=cmd_serve_bench)
     return parser
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert": cmd_convert, "generate": cmd_generate, "bench": cmd_bench, "bench-train": cmd_bench_train,
-    "serve": cmd_serve, "serve-bench": cmd_serve_bench}
+    "serve": cmd_serve, "serve-bench": cmd_serve_bench, "bench-masks": cmd_bench_masks}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except EdlmError as e:
         print(f"edlm {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ import torch
 
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
-from edlm.masks import dense_mask, inference_mask_mod
+from edlm.masks import dense_mask, inference_mask_mod, to_attention_mask
 
 # A policy maps the confidences of a row's still-masked positions (n,) to a bool selection (n,) with >= 1 True.
 Policy = Callable[[torch.Tensor, DecodeConfig], torch.Tensor]
@@ -176,11 +176,7 @@ class Layout:
         valid = kv[None, None, :] >= self.pad[:, None, None]  # (R, 1, K)
         self_pad = (q[:, None] == kv[None, :])[None] & (q[None, :, None] < self.pad[:, None, None])
         mask = (rule[None] & valid) | self_pad  # (R, Q, K)
-        mask = mask[:, None]
-        if dlm.attn_implementation == "eager":
-            dtype = dlm.model.get_input_embeddings().weight.dtype
-            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        return mask
+        return to_attention_mask(mask, dlm.model.get_input_embeddings().weight.dtype, dlm.attn_implementation)
 
 
 # ---------------------------------------------------------------------------------------------------- steppers
