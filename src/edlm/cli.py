@@ -164,6 +164,58 @@ def cmd_bench_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from edlm.bench import write_json
+    from edlm.evaluate import evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples, seed=args.seed,
+                      threshold=args.threshold, max_new_tokens=args.max_new_tokens, chat=not args.no_chat)
+    if args.json:
+        write_json(result, args.json)
+    shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k not in ("model",)}
+    print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import torch
+
+    from edlm.bench import write_json
+    from edlm.evaluate import plot_pareto, sweep
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = sweep(args.model, args.task, thresholds=tuple(args.thresholds),
+                   block_sizes=tuple(args.block_sizes) if args.block_sizes else (None,), limit=args.limit,
+                   max_new_tokens=args.max_new_tokens, chat=not args.no_chat)
+    write_json(result, args.json)
+    plot = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
+    plot_pareto(result, plot)
+    print(f"{'block':>5} {'thr':>5} {'acc':>6} {'tok/s':>8} {'tok/fwd':>8}")
+    for p in result["points"]:
+        print(f"{p['block_size']:5d} {p['threshold']:5.2f} {p['acc']:6.3f} {p['tokens_per_s']:8.1f} "
+              f"{p['tokens_per_forward']:8.2f}")
+    print(f"   AR       {result['ar']['acc']:6.3f} {result['ar']['tokens_per_s']:8.1f}   -> {args.json}, {plot}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    import json
+
+    from edlm.evaluate import results_table
+
+    results = [json.loads(Path(f).read_text()) for f in args.results]
+    text = results_table(results)
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text, end="")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
@@ -203,6 +255,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps per phase")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per phase")
     p.add_argument("--json", required=True, help="output JSON file")
+
+    p = sub.add_parser("eval", help="task accuracy / likelihood of a converted model or (--ar) its AR source")
+    p.add_argument("--model", required=True, help="converted model folder")
+    p.add_argument("--task", required=True,
+                   help="arc_easy, arc_challenge, piqa, hellaswag, ..., arithmetic, humaneval, mbpp, ppl:FILE")
+    p.add_argument("--limit", type=int, default=None, help="first N documents")
+    p.add_argument("--ar", action="store_true", help="evaluate the AR source (train_config.yaml) instead")
+    p.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples of the dLM's ELBO")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task (16 arithmetic, 256 code)")
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="write the result here")
+
+    p = sub.add_parser("sweep", help="accuracy vs tokens/s across thresholds and block sizes (JSON + Pareto PNG)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--task", default="arithmetic")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.95, 0.9, 0.8, 0.7, 0.5])
+    p.add_argument("--block-sizes", type=int, nargs="+", default=None, help="default: the model's block size")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", required=True)
+    p.add_argument("--plot", help="PNG path (default: JSON path with .png)")
+
+    p = sub.add_parser("table", help="markdown table of edlm eval JSON results")
+    p.add_argument("results", nargs="+", help="JSON files written by edlm eval --json")
+    p.add_argument("--output", help="also write the table here")
 
     p = sub.add_parser("bench-masks", help="memory of the training attention mask: dense (SDPA) vs flex BlockMask")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
@@ -253,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert": cmd_convert, "generate": cmd_generate, "bench": cmd_bench, "bench-train": cmd_bench_train,
-    "serve": cmd_serve, "serve-bench": cmd_serve_bench, "bench-masks": cmd_bench_masks}
+    "serve": cmd_serve, "serve-bench": cmd_serve_bench, "bench-masks": cmd_bench_masks,
+    "eval": cmd_eval, "sweep": cmd_sweep, "table": cmd_table}
 
 
 def main(argv: list[str] | None = None) -> int:

