@@ -216,6 +216,38 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import textwrap
+
+    from tqdm import tqdm
+
+    from edlm.demo import run_demo
+
+    bar = None
+
+    def progress(step: int, total: int, info: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=step - 1, desc="convert", unit="step", dynamic_ncols=True)
+        bar.update(1)
+        if info:
+            bar.set_postfix(loss=f"{info['loss']:.3f}")
+
+    result = run_demo(args.output_dir, steps=args.steps, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
+                      threshold=args.threshold, progress=progress)
+    if bar is not None:
+        bar.close()
+    print(f"\n{'system':<10} {'tokens/s':>9} {'tok/fwd':>8}  text")
+    for row in result["rows"]:
+        text = " ".join(row["text"].split())[:70] or "(whitespace only)"
+        print(f"{row['system']:<10} {row['tokens_per_s']:9.1f} {row['tokens_per_forward']:8.2f}  {text}")
+    print()
+    print(textwrap.fill(result["note"], width=110))
+    print(f"\nconverted model: {result['output_dir']}  (try: edlm generate --model {result['output_dir']} "
+          "--prompt ... --stats)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
@@ -286,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", help="JSON files written by edlm eval --json")
     p.add_argument("--output", help="also write the table here")
 
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded SmolLM2-135M: convert briefly, compare with AR")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--steps", type=int, default=30, help="conversion steps (about 10 s each on a 2-core CPU)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat); default: two built-in prompts")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--threshold", type=float, default=0.9)
+
     p = sub.add_parser("bench-masks", help="memory of the training attention mask: dense (SDPA) vs flex BlockMask")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     p.add_argument("--block", type=int, default=64)
@@ -336,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert": cmd_convert, "generate": cmd_generate, "bench": cmd_bench, "bench-train": cmd_bench_train,
     "serve": cmd_serve, "serve-bench": cmd_serve_bench, "bench-masks": cmd_bench_masks,
-    "eval": cmd_eval, "sweep": cmd_sweep, "table": cmd_table}
+    "eval": cmd_eval, "sweep": cmd_sweep, "table": cmd_table,
+    "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
