@@ -208,7 +208,7 @@ class CachedStepper:
     """Keys/values of finished columns live in a DynamicCache; a finished block is encoded lazily, fused with the
     next block's first step."""
 
-    def __init__(self, dlm, layout: Layout, first_block: int):
+    def __init__(self, dlm, layout: Layout):
         from transformers import DynamicCache
 
         self.dlm, self.layout = dlm, layout
@@ -216,7 +216,6 @@ class CachedStepper:
         self.forwards = 0
         self.cached = 0  # columns whose keys/values are in the cache
         self.edge: torch.Tensor | None = None  # logits at column (current block start - 1)
-        self.first_block = first_block
 
     def _forward(self, q_start: int, stop: int, noisy_start: int, keep_from: int):
         lay = self.layout
@@ -279,7 +278,7 @@ def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
     generators = [torch.Generator(device=device).manual_seed(s) for s in (seeds or [cfg.seed] * rows)]
     policy = POLICIES[cfg.policy]
     start = int(layout.pad[0]) + (layout.prompt_len[0] // block) * block  # same column for every row
-    stepper = CachedStepper(dlm, layout, start) if cfg.use_cache else FullStepper(dlm, layout)
+    stepper = CachedStepper(dlm, layout) if cfg.use_cache else FullStepper(dlm, layout)
     stats = DecodeStats(rows=rows)
     produced = [0] * rows
     done = [False] * rows
