@@ -279,15 +279,31 @@ def _cast(dlm, dtype):
     return DiffusionLM(_cast_module(dlm.model, dtype), dlm.tokenizer, dlm.config).eval()
 
 
-def plot_sweep(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """PNG: dLM tokens/s vs agreement with AR across thresholds, and the AR point."""
+def new_figure():
+    """(figure, axes) for a PNG plot, on the non-interactive backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(6, 4))
+
+
+def save_figure(fig, ax, path: str | os.PathLike) -> None:
+    """Grid, legend, tight layout, write the PNG, free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """PNG: dLM tokens/s vs agreement with AR across thresholds, and the AR point."""
     sweep = result["sweep"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure()
     ax.plot([s["tokens_per_s"] for s in sweep], [s["agreement_with_ar"] for s in sweep], "o-", label="dLM")
     for s in sweep:
         ax.annotate(f"{s['threshold']:g} ({s['tokens_per_forward']:.1f} tok/fwd)",
@@ -297,11 +313,7 @@ def plot_sweep(result: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_xlabel("tokens/s (batch 1)")
     ax.set_ylabel("agreement with AR greedy output")
     ax.set_title(f"threshold sweep: {Path(result['settings']['model']).name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 # ----------------------------------------------------------------------------------------------- masks

@@ -13,30 +13,38 @@ from edlm.errors import EdlmError
 logger = logging.getLogger("edlm")
 
 
+class TrainingBar:
+    """A tqdm bar fed by the ``progress(step, total, info)`` callback of :func:`edlm.train.convert`."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, step: int, total: int, info: dict) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=step - 1, desc="convert", unit="step", dynamic_ncols=True)
+        self.bar.update(1)
+        if info:
+            self.bar.set_postfix(loss=f"{info['loss']:.4f}", tok_s=f"{info['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 # --------------------------------------------------------------------------------------------- commands
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from edlm.config import load_train_config
     from edlm.train import convert
 
     cfg = load_train_config(args.config, args.set, model=args.model, output_dir=args.output_dir,
                             max_steps=args.max_steps)
-    bar = None
-
-    def progress(step: int, total: int, info: dict) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, initial=step - 1, desc="convert", unit="step", dynamic_ncols=True)
-        bar.update(1)
-        if info:
-            bar.set_postfix(loss=f"{info['loss']:.4f}", tok_s=f"{info['tokens_per_s']:.0f}")
-
-    out = convert(cfg, resume=args.resume, progress=progress)
-    if bar is not None:
-        bar.close()
+    bar = TrainingBar()
+    out = convert(cfg, resume=args.resume, progress=bar)
+    bar.close()
     print(f"converted model saved to {out}")
     return 0
 
@@ -219,24 +227,12 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import textwrap
 
-    from tqdm import tqdm
-
     from edlm.demo import run_demo
 
-    bar = None
-
-    def progress(step: int, total: int, info: dict) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, initial=step - 1, desc="convert", unit="step", dynamic_ncols=True)
-        bar.update(1)
-        if info:
-            bar.set_postfix(loss=f"{info['loss']:.3f}")
-
+    bar = TrainingBar()
     result = run_demo(args.output_dir, steps=args.steps, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
-                      threshold=args.threshold, progress=progress)
-    if bar is not None:
-        bar.close()
+                      threshold=args.threshold, progress=bar)
+    bar.close()
     print(f"\n{'system':<10} {'tokens/s':>9} {'tok/fwd':>8}  text")
     for row in result["rows"]:
         text = " ".join(row["text"].split())[:70] or "(whitespace only)"

@@ -328,12 +328,9 @@ def sweep(model_dir: str, task: str = "arithmetic", thresholds: tuple[float, ...
 
 def plot_pareto(result: dict[str, Any], path: str | Path) -> None:
     """PNG: accuracy vs tokens/s for every (block, threshold) point and the AR model."""
-    import matplotlib
+    from edlm.bench import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure()
     for block in sorted({p["block_size"] for p in result["points"]}):
         pts = [p for p in result["points"] if p["block_size"] == block]
         ax.plot([p["tokens_per_s"] for p in pts], [p["acc"] for p in pts], "o-", label=f"dLM block {block}")
@@ -343,11 +340,7 @@ def plot_pareto(result: dict[str, Any], path: str | Path) -> None:
     ax.plot([result["ar"]["tokens_per_s"]], [result["ar"]["acc"]], "s", color="black", label="AR")
     ax.set_xlabel("tokens/s")
     ax.set_ylabel(f"accuracy ({result['task']})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def results_table(results: list[dict[str, Any]]) -> str:
