@@ -53,7 +53,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from edlm.config import DecodeConfig
-    from edlm.decode import generate
     from edlm.model import DiffusionLM
 
     if args.threads:
@@ -61,21 +60,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, block_size=args.block_size, threshold=args.threshold,
                        policy=args.policy, tokens_per_step=args.tokens_per_step, temperature=args.temperature,
                        top_p=args.top_p, seed=args.seed)
-    dlm = DiffusionLM.from_pretrained(args.model).eval()
     prompts = args.prompt or []
     if not prompts:
         raise EdlmError("give at least one --prompt TEXT")
-    ids = [dlm.encode(p, chat=not args.no_chat) for p in prompts]
-    out = generate(dlm, ids, cfg)
-    for prompt, seq in zip(prompts, out.sequences):
-        text = dlm.tokenizer.decode(seq, skip_special_tokens=True)
+    dlm = DiffusionLM.from_pretrained(args.model).eval()
+    texts, stats = dlm.generate(prompts, cfg, chat=not args.no_chat)
+    for prompt, text in zip(prompts, texts):
         if len(prompts) > 1:
             print(f"### {prompt}")
         print(text)
     if args.stats:
-        s = out.stats
-        print(f"[{s.tokens} tokens, {s.forwards} forwards, {s.tokens_per_forward:.2f} tokens/forward, "
-              f"{s.tokens_per_s:.1f} tokens/s, {s.seconds:.2f} s]", file=sys.stderr)
+        print(f"[{stats.tokens} tokens, {stats.forwards} forwards, {stats.tokens_per_forward:.2f} tokens/forward, "
+              f"{stats.tokens_per_s:.1f} tokens/s, {stats.seconds:.2f} s]", file=sys.stderr)
     return 0
 
 

@@ -35,16 +35,22 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def ar_loglikelihood(model, context: list[int], continuation: list[int], banned: int | None = None) -> float:
-    """Exact log p(continuation | context) of a causal LM (one forward)."""
+def ar_score(model, context: list[int], continuation: list[int], banned: int | None = None) -> tuple[float, bool]:
+    """(exact log p(continuation | context), whether greedy decoding produces it) of a causal LM, one forward."""
     if not continuation:
-        return 0.0
+        return 0.0, True
     ids = torch.tensor([context + continuation], device=model.get_input_embeddings().weight.device)
     logits = model(input_ids=ids).logits[0, len(context) - 1:-1].float()  # (C, V): state i-1 predicts token i
     if banned is not None and banned < logits.shape[-1]:
         logits[:, banned] = float("-inf")
+    target = torch.tensor(continuation, device=ids.device)
     logp = torch.log_softmax(logits, dim=-1)
-    return float(logp.gather(-1, torch.tensor(continuation, device=ids.device)[:, None]).sum())
+    return float(logp.gather(-1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all())
+
+
+def ar_loglikelihood(model, context: list[int], continuation: list[int], banned: int | None = None) -> float:
+    """Exact log p(continuation | context) of a causal LM (one forward)."""
+    return ar_score(model, context, continuation, banned)[0]
 
 
 @torch.no_grad()

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from edlm.errors import EdlmError
+from edlm.evaluate import ar_score
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -110,23 +111,6 @@ class AdapterConfig:
 
 
 # ----------------------------------------------------------------------------------------------- scoring
-
-
-@torch.no_grad()
-def ar_score(model, context: list[int], continuation: list[int], banned: int | None = None) -> tuple[float, bool]:
-    """(exact log p(continuation | context), whether greedy decoding produces it) of a causal LM in one forward.
-
-    The log-likelihood is computed exactly as :func:`edlm.evaluate.ar_loglikelihood` does.
-    """
-    if not continuation:
-        return 0.0, True
-    ids = torch.tensor([context + continuation], device=model.get_input_embeddings().weight.device)
-    logits = model(input_ids=ids).logits[0, len(context) - 1:-1].float()  # (C, V): state i-1 predicts token i
-    if banned is not None and banned < logits.shape[-1]:
-        logits[:, banned] = float("-inf")
-    target = torch.tensor(continuation, device=ids.device)
-    logp = torch.log_softmax(logits, dim=-1)
-    return float(logp.gather(-1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all())
 
 
 @torch.no_grad()
