@@ -262,9 +262,9 @@ class DiffusionLM(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- inference
 
-    def encode(self, text: str, chat: bool = True) -> list[int]:
-        """Token ids of a user prompt, through the tokenizer's chat template when it has one and ``chat`` is on."""
-        return encode_prompt(self.tokenizer, text, chat)
+    def encode(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+        """Token ids of a user prompt or a conversation (see :func:`encode_prompt`)."""
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     def generate(self, prompts: str | list[str], config: Any = None, chat: bool = True, **overrides: Any):
         """Generate text for one or more prompts; returns ``(texts, stats)``.
@@ -284,11 +284,14 @@ class DiffusionLM(nn.Module):
         return decoded, out.stats
 
 
-def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
-    """Token ids of a user prompt, through the tokenizer's chat template when it has one and ``chat`` is on."""
+def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+    """Token ids of a user prompt or a conversation (``[{"role", "content"}, ...]``): through the tokenizer's chat
+    template (with the generation prompt) when it has one and ``chat`` is on, else the contents joined by newlines."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "\n".join(m["content"] for m in messages)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -833,24 +833,11 @@ def _message_text(content: str | list[ContentPart] | None) -> str:
     return "".join(part.text or "" for part in content if part.type == "text")
 
 
-def chat_prompt(dlm: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation: ``dlm.encode`` for a single user message, else the tokenizer's chat template
-    (with the generation prompt), else the message contents joined by newlines."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return dlm.encode(messages[0]["content"], chat=True)
-    tokenizer = dlm.tokenizer
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = "\n".join(m["content"] for m in messages)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 async def _chat(request: Request, body: ChatCompletionRequest) -> Response:
     engine: Engine = request.app.state.engine
     model_id = request.app.state.settings.model_id
     messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
-    ids = chat_prompt(engine.dlm, messages)
+    ids = engine.dlm.encode(messages, chat=True)  # chat template, else contents joined by newlines
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     plan = _plan(request, body, ids, max_tokens, "messages")
     _submit(engine, plan.job)
