@@ -16,14 +16,15 @@ logger = logging.getLogger("edlm")
 class TrainingBar:
     """A tqdm bar fed by the ``progress(step, total, info)`` callback of :func:`edlm.train.convert`."""
 
-    def __init__(self) -> None:
+    def __init__(self, desc: str = "convert") -> None:
         self.bar = None
+        self.desc = desc
 
     def __call__(self, step: int, total: int, info: dict) -> None:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=total, initial=step - 1, desc="convert", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=step - 1, desc=self.desc, unit="step", dynamic_ncols=True)
         self.bar.update(1)
         if info:
             self.bar.set_postfix(loss=f"{info['loss']:.4f}", tok_s=f"{info['tokens_per_s']:.0f}")
@@ -63,7 +64,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt or []
     if not prompts:
         raise EdlmError("give at least one --prompt TEXT")
-    dlm = DiffusionLM.from_pretrained(args.model).eval()
+    from edlm.assets import best_device
+
+    dlm = DiffusionLM.from_pretrained(args.model, device=best_device()).eval()
     texts, stats = dlm.generate(prompts, cfg, chat=not args.no_chat)
     for prompt, text in zip(prompts, texts):
         if len(prompts) > 1:
@@ -158,6 +161,13 @@ def cmd_bench_masks(args: argparse.Namespace) -> int:
     from edlm.bench import mask_memory, write_json
 
     result = mask_memory(tuple(args.lengths), block=args.block, device=args.device)
+    if args.training_model:  # GPU: peak memory of a real training forward + backward, SDPA vs flex
+        from edlm.bench import training_memory
+
+        result["training"] = training_memory(args.training_model, tuple(args.lengths), block=args.block)
+        for row in result["training"]["rows"]:
+            print(f"training {row['attn_implementation']:>14} L={row['seq_len']:6d} "
+                  f"{row.get('peak_mb', float('nan')):10.1f} MB {row.get('error', '')}")
     write_json(result, args.json)
     print(f"{'seq_len':>8} {'dense MB':>10} {'flex MB':>9} {'flex build s':>12}")
     for row in result["rows"]:
@@ -240,6 +250,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    import shlex
+
+    from edlm.studies import collect, load_study_config, run_study, write_report
+
+    overrides = list(args.set)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.report_dir:
+        overrides.append(f"report_dir={args.report_dir}")
+    cfg = load_study_config(args.config, overrides)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    bars: list[TrainingBar] = []
+
+    def new_bar(desc: str) -> TrainingBar:
+        for old in bars:
+            old.close()
+        bars[:] = [TrainingBar(desc)]
+        return bars[0]
+
+    if args.report_only:
+        results = collect(cfg)
+    else:
+        results = run_study(cfg, progress=lambda msg: print(msg, flush=True), new_bar=new_bar)
+    for bar in bars:
+        bar.close()
+    command = "edlm study " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["study"] \
+        else f"edlm study --config {args.config}"
+    report = write_report(results, cfg.report_dir, command=command)
+    if results["missing"]:
+        print(f"{len(results['missing'])} runs not finished: {', '.join(results['missing'])}")
+    print(f"report: {report}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 
@@ -283,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="task accuracy / likelihood of a converted model or (--ar) its AR source")
     p.add_argument("--model", required=True, help="converted model folder")
     p.add_argument("--task", required=True,
-                   help="arc_easy, arc_challenge, piqa, hellaswag, ..., arithmetic, humaneval, mbpp, ppl:FILE")
+                   help="arc_easy, arc_challenge, piqa, hellaswag, ..., arithmetic, gsm8k, rg:NAME (reasoning-gym), "
+                        "humaneval, mbpp, ppl:FILE")
     p.add_argument("--limit", type=int, default=None, help="first N documents")
     p.add_argument("--ar", action="store_true", help="evaluate the AR source (train_config.yaml) instead")
     p.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples of the dLM's ELBO")
@@ -317,10 +366,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--threshold", type=float, default=0.9)
 
+    about = ("grid of conversion runs from one AR source model, each evaluated on held-out problems; writes a "
+             "markdown report with PNG plots and a verdict per paper claim. Re-running finishes an interrupted study.")
+    p = sub.add_parser("study", help=about, description=about)
+    p.add_argument("--config", default="configs/study.yaml", help="study YAML (default: configs/study.yaml)")
+    p.add_argument("--output-dir", help="runs folder (overrides output_dir)")
+    p.add_argument("--report-dir", help="report folder (overrides report_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set conversion.max_steps=50")
+    p.add_argument("--report-only", action="store_true", help="render the report from the runs finished so far")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+
     p = sub.add_parser("bench-masks", help="memory of the training attention mask: dense (SDPA) vs flex BlockMask")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--device", default=None, help="where to build the BlockMask (default: cuda if present, else cpu)")
+    p.add_argument("--training-model", default=None, metavar="SPEC",
+                   help="GPU only: also measure peak memory of one training forward+backward of this model "
+                        "(e.g. tiny:llama@256x4 or a folder), SDPA vs flex")
     p.add_argument("--json", required=True)
 
     p = sub.add_parser("bench", help="dLM decoding vs AR decoding of the same prompts (JSON + PNG sweep)")
@@ -368,7 +431,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert": cmd_convert, "generate": cmd_generate, "bench": cmd_bench, "bench-train": cmd_bench_train,
     "serve": cmd_serve, "serve-bench": cmd_serve_bench, "bench-masks": cmd_bench_masks,
     "eval": cmd_eval, "sweep": cmd_sweep, "table": cmd_table,
-    "demo": cmd_demo}
+    "demo": cmd_demo, "study": cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,128 @@
+"""Measurements on a converted model: answer accuracy and tokens per forward, weight drift from the AR source,
+and the masked-token loss at each position of a block."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from edlm.studies.task import Problem
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def prompt_ids(tokenizer, problem: Problem) -> list[int]:
+    """``EOS QUESTION``: a problem starts a document, as in training."""
+    return [tokenizer.eos_token_id] + tokenizer(problem.question, add_special_tokens=False)["input_ids"]
+
+
+def _answer(tokenizer, ids: list[int]) -> str:
+    eos = tokenizer.eos_token_id
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids).strip()
+
+
+@torch.no_grad()
+def answer_accuracy(problems: list[Problem], dlm=None, ar_model=None, tokenizer=None, threshold: float = 0.9,
+                    max_new_tokens: int = 8, block_size: int | None = None) -> dict[str, Any]:
+    """Exact-answer accuracy, tokens per forward and tokens/s, decoding one problem at a time (batch 1).
+
+    Give ``dlm`` for threshold decoding with the KV cache, or ``ar_model`` (+ ``tokenizer``) for greedy AR decoding.
+    Tokens are counted up to and including EOS, so both systems are measured on the same text.
+    """
+    from edlm.baseline import ar_generate
+    from edlm.config import DecodeConfig
+    from edlm.decode import generate
+
+    tok = dlm.tokenizer if dlm is not None else tokenizer
+    cfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold, block_size=block_size)
+    correct = tokens = forwards = 0
+    t0 = time.perf_counter()
+    for p in problems:
+        ids = prompt_ids(tok, p)
+        if dlm is not None:
+            out = generate(dlm, [ids], cfg)
+        else:
+            out = ar_generate(ar_model, [ids], cfg, eos_id=tok.eos_token_id)
+        correct += int(_answer(tok, out.sequences[0]) == p.answer)
+        tokens += out.stats.tokens
+        forwards += out.stats.forwards
+    seconds = time.perf_counter() - t0
+    return {"acc": correct / len(problems), "n": len(problems), "tokens_per_forward": tokens / max(forwards, 1),
+            "tokens_per_s": tokens / seconds, "threshold": threshold if dlm is not None else None}
+
+
+def weight_drift(source: torch.nn.Module, converted: torch.nn.Module) -> dict[str, Any]:
+    """Relative change ||W - W0|| / ||W0|| (Frobenius, over all weights of a group) of a converted model.
+
+    Groups: each decoder layer, the embeddings (rows of the source vocabulary only; the added mask token is
+    new), and everything else ("other": final norm, untied head). Parameters are matched by name.
+    """
+    before = dict(source.named_parameters())
+    after = dict(converted.named_parameters())
+    diff2: dict[str, float] = defaultdict(float)
+    base2: dict[str, float] = defaultdict(float)
+    for name, w0 in before.items():
+        w = after.get(name)
+        if w is None:
+            continue
+        w0, w = w0.detach().float(), w.detach().float()
+        if w.shape != w0.shape:  # resized vocabulary: compare the original rows
+            w = w[: w0.shape[0]]
+        match = _LAYER.search(name)
+        group = f"layer{int(match.group(1))}" if match else ("embed" if "embed" in name else "other")
+        diff2[group] += float((w - w0).pow(2).sum())
+        base2[group] += float(w0.pow(2).sum())
+    drift = {g: (diff2[g] / max(base2[g], 1e-30)) ** 0.5 for g in diff2}
+    layers = sorted((int(g[5:]), v) for g, v in drift.items() if g.startswith("layer"))
+    total = (sum(diff2.values()) / max(sum(base2.values()), 1e-30)) ** 0.5
+    return {"layers": [v for _, v in layers], "embed": drift.get("embed"), "other": drift.get("other"),
+            "overall": total}
+
+
+@torch.no_grad()
+def per_position_loss(dlm, x0: torch.Tensor, samples: int = 8, seed: int = 0) -> dict[str, Any]:
+    """Masked-token cross-entropy at every position of held-out sequences ``x0`` (N, L).
+
+    Every block gets its own mask ratio t ~ U(0, 1] and each position is masked with probability t (the same
+    noise for every model, whatever schedule it was trained with). Returns the mean loss per absolute position
+    (shows the periodic pattern across blocks) and per offset inside a block.
+    """
+    block = dlm.config.block_size
+    n, length = x0.shape
+    x0 = x0.to(dlm.device)
+    generator = torch.Generator(device=dlm.device).manual_seed(seed)
+    loss_sum = torch.zeros(length, dtype=torch.float64)
+    count = torch.zeros(length, dtype=torch.float64)
+    for _ in range(samples):
+        t = 1.0 - torch.rand(n, length // block, generator=generator, device=dlm.device)
+        u = torch.rand(n, length, generator=generator, device=dlm.device)
+        masked = u < t.repeat_interleave(block, dim=1)
+        if dlm.config.token_shift:
+            masked[:, 0] = False  # token 0 has no predictor
+        xt = torch.where(masked, torch.full_like(x0, dlm.mask_id), x0)
+        logits = dlm.training_logits(xt, x0).float()
+        logits[..., dlm.mask_id] = float("-inf")
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (N, L)
+        loss_sum += torch.where(masked, ce, 0.0).sum(0).double().cpu()
+        count += masked.sum(0).double().cpu()
+    by_position = (loss_sum / count.clamp_min(1)).tolist()
+    offset_sum = loss_sum.view(-1, block).sum(0)
+    offset_count = count.view(-1, block).sum(0)
+    return {"block_size": block, "by_position": by_position,
+            "by_offset": (offset_sum / offset_count.clamp_min(1)).tolist()}
+
+
+def pack_problems(tokenizer, problems: list[Problem], seq_len: int, rows: int) -> torch.Tensor:
+    """Held-out problems joined with EOS into ``rows`` sequences of ``seq_len`` tokens (as training packs)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for p in problems:
+        stream += tokenizer(p.text, add_special_tokens=False)["input_ids"] + [eos]
+    rows = min(rows, len(stream) // seq_len)
+    return torch.tensor(stream[: rows * seq_len]).view(rows, seq_len)
