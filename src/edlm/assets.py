@@ -26,6 +26,11 @@ logger = logging.getLogger(__name__)
 TINY_VOCAB_SPECIALS = ["<|endoftext|>"]
 
 
+def best_device() -> str:
+    """``cuda`` when a CUDA GPU is visible, else ``cpu`` (where evaluation, benchmarks and generation run)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def cache_dir() -> Path:
     """$EDLM_CACHE, else $XDG_CACHE_HOME/edlm, else ~/.cache/edlm."""
     if os.environ.get("EDLM_CACHE"):

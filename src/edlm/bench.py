@@ -205,19 +205,20 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     likewise measured at each dtype and reported at its fastest. The threshold sweep runs at batch 1 with the
     dLM's best dtype and scores agreement with the AR output (greedy both).
     """
-    from edlm.assets import default_chat_prompts, resolve_model
+    from edlm.assets import best_device, default_chat_prompts, resolve_model
     from edlm.baseline import ar_generate
     from edlm.config import DecodeConfig
     from edlm.decode import generate
     from edlm.model import DiffusionLM
 
     texts = prompts or default_chat_prompts()
-    dlm32 = DiffusionLM.from_pretrained(model_dir).eval()
+    device = best_device()
+    dlm32 = DiffusionLM.from_pretrained(model_dir, device=device).eval()
     ids = [dlm32.encode(t, chat) for t in texts]
     spec = source_spec(model_dir) if ar_source == "auto" else ar_source
     if spec is not None:
         ar_model, ar_tok = resolve_model(None if spec == "embedded" else spec)
-        ar_model.eval()
+        ar_model = ar_model.to(device).eval()
     else:
         ar_model, ar_tok = dlm32.model, dlm32.tokenizer
     eos = dlm32.tokenizer.eos_token_id
@@ -346,3 +347,47 @@ def mask_memory(lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192), block:
         rows.append(row)
     return {"pattern": "block_causal_clean", "block": block, "device": device, "rows": rows,
             "machine": machine_info()}
+
+
+def training_memory(model: str = "tiny:llama@256x4", lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192),
+                    block: int = 64, impls: tuple[str, ...] = ("sdpa", "flex_attention"), batch: int = 1,
+                    dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """Peak CUDA memory of one training forward + backward (``[xt ; x0]``, block-causal-clean) per attention path.
+
+    Needs a CUDA GPU. Each (implementation, length) runs in a fresh model so the peaks do not mix; an out-of-memory
+    is recorded as such. The dense SDPA mask is (2L)^2 per batch; flex builds a BlockMask from the same predicate.
+    """
+    from edlm.assets import resolve_model
+    from edlm.config import DiffusionConfig
+    from edlm.errors import EdlmError
+    from edlm.model import DiffusionLM
+    from edlm.noising import noise_samples
+
+    if not torch.cuda.is_available():
+        raise EdlmError("the training-memory benchmark needs a CUDA GPU; on CPU use edlm bench-masks (mask bytes)")
+    rows = []
+    for impl in impls:
+        for n in lengths:
+            row: dict[str, Any] = {"attn_implementation": impl, "seq_len": n, "batch": batch}
+            try:
+                net, tok = resolve_model(model, dtype=dtype, attn_implementation=impl)
+                dlm = DiffusionLM.from_ar(net.cuda(), tok, DiffusionConfig(block_size=block)).train()
+                x0 = torch.randint(1, len(tok), (batch, n), device="cuda")
+                noised = noise_samples(x0, dlm.config, dlm.mask_id, 0, list(range(batch)))
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                dlm(noised).loss.backward()
+                torch.cuda.synchronize()
+                row.update(seconds=time.perf_counter() - t0,
+                           peak_mb=(torch.cuda.max_memory_allocated() - base) / 2**20)
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of memory"
+            except Exception as e:  # e.g. flex unavailable in this torch build: report, keep measuring
+                row["error"] = f"{type(e).__name__}: {e}"
+            finally:
+                dlm = net = None  # noqa: F841 (free before the next size)
+                torch.cuda.empty_cache()
+            rows.append(row)
+    return {"model": model, "block": block, "dtype": str(dtype), "rows": rows, "machine": machine_info()}

@@ -299,15 +299,16 @@ CHOICE_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", 
 
 def load_for_eval(model_dir: str, ar: bool = False):
     """(DiffusionLM, AR source model or None) of a converted folder."""
-    from edlm.assets import resolve_model
+    from edlm.assets import best_device, resolve_model
     from edlm.bench import source_spec
     from edlm.model import DiffusionLM
 
-    dlm = DiffusionLM.from_pretrained(model_dir).eval()
+    device = best_device()
+    dlm = DiffusionLM.from_pretrained(model_dir, device=device).eval()
     ar_model = None
     if ar:
         spec = source_spec(model_dir)
-        ar_model = resolve_model(None if spec in (None, "embedded") else spec)[0].eval()
+        ar_model = resolve_model(None if spec in (None, "embedded") else spec)[0].to(device).eval()
     return dlm, ar_model
 
 
