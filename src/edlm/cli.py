@@ -279,7 +279,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         results = run_study(cfg, progress=lambda msg: print(msg, flush=True), new_bar=new_bar)
     for bar in bars:
         bar.close()
-    command = "edlm study " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["study"] \
+    shown = [a for a in sys.argv[2:] if a != "--report-only"]  # the command that regenerates everything
+    command = "edlm study " + " ".join(shlex.quote(a) for a in shown) if sys.argv[1:2] == ["study"] \
         else f"edlm study --config {args.config}"
     report = write_report(results, cfg.report_dir, command=command)
     if results["missing"]:

@@ -111,7 +111,7 @@ def per_position_loss(dlm, x0: torch.Tensor, samples: int = 8, seed: int = 0) ->
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (N, L)
         loss_sum += torch.where(masked, ce, 0.0).sum(0).double().cpu()
         count += masked.sum(0).double().cpu()
-    by_position = (loss_sum / count.clamp_min(1)).tolist()
+    by_position = [float(v) if c > 0 else None for v, c in zip(loss_sum / count.clamp_min(1), count)]
     offset_sum = loss_sum.view(-1, block).sum(0)
     offset_count = count.view(-1, block).sum(0)
     return {"block_size": block, "by_position": by_position,

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from edlm.config import TrainConfig, from_dict, load_yaml
 from edlm.errors import ConfigError, EdlmError
 from edlm.studies.task import TaskConfig
@@ -174,29 +176,23 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _load_source_model(path: Path):
-    from edlm.assets import load_hf
-
-    return load_hf(path)
-
-
 def evaluate_source(cfg: StudyConfig, source: Path, problems) -> dict[str, Any]:
+    from edlm.assets import load_hf
     from edlm.studies.analysis import answer_accuracy
 
-    model, tok = _load_source_model(source)
+    model, tok = load_hf(source)
     model.eval()
     return {"answers": answer_accuracy(problems, ar_model=model, tokenizer=tok, max_new_tokens=cfg.max_new_tokens),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def evaluate_run(cfg: StudyConfig, run_dir: Path, source: Path, problems, thresholds: list[float]) -> dict[str, Any]:
+    from edlm.assets import load_hf
     from edlm.model import DiffusionLM
     from edlm.studies.analysis import answer_accuracy, pack_problems, per_position_loss, weight_drift
 
     dlm = DiffusionLM.from_pretrained(run_dir).eval()
-    src, _ = _load_source_model(source)
-    import yaml
-
+    src, _ = load_hf(source)
     seq_len = yaml.safe_load((run_dir / "train_config.yaml").read_text())["data"]["seq_len"]
     x0 = pack_problems(dlm.tokenizer, problems, seq_len, cfg.per_position_rows)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -213,8 +209,6 @@ def evaluate_run(cfg: StudyConfig, run_dir: Path, source: Path, problems, thresh
 
 def _check_same_settings(run_dir: Path, tcfg: TrainConfig) -> None:
     """A finished or started run must have been trained with the settings the study now asks for."""
-    import yaml
-
     from edlm.train import config_fingerprint
 
     saved = run_dir / "train_config.yaml"

@@ -127,12 +127,16 @@ def _pareto_plot(path: Path, variants: dict[str, dict[str, Any]], thresholds: li
     save_figure(fig, ax, path)
 
 
-def _position_plot(path: Path, curves: dict[str, list[float]], xlabel: str) -> None:
+def _position_plot(path: Path, curves: dict[str, list[float | None]], xlabel: str, block: int | None = None) -> None:
     from edlm.bench import new_figure, save_figure
 
     fig, ax = new_figure()
     for name, ys in curves.items():
-        ax.plot(range(len(ys)), ys, ".-", label=name)
+        ax.plot(range(len(ys)), [float("nan") if y is None else y for y in ys], ".-", label=name)
+    if block:  # block boundaries
+        longest = max(len(ys) for ys in curves.values())
+        for x in range(block, longest, block):
+            ax.axvline(x - 0.5, color="grey", linewidth=0.6, alpha=0.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("masked-token cross-entropy")
     save_figure(fig, ax, path)
@@ -263,7 +267,8 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
         if default_run:
             _position_plot(out / "loss_by_position.png",
                            {default_run["run"]: default_run["per_position_loss"]["by_position"]},
-                           "position in the sequence")
+                           "position in the sequence (grey lines: block boundaries)",
+                           block=default_run["per_position_loss"]["block_size"])
             lines += ["", "![loss by position](loss_by_position.png)", ""]
             offsets = default_run["per_position_loss"]["by_offset"]
             lines.append("Loss by offset inside the block (" + default_run["run"] + "): " +
