@@ -25,9 +25,17 @@ def test_out_of_range_and_unknown_values_are_rejected(override, match):
 
 
 def test_presets_load_and_overrides_apply():
+    from edlm.studies import StudyConfig, expand, load_study_config
+    from edlm.studies.grid import run_config, unique_runs
+
     for preset in sorted((REPO / "configs").glob("*.yaml")):
-        cfg = load_train_config(preset)
-        assert isinstance(cfg, TrainConfig)
+        if preset.name.startswith("study"):  # edlm study configs: every run's settings must be valid
+            study = load_study_config(preset)
+            assert isinstance(study, StudyConfig)
+            for run in unique_runs(expand(study)):
+                assert isinstance(run_config(study, run, REPO / "src", ["x.jsonl"]), TrainConfig)
+        else:
+            assert isinstance(load_train_config(preset), TrainConfig)
         first = preset.read_text().splitlines()[0]
         assert first.startswith("# edlm ") or first.startswith("# accelerate "), preset  # first line: the command
     cfg = load_train_config(REPO / "configs/tiny.yaml", ["diffusion.block_size=4", "lr=1e-4"], max_steps=7)
