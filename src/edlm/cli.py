@@ -37,6 +37,14 @@ class TrainingBar:
 # --------------------------------------------------------------------------------------------- commands
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (CPU threads for torch) when given."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from edlm.config import load_train_config
     from edlm.train import convert
@@ -51,13 +59,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
 
     from edlm.config import DecodeConfig
     from edlm.model import DiffusionLM
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, block_size=args.block_size, threshold=args.threshold,
                        policy=args.policy, tokens_per_step=args.tokens_per_step, temperature=args.temperature,
                        top_p=args.top_p, seed=args.seed)
@@ -93,12 +99,10 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
 
     from edlm.bench import decode_benchmark, plot_sweep, write_json
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     result = decode_benchmark(args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
                               batch_sizes=tuple(args.batch_sizes), threshold=args.threshold,
                               sweep=tuple(args.sweep), dtypes=tuple(args.dtypes.split(",")), repeats=args.repeats,
@@ -118,12 +122,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import torch
 
     from edlm.serve import load_serve_settings, serve
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     settings = load_serve_settings(args.model, args.set, host=args.host, port=args.port, api_key=args.api_key,
                                    model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue)
     serve(args.model, settings)
@@ -131,13 +133,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
-    import torch
 
     from edlm.bench import write_json
     from edlm.serve import load_serve_settings, serve_bench
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     settings = load_serve_settings(args.model, args.set)
     result = serve_bench(args.model, n_requests=args.requests, concurrency=args.concurrency,
                          max_tokens=args.max_tokens, disconnect=args.disconnect, max_batch=args.max_batch,
@@ -179,13 +179,11 @@ def cmd_bench_masks(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
 
     from edlm.bench import write_json
     from edlm.evaluate import evaluate
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples, seed=args.seed,
                       threshold=args.threshold, max_new_tokens=args.max_new_tokens, chat=not args.no_chat)
     if args.json:
@@ -196,13 +194,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import torch
 
     from edlm.bench import write_json
     from edlm.evaluate import plot_pareto, sweep
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     result = sweep(args.model, args.task, thresholds=tuple(args.thresholds),
                    block_sizes=tuple(args.block_sizes) if args.block_sizes else (None,), limit=args.limit,
                    max_new_tokens=args.max_new_tokens, chat=not args.no_chat)
@@ -261,10 +257,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.report_dir:
         overrides.append(f"report_dir={args.report_dir}")
     cfg = load_study_config(args.config, overrides)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     bars: list[TrainingBar] = []
 
     def new_bar(desc: str) -> TrainingBar:

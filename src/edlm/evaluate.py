@@ -35,27 +35,10 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def ar_score(model, context: list[int], continuation: list[int], banned: int | None = None) -> tuple[float, bool]:
-    """(exact log p(continuation | context), whether greedy decoding produces it) of a causal LM, one forward."""
-    if not continuation:
-        return 0.0, True
-    ids = torch.tensor([context + continuation], device=model.get_input_embeddings().weight.device)
-    logits = model(input_ids=ids).logits[0, len(context) - 1:-1].float()  # (C, V): state i-1 predicts token i
-    if banned is not None and banned < logits.shape[-1]:
-        logits[:, banned] = float("-inf")
-    target = torch.tensor(continuation, device=ids.device)
-    logp = torch.log_softmax(logits, dim=-1)
-    return float(logp.gather(-1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all())
-
-
-def ar_loglikelihood(model, context: list[int], continuation: list[int], banned: int | None = None) -> float:
-    """Exact log p(continuation | context) of a causal LM (one forward)."""
-    return ar_score(model, context, continuation, banned)[0]
-
-
-@torch.no_grad()
-def ar_scores(model, context: list[int], continuations: list[list[int]], banned: int | None = None) -> list[float]:
-    """Exact log p(continuation | context) of each continuation, all in one batched forward (right-padded)."""
+def _ar_rows(model, context: list[int], continuations: list[list[int]], banned: int | None
+             ) -> list[tuple[float, bool]]:
+    """(exact log p(continuation | context), whether greedy decoding produces it) per continuation, all in one
+    forward; rows are right-padded (and masked) only when their lengths differ."""
     if not continuations:
         return []
     device = model.get_input_embeddings().weight.device
@@ -66,14 +49,37 @@ def ar_scores(model, context: list[int], continuations: list[list[int]], banned:
         row = context + c
         ids[r, :len(row)] = torch.tensor(row, device=device)
         attn[r, :len(row)] = 1
-    logits = model(input_ids=ids, attention_mask=attn).logits.float()  # (R, W, V)
+    padded = bool((attn == 0).any())
+    logits = model(input_ids=ids, attention_mask=attn if padded else None).logits[:, :-1].float()  # (R, W-1, V)
     if banned is not None and banned < logits.shape[-1]:
         logits[..., banned] = float("-inf")
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (R, W-1)
+    target = ids[:, 1:]  # state i - 1 predicts token i
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, target[..., None]).squeeze(-1)  # (R, W-1)
+    hit = logits.argmax(-1) == target
+    span = slice(len(context) - 1, None)
     out = []
-    for r, c in enumerate(continuations):  # state i - 1 predicts token i
-        out.append(float(logp[r, len(context) - 1:len(context) - 1 + len(c)].sum()) if c else 0.0)
+    for r, c in enumerate(continuations):
+        if not c:
+            out.append((0.0, True))
+            continue
+        cols = slice(span.start, span.start + len(c))
+        out.append((float(logp[r, cols].sum()), bool(hit[r, cols].all())))
     return out
+
+
+def ar_score(model, context: list[int], continuation: list[int], banned: int | None = None) -> tuple[float, bool]:
+    """(exact log p(continuation | context), whether greedy decoding produces it) of a causal LM, one forward."""
+    return _ar_rows(model, context, [continuation], banned)[0]
+
+
+def ar_loglikelihood(model, context: list[int], continuation: list[int], banned: int | None = None) -> float:
+    """Exact log p(continuation | context) of a causal LM (one forward)."""
+    return ar_score(model, context, continuation, banned)[0]
+
+
+def ar_scores(model, context: list[int], continuations: list[list[int]], banned: int | None = None) -> list[float]:
+    """Exact log p(continuation | context) of each continuation, all in one batched forward (right-padded)."""
+    return [value for value, _ in _ar_rows(model, context, continuations, banned)]
 
 
 @torch.no_grad()
@@ -230,16 +236,24 @@ def gsm8k_final(text: str) -> str:
     return numbers[-1] if numbers else ""
 
 
-def reasoning_gym_task(name: str, n: int = 100, seed: int = 1234, **options: Any) -> tuple[list[AnswerDoc], Any]:
-    """A seeded, held-out set of a reasoning-gym dataset: (documents, the dataset, whose ``score_answer`` scores)."""
+def load_reasoning_gym(name: str, n: int, seed: int, options: dict[str, Any],
+                       missing: str = "rg:NAME tasks need the package reasoning-gym: pip install reasoning-gym",
+                       error: str = "reasoning-gym has no usable dataset {name!r}: {e}"):
+    """A seeded reasoning-gym dataset (its items and ``score_answer``), with edlm's errors: ``missing`` when the
+    package is not installed, ``error`` (formatted with ``name``, ``options`` and ``e``) when it cannot be built."""
     try:
         import reasoning_gym
     except ImportError as e:
-        raise EdlmError("rg:NAME tasks need the package reasoning-gym: pip install reasoning-gym") from e
+        raise EdlmError(missing) from e
     try:
-        dataset = reasoning_gym.create_dataset(name, size=n, seed=seed, **options)
+        return reasoning_gym.create_dataset(name, size=n, seed=seed, **options)
     except Exception as e:  # reasoning-gym raises various types for unknown names / options
-        raise EdlmError(f"reasoning-gym has no usable dataset {name!r}: {e}") from e
+        raise EdlmError(error.format(name=name, options=options, e=e)) from e
+
+
+def reasoning_gym_task(name: str, n: int = 100, seed: int = 1234, **options: Any) -> tuple[list[AnswerDoc], Any]:
+    """A seeded, held-out set of a reasoning-gym dataset: (documents, the dataset, whose ``score_answer`` scores)."""
+    dataset = load_reasoning_gym(name, n, seed, options)
     return [AnswerDoc(prompt=item["question"], answer=str(item["answer"])) for item in dataset], dataset
 
 

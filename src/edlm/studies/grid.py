@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -170,12 +169,6 @@ def source_config(cfg: StudyConfig, corpus: list[str]) -> TrainConfig:
 Progress = Callable[[str], None]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def evaluate_source(cfg: StudyConfig, source: Path, problems) -> dict[str, Any]:
     from edlm.assets import load_hf
     from edlm.studies.analysis import answer_accuracy
@@ -226,6 +219,7 @@ def run_study(cfg: StudyConfig, progress: Progress | None = None,
     ``progress(message)`` announces each step; ``new_bar(name)`` returns a ``progress(step, total, info)``
     callback for one training run (a fresh progress bar in the CLI).
     """
+    from edlm.bench import write_json
     from edlm.studies.source import is_trained, pretrain_ar
     from edlm.studies.task import read_test, write_task
     from edlm.train import convert, latest_checkpoint
@@ -255,7 +249,7 @@ def run_study(cfg: StudyConfig, progress: Progress | None = None,
         source_eval_dir = source
     if not (source_eval_dir / EVAL_FILE).is_file():
         say("evaluating the AR source model")
-        _write_json(source_eval_dir / EVAL_FILE, evaluate_source(cfg, source, problems))
+        write_json(evaluate_source(cfg, source, problems), source_eval_dir / EVAL_FILE)
 
     grid = expand(cfg)
     runs = unique_runs(grid)
@@ -270,9 +264,9 @@ def run_study(cfg: StudyConfig, progress: Progress | None = None,
             convert(tcfg, resume=latest_checkpoint(run_dir) is not None,
                     progress=new_bar(run.name) if new_bar else None)
         say(f"[{i}/{len(runs)}] evaluating {run.name}")
-        _write_json(run_dir / EVAL_FILE, evaluate_run(cfg, run_dir, source, problems, thresholds_for(cfg, run, grid)))
+        write_json(evaluate_run(cfg, run_dir, source, problems, thresholds_for(cfg, run, grid)), run_dir / EVAL_FILE)
     results = collect(cfg)
-    _write_json(out / "study.json", results)
+    write_json(results, out / "study.json")
     return results
 
 

@@ -64,15 +64,13 @@ def _builtin(n: int, seed: int, max_digits: int = 2, **_: Any) -> list[Problem]:
 
 
 def _reasoning_gym(name: str, n: int, seed: int, options: dict[str, Any]) -> list[Problem]:
-    try:
-        import reasoning_gym
-    except ImportError as e:
-        raise EdlmError("task.generator reasoning_gym needs the package: pip install reasoning-gym "
-                        "(or set task.generator: builtin)") from e
-    try:
-        items = reasoning_gym.create_dataset(name, size=n, seed=seed, **options)
-    except Exception as e:  # unknown dataset or option: reasoning-gym raises various types
-        raise EdlmError(f"reasoning-gym could not build dataset {name!r} with options {options}: {e}") from e
+    from edlm.evaluate import load_reasoning_gym
+
+    items = load_reasoning_gym(
+        name, n, seed, options,
+        missing="task.generator reasoning_gym needs the package: pip install reasoning-gym (or set task.generator: "
+                "builtin)",
+        error="reasoning-gym could not build dataset {name!r} with options {options}: {e}")
     out = []
     for item in items:
         expression = item.get("metadata", {}).get("expression")
