@@ -250,6 +250,35 @@ def test_bad_requests_get_openai_style_errors(server, client):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2  # unknown fields are ignored
 
 
+BAD_VALUES = [("temperature", 99), ("temperature", -1), ("temperature", 2.01), ("temperature", "hot"),
+              ("top_p", 0), ("top_p", 1.5), ("top_p", -0.1), ("max_tokens", 0), ("max_tokens", -3),
+              ("threshold", 0), ("threshold", 2), ("threshold", -0.5), ("block_size", 0), ("block_size", -4)]
+ENDPOINTS = {"completions": {"prompt": "hi"}, "chat/completions": {"messages": [{"role": "user", "content": "hi"}]}}
+
+
+@pytest.mark.parametrize(("endpoint", "field", "value"), [(e, f, v) for e in ENDPOINTS for f, v in BAD_VALUES]
+                         + [("chat/completions", "max_completion_tokens", 0)])
+def test_out_of_range_sampling_fields_get_400_naming_the_field(server, endpoint, field, value):
+    srv, _, _ = server
+    r = httpx.post(f"{srv.base_url}/v1/{endpoint}", json={**ENDPOINTS[endpoint], "max_tokens": 2, field: value},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert r.status_code == 400, r.text  # OpenAI answers 400 (FastAPI's default would be 422, or a 200 decode)
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == field
+    assert error["message"].startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_boundary_sampling_values_are_accepted(server, endpoint):
+    srv, _, _ = server
+    for fields in ({"temperature": 0}, {"temperature": 2, "top_p": 1, "seed": 3}, {"threshold": 1, "block_size": 1}):
+        r = httpx.post(f"{srv.base_url}/v1/{endpoint}", json={**ENDPOINTS[endpoint], "max_tokens": 2, **fields},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        assert r.status_code == 200, (fields, r.text)
+        assert r.json()["usage"]["completion_tokens"] == 2
+
+
 def test_api_key_is_required_on_v1(server):
     srv, _, _ = server
     r = httpx.get(f"{srv.base_url}/v1/models", timeout=10)

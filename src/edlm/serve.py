@@ -165,7 +165,8 @@ class StreamOptions(_Lenient):
 class _Sampling(_Lenient):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    """OpenAI's range [0, 2] (the library would take any t >= 0); 0 is greedy."""
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
