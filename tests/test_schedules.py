@@ -36,6 +36,38 @@ def test_position_dependent_weights_follow_the_formula_for_two_positions():
     assert r[1].item() == pytest.approx(want, abs=0.005)
 
 
+def successive_sampling_inclusion(weights: list[float], k: int) -> list[float]:
+    """Exact P(position i is among k draws without replacement, each draw proportional to the remaining weights).
+
+    Dynamic programming over the set already drawn (a bitmask): 2^L' states, cheap for L' = 8.
+    """
+    n = len(weights)
+    prob = {0: 1.0}  # drawn set -> probability
+    for _ in range(k):
+        nxt: dict[int, float] = {}
+        for drawn, p in prob.items():
+            left = [i for i in range(n) if not drawn >> i & 1]
+            total = sum(weights[i] for i in left)
+            for i in left:
+                nxt[drawn | 1 << i] = nxt.get(drawn | 1 << i, 0.0) + p * weights[i] / total
+        prob = nxt
+    return [sum(p for drawn, p in prob.items() if drawn >> i & 1) for i in range(n)]
+
+
+@pytest.mark.parametrize("t", [0.25, 0.5, 0.75])
+def test_position_dependent_rates_equal_weighted_sampling_without_replacement(t):
+    # Pins w_i = exp(beta (1 - t) i): writing t for (1 - t) moves a rate by 0.34 at t = 0.25 and 0.75 (t = 0.5
+    # cannot tell them apart); a beta 14% off (ln 2 / (L' - 1)) fails at every t.
+    block, sharpness, samples = 8, 10.0, 100000
+    beta = sharpness * math.log(2) / block
+    k = round(t * block)
+    want = torch.tensor(successive_sampling_inclusion([math.exp(beta * (1 - t) * i) for i in range(block)], k))
+    assert want.sum().item() == pytest.approx(k)
+    got = rates(PositionDependent(sharpness=sharpness), t, block, samples=samples)
+    tol = 5 * (want * (1 - want) / samples).sqrt()  # 5 standard errors of each empirical rate (< 0.008)
+    assert torch.all((got - want).abs() < tol), (got, want)
+
+
 def test_sharpness_zero_reproduces_uniform_exactly():
     t = torch.rand(64, generator=torch.Generator().manual_seed(1))
     a, ra = PositionDependent(sharpness=0.0).sample(t, 4, 16, torch.Generator().manual_seed(7))
