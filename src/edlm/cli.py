@@ -8,13 +8,60 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from edlm.errors import EdlmError
+from edlm.errors import EdlmError, require
 
 logger = logging.getLogger("edlm")
 
+LOG_FILE = "edlm.log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class Logs:
+    """Where the log records of one CLI call go.
+
+    The console (stderr) shows INFO and up, until a command with an output folder calls :meth:`to_folder`: from then
+    on the records (INFO and up) go to ``FOLDER/edlm.log`` and the console keeps warnings and errors only, so that
+    it shows the command's own output (progress bar, results). ``--verbose`` shows everything on the console.
+    """
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.console = logging.StreamHandler()
+        self.console.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        self.handlers: list[logging.Handler] = [self.console]
+        root = logging.getLogger()
+        root.setLevel(logging.DEBUG if verbose else logging.INFO)
+        root.addHandler(self.console)
+        for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        if not verbose:  # the libraries' own bars: "Loading weights", "Writing model shards", "Generating split"
+            import datasets
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            datasets.disable_progress_bars()
+
+    def to_folder(self, folder: str | Path) -> None:
+        """Send the log records to ``folder/edlm.log`` (appended) instead of the console."""
+        path = Path(folder) / LOG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(handler)
+        self.handlers.append(handler)
+        if not self.verbose:
+            self.console.setLevel(logging.WARNING)
+
+    def close(self) -> None:
+        for handler in self.handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
 
 class TrainingBar:
-    """A tqdm bar fed by the ``progress(step, total, info)`` callback of :func:`edlm.train.convert`."""
+    """A tqdm bar fed by the ``progress(step, total, info)`` callback of :func:`edlm.train.convert`; prints one
+    line per checkpoint."""
 
     def __init__(self, desc: str = "convert") -> None:
         self.bar = None
@@ -26,8 +73,10 @@ class TrainingBar:
         if self.bar is None:
             self.bar = tqdm(total=total, initial=step - 1, desc=self.desc, unit="step", dynamic_ncols=True)
         self.bar.update(1)
-        if info:
+        if "loss" in info:
             self.bar.set_postfix(loss=f"{info['loss']:.4f}", tok_s=f"{info['tokens_per_s']:.0f}")
+        if "checkpoint" in info:
+            self.bar.write(f"{Path(info['checkpoint']).name} saved", file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -35,6 +84,18 @@ class TrainingBar:
 
 
 # --------------------------------------------------------------------------------------------- commands
+
+
+# How to install what some commands need beyond the core dependencies (pyproject.toml's extras).
+PLOTS = "pip install matplotlib"
+SERVE = "pip install fastapi uvicorn httpx"
+REASONING_GYM = "pip install reasoning-gym"
+
+
+def _require_task(task: str) -> None:
+    """Fail before any work when an evaluation task needs a package that is not installed."""
+    if task.startswith("rg:"):
+        require("reasoning_gym", install=REASONING_GYM)
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -51,6 +112,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config, args.set, model=args.model, output_dir=args.output_dir,
                             max_steps=args.max_steps)
+    args.logs.to_folder(cfg.output_dir)
     bar = TrainingBar()
     out = convert(cfg, resume=args.resume, progress=bar)
     bar.close()
@@ -99,7 +161,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-
+    require("matplotlib", install=PLOTS)
     from edlm.bench import decode_benchmark, plot_sweep, write_json
 
     _set_threads(args)
@@ -122,7 +184,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-
+    require("fastapi", "uvicorn", install=SERVE)
     from edlm.serve import load_serve_settings, serve
 
     _set_threads(args)
@@ -133,7 +195,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
-
+    require("fastapi", "uvicorn", "httpx", install=SERVE)
     from edlm.bench import write_json
     from edlm.serve import load_serve_settings, serve_bench
 
@@ -179,7 +241,7 @@ def cmd_bench_masks(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-
+    _require_task(args.task)
     from edlm.bench import write_json
     from edlm.evaluate import evaluate
 
@@ -194,7 +256,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-
+    require("matplotlib", install=PLOTS)
+    _require_task(args.task)
     from edlm.bench import write_json
     from edlm.evaluate import plot_pareto, sweep
 
@@ -231,6 +294,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from edlm.demo import run_demo
 
+    args.logs.to_folder(args.output_dir)
     bar = TrainingBar()
     result = run_demo(args.output_dir, steps=args.steps, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
                       threshold=args.threshold, progress=bar)
@@ -249,6 +313,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     import shlex
 
+    require("matplotlib", install=PLOTS)
     from edlm.studies import collect, load_study_config, run_study, write_report
 
     overrides = list(args.set)
@@ -257,6 +322,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.report_dir:
         overrides.append(f"report_dir={args.report_dir}")
     cfg = load_study_config(args.config, overrides)
+    args.logs.to_folder(cfg.output_dir)
     _set_threads(args)
     bars: list[TrainingBar] = []
 
@@ -287,7 +353,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edlm", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, all of it on the console (convert, demo and study otherwise log to "
+                             "OUTPUT_DIR/edlm.log and show only warnings)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert an AR model into a block-diffusion LM (continued pretraining)")
@@ -430,10 +498,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args.logs = Logs(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except EdlmError as e:
@@ -442,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        args.logs.close()
 
 
 if __name__ == "__main__":

@@ -180,6 +180,8 @@ def _resolve_runtime(cfg: TrainConfig) -> tuple[str, str]:
 
 
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
+"""``progress(step, max_steps, info)``: ``info`` is the metrics record on logging steps (else empty), plus
+``"checkpoint"`` (the folder) on steps that wrote one."""
 
 
 def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None = None) -> Path:
@@ -188,7 +190,8 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
     Args:
         cfg: the run's settings.
         resume: continue from the latest checkpoint in ``cfg.output_dir`` (error if its settings differ).
-        progress: called as ``progress(step, max_steps, info)`` after every optimizer step on the main process.
+        progress: called as ``progress(step, max_steps, info)`` (see :data:`ProgressFn`) after every optimizer step
+            and its checkpoint, on the main process.
     """
     from accelerate import Accelerator
 
@@ -276,6 +279,7 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
         optimizer.zero_grad(set_to_none=True)
         window["n"] += 1
         done = step + 1
+        info: dict[str, Any] = {}  # what progress() gets
 
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             elapsed = time.perf_counter() - t_window
@@ -292,13 +296,12 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
                 lg.log(record)
             window = {"loss": 0.0, "masked_ce": 0.0, "n": 0}
             t_window = time.perf_counter()
-            if progress and main:
-                progress(done, cfg.max_steps, record)
-        elif progress and main:
-            progress(done, cfg.max_steps, {})
+            info = record
 
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
-            _save_checkpoint(accelerator, out, done, cfg)
+            info = {**info, "checkpoint": str(_save_checkpoint(accelerator, out, done, cfg))}
+        if progress and main:
+            progress(done, cfg.max_steps, info)
 
     for lg in loggers:
         lg.close()
@@ -320,8 +323,9 @@ def _mean_across(accelerator, value: float) -> float:
     return float(accelerator.reduce(t, reduction="mean"))
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, cfg: TrainConfig) -> None:
-    """Write ``checkpoint-STEP`` atomically: everything goes to a hidden folder that is renamed when complete."""
+def _save_checkpoint(accelerator, out: Path, step: int, cfg: TrainConfig) -> Path:
+    """Write ``checkpoint-STEP`` atomically: everything goes to a hidden folder that is renamed when complete.
+    Returns the folder."""
     final = out / f"{CHECKPOINT_PREFIX}{step}"
     tmp = out / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process:
@@ -340,5 +344,6 @@ def _save_checkpoint(accelerator, out: Path, step: int, cfg: TrainConfig) -> Non
             shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint %s", final)
     accelerator.wait_for_everyone()
+    return final
 
 
