@@ -29,29 +29,32 @@ from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
 from edlm.masks import dense_mask, inference_mask_mod, to_attention_mask
 
-# A policy maps the confidences of a row's still-masked positions (n,) to a bool selection (n,) with >= 1 True.
-Policy = Callable[[torch.Tensor, DecodeConfig], torch.Tensor]
+# A policy maps the confidences of a batch's block (R, B) and the positions still open (R, B) to the positions to
+# commit (R, B), at least one per row that has an open position. Confidence at closed positions is meaningless.
+Policy = Callable[[torch.Tensor, torch.Tensor, DecodeConfig], torch.Tensor]
 
 
-def threshold_policy(conf: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
-    """Commit every position whose confidence is at least ``cfg.threshold``, and always the most confident."""
-    select = conf >= cfg.threshold
-    select[conf.argmax()] = True
-    return select
+def _ranks(conf: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
+    """(R, B) rank of each open position by confidence within its row (0 = most confident); closed rank last."""
+    order = conf.masked_fill(~open_, -1.0).argsort(dim=-1, descending=True, stable=True)
+    return order.argsort(dim=-1)
 
 
-def fixed_policy(conf: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
-    """Commit the ``cfg.tokens_per_step`` most confident positions."""
-    select = torch.zeros_like(conf, dtype=torch.bool)
-    select[conf.topk(min(cfg.tokens_per_step, conf.numel())).indices] = True
-    return select
+def threshold_policy(conf: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
+    """Commit every open position whose confidence is at least ``cfg.threshold``, and always the most confident."""
+    best = conf.masked_fill(~open_, -1.0).argmax(dim=-1, keepdim=True)  # (R, 1)
+    select = open_ & (conf >= cfg.threshold)
+    return select.scatter(1, best, open_.gather(1, best))
 
 
-def left_to_right_policy(conf: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
-    """Commit the leftmost ``cfg.tokens_per_step`` masked positions (AR order; a sanity baseline)."""
-    select = torch.zeros_like(conf, dtype=torch.bool)
-    select[: cfg.tokens_per_step] = True
-    return select
+def fixed_policy(conf: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
+    """Commit the ``cfg.tokens_per_step`` most confident open positions."""
+    return open_ & (_ranks(conf, open_) < cfg.tokens_per_step)
+
+
+def left_to_right_policy(conf: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
+    """Commit the leftmost ``cfg.tokens_per_step`` open positions (AR order; a sanity baseline)."""
+    return open_ & (open_.cumsum(dim=-1) <= cfg.tokens_per_step)
 
 
 POLICIES: dict[str, Policy] = {"threshold": threshold_policy, "fixed": fixed_policy,
@@ -249,11 +252,38 @@ class CachedStepper:
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
-def _row_budget(layout: Layout, start: int, cfg: DecodeConfig) -> torch.Tensor:
-    """(R, B) bool: block columns a row may still generate into (inside max_new_tokens and after its prompt)."""
+def _block_areas(layout: Layout, start: int, cfg: DecodeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, B) bool pair for the block at ``start``: columns after the row's prompt (``after``), and those of them
+    inside max_new_tokens (``budget``, the positions the row may generate into)."""
     cols = torch.arange(start, start + layout.block, device=layout.tokens.device)[None]
     first_new = layout.pad[:, None] + torch.tensor(layout.prompt_len, device=layout.tokens.device)[:, None]
-    return (cols >= first_new) & (cols < first_new + cfg.max_new_tokens)
+    after = cols >= first_new
+    return after, after & (cols < first_new + cfg.max_new_tokens)
+
+
+def _choose_rows(logits: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig, generators: list[torch.Generator]):
+    """Tokens and confidences (R, B) at the open positions of a block's logits (R, B, V). Greedy is batched;
+    sampling goes row by row through each row's own generator, drawing for its open positions only, so a row's
+    draws never depend on its batch neighbours."""
+    if cfg.temperature == 0.0:
+        conf, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        return tokens, conf
+    tokens = torch.zeros(open_.shape, dtype=torch.long, device=logits.device)
+    conf = torch.zeros(open_.shape, dtype=torch.float, device=logits.device)
+    for r, g in enumerate(generators):
+        if bool(open_[r].any()):
+            tokens[r, open_[r]], conf[r, open_[r]] = choose(logits[r, open_[r]], cfg, g)
+    return tokens, conf
+
+
+def _close_after_eos(blk: torch.Tensor, open_: torch.Tensor, budget: torch.Tensor, eos: int) -> None:
+    """Once a row's EOS is final with nothing open before it, the rest of its block is irrelevant: close it."""
+    is_eos = (blk == eos) & budget & ~open_  # (R, B)
+    has = is_eos.any(dim=-1, keepdim=True)
+    first = is_eos.int().argmax(dim=-1, keepdim=True)  # first committed EOS (0 when none)
+    cols = torch.arange(blk.shape[1], device=blk.device)[None]
+    undecided_before = (open_ & (cols < first)).any(dim=-1, keepdim=True)
+    open_ &= ~(has & ~undecided_before & (cols >= first))
 
 
 def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
@@ -265,6 +295,9 @@ def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
     asked at every block boundary; a row for which it returns True is finished (a cancelled request, a stop string
     seen by the caller) and costs nothing further but its share of the batched forward. Each row samples from its
     own generator seeded with ``seeds[row]`` (default ``cfg.seed``), so a row's output never depends on the others.
+
+    Positions of a block past a row's ``max_new_tokens`` hold the mask token and are never committed: the
+    bidirectional attention inside the block sees exactly what it saw in training (masks), never a pad.
     """
     block = validate(dlm, prompts, cfg)
     t0 = time.perf_counter()
@@ -281,51 +314,40 @@ def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
     stepper = CachedStepper(dlm, layout) if cfg.use_cache else FullStepper(dlm, layout)
     stats = DecodeStats(rows=rows)
     produced = [0] * rows
-    done = [False] * rows
+    done = torch.zeros(rows, 1, dtype=torch.bool, device=device)
     shift = dlm.config.token_shift
 
     while True:
         if should_stop is not None:
-            done = [d or should_stop(r) for r, d in enumerate(done)]
-        if all(done):
+            done |= torch.tensor([[should_stop(r)] for r in range(rows)], device=device)
+        if bool(done.all()):
             return
-        # Open the next block: masks where a row may generate, the row's pad token elsewhere (its prompt tail
-        # stays in place); extend the matrix when needed.
+        # Open the next block: masks after each live row's prompt (its prompt tail stays in place), the pad token
+        # in finished rows; extend the matrix when needed.
         need = start + block - layout.tokens.shape[1]
         if need > 0:
             layout.tokens = torch.cat([layout.tokens, torch.full((rows, need), pad_id, device=device)], dim=1)
-        budget = _row_budget(layout, start, cfg)  # (R, B)
-        for r in range(rows):
-            if done[r]:
-                budget[r] = False
+        after, budget = _block_areas(layout, start, cfg)  # (R, B) each
+        budget &= ~done
         blk = layout.tokens[:, start:start + block]
-        blk[budget] = dlm.mask_id
+        blk[after & ~done] = dlm.mask_id
         open_ = budget.clone()  # positions still to decide
         while bool(open_.any()):
             logits, edge = stepper.block_logits(start)  # (R, B, V), (R, V)
             if shift:  # state at i - 1 predicts token i
                 logits = torch.cat([edge[:, None], logits[:, :-1]], dim=1)
             logits[..., dlm.mask_id] = float("-inf")
-            for r in range(rows):
-                pos = open_[r].nonzero().squeeze(-1)
-                if pos.numel() == 0:
-                    continue
-                tokens, conf = choose(logits[r, pos], cfg, generators[r])
-                pick = policy(conf, cfg)
-                blk[r, pos[pick]] = tokens[pick]
-                open_[r, pos[pick]] = False
-                # Once an EOS is final with nothing undecided before it, the rest of the block is irrelevant.
-                if eos is not None:
-                    is_eos = (blk[r] == eos) & budget[r] & ~open_[r]
-                    if bool(is_eos.any()):
-                        first = int(is_eos.nonzero()[0])
-                        if not bool(open_[r, :first].any()):
-                            open_[r, first:] = False
+            tokens, conf = _choose_rows(logits, open_, cfg, generators)  # (R, B) each
+            pick = policy(conf, open_, cfg)
+            blk[pick] = tokens[pick]
+            open_ &= ~pick
+            if eos is not None:
+                _close_after_eos(blk, open_, budget, eos)
         stepper.finish_block(start)
         stats.forwards = stepper.forwards
         finished_now = []
-        for r in range(rows):
-            new = blk[r][budget[r]].tolist() if not done[r] else []
+        for r, (new, live) in enumerate(zip(blk.tolist(), budget.tolist())):
+            new = [t for t, keep in zip(new, live) if keep]
             if eos is not None and eos in new:
                 new = new[: new.index(eos) + 1]
                 done[r] = True
