@@ -125,3 +125,31 @@ def test_tiny_model_specs_and_sizes():
         parse_tiny_spec("tiny@big")
     with pytest.raises(EdlmError, match="unknown tiny model family"):
         resolve_model("tiny:bert")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_ar_loss_is_the_source_next_token_loss_on_the_clean_copy_in_the_same_forward(family):
+    """loss = diffusion_weight x diffusion loss + ar_weight x next-token CE of the plain causal model on x0."""
+    import torch.nn.functional as F
+
+    model, tokenizer = tiny_model(family, seed=0)
+    joint = DiffusionLM.from_ar(model, tokenizer, DiffusionConfig(block_size=4, token_shift=True, clean_causal=True,
+                                                                  ar_weight=1.0, diffusion_weight=0.3))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(1, 250, (2, 16), generator=g)
+    noised = noise(x0, joint.config, joint.mask_id, g)
+    with torch.no_grad():
+        out = joint.loss(noised)
+        ref_ar = F.cross_entropy(model(input_ids=x0).logits[:, :-1].flatten(0, 1), x0[:, 1:].flatten())
+        diffusion_only = DiffusionLM(model, tokenizer, DiffusionConfig(block_size=4, token_shift=True,
+                                                                       clean_causal=True)).loss(noised)
+    torch.testing.assert_close(out.ar_ce, ref_ar)
+    torch.testing.assert_close(out.loss, 0.3 * diffusion_only.loss + 1.0 * ref_ar)
+    assert diffusion_only.ar_ce is None
+
+
+def test_ar_loss_needs_a_causal_clean_copy():
+    with pytest.raises(EdlmError, match="clean_causal: true"):
+        DiffusionConfig(ar_weight=1.0)
+    with pytest.raises(EdlmError, match="not both 0"):
+        DiffusionConfig(ar_weight=0.0, diffusion_weight=0.0)

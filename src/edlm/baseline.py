@@ -30,6 +30,8 @@ def ar_generate(model, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int 
     """
     from transformers import DynamicCache
 
+    from edlm.model import cache_kwargs
+
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EdlmError("every prompt needs at least one token")
     t0 = time.perf_counter()
@@ -48,8 +50,8 @@ def ar_generate(model, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int 
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     forwards = 0
 
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]  # prefill: (R, V)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                   **cache_kwargs(model, cache), logits_to_keep=1).logits[:, -1]  # prefill: (R, V)
     forwards += 1
     next_pos = positions[:, -1:] + 1  # (R, 1)
     for _ in range(cfg.max_new_tokens):
@@ -65,7 +67,7 @@ def ar_generate(model, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int 
             break
         attn = torch.cat([attn, torch.ones((rows, 1), dtype=attn.dtype, device=device)], dim=1)
         logits = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
         forwards += 1
         next_pos = next_pos + 1
     stats = DecodeStats(forwards=forwards, tokens=sum(len(o) for o in out_ids), seconds=time.perf_counter() - t0,

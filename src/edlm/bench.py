@@ -36,6 +36,36 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+PROVENANCE_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "datasets", "numpy", "peft",
+                       "reasoning-gym")
+
+
+def provenance() -> dict[str, Any]:
+    """:func:`machine_info` plus the git commit of the working tree (``+dirty`` when it has changes) and the
+    versions of the packages that decide the numbers: what a report needs to be re-run and compared."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = machine_info()
+    packages = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    info["packages"] = packages
+    try:
+        here = Path(__file__).parent
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        info["commit"] = (commit + ("+dirty" if dirty else "")) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -166,6 +196,7 @@ def forward_overhead(dlm, prompt_len: int, block: int, repeats: int = 10) -> dic
 
     from edlm.config import DecodeConfig
     from edlm.decode import generate
+    from edlm.model import cache_kwargs
 
     prompt = [int(t) for t in torch.randint(10, 1000, (prompt_len,), generator=torch.Generator().manual_seed(0))]
     prompt = [t % (dlm.mask_id or 1) for t in prompt]
@@ -177,12 +208,12 @@ def forward_overhead(dlm, prompt_len: int, block: int, repeats: int = 10) -> dic
     block_ids = torch.full((1, block), dlm.mask_id, device=dlm.device)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
         pos = torch.arange(prompt_len, prompt_len + block, device=dlm.device)[None]
         times = []
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
-            model(input_ids=block_ids, position_ids=pos, past_key_values=cache, use_cache=True)
+            model(input_ids=block_ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
             times.append(time.perf_counter() - t0)
             cache.crop(-block)
     bare = sorted(times[1:])[len(times) // 2 - 1]

@@ -51,6 +51,13 @@ class DiffusionConfig:
     """``inv_t``: masked cross-entropy weighted by 1/t (the ELBO, paper Eq. 1); ``mean``: plain mean over masked."""
     complementary: bool = False
     """Also train on the complement of each mask (every token is predicted once per sequence)."""
+    ar_weight: float = 0.0
+    """Weight of an AR next-token loss on the clean copy, computed in the same forward (needs ``clean_causal: true``
+    and a pattern with a clean copy, so that each clean token sees only its past). The successor recipe
+    (Nemotron-Labs-Diffusion) uses ``ar_weight: 1.0`` with ``diffusion_weight: 0.3``; 0 is the paper's
+    diffusion-only objective."""
+    diffusion_weight: float = 1.0
+    """Weight of the masked-token (diffusion) loss."""
     mask_token: str = "<|mask|>"
     """The mask token's text; added to the tokenizer as a special token when missing."""
     mask_token_id: int | None = None
@@ -72,6 +79,15 @@ class DiffusionConfig:
         _check(self.loss_weighting in ("inv_t", "mean"),
                f"diffusion.loss_weighting must be 'inv_t' or 'mean', got {self.loss_weighting!r}")
         _check(bool(self.mask_token), "diffusion.mask_token must be a non-empty string")
+        _check(math.isfinite(self.ar_weight) and self.ar_weight >= 0 and math.isfinite(self.diffusion_weight)
+               and self.diffusion_weight >= 0 and self.ar_weight + self.diffusion_weight > 0,
+               f"diffusion.ar_weight and diffusion.diffusion_weight must be >= 0 and not both 0, got "
+               f"{self.ar_weight!r} and {self.diffusion_weight!r}")
+        if self.ar_weight > 0:
+            _check(self.clean_causal and PATTERNS[self.pattern].clean_copy,
+                   f"diffusion.ar_weight > 0 trains an AR loss on the clean copy, which must see only its past: set "
+                   f"diffusion.clean_causal: true and a pattern with a clean copy (block_causal_clean), got "
+                   f"pattern {self.pattern!r}, clean_causal {self.clean_causal}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ No modeling code is copied: the wrapper passes a custom 4D attention mask (or a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -30,6 +31,18 @@ logger = logging.getLogger(__name__)
 EDLM_CONFIG_NAME = "edlm_config.json"
 
 
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword that passes a KV cache to ``model``'s forward: ``cache`` (transformers >= 5.24, which warns on
+    the old name) or ``past_key_values``."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    forward = inspect.unwrap(cls.forward)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor
@@ -38,6 +51,8 @@ class LossOutput:
     """Scalar: unweighted mean cross-entropy over masked tokens (comparable across weightings)."""
     n_masked: int
     """Number of masked (scored) tokens."""
+    ar_ce: torch.Tensor | None = None
+    """Scalar: the AR next-token cross-entropy on the clean copy (``ar_weight > 0`` only)."""
 
 
 def add_mask_token(model: nn.Module, tokenizer: Any, token: str) -> int:
@@ -196,8 +211,10 @@ class DiffusionLM(nn.Module):
         if attention_mask is not None and not hasattr(attention_mask, "mask_mod") \
                 and attention_mask.shape[0] == 1 and input_ids.shape[0] > 1:
             attention_mask = attention_mask.expand(input_ids.shape[0], *attention_mask.shape[1:])
+        if past_key_values is not None:
+            kwargs.update(cache_kwargs(self.model, past_key_values))
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                         use_cache=use_cache, **kwargs)
         if keep is not None and not self._accepts_logits_to_keep:
             out.logits = out.logits[:, keep] if keep.dim() == 1 else torch.gather(
                 out.logits, 1, keep[..., None].expand(-1, -1, out.logits.shape[-1]))
@@ -223,6 +240,12 @@ class DiffusionLM(nn.Module):
 
     def training_logits(self, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Logits predicting each noisy position's clean token: (B, L, V) from xt, x0 of shape (B, L)."""
+        return self._training_forward(xt, x0, with_ar=False)[0]
+
+    def _training_forward(self, xt: torch.Tensor, x0: torch.Tensor,
+                          with_ar: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(noisy-half logits (B, L, V), clean-half logits at positions 0..L-2 (B, L - 1, V) when ``with_ar``):
+        one forward serves the diffusion loss and, on a causal clean copy, the AR next-token loss."""
         batch, length = xt.shape
         cfg = self.config
         if self.pattern.clean_copy:
@@ -236,26 +259,43 @@ class DiffusionLM(nn.Module):
         attn = self.attention_mask(mask_mod, total, total, key=("train", cfg.pattern, cfg.block_size,
                                                                   cfg.clean_causal, length))
         keep = self.prediction_index(length, xt.device)
-        return self.run(input_ids, position_ids, attn, keep=keep).logits
+        if with_ar:
+            keep = torch.cat([keep, torch.arange(length, 2 * length - 1, device=xt.device)])
+        logits = self.run(input_ids, position_ids, attn, keep=keep).logits
+        if with_ar:
+            return logits[:, :length], logits[:, length:]
+        return logits, None
 
     def loss(self, noised: Noised) -> LossOutput:
-        """Masked-token cross-entropy on the noisy half; 1/t-weighted per ``loss_weighting``, averaged over tokens."""
+        """``diffusion_weight`` x the masked-token cross-entropy on the noisy half (1/t-weighted per
+        ``loss_weighting``, averaged over tokens) + ``ar_weight`` x the next-token cross-entropy on the clean half."""
+        cfg = self.config
         x0 = noised.x0
-        logits = self.training_logits(noised.xt, x0)  # (B, L, V)
+        logits, ar_logits = self._training_forward(noised.xt, x0, with_ar=cfg.ar_weight > 0)  # (B, L, V)
         scored = noised.masked.clone()
-        if self.config.token_shift:
+        if cfg.token_shift:
             scored[:, 0] = False  # token 0 has no predecessor
         n_masked = int(scored.sum())
+        ar_ce = None
+        if ar_logits is not None:
+            ar_ce = F.cross_entropy(ar_logits.flatten(0, 1).float(), x0[:, 1:].flatten())
         if n_masked == 0:
             zero = logits.sum() * 0.0
-            return LossOutput(loss=zero, masked_ce=zero.detach(), n_masked=0)
+            loss = zero if ar_ce is None else zero + cfg.ar_weight * ar_ce
+            return LossOutput(loss=loss, masked_ce=zero.detach(), n_masked=0,
+                              ar_ce=None if ar_ce is None else ar_ce.detach())
         ce = F.cross_entropy(logits[scored].float(), x0[scored], reduction="none")  # (M,)
         masked_ce = ce.mean()
-        if self.config.loss_weighting == "inv_t":
+        if cfg.loss_weighting == "inv_t":
             loss = (ce / noised.ratio[scored]).sum() / x0.numel()
         else:
             loss = masked_ce
-        return LossOutput(loss=loss, masked_ce=masked_ce.detach(), n_masked=n_masked)
+        if ar_ce is not None:
+            loss = cfg.diffusion_weight * loss + cfg.ar_weight * ar_ce
+        elif cfg.diffusion_weight != 1.0:
+            loss = cfg.diffusion_weight * loss
+        return LossOutput(loss=loss, masked_ce=masked_ce.detach(), n_masked=n_masked,
+                          ar_ce=None if ar_ce is None else ar_ce.detach())
 
     def forward(self, noised: Noised) -> LossOutput:
         return self.loss(noised)

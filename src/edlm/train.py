@@ -257,7 +257,8 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
     logger.info("training %s: %d sequences of %d tokens, global batch %d, steps %d..%d",
                 type(raw.model).__name__, len(train_data), cfg.data.seq_len, global_batch, start, cfg.max_steps)
 
-    window: dict[str, float] = {"loss": 0.0, "masked_ce": 0.0, "n": 0}
+    fresh_window = {"loss": 0.0, "masked_ce": 0.0, "n": 0, **({"ar_ce": 0.0} if raw.config.ar_weight > 0 else {})}
+    window = dict(fresh_window)
     t_window = time.perf_counter()
     dlm.train()
     for step in range(start, cfg.max_steps):
@@ -273,6 +274,8 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
                 accelerator.backward(result.loss / accum)
             window["loss"] += float(result.loss.detach()) / accum
             window["masked_ce"] += float(result.masked_ce) / accum
+            if result.ar_ce is not None:
+                window["ar_ce"] += float(result.ar_ce) / accum
         grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
         scheduler.step()
@@ -292,9 +295,11 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
                 "tokens": done * tokens_per_step,
                 "tokens_per_s": window["n"] * tokens_per_step / max(elapsed, 1e-9),
             }
+            if "ar_ce" in window:
+                record["ar_ce"] = _mean_across(accelerator, window["ar_ce"] / window["n"])
             for lg in loggers:
                 lg.log(record)
-            window = {"loss": 0.0, "masked_ce": 0.0, "n": 0}
+            window = dict(fresh_window)
             t_window = time.perf_counter()
             info = record
 
