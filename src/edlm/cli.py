@@ -290,14 +290,56 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.model == "embedded":
+        return _embedded_demo(args)
+    from edlm.bench import write_json
+    from edlm.demo import run_miniature_demo
+
+    out = args.output_dir or "runs/demo-miniature"
+    args.logs.to_folder(out)
+    _set_threads(args)
+    bar = TrainingBar("convert")
+    result = run_miniature_demo(out, per_family=args.problems, convert=args.convert, steps=args.steps,
+                                threshold=args.threshold, progress=bar, say=lambda msg: print(msg, flush=True))
+    bar.close()
+    one = result["by_batch"]["1"]
+    fams = list(one["ar"]["per_family"])
+    print(f"\nAR source vs its dLM on {result['n_problems']} held-out problems ({', '.join(fams)}), greedy, "
+          f"dLM threshold {result['threshold']}, block {result['dlm_block_size']}:\n")
+    head = f"{'batch':>5} {'system':<6} {'dtype':<5} {'accuracy':>8} " + " ".join(f"{f:>7}" for f in fams)
+    print(head + f" {'tok/fwd':>7} {'tokens/s':>9} {'speed-up':>8}")
+    for batch, b in result["by_batch"].items():
+        for system in ("ar", "dlm"):
+            r = b[system]
+            speed = f"{b['speedup']:7.2f}x" if system == "dlm" else f"{1:7.2f}x"
+            print(f"{batch:>5} {system.upper() if system == 'ar' else 'dLM':<6} {r['dtype']:<5} "
+                  f"{100 * r['accuracy']:7.1f}% " + " ".join(f"{100 * r['per_family'][f]:6.1f}%" for f in fams)
+                  + f" {r['tokens_per_forward']:7.2f} {r['tokens_per_s']:9.1f} {speed}")
+    print("\ncurve (batch 1): " + ", ".join(
+        f"thr {p['threshold']:g}: {100 * p['accuracy']:.1f}% at {p['tokens_per_forward']:.1f} tok/fwd, "
+        f"{p['tokens_per_s'] / one['ar']['tokens_per_s']:.2f}x" for p in result["curve"]))
+    print("\nsamples:")
+    for rows in result["samples"].values():
+        for s in rows[:1]:
+            print(f"  {s['question']}\n    expected {s['answer']}\n    AR       {s['ar']}\n    dLM      {s['dlm']}")
+    print(f"\nplot: {result['plot']}   dLM: {result['dlm_dir']}   (the whole experiment: edlm headline; "
+          "the embedded SmolLM2-135M: edlm demo --model embedded)")
+    if args.json:
+        write_json({k: result[k] for k in ("ar", "dlm", "speedup", "n_problems", "machine", "by_batch", "curve",
+                                            "threshold", "dlm_block_size")}, args.json)
+    return 0
+
+
+def _embedded_demo(args: argparse.Namespace) -> int:
     import textwrap
 
-    from edlm.demo import run_demo
+    from edlm.demo import run_embedded_demo
 
-    args.logs.to_folder(args.output_dir)
+    out = args.output_dir or "runs/demo"
+    args.logs.to_folder(out)
     bar = TrainingBar()
-    result = run_demo(args.output_dir, steps=args.steps, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
-                      threshold=args.threshold, progress=bar)
+    result = run_embedded_demo(out, steps=args.steps or 30, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
+                               threshold=args.threshold, progress=bar)
     bar.close()
     print(f"\n{'system':<10} {'tokens/s':>9} {'tok/fwd':>8}  text")
     for row in result["rows"]:
@@ -310,34 +352,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.set)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.report_dir:
+        overrides.append(f"report_dir={args.report_dir}")
+    return overrides
+
+
+class _Bars:
+    """One training bar at a time: a new run's bar closes the previous one."""
+
+    def __init__(self) -> None:
+        self.bars: list[TrainingBar] = []
+
+    def __call__(self, desc: str) -> TrainingBar:
+        self.close()
+        self.bars = [TrainingBar(desc)]
+        return self.bars[0]
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     import shlex
 
     require("matplotlib", install=PLOTS)
     from edlm.studies import collect, load_study_config, run_study, write_report
 
-    overrides = list(args.set)
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    if args.report_dir:
-        overrides.append(f"report_dir={args.report_dir}")
-    cfg = load_study_config(args.config, overrides)
+    cfg = load_study_config(args.config, _study_overrides(args))
     args.logs.to_folder(cfg.output_dir)
     _set_threads(args)
-    bars: list[TrainingBar] = []
-
-    def new_bar(desc: str) -> TrainingBar:
-        for old in bars:
-            old.close()
-        bars[:] = [TrainingBar(desc)]
-        return bars[0]
-
+    bars = _Bars()
     if args.report_only:
         results = collect(cfg)
     else:
-        results = run_study(cfg, progress=lambda msg: print(msg, flush=True), new_bar=new_bar)
-    for bar in bars:
-        bar.close()
+        results = run_study(cfg, progress=lambda msg: print(msg, flush=True), new_bar=bars)
+    bars.close()
     shown = [a for a in sys.argv[2:] if a != "--report-only"]  # the command that regenerates everything
     command = "edlm study " + " ".join(shlex.quote(a) for a in shown) if sys.argv[1:2] == ["study"] \
         else f"edlm study --config {args.config}"
@@ -345,6 +399,29 @@ def cmd_study(args: argparse.Namespace) -> int:
     if results["missing"]:
         print(f"{len(results['missing'])} runs not finished: {', '.join(results['missing'])}")
     print(f"report: {report}")
+    return 0
+
+
+def cmd_headline(args: argparse.Namespace) -> int:
+    require("matplotlib", install=PLOTS)
+    from edlm.studies.headline import load_headline_config, run_headline
+
+    cfg = load_headline_config(args.config, _study_overrides(args))
+    args.logs.to_folder(cfg.study.output_dir)
+    _set_threads(args)
+    bars = _Bars()
+    result = run_headline(cfg, progress=lambda msg: print(msg, flush=True), new_bar=bars, config_path=args.config)
+    bars.close()
+    if args.ship:
+        from edlm.studies.headline import ship_miniature
+
+        print(f"shipped the source and the dLM into {ship_miniature(cfg, args.config)}")
+    print()
+    for name, t in result["targets"].items():
+        value = t.get("value", t.get("value_points"))
+        bar = t.get("bar", t.get("bar_points"))
+        print(f"{name:<20} {value:8.2f}  (bar {bar:g})  {'met' if t['met'] else 'NOT met'}")
+    print(f"report: {Path(cfg.study.report_dir) / 'report.md'}")
     return 0
 
 
@@ -421,12 +498,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", help="JSON files written by edlm eval --json")
     p.add_argument("--output", help="also write the table here")
 
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded SmolLM2-135M: convert briefly, compare with AR")
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--steps", type=int, default=30, help="conversion steps (about 10 s each on a 2-core CPU)")
-    p.add_argument("--prompt", action="append", help="prompt text (repeat); default: two built-in prompts")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    about = ("AR vs dLM side by side. Default (miniature): the headline miniature shipped in the package (an AR "
+             "source pretrained here on three task families and its converted dLM) on held-out problems: accuracy, "
+             "tokens per forward, tokens/s, speed-up. --model embedded: convert SmolLM2-135M briefly and compare.")
+    p = sub.add_parser("demo", help=about, description=about)
+    p.add_argument("--model", choices=["miniature", "embedded"], default="miniature")
+    p.add_argument("--output-dir", default=None, help="default: runs/demo-miniature (miniature), runs/demo (embedded)")
+    p.add_argument("--problems", type=int, default=50, help="miniature: held-out problems per task family")
+    p.add_argument("--convert", action="store_true",
+                   help="miniature: convert the shipped source again (the headline's settings) instead of using the "
+                        "shipped dLM")
+    p.add_argument("--steps", type=int, default=None,
+                   help="conversion steps (embedded: default 30, about 10 s each; miniature --convert: default 600)")
+    p.add_argument("--json", help="miniature: write the comparison as JSON to this file")
+    p.add_argument("--prompt", action="append", help="embedded: prompt text (repeat); default: two built-in prompts")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="embedded: tokens per answer")
     p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
 
     about = ("grid of conversion runs from one AR source model, each evaluated on held-out problems; writes a "
              "markdown report with PNG plots and a verdict per paper claim. Re-running finishes an interrupted study.")
@@ -437,6 +525,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set conversion.max_steps=50")
     p.add_argument("--report-only", action="store_true", help="render the report from the runs finished so far")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+
+    about = ("the Efficient-DLM headline in miniature: pretrain an AR source on task families, convert it, then "
+             "AR vs dLM accuracy, tokens per forward and tokens/s on held-out problems (results.json, report.md, "
+             "pareto.png). Re-running skips what is finished and resumes what was interrupted.")
+    p = sub.add_parser("headline", help=about, description=about)
+    p.add_argument("--config", default="configs/headline.yaml", help="headline YAML (default: configs/headline.yaml)")
+    p.add_argument("--output-dir", help="runs folder (overrides output_dir)")
+    p.add_argument("--report-dir", help="report folder (overrides report_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set headline.batch_sizes=[1]")
+    p.add_argument("--ship", action="store_true",
+                   help="then copy the source and the dLM (fp16) into the package for edlm demo")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
 
     p = sub.add_parser("bench-masks", help="memory of the training attention mask: dense (SDPA) vs flex BlockMask")
@@ -493,7 +594,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert": cmd_convert, "generate": cmd_generate, "bench": cmd_bench, "bench-train": cmd_bench_train,
     "serve": cmd_serve, "serve-bench": cmd_serve_bench, "bench-masks": cmd_bench_masks,
     "eval": cmd_eval, "sweep": cmd_sweep, "table": cmd_table,
-    "demo": cmd_demo, "study": cmd_study}
+    "demo": cmd_demo, "study": cmd_study, "headline": cmd_headline}
 
 
 def main(argv: list[str] | None = None) -> int:

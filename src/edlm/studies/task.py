@@ -1,9 +1,11 @@
 """The study task: short arithmetic problems with exact answers, a seeded training set and a held-out test set.
 
 Problems come from ``reasoning-gym`` (``generator: reasoning_gym``, any of its datasets; the compact expression in
-the item's metadata is used as the question when there is one) or from edlm's own generator (``builtin``, no extra
-dependency, for tests). A problem is written ``"QUESTION = ANSWER"``; documents are separated by EOS in training,
-so at test time the prompt is ``EOS QUESTION =`` and the answer is what the model writes before its next EOS.
+the item's metadata is used as the question when there is one), from edlm's own sums (``builtin``, no extra
+dependency, for tests), or from a mix of edlm's sequence-continuation families (``families``: count, down, seq; see
+``FAMILIES``), each with its own test set. A problem is written ``"QUESTION ANSWER"`` (the question ends with
+``=``); documents are separated by EOS in training, so at test time the prompt is ``EOS QUESTION`` and the answer
+is what the model writes before its next EOS.
 Test questions never occur in the training set.
 """
 
@@ -23,7 +25,8 @@ class TaskConfig:
     """Where the study's problems come from."""
 
     generator: str = "reasoning_gym"
-    """``reasoning_gym`` (needs ``pip install reasoning-gym``) or ``builtin`` (sums and differences)."""
+    """``reasoning_gym`` (needs ``pip install reasoning-gym``), ``builtin`` (sums and differences) or ``families``
+    (a mix of the task families named in ``families``)."""
     dataset: str = "chain_sum"
     """reasoning-gym dataset name (ignored by ``builtin``)."""
     options: dict[str, Any] = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1,
@@ -35,18 +38,29 @@ class TaskConfig:
     """Seed of the training problems; the test problems use ``seed + 1000``."""
     text_corpus: list[str] = field(default_factory=lambda: ["builtin:tiny"])
     """Plain text mixed into the source model's training data and every conversion run (may be empty)."""
+    families: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``generator: families`` only: family name (see ``FAMILIES``) -> its options. ``train_size`` and
+    ``test_size`` are per family."""
 
     def __post_init__(self) -> None:
-        if self.generator not in ("reasoning_gym", "builtin"):
-            raise EdlmError(f"task.generator must be 'reasoning_gym' or 'builtin', got {self.generator!r}")
+        if self.generator not in ("reasoning_gym", "builtin", "families"):
+            raise EdlmError(f"task.generator must be 'reasoning_gym', 'builtin' or 'families', got {self.generator!r}")
         if self.train_size < 1 or self.test_size < 1:
             raise EdlmError("task.train_size and task.test_size must be >= 1")
+        if self.generator == "families":
+            if not self.families:
+                raise EdlmError(f"task.generator 'families' needs task.families, e.g. {{count: {{}}, seq: {{}}}}; "
+                                f"known families: {sorted(FAMILIES)}")
+            unknown = sorted(set(self.families) - set(FAMILIES))
+            if unknown:
+                raise EdlmError(f"unknown task families {unknown}; choose from {sorted(FAMILIES)}")
 
 
 @dataclass
 class Problem:
     question: str
     answer: str
+    family: str = ""
 
     @property
     def text(self) -> str:
@@ -61,6 +75,54 @@ def _builtin(n: int, seed: int, max_digits: int = 2, **_: Any) -> list[Problem]:
         op = rng.choice("+-")
         out.append(Problem(f"{a} {op} {b} =", str(a + b if op == "+" else a - b)))
     return out
+
+
+# ------------------------------------------------------------------------------------------- task families
+# Sequences continued from a short prompt (``count 374 =`` -> ``375 376 377 378 379 380``): every answer token follows
+# from the few tokens before it, a local rule that a small model learns within a CPU budget, and the answer is a
+# structured continuation with room for parallel decoding. Designs that need a lookup far back in the prompt were
+# not learned by the 2.4M source in 700-1,500 steps (answers copied at a fixed 20-40 position offset; labelled
+# groups; associative recall over a key table): see docs/headline/analysis.md. The families differ in the rule:
+# increment (count), decrement (down) and a step read from the first two terms (seq).
+
+
+def _numbers(values: list[int]) -> str:
+    return " ".join(str(v) for v in values)
+
+
+def _count(rng: random.Random, terms: int = 6) -> Problem:
+    """``count 374 =`` -> ``375 376 377 378 379 380`` (three-digit numbers throughout)."""
+    start = rng.randrange(100, 1000 - terms)
+    return Problem(f"count {start} =", _numbers(list(range(start + 1, start + terms + 1))), "count")
+
+
+def _down(rng: random.Random, terms: int = 6) -> Problem:
+    """``down 403 =`` -> ``402 401 400 399 398 397``."""
+    start = rng.randrange(100 + terms, 1000)
+    return Problem(f"down {start} =", _numbers(list(range(start - 1, start - terms - 1, -1))), "down")
+
+
+def _seq(rng: random.Random, terms: int = 6, max_step: int = 9) -> Problem:
+    """``seq 312 315 =`` -> ``318 321 324 327 330 333`` (the step of the first two terms, continued)."""
+    step = rng.randrange(1, max_step + 1)
+    first = rng.randrange(100, 1000 - step * (terms + 1))
+    values = [first + step * i for i in range(terms + 2)]
+    return Problem(f"seq {values[0]} {values[1]} =", _numbers(values[2:]), "seq")
+
+
+FAMILIES = {"count": _count, "down": _down, "seq": _seq}
+
+
+def _families(families: dict[str, dict[str, Any]], n: int, seed: int) -> list[Problem]:
+    """``n`` problems of each family, interleaved; each family has its own seeded stream."""
+    per_family = []
+    for i, (name, options) in enumerate(sorted(families.items())):
+        rng = random.Random(seed * 1009 + i)
+        try:
+            per_family.append([FAMILIES[name](rng, **(options or {})) for _ in range(n)])
+        except TypeError as e:
+            raise EdlmError(f"task family {name!r}: bad options {options}: {e}") from None
+    return [p for row in zip(*per_family) for p in row]
 
 
 def _reasoning_gym(name: str, n: int, seed: int, options: dict[str, Any]) -> list[Problem]:
@@ -82,6 +144,8 @@ def _reasoning_gym(name: str, n: int, seed: int, options: dict[str, Any]) -> lis
 def make_problems(cfg: TaskConfig, n: int, seed: int) -> list[Problem]:
     if cfg.generator == "builtin":
         return _builtin(n, seed, **cfg.options)
+    if cfg.generator == "families":
+        return _families(cfg.families, n, seed)
     return _reasoning_gym(cfg.dataset, n, seed, cfg.options)
 
 
@@ -98,7 +162,8 @@ def write_task(cfg: TaskConfig, folder: Path) -> tuple[Path, Path]:
     if not train:
         raise EdlmError("every training problem is also a test problem; widen the task's difficulty options")
     for path, rows in ((train_path, [{"text": p.text} for p in train]),
-                       (test_path, [{"question": p.question, "answer": p.answer} for p in test])):
+                       (test_path, [{"question": p.question, "answer": p.answer, "family": p.family}
+                                    for p in test])):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(path)

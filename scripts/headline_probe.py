@@ -1,0 +1,39 @@
+"""Quick accuracy probe of a converted headline run: exact match on the first N held-out problems per family.
+
+Usage: python scripts/headline_probe.py RUN_DIR N POLICY[,POLICY...]
+(e.g. runs/headline/exp/E 40 threshold,left_to_right)
+
+``threshold`` is the default commit rule at 0.9; ``left_to_right`` commits one token per forward, leftmost first.
+Reads the held-out problems of ``runs/headline`` (written by ``edlm headline``). One thread, batch 8.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from edlm.config import DecodeConfig
+from edlm.decode import generate
+from edlm.model import DiffusionLM
+from edlm.studies.headline import decode_problems
+from edlm.studies.task import read_test
+
+
+def main() -> None:
+    run, n, policies = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+    torch.set_num_threads(1)
+    by_family: dict[str, list] = {}
+    for p in read_test(Path("runs/headline/task/test.jsonl")):
+        by_family.setdefault(p.family, []).append(p)
+    problems = [p for f in sorted(by_family) for p in by_family[f][:n]]
+    dlm = DiffusionLM.from_pretrained(run).eval()
+    with torch.no_grad():
+        for policy in policies:
+            cfg = DecodeConfig(max_new_tokens=32, policy=policy, tokens_per_step=1, threshold=0.9)
+            r = decode_problems(lambda rows, cfg=cfg: generate(dlm, rows, cfg), dlm.tokenizer, problems, 8)
+            print(run, policy, round(r["accuracy"], 3), {k: round(v, 3) for k, v in r["per_family"].items()},
+                  "tokens/forward", round(r["tokens_per_forward"], 2), r["answers"][:2], flush=True)
+
+
+if __name__ == "__main__":
+    main()

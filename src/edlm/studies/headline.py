@@ -1,0 +1,449 @@
+"""``edlm headline``: the Efficient-DLM headline in miniature, measured on this machine.
+
+A study (see :mod:`edlm.studies.grid`) trains the AR source from scratch and converts it; this module then
+decodes the held-out problems with both, in one process, greedy, with the same prompts and batches:
+
+* the AR source with its KV cache at each dtype (its fastest is the baseline);
+* the dLM at each decoding block size and threshold of the sweep (the accuracy / tokens-per-second curve), and
+  at the headline setting at each dtype and batch size.
+
+Prompts are grouped by task family, so the rows of a batch have equal prompt lengths (as a server sorting by
+length would batch them). Results: ``results.json``, ``report.md`` and ``pareto.png`` in the report folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edlm.config import DecodeConfig, from_dict, load_yaml
+from edlm.errors import ConfigError
+from edlm.studies.grid import StudyConfig, expand, load_study_config
+from edlm.studies.task import Problem
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class HeadlineSettings:
+    """How the source and the converted model are compared (the ``headline:`` section of the YAML)."""
+
+    threshold: float = 0.9
+    """Decoding threshold of the headline point (the paper's released models decode at 0.9)."""
+    block_size: int | None = None
+    """Decoding block of the headline point (None: the training block)."""
+    sweep_thresholds: list[float] = field(default_factory=lambda: [0.95, 0.9, 0.8, 0.7, 0.5])
+    """Thresholds of the accuracy / speed curve (batch 1)."""
+    sweep_block_sizes: list[int | None] = field(default_factory=lambda: [None, 8])
+    """Decoding blocks of the curve (None: the training block)."""
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    dtypes: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    """Weight dtypes tried for both systems; each system is reported at its fastest."""
+    samples: int = 3
+    """Sample answers per family in the report."""
+    targets: dict[str, float] = field(default_factory=lambda: {
+        "accuracy_gap_points": 1.0, "tokens_per_forward": 3.0, "speedup_batch1": 2.5, "speedup_batch8": 1.5})
+    """dLM accuracy >= AR - gap (overall and per family), tokens per forward and speed-ups at the headline point."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"headline.threshold must be in (0, 1], got {self.threshold}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ConfigError("headline.batch_sizes must be a non-empty list of sizes >= 1")
+        unknown = sorted(set(self.dtypes) - {"fp32", "bf16"})
+        if unknown or not self.dtypes:
+            raise ConfigError(f"headline.dtypes must be a non-empty subset of ['fp32', 'bf16'], got {self.dtypes}")
+
+
+@dataclass
+class HeadlineConfig:
+    study: StudyConfig
+    headline: HeadlineSettings
+
+
+def load_headline_config(path: str | Path, overrides: list[str] | None = None) -> HeadlineConfig:
+    """A study YAML with an extra ``headline:`` section; its first comparison's first variant is the dLM."""
+    import tempfile
+
+    import yaml
+
+    from edlm.config import apply_overrides
+
+    data = load_yaml(path)
+    apply_overrides(data, overrides or [])
+    settings = from_dict(HeadlineSettings, data.pop("headline", {}) or {}, where="headline.")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(data, f)
+    try:
+        study = load_study_config(f.name)
+    finally:
+        Path(f.name).unlink()
+    if not study.comparisons:
+        raise ConfigError(f"{path}: a headline config needs one comparison whose first variant is the dLM")
+    return HeadlineConfig(study, settings)
+
+
+def main_run(study: StudyConfig):
+    """The conversion run the headline reports: the first variant of the first comparison, seed 0."""
+    first = next(iter(expand(study).values()))
+    return next(iter(first.values()))[0]
+
+
+def main_run_dir(study: StudyConfig) -> Path:
+    return Path(study.output_dir) / "runs" / main_run(study).name
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def _answer(tokenizer, ids: list[int]) -> str:
+    eos = tokenizer.eos_token_id
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids).strip()
+
+
+def decode_problems(run, tokenizer, problems: list[Problem], batch: int) -> dict[str, Any]:
+    """Decode every problem with ``run(prompts) -> DecodeOutput``, ``batch`` prompts at a time (grouped by family).
+
+    Returns accuracy overall and per family, tokens per forward (per row), tokens/s (generated tokens up to and
+    including EOS over the decoding wall time) and the answers in problem order.
+    """
+    from edlm.studies.analysis import prompt_ids
+
+    order = sorted(range(len(problems)), key=lambda i: (problems[i].family, i))
+    answers: list[str] = [""] * len(problems)
+    tokens = forwards_rows = 0
+    seconds = 0.0
+    for i in range(0, len(order), batch):
+        chunk = order[i:i + batch]
+        out = run([prompt_ids(tokenizer, problems[j]) for j in chunk])
+        tokens += out.stats.tokens
+        forwards_rows += out.stats.forwards * len(chunk)
+        seconds += out.stats.seconds
+        for j, seq in zip(chunk, out.sequences):
+            answers[j] = _answer(tokenizer, seq)
+    right: dict[str, list[bool]] = defaultdict(list)
+    for p, a in zip(problems, answers):
+        right[p.family].append(a == p.answer)
+    flat = [ok for oks in right.values() for ok in oks]
+    return {"accuracy": sum(flat) / len(flat), "per_family": {f: sum(v) / len(v) for f, v in sorted(right.items())},
+            "tokens_per_forward": tokens / max(forwards_rows, 1), "tokens_per_s": tokens / max(seconds, 1e-9),
+            "tokens": tokens, "seconds": seconds, "n": len(problems), "batch": batch, "answers": answers}
+
+
+def _public(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "answers"}
+
+
+@torch.no_grad()
+def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: HeadlineSettings,
+            max_new_tokens: int, progress=None) -> dict[str, Any]:
+    """AR source vs dLM on ``problems``: every number of the headline, measured in this process."""
+    from edlm.assets import load_hf
+    from edlm.baseline import ar_generate
+    from edlm.bench import _DTYPES, _cast, _cast_module
+    from edlm.decode import generate
+    from edlm.model import DiffusionLM
+
+    say = progress or (lambda msg: logger.info(msg))
+    ar32, tok = load_hf(source_dir)
+    ar32.eval()
+    dlm32 = DiffusionLM.from_pretrained(dlm_dir).eval()
+    ars = {d: ar32 if d == "fp32" else _cast_module(ar32, _DTYPES[d]) for d in settings.dtypes}
+    dlms = {d: dlm32 if d == "fp32" else _cast(dlm32, _DTYPES[d]) for d in settings.dtypes}
+    eos = tok.eos_token_id
+
+    def ar_run(model):
+        return lambda rows: ar_generate(model, rows, DecodeConfig(max_new_tokens=max_new_tokens), eos_id=eos,
+                                        pad_id=tok.pad_token_id)
+
+    def dlm_run(dlm, threshold, block):
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold, block_size=block)
+        return lambda rows: generate(dlm, rows, cfg)
+
+    warm = problems[:4]
+    for d in settings.dtypes:  # first calls pay one-time costs (allocator, kernels): keep them out of the timings
+        decode_problems(ar_run(ars[d]), tok, warm, 1)
+        decode_problems(dlm_run(dlms[d], settings.threshold, settings.block_size), tok, warm, 1)
+
+    by_batch: dict[str, Any] = {}
+    answers: dict[str, list[str]] = {}
+    for batch in settings.batch_sizes:
+        say(f"batch {batch}: AR at {settings.dtypes}, dLM at threshold {settings.threshold}")
+        ar_all, dlm_all = {}, {}
+        for d in settings.dtypes:  # alternate the systems so a slow spell of the machine hits both
+            ar_all[d] = decode_problems(ar_run(ars[d]), tok, problems, batch)
+            dlm_all[d] = decode_problems(dlm_run(dlms[d], settings.threshold, settings.block_size), tok, problems,
+                                         batch)
+        ar_best = max(ar_all, key=lambda d: ar_all[d]["tokens_per_s"])
+        dlm_best = max(dlm_all, key=lambda d: dlm_all[d]["tokens_per_s"])
+        answers.setdefault("ar", ar_all[ar_best]["answers"])
+        answers.setdefault("dlm", dlm_all[dlm_best]["answers"])
+        by_batch[str(batch)] = {
+            "ar": {**_public(ar_all[ar_best]), "dtype": ar_best,
+                   "all_dtypes": {d: _public(r) for d, r in ar_all.items()}},
+            "dlm": {**_public(dlm_all[dlm_best]), "dtype": dlm_best,
+                    "all_dtypes": {d: _public(r) for d, r in dlm_all.items()}},
+            "speedup": dlm_all[dlm_best]["tokens_per_s"] / ar_all[ar_best]["tokens_per_s"],
+        }
+
+    first = by_batch[str(settings.batch_sizes[0])]
+    dtype = first["dlm"]["dtype"]
+    curve = []
+    for block in settings.sweep_block_sizes:
+        for thr in settings.sweep_thresholds:
+            say(f"curve: block {block or dlm32.config.block_size}, threshold {thr} ({dtype}, batch 1)")
+            r = decode_problems(dlm_run(dlms[dtype], thr, block), tok, problems, 1)
+            curve.append({"block_size": block or dlm32.config.block_size, "threshold": thr, "dtype": dtype,
+                          **_public(r)})
+    from edlm.bench import forward_overhead
+    from edlm.studies.analysis import prompt_ids
+
+    # The decoder's own cost per forward (masks, commit rule, cache bookkeeping) over a bare model forward of the
+    # same shape: at this model size it decides how much of the tokens per forward becomes speed.
+    overhead = forward_overhead(dlms[dtype], prompt_len=len(prompt_ids(tok, problems[0])),
+                                block=settings.block_size or dlm32.config.block_size)
+    samples = defaultdict(list)
+    for p, a, d in zip(problems, answers["ar"], answers["dlm"]):
+        if len(samples[p.family]) < settings.samples:
+            samples[p.family].append({"question": p.question, "answer": p.answer, "ar": a, "dlm": d})
+    return {"by_batch": by_batch, "curve": curve, "samples": dict(samples), "decoder_overhead": overhead,
+            "dlm_block_size": settings.block_size or dlm32.config.block_size, "threshold": settings.threshold}
+
+
+def verdicts(measured: dict[str, Any], settings: HeadlineSettings) -> dict[str, Any]:
+    """Each target: the measured value, the bar, met or not, and the gap."""
+    t = settings.targets
+    one = measured["by_batch"]["1"]
+    out: dict[str, Any] = {}
+    gap = t["accuracy_gap_points"] / 100
+    worst = min([one["dlm"]["accuracy"] - one["ar"]["accuracy"]]
+                + [one["dlm"]["per_family"][f] - one["ar"]["per_family"][f] for f in one["ar"]["per_family"]])
+    out["accuracy"] = {"value_points": 100 * worst, "bar_points": -t["accuracy_gap_points"], "met": worst >= -gap,
+                       "what": "worst of (dLM - AR) overall and per family, in points"}
+    out["tokens_per_forward"] = {"value": one["dlm"]["tokens_per_forward"], "bar": t["tokens_per_forward"],
+                                 "met": one["dlm"]["tokens_per_forward"] >= t["tokens_per_forward"]}
+    for key, batch in (("speedup_batch1", "1"), ("speedup_batch8", "8")):
+        if batch in measured["by_batch"]:
+            value = measured["by_batch"][batch]["speedup"]
+            out[key] = {"value": value, "bar": t[key], "met": value >= t[key]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+def run_headline(cfg: HeadlineConfig, progress=None, new_bar=None,
+                 config_path: str | None = None) -> dict[str, Any]:
+    """Train (or reuse) source and conversion through the study, then measure; writes results.json + report."""
+    from edlm.bench import provenance, write_json
+    from edlm.studies.grid import run_study
+    from edlm.studies.task import read_test
+
+    say = progress or (lambda msg: logger.info(msg))
+    study = cfg.study
+    t0 = time.perf_counter()
+    studied = run_study(study, progress=say, new_bar=new_bar)
+    out = Path(study.output_dir)
+    problems = read_test(out / "task" / "test.jsonl")
+    source = out / "source"
+    if study.source.get("pretrained"):
+        source = Path(study.source["pretrained"])
+    run_dir = main_run_dir(study)
+    say(f"measuring AR source ({source}) vs dLM ({run_dir}) on {len(problems)} held-out problems")
+    measured = measure(source, run_dir, problems, cfg.headline, study.max_new_tokens, progress=say)
+    from edlm.studies.grid import run_config, source_config
+
+    corpus = ["unused"]
+    pretrain_tokens = None if study.source.get("pretrained") else _tokens(source_config(study, corpus))
+    convert_tokens = _tokens(run_config(study, main_run(study), source, corpus))
+    result = {
+        "ar": {k: measured["by_batch"]["1"]["ar"][k] for k in ("accuracy", "tokens_per_s", "dtype")},
+        "dlm": {k: measured["by_batch"]["1"]["dlm"][k] for k in ("accuracy", "tokens_per_s", "tokens_per_forward",
+                                                                  "dtype")},
+        "speedup": measured["by_batch"]["1"]["speedup"],
+        "n_problems": len(problems),
+        "targets": verdicts(measured, cfg.headline),
+        **measured,
+        "training": {"source_tokens": pretrain_tokens, "conversion_tokens": convert_tokens,
+                     "conversion_fraction": convert_tokens / pretrain_tokens if pretrain_tokens else None,
+                     "source_parameters": (studied.get("source") or {}).get("parameters"),
+                     "weight_drift": _run_eval(studied, run_dir).get("weight_drift"),
+                     "study_seconds_this_call": time.perf_counter() - t0},
+        "settings": dataclasses.asdict(cfg.headline),
+        "machine": {**provenance(), "config": config_path},
+    }
+    report = Path(study.report_dir)
+    report.mkdir(parents=True, exist_ok=True)
+    write_json(result, report / RESULTS_FILE)
+    plot_pareto(result, report / "pareto.png")
+    (report / "report.md").write_text(render_report(result, study))
+    return result
+
+
+def ship_miniature(cfg: HeadlineConfig, config_path: str | Path, dest: Path | None = None) -> Path:
+    """Copy the trained source and the headline's dLM into the package (``edlm/assets/miniature``) as fp16
+    safetensors (half the bytes; loaded back as fp32), with the YAML that made them; ``edlm demo`` uses them.
+
+    The folder is written beside its final name and swapped in, so an interrupted call never leaves half of it.
+    """
+    import shutil
+
+    from edlm.assets import load_hf
+    from edlm.demo import miniature_dir
+    from edlm.errors import EdlmError
+    from edlm.model import DiffusionLM
+
+    dest = Path(dest or miniature_dir())
+    study = cfg.study
+    source, run_dir = Path(study.output_dir) / "source", main_run_dir(study)
+    if not (source / "config.json").is_file() or not (run_dir / "edlm_config.json").is_file():
+        raise EdlmError(f"nothing to ship: train first (edlm headline --config {config_path}); "
+                        f"need {source} and {run_dir}")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model, tok = load_hf(source)
+    model.half().save_pretrained(tmp / "source")
+    tok.save_pretrained(tmp / "source")
+    dlm = DiffusionLM.from_pretrained(run_dir)
+    dlm.model.half()
+    dlm.save_pretrained(tmp / "dlm")
+    shutil.copy(config_path, tmp / "headline.yaml")
+    (tmp / "README.md").write_text(
+        "# The headline miniature\n\n`source/`: the AR model pretrained from scratch by `edlm headline`; `dlm/`: its "
+        "conversion; `headline.yaml`: the settings that made both. Weights are stored in fp16 and loaded as fp32.\n"
+        f"Rebuild: `edlm headline --config {config_path} --ship` (see docs/headline/report.md).\n")
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def _tokens(tcfg) -> int:
+    """Training tokens of a run's settings (one process)."""
+    return tcfg.max_steps * tcfg.micro_batch_size * tcfg.grad_accum * tcfg.data.seq_len
+
+
+def _run_eval(studied: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    for variants in studied.get("comparisons", {}).values():
+        for v in variants.values():
+            for r in v["runs"]:
+                if r["run"] == run_dir.name:
+                    return r
+    return {}
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def plot_pareto(result: dict[str, Any], path: Path) -> None:
+    """Accuracy vs tokens/s at batch 1: one line per dLM decoding block across thresholds, and the AR points."""
+    from edlm.bench import new_figure, save_figure
+
+    fig, ax = new_figure()
+    blocks = sorted({p["block_size"] for p in result["curve"]})
+    for block in blocks:
+        pts = [p for p in result["curve"] if p["block_size"] == block]
+        ax.plot([p["tokens_per_s"] for p in pts], [100 * p["accuracy"] for p in pts], "o-",
+                label=f"dLM, block {block} ({pts[0]['dtype']})")
+        for p in pts:
+            ax.annotate(f"{p['threshold']:g}: {p['tokens_per_forward']:.1f}/fwd",
+                        (p["tokens_per_s"], 100 * p["accuracy"]), fontsize=6, xytext=(3, -8),
+                        textcoords="offset points")
+    for d, r in result["by_batch"]["1"]["ar"]["all_dtypes"].items():
+        ax.plot([r["tokens_per_s"]], [100 * r["accuracy"]], "s", color="black" if d == "fp32" else "gray",
+                label=f"AR source ({d})")
+    ax.set_xlabel("tokens/s (batch 1, greedy)")
+    ax.set_ylabel("exact match on held-out problems (%)")
+    ax.set_title("accuracy vs speed: AR source and its dLM (thresholds annotated)")
+    save_figure(fig, ax, path)
+
+
+def _fmt_target(name: str, v: dict[str, Any]) -> str:
+    value = v.get("value", v.get("value_points"))
+    bar = v.get("bar", v.get("bar_points"))
+    status = "met" if v["met"] else f"NOT met (gap {abs(value - bar):.2f})"
+    return f"| {name} | {value:.2f} | {bar:g} | {status} |"
+
+
+def render_report(result: dict[str, Any], study: StudyConfig) -> str:
+    one = result["by_batch"]["1"]
+    fams = list(one["ar"]["per_family"])
+    m = result["machine"]
+    lines = [
+        "# The headline in miniature: AR source vs its converted dLM",
+        "",
+        f"Command: `edlm headline --config {m.get('config', 'configs/headline.yaml')}` "
+        f"(commit {m.get('commit', '?')}). Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), "
+        f"{m['torch_threads']} threads, torch {m['torch']}, transformers {m['packages'].get('transformers')}.",
+        f"{result['n_problems']} held-out problems ({len(fams)} families: {', '.join(fams)}), greedy, one process.",
+        "",
+        "## Targets (batch 1 unless named)",
+        "",
+        "| target | measured | bar | verdict |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    names = {"accuracy": "dLM - AR accuracy, worst of overall / per family (points)",
+             "tokens_per_forward": "dLM tokens per forward", "speedup_batch1": "speed-up, batch 1",
+             "speedup_batch8": "speed-up, batch 8"}
+    lines += [_fmt_target(names[k], v) for k, v in result["targets"].items()]
+    lines += ["", "## AR vs dLM at the headline setting "
+              f"(threshold {result['threshold']}, decoding block {result['dlm_block_size']})", "",
+              "| batch | system | dtype | accuracy | " + " | ".join(fams) + " | tokens/forward | tokens/s | speed-up |",
+              "| ---: | --- | --- | ---: | " + " | ".join("---:" for _ in fams) + " | ---: | ---: | ---: |"]
+    for batch, b in result["by_batch"].items():
+        for system in ("ar", "dlm"):
+            r = b[system]
+            lines.append(f"| {batch} | {system} | {r['dtype']} | {100 * r['accuracy']:.1f} | "
+                         + " | ".join(f"{100 * r['per_family'][f]:.1f}" for f in fams)
+                         + f" | {r['tokens_per_forward']:.2f} | {r['tokens_per_s']:.1f} | "
+                         + (f"{b['speedup']:.2f}x |" if system == "dlm" else "1.00x |"))
+    lines += ["", "Every dtype measured (tokens/s): "
+              + "; ".join(f"batch {batch} {system} " + ", ".join(f"{d} {r['tokens_per_s']:.1f}"
+                                                              for d, r in b[system]["all_dtypes"].items())
+                          for batch, b in result["by_batch"].items() for system in ("ar", "dlm")) + ".",
+              "", "## The curve (batch 1): thresholds x decoding blocks", "", "![pareto](pareto.png)", "",
+              "| block | threshold | accuracy | " + " | ".join(fams) + " | tokens/forward | tokens/s | speed-up |",
+              "| ---: | ---: | ---: | " + " | ".join("---:" for _ in fams) + " | ---: | ---: | ---: |"]
+    ar_speed = one["ar"]["tokens_per_s"]
+    for p in result["curve"]:
+        lines.append(f"| {p['block_size']} | {p['threshold']:g} | {100 * p['accuracy']:.1f} | "
+                     + " | ".join(f"{100 * p['per_family'][f]:.1f}" for f in fams)
+                     + f" | {p['tokens_per_forward']:.2f} | {p['tokens_per_s']:.1f} | "
+                       f"{p['tokens_per_s'] / ar_speed:.2f}x |")
+    if "decoder_overhead" in result:
+        o = result["decoder_overhead"]
+        lines += ["", f"Decoder cost per forward: {1e3 * o['decoder_s_per_forward']:.2f} ms against "
+                  f"{1e3 * o['bare_forward_s']:.2f} ms for a bare model forward of the same shape "
+                  f"({100 * o['overhead_fraction']:+.0f}%; {o['block']}-token block on a {o['prompt_len']}-token "
+                  "prompt): the Python work of each decoding step (masks, commit rule, cache crop)."]
+    tr = result["training"]
+    lines += ["", "## Training", "",
+              f"- Source: {tr['source_parameters']:,} parameters ({study.source.get('model')}), "
+              f"{tr['source_tokens']:,} pretraining tokens." if tr["source_parameters"] and tr["source_tokens"]
+              else "- Source: given model.",
+              f"- Conversion: {tr['conversion_tokens']:,} tokens = {100 * (tr['conversion_fraction'] or 0):.0f}% of "
+              "pretraining." if tr["conversion_tokens"] else "- Conversion: (no metrics found)",
+              f"- Weight drift of the conversion (relative Frobenius change, all weights): "
+              f"{(tr['weight_drift'] or {}).get('overall', float('nan')):.3f}.",
+              "", "## Sample answers (AR / dLM at the headline setting)", ""]
+    for fam, rows in result["samples"].items():
+        for s in rows:
+            lines.append(f"- {fam}: `{s['question']}` -> expected `{s['answer']}`; AR `{s['ar']}`; dLM `{s['dlm']}`")
+    lines += ["", "Why the targets are (not) met, what was tried, and what is left: [analysis.md](analysis.md).",
+              "", f"Packages: {json.dumps(m['packages'])}", ""]
+    return "\n".join(lines)

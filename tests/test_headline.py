@@ -1,0 +1,128 @@
+"""The headline miniature: task families, the headline pipeline on a tiny model, its verdicts, shipping and the demo."""
+
+import json
+import re
+
+import pytest
+
+from edlm.errors import EdlmError
+from edlm.studies.task import FAMILIES, TaskConfig, make_problems, write_task
+
+
+def test_family_answers_follow_their_rules_and_have_fixed_width():
+    cfg = TaskConfig(generator="families", families={name: {} for name in FAMILIES})
+    problems = make_problems(cfg, 300, seed=3)
+    assert sorted({p.family for p in problems}) == sorted(FAMILIES)
+    for p in problems:
+        assert len(p.answer) == 23 and p.question.endswith(" =")  # six three-digit terms: long answers
+        terms = [int(t) for t in p.answer.split(" ")]
+        given = [int(t) for t in re.findall(r"\d+", p.question)]
+        assert all(100 <= t <= 999 for t in terms + given)
+        step = {"count": 1, "down": -1}.get(p.family) or given[1] - given[0]
+        assert 1 <= abs(step) <= 9 and terms == [given[-1] + step * (i + 1) for i in range(6)], p
+    assert len({p.question for p in problems if p.family == "seq"}) > 90  # steps and starts vary
+    assert make_problems(cfg, 60, seed=3) == problems[:180]  # seeded, interleaved per family
+    assert make_problems(cfg, 60, seed=4) != problems[:180]
+
+
+def test_family_test_problems_never_occur_in_training(tmp_path):
+    cfg = TaskConfig(generator="families", families={"count": {}}, train_size=300, test_size=20)
+    train, test = write_task(cfg, tmp_path)  # 894 possible questions: collisions are certain
+    test_q = {json.loads(line)["question"] for line in test.read_text().splitlines()}
+    train_q = {json.loads(line)["text"].rsplit(" =", 1)[0] + " =" for line in train.read_text().splitlines()}
+    assert test_q and not test_q & train_q
+    assert all(json.loads(line)["family"] == "count" for line in test.read_text().splitlines())
+
+
+def test_family_config_errors_name_the_fix():
+    with pytest.raises(EdlmError, match="unknown task families"):
+        TaskConfig(generator="families", families={"sorting": {}})
+    with pytest.raises(EdlmError, match="needs task.families"):
+        TaskConfig(generator="families")
+    with pytest.raises(EdlmError, match="bad options"):
+        make_problems(TaskConfig(generator="families", families={"seq": {"colour": 1}}), 2, 0)
+
+
+def _measured(ar_acc, dlm_acc, ar_fam, dlm_fam, tpf, s1, s8):
+    def row(acc, fam, tpf_):
+        return {"accuracy": acc, "per_family": fam, "tokens_per_forward": tpf_}
+
+    return {"by_batch": {"1": {"ar": row(ar_acc, ar_fam, 1.0), "dlm": row(dlm_acc, dlm_fam, tpf), "speedup": s1},
+                         "8": {"speedup": s8}}}
+
+
+def test_verdicts_check_every_family_and_report_the_gap():
+    from edlm.studies.headline import HeadlineSettings, verdicts
+
+    s = HeadlineSettings()
+    ok = verdicts(_measured(0.95, 0.95, {"a": 0.9, "b": 1.0}, {"a": 0.895, "b": 1.0}, 3.2, 2.6, 1.6), s)
+    assert all(v["met"] for v in ok.values())
+    # overall equal, but one family 2 points down: the accuracy target is missed by 1 point
+    bad = verdicts(_measured(0.95, 0.95, {"a": 0.9, "b": 1.0}, {"a": 0.88, "b": 1.0}, 2.9, 2.4, 1.4), s)
+    assert not bad["accuracy"]["met"] and bad["accuracy"]["value_points"] == pytest.approx(-2.0)
+    assert [k for k, v in bad.items() if not v["met"]] == ["accuracy", "tokens_per_forward", "speedup_batch1",
+                                                          "speedup_batch8"]
+
+
+def test_headline_pipeline_on_a_tiny_model_then_ship_and_demo(tmp_path):
+    """Source pretraining, conversion, the measurements, report and plot; a second call trains nothing; the shipped
+    folder drives the miniature demo."""
+    import yaml
+
+    from edlm.demo import run_miniature_demo
+    from edlm.studies.headline import load_headline_config, run_headline, ship_miniature
+
+    config = {
+        "output_dir": str(tmp_path / "runs"), "report_dir": str(tmp_path / "report"),
+        "task": {"generator": "families", "families": {"count": {"terms": 3}, "seq": {"terms": 3}},
+                 "train_size": 100, "test_size": 3, "text_corpus": []},
+        "source": {"model": "tiny:llama@32x1", "data": {"seq_len": 64}, "micro_batch_size": 2, "max_steps": 3,
+                   "lr": 1e-3, "save_every": 0, "log_every": 1},
+        "conversion": {"diffusion": {"block_size": 8, "token_shift": True}, "data": {"seq_len": 64},
+                       "micro_batch_size": 2, "max_steps": 2, "lr": 1e-3, "save_every": 0, "log_every": 1},
+        "max_new_tokens": 12, "per_position_rows": 2, "per_position_samples": 1,
+        "comparisons": {"headline": {"variants": {"main": {}}}},
+        "headline": {"sweep_thresholds": [0.9, 0.5], "sweep_block_sizes": [None, 4], "batch_sizes": [1, 2],
+                     "dtypes": ["fp32"], "samples": 1},
+    }
+    path = tmp_path / "headline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cfg = load_headline_config(path)
+    result = run_headline(cfg, config_path=str(path))
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert saved["n_problems"] == 6 and set(saved["ar"]) >= {"accuracy", "tokens_per_s"}
+    assert set(saved["dlm"]) >= {"accuracy", "tokens_per_s", "tokens_per_forward"}
+    assert saved["speedup"] == pytest.approx(saved["dlm"]["tokens_per_s"] / saved["ar"]["tokens_per_s"])
+    assert [(p["block_size"], p["threshold"]) for p in saved["curve"]] == [(8, 0.9), (8, 0.5), (4, 0.9), (4, 0.5)]
+    assert set(saved["by_batch"]) == {"1", "2"} and set(saved["targets"]) == {"accuracy", "tokens_per_forward",
+                                                                              "speedup_batch1"}
+    assert saved["training"]["conversion_tokens"] == 2 * 2 * 64 and saved["training"]["source_tokens"] == 3 * 2 * 64
+    assert saved["machine"]["packages"]["torch"] and "commit" in saved["machine"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| dLM tokens per forward |" in report and (tmp_path / "report" / "pareto.png").stat().st_size > 1000
+    mtime = (tmp_path / "runs" / "source" / "model.safetensors").stat().st_mtime
+    run_headline(cfg, config_path=str(path))  # finished steps are skipped
+    assert (tmp_path / "runs" / "source" / "model.safetensors").stat().st_mtime == mtime
+
+    shipped = ship_miniature(cfg, path, dest=tmp_path / "miniature")
+    assert {p.name for p in shipped.iterdir()} == {"source", "dlm", "headline.yaml", "README.md"}
+    demo = run_miniature_demo(str(tmp_path / "demo"), per_family=2, batch_sizes=(1,), sweep=(0.9,), root=shipped)
+    assert demo["n_problems"] == 4 and (tmp_path / "demo" / "pareto.png").is_file()
+    assert set(demo["by_batch"]["1"]["dlm"]["per_family"]) == {"count", "seq"} == set(result["samples"])
+    assert json.loads((shipped / "source" / "config.json").read_text())["dtype"] == "float16"  # half the bytes
+
+
+def test_demo_cli_runs_the_shipped_miniature_and_writes_the_documented_json(tmp_path, capsys):
+    from edlm.cli import main
+    from edlm.demo import miniature_dir
+
+    assert (miniature_dir() / "source" / "model.safetensors").is_file(), "the miniature must ship in the package"
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--problems", "2", "--output-dir", str(tmp_path / "demo"), "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert set(saved["ar"]) >= {"accuracy", "tokens_per_s"} and saved["n_problems"] == 6
+    assert set(saved["dlm"]) >= {"accuracy", "tokens_per_s", "tokens_per_forward"}
+    assert saved["speedup"] == pytest.approx(saved["dlm"]["tokens_per_s"] / saved["ar"]["tokens_per_s"])
+    assert saved["machine"]["cores"] >= 1 and saved["machine"]["cpu"]
+    printed = capsys.readouterr().out
+    assert "AR source vs its dLM on 6 held-out problems" in printed and "speed-up" in printed
