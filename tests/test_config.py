@@ -27,10 +27,12 @@ def test_out_of_range_and_unknown_values_are_rejected(override, match):
 def test_presets_load_and_overrides_apply():
     from edlm.studies import StudyConfig, expand, load_study_config
     from edlm.studies.grid import run_config, unique_runs
+    from edlm.studies.headline import load_headline_config
 
     for preset in sorted((REPO / "configs").glob("*.yaml")):
-        if preset.name.startswith("study"):  # edlm study configs: every run's settings must be valid
-            study = load_study_config(preset)
+        if preset.name.startswith(("study", "headline")):  # study configs: every run's settings must be valid
+            study = load_headline_config(preset).study if preset.name.startswith("headline") \
+                else load_study_config(preset)
             assert isinstance(study, StudyConfig)
             for run in unique_runs(expand(study)):
                 assert isinstance(run_config(study, run, REPO / "src", ["x.jsonl"]), TrainConfig)
