@@ -126,3 +126,12 @@ def test_demo_cli_runs_the_shipped_miniature_and_writes_the_documented_json(tmp_
     assert saved["machine"]["cores"] >= 1 and saved["machine"]["cpu"]
     printed = capsys.readouterr().out
     assert "AR source vs its dLM on 6 held-out problems" in printed and "speed-up" in printed
+
+
+def test_edlm_study_on_a_headline_config_names_the_right_command():
+    from pathlib import Path
+
+    from edlm.studies.grid import load_study_config
+
+    with pytest.raises(EdlmError, match="edlm headline --config"):
+        load_study_config(Path(__file__).parents[1] / "configs" / "headline.yaml")

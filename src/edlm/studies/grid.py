@@ -79,6 +79,9 @@ def load_study_config(path: str | Path | None = None, overrides: list[str] | Non
 
     data = load_yaml(path) if path else {}
     apply_overrides(data, overrides or [])
+    if "headline" in data:
+        raise EdlmError(f"{path} is a headline config (it has a 'headline:' section): run it with "
+                        f"edlm headline --config {path}")
     comparisons = data.pop("comparisons", {}) or {}
     task = data.pop("task", {}) or {}
     cfg = from_dict(StudyConfig, data)
