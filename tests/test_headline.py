@@ -135,3 +135,10 @@ def test_edlm_study_on_a_headline_config_names_the_right_command():
 
     with pytest.raises(EdlmError, match="edlm headline --config"):
         load_study_config(Path(__file__).parents[1] / "configs" / "headline.yaml")
+
+
+def test_miniature_only_demo_flags_with_the_embedded_model_are_a_message(capsys):
+    from edlm.cli import main
+
+    assert main(["demo", "--model", "embedded", "--json", "out.json"]) != 0
+    assert "--json and --convert belong to the miniature demo" in capsys.readouterr().err

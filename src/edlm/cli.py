@@ -335,6 +335,9 @@ def _embedded_demo(args: argparse.Namespace) -> int:
 
     from edlm.demo import run_embedded_demo
 
+    if args.json or args.convert:
+        raise EdlmError("--json and --convert belong to the miniature demo; drop them with --model embedded "
+                        "(its conversion length is --steps)")
     out = args.output_dir or "runs/demo"
     args.logs.to_folder(out)
     bar = TrainingBar()
