@@ -355,6 +355,16 @@ def _embedded_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_arguments(p: argparse.ArgumentParser, kind: str, example: str) -> None:
+    """The flags of the study-style commands (``edlm study``, ``edlm headline``); see :func:`_study_overrides`."""
+    p.add_argument("--config", default=f"configs/{kind}.yaml", help=f"{kind} YAML (default: configs/{kind}.yaml)")
+    p.add_argument("--output-dir", help="runs folder (overrides output_dir)")
+    p.add_argument("--report-dir", help="report folder (overrides report_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a setting, e.g. --set {example}")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+
+
 def _study_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.set)
     if args.output_dir:
@@ -522,26 +532,16 @@ def build_parser() -> argparse.ArgumentParser:
     about = ("grid of conversion runs from one AR source model, each evaluated on held-out problems; writes a "
              "markdown report with PNG plots and a verdict per paper claim. Re-running finishes an interrupted study.")
     p = sub.add_parser("study", help=about, description=about)
-    p.add_argument("--config", default="configs/study.yaml", help="study YAML (default: configs/study.yaml)")
-    p.add_argument("--output-dir", help="runs folder (overrides output_dir)")
-    p.add_argument("--report-dir", help="report folder (overrides report_dir)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set conversion.max_steps=50")
+    _study_arguments(p, "study", "conversion.max_steps=50")
     p.add_argument("--report-only", action="store_true", help="render the report from the runs finished so far")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
 
     about = ("the Efficient-DLM headline in miniature: pretrain an AR source on task families, convert it, then "
              "AR vs dLM accuracy, tokens per forward and tokens/s on held-out problems (results.json, report.md, "
              "pareto.png). Re-running skips what is finished and resumes what was interrupted.")
     p = sub.add_parser("headline", help=about, description=about)
-    p.add_argument("--config", default="configs/headline.yaml", help="headline YAML (default: configs/headline.yaml)")
-    p.add_argument("--output-dir", help="runs folder (overrides output_dir)")
-    p.add_argument("--report-dir", help="report folder (overrides report_dir)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set headline.batch_sizes=[1]")
+    _study_arguments(p, "headline", "headline.batch_sizes=[1]")
     p.add_argument("--ship", action="store_true",
                    help="then copy the source and the dLM (fp16) into the package for edlm demo")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
 
     p = sub.add_parser("bench-masks", help="memory of the training attention mask: dense (SDPA) vs flex BlockMask")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])

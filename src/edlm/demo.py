@@ -96,7 +96,7 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
 
     from edlm.bench import provenance
     from edlm.errors import EdlmError
-    from edlm.studies.headline import load_headline_config, measure, plot_pareto
+    from edlm.studies.headline import load_headline_config, measure, plot_pareto, summary
     from edlm.studies.task import make_problems
 
     root = Path(root or miniature_dir())
@@ -113,11 +113,8 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
     settings = dataclasses.replace(cfg.headline, threshold=threshold, batch_sizes=list(batch_sizes),
                                    sweep_thresholds=list(sweep), sweep_block_sizes=[None], samples=2)
     measured = measure(root / "source", dlm_dir, problems, settings, cfg.study.max_new_tokens, progress=say)
-    one = measured["by_batch"]["1"]
-    result = {"ar": {k: one["ar"][k] for k in ("accuracy", "tokens_per_s", "tokens_per_forward", "dtype")},
-              "dlm": {k: one["dlm"][k] for k in ("accuracy", "tokens_per_s", "tokens_per_forward", "dtype")},
-              "speedup": one["speedup"], "n_problems": len(problems), "machine": provenance(),
-              "dlm_dir": str(dlm_dir), **measured}
+    result = {**summary(measured), "n_problems": len(problems), "machine": provenance(), "dlm_dir": str(dlm_dir),
+              **measured}
     out.mkdir(parents=True, exist_ok=True)
     result["plot"] = str(out / "pareto.png")
     plot_pareto(result, out / "pareto.png")

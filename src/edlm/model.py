@@ -280,20 +280,15 @@ class DiffusionLM(nn.Module):
         if ar_logits is not None:
             ar_ce = F.cross_entropy(ar_logits.flatten(0, 1).float(), x0[:, 1:].flatten())
         if n_masked == 0:
-            zero = logits.sum() * 0.0
-            loss = zero if ar_ce is None else zero + cfg.ar_weight * ar_ce
-            return LossOutput(loss=loss, masked_ce=zero.detach(), n_masked=0,
-                              ar_ce=None if ar_ce is None else ar_ce.detach())
-        ce = F.cross_entropy(logits[scored].float(), x0[scored], reduction="none")  # (M,)
-        masked_ce = ce.mean()
-        if cfg.loss_weighting == "inv_t":
-            loss = (ce / noised.ratio[scored]).sum() / x0.numel()
+            diffusion = logits.sum() * 0.0
+            masked_ce = diffusion.detach()
         else:
-            loss = masked_ce
+            ce = F.cross_entropy(logits[scored].float(), x0[scored], reduction="none")  # (M,)
+            masked_ce = ce.mean()
+            diffusion = (ce / noised.ratio[scored]).sum() / x0.numel() if cfg.loss_weighting == "inv_t" else masked_ce
+        loss = cfg.diffusion_weight * diffusion
         if ar_ce is not None:
-            loss = cfg.diffusion_weight * loss + cfg.ar_weight * ar_ce
-        elif cfg.diffusion_weight != 1.0:
-            loss = cfg.diffusion_weight * loss
+            loss = loss + cfg.ar_weight * ar_ce
         return LossOutput(loss=loss, masked_ce=masked_ce.detach(), n_masked=n_masked,
                           ar_ce=None if ar_ce is None else ar_ce.detach())
 

@@ -82,6 +82,11 @@ def load_study_config(path: str | Path | None = None, overrides: list[str] | Non
     if "headline" in data:
         raise EdlmError(f"{path} is a headline config (it has a 'headline:' section): run it with "
                         f"edlm headline --config {path}")
+    return study_config_from_dict(data)
+
+
+def study_config_from_dict(data: dict[str, Any]) -> StudyConfig:
+    """A StudyConfig from the (override-applied) contents of a study YAML; ``data`` is consumed."""
     comparisons = data.pop("comparisons", {}) or {}
     task = data.pop("task", {}) or {}
     cfg = from_dict(StudyConfig, data)

@@ -26,7 +26,7 @@ import torch
 
 from edlm.config import DecodeConfig, from_dict, load_yaml
 from edlm.errors import ConfigError
-from edlm.studies.grid import StudyConfig, expand, load_study_config
+from edlm.studies.grid import StudyConfig, expand, study_config_from_dict
 from edlm.studies.task import Problem
 
 logger = logging.getLogger(__name__)
@@ -73,21 +73,12 @@ class HeadlineConfig:
 
 def load_headline_config(path: str | Path, overrides: list[str] | None = None) -> HeadlineConfig:
     """A study YAML with an extra ``headline:`` section; its first comparison's first variant is the dLM."""
-    import tempfile
-
-    import yaml
-
     from edlm.config import apply_overrides
 
     data = load_yaml(path)
     apply_overrides(data, overrides or [])
     settings = from_dict(HeadlineSettings, data.pop("headline", {}) or {}, where="headline.")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(data, f)
-    try:
-        study = load_study_config(f.name)
-    finally:
-        Path(f.name).unlink()
+    study = study_config_from_dict(data)
     if not study.comparisons:
         raise ConfigError(f"{path}: a headline config needs one comparison whose first variant is the dLM")
     return HeadlineConfig(study, settings)
@@ -152,9 +143,10 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
     """AR source vs dLM on ``problems``: every number of the headline, measured in this process."""
     from edlm.assets import load_hf
     from edlm.baseline import ar_generate
-    from edlm.bench import _DTYPES, _cast, _cast_module
+    from edlm.bench import _DTYPES, _cast, _cast_module, forward_overhead
     from edlm.decode import generate
     from edlm.model import DiffusionLM
+    from edlm.studies.analysis import prompt_ids
 
     say = progress or (lambda msg: logger.info(msg))
     ar32, tok = load_hf(source_dir)
@@ -207,9 +199,6 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
             r = decode_problems(dlm_run(dlms[dtype], thr, block), tok, problems, 1)
             curve.append({"block_size": block or dlm32.config.block_size, "threshold": thr, "dtype": dtype,
                           **_public(r)})
-    from edlm.bench import forward_overhead
-    from edlm.studies.analysis import prompt_ids
-
     # The decoder's own cost per forward (masks, commit rule, cache bookkeeping) over a bare model forward of the
     # same shape: at this model size it decides how much of the tokens per forward becomes speed.
     overhead = forward_overhead(dlms[dtype], prompt_len=len(prompt_ids(tok, problems[0])),
@@ -220,6 +209,15 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
             samples[p.family].append({"question": p.question, "answer": p.answer, "ar": a, "dlm": d})
     return {"by_batch": by_batch, "curve": curve, "samples": dict(samples), "decoder_overhead": overhead,
             "dlm_block_size": settings.block_size or dlm32.config.block_size, "threshold": settings.threshold}
+
+
+def summary(measured: dict[str, Any]) -> dict[str, Any]:
+    """The batch-1 comparison at the headline setting: ``ar`` and ``dlm`` (accuracy, tokens/s, tokens per forward,
+    dtype) and ``speedup``: the keys of ``results.json`` and ``edlm demo --json``."""
+    one = measured["by_batch"]["1"]
+    keys = ("accuracy", "tokens_per_s", "tokens_per_forward", "dtype")
+    return {"ar": {k: one["ar"][k] for k in keys}, "dlm": {k: one["dlm"][k] for k in keys},
+            "speedup": one["speedup"]}
 
 
 def verdicts(measured: dict[str, Any], settings: HeadlineSettings) -> dict[str, Any]:
@@ -269,10 +267,7 @@ def run_headline(cfg: HeadlineConfig, progress=None, new_bar=None,
     pretrain_tokens = None if study.source.get("pretrained") else _tokens(source_config(study, corpus))
     convert_tokens = _tokens(run_config(study, main_run(study), source, corpus))
     result = {
-        "ar": {k: measured["by_batch"]["1"]["ar"][k] for k in ("accuracy", "tokens_per_s", "dtype")},
-        "dlm": {k: measured["by_batch"]["1"]["dlm"][k] for k in ("accuracy", "tokens_per_s", "tokens_per_forward",
-                                                                  "dtype")},
-        "speedup": measured["by_batch"]["1"]["speedup"],
+        **summary(measured),
         "n_problems": len(problems),
         "targets": verdicts(measured, cfg.headline),
         **measured,
