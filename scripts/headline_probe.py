@@ -3,7 +3,9 @@
 Usage: python scripts/headline_probe.py RUN_DIR N POLICY[,POLICY...]
 (e.g. runs/headline/exp/E 40 threshold,left_to_right)
 
-``threshold`` is the default commit rule at 0.9; ``left_to_right`` commits one token per forward, leftmost first.
+``threshold`` is the default commit rule at 0.9; ``left_to_right`` commits one token per forward, leftmost first
+(``left_to_right_full``: the same without the KV cache, recomputing everything each step); ``ar`` decodes the
+converted weights causally with a KV cache (AR mode, the mask token banned).
 Reads the held-out problems of ``runs/headline`` (written by ``edlm headline``). One thread, batch 8.
 """
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from edlm.baseline import ar_generate
 from edlm.config import DecodeConfig
 from edlm.decode import generate
 from edlm.model import DiffusionLM
@@ -29,8 +32,17 @@ def main() -> None:
     dlm = DiffusionLM.from_pretrained(run).eval()
     with torch.no_grad():
         for policy in policies:
-            cfg = DecodeConfig(max_new_tokens=32, policy=policy, tokens_per_step=1, threshold=0.9)
-            r = decode_problems(lambda rows, cfg=cfg: generate(dlm, rows, cfg), dlm.tokenizer, problems, 8)
+            if policy == "ar":
+                def run_rows(rows):
+                    return ar_generate(dlm.model, rows, DecodeConfig(max_new_tokens=32),
+                                       eos_id=dlm.tokenizer.eos_token_id, banned=[dlm.mask_id])
+            else:
+                cfg = DecodeConfig(max_new_tokens=32, policy=policy.removesuffix("_full"), tokens_per_step=1,
+                                   threshold=0.9, use_cache=not policy.endswith("_full"))
+
+                def run_rows(rows, cfg=cfg):
+                    return generate(dlm, rows, cfg)
+            r = decode_problems(run_rows, dlm.tokenizer, problems, 8)
             print(run, policy, round(r["accuracy"], 3), {k: round(v, 3) for k, v in r["per_family"].items()},
                   "tokens/forward", round(r["tokens_per_forward"], 2), r["answers"][:2], flush=True)
 
