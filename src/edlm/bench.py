@@ -161,7 +161,7 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def _in_batches(run, ids: list[list[int]], n: int):
     """Decode every prompt, ``n`` at a time (cycling prompts when n exceeds them); one output, stats summed."""
-    from edlm.decode import DecodeOutput, DecodeStats
+    from edlm.generation import DecodeOutput, DecodeStats
 
     rows = [ids[i % len(ids)] for i in range(max(n, len(ids)))]
     stats, seqs = DecodeStats(rows=n), []

@@ -203,12 +203,23 @@ class TrainConfig:
                f"{max(1, self.data.seq_len // self.diffusion.block_size) * self.diffusion.block_size}")
 
 
+DECODE_MODES = ("diffusion", "ar", "speculative")
+
+
 @dataclass
 class DecodeConfig:
     """How a converted model generates text."""
 
     max_new_tokens: int = 128
     """Upper bound on generated tokens per prompt."""
+    mode: str = "diffusion"
+    """``diffusion``: the block decoder (several tokens per forward, output depends on ``threshold``); ``ar``: the
+    converted weights decoded causally with a KV cache, one token per forward; ``speculative``: the diffusion head
+    drafts a block, a causal pass of the same weights verifies it, and the agreeing prefix plus the causal pass's
+    own next token are kept (greedy output identical to ``ar``)."""
+    fused_draft: bool = True
+    """``speculative``: draft the next block in the same forward that verifies the current draft (False: a separate
+    draft forward after each verification)."""
     block_size: int | None = None
     """Decoding block size; None uses the model's training block size. Must be a multiple or divisor of it."""
     policy: str = "threshold"
@@ -230,6 +241,7 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.mode in DECODE_MODES, f"unknown decoding mode {self.mode!r}; choose one of {list(DECODE_MODES)}")
         _check(self.block_size is None or self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         _check(0.0 < self.threshold <= 1.0, f"threshold must be in (0, 1], got {self.threshold}")
         _check(self.tokens_per_step >= 1, f"tokens_per_step must be >= 1, got {self.tokens_per_step}")

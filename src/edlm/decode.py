@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edlm.baseline import iter_ar
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
+from edlm.generation import DecodeOutput, DecodeStats, choose_rows, validate_prompts
 from edlm.masks import dense_mask, inference_mask_mod, to_attention_mask
+from edlm.speculative import iter_speculative
 
 # A policy maps the confidences of a batch's block (R, B) and the positions still open (R, B) to the positions to
 # commit (R, B), at least one per row that has an open position. Confidence at closed positions is meaningless.
@@ -61,73 +64,11 @@ POLICIES: dict[str, Policy] = {"threshold": threshold_policy, "fixed": fixed_pol
                                "left_to_right": left_to_right_policy}
 
 
-@dataclass
-class DecodeStats:
-    forwards: int = 0
-    """Model forward passes (a batched forward counts once)."""
-    tokens: int = 0
-    """Generated tokens summed over rows (up to and including EOS)."""
-    seconds: float = 0.0
-    """Wall time of the call."""
-    rows: int = 1
-    """Prompts in the call."""
-
-    @property
-    def tokens_per_forward(self) -> float:
-        """Tokens committed per forward, per row (1.0 for AR decoding)."""
-        return self.tokens / max(self.forwards * self.rows, 1)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
-
-
-@dataclass
-class DecodeOutput:
-    sequences: list[list[int]]
-    """Generated ids per prompt (prompt excluded; ends with EOS when one was produced)."""
-    stats: DecodeStats = field(default_factory=DecodeStats)
-
-
-def choose(logits: torch.Tensor, cfg: DecodeConfig, generator: torch.Generator | None):
-    """Tokens and their confidence from logits (n, V): greedy, or temperature / top-p sampling."""
-    if cfg.temperature == 0.0:
-        conf, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-        return tokens, conf
-    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
-    if cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keep the smallest prefix reaching top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-def decode_block_size(dlm, cfg: DecodeConfig) -> int:
-    block = cfg.block_size or dlm.config.block_size
-    train_block = dlm.config.block_size
-    if block % train_block and train_block % block:
-        raise EdlmError(f"decoding block size {block} is inconsistent with the model's training block size "
-                        f"{train_block}: use a multiple or a divisor of it")
-    return block
-
-
 def validate(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> int:
     """Check prompts and settings; returns the decoding block size."""
-    if not prompts:
-        raise EdlmError("no prompts given")
-    if any(len(p) == 0 for p in prompts):
-        raise EdlmError("a prompt is empty; give at least one token of text")
-    if cfg.policy not in POLICIES:
+    if cfg.mode == "diffusion" and cfg.policy not in POLICIES:
         raise EdlmError(f"unknown decoding policy {cfg.policy!r}; choose one of {sorted(POLICIES)}")
-    block = decode_block_size(dlm, cfg)
-    limit = getattr(dlm.model.config, "max_position_embeddings", None)
-    longest = max(len(p) for p in prompts)
-    if limit is not None and longest + cfg.max_new_tokens + block > limit:
-        raise EdlmError(f"prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) does not fit the "
-                        f"model's context of {limit} tokens; shorten the prompt or lower max_new_tokens")
-    return block
+    return validate_prompts(dlm, prompts, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------- layout
@@ -261,21 +202,6 @@ def _block_areas(layout: Layout, start: int, cfg: DecodeConfig) -> tuple[torch.T
     return after, after & (cols < first_new + cfg.max_new_tokens)
 
 
-def _choose_rows(logits: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig, generators: list[torch.Generator]):
-    """Tokens and confidences (R, B) at the open positions of a block's logits (R, B, V). Greedy is batched;
-    sampling goes row by row through each row's own generator, drawing for its open positions only, so a row's
-    draws never depend on its batch neighbours."""
-    if cfg.temperature == 0.0:
-        conf, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-        return tokens, conf
-    tokens = torch.zeros(open_.shape, dtype=torch.long, device=logits.device)
-    conf = torch.zeros(open_.shape, dtype=torch.float, device=logits.device)
-    for r, g in enumerate(generators):
-        if bool(open_[r].any()):
-            tokens[r, open_[r]], conf[r, open_[r]] = choose(logits[r, open_[r]], cfg, g)
-    return tokens, conf
-
-
 def _close_after_eos(blk: torch.Tensor, open_: torch.Tensor, budget: torch.Tensor, eos: int) -> None:
     """Once a row's EOS is final with nothing open before it, the rest of its block is irrelevant: close it."""
     is_eos = (blk == eos) & budget & ~open_  # (R, B)
@@ -286,10 +212,11 @@ def _close_after_eos(blk: torch.Tensor, open_: torch.Tensor, budget: torch.Tenso
     open_ &= ~(has & ~undecided_before & (cols >= first))
 
 
-def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
-                should_stop: Callable[[int], bool] | None = None, seeds: list[int] | None = None,
-                ) -> Iterator[tuple[list[list[int]], DecodeStats]]:
-    """Decode, yielding after every finished block: (new tokens per row finalised in that block, running stats).
+def iter_diffusion(dlm, prompts: list[list[int]], cfg: DecodeConfig,
+                   should_stop: Callable[[int], bool] | None = None, seeds: list[int] | None = None,
+                   ) -> Iterator[tuple[list[list[int]], DecodeStats]]:
+    """The block decoder (``mode="diffusion"``), yielding after every finished block: (new tokens per row finalised
+    in that block, running stats).
 
     The new tokens of a finished row end with EOS; rows that are done yield empty lists. ``should_stop(row)`` is
     asked at every block boundary; a row for which it returns True is finished (a cancelled request, a stop string
@@ -337,7 +264,7 @@ def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
             if shift:  # state at i - 1 predicts token i
                 logits = torch.cat([edge[:, None], logits[:, :-1]], dim=1)
             logits[..., dlm.mask_id] = float("-inf")
-            tokens, conf = _choose_rows(logits, open_, cfg, generators)  # (R, B) each
+            tokens, conf = choose_rows(logits, open_, cfg, generators)  # (R, B) each
             pick = policy(conf, open_, cfg)
             blk[pick] = tokens[pick]
             open_ &= ~pick
@@ -361,9 +288,35 @@ def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
         yield finished_now, stats
 
 
+def _iter_ar(dlm, prompts: list[list[int]], cfg: DecodeConfig, should_stop: Callable[[int], bool] | None = None,
+             seeds: list[int] | None = None) -> Iterator[tuple[list[list[int]], DecodeStats]]:
+    """``mode="ar"``: the converted weights decoded causally with a KV cache, the mask token never produced."""
+    validate_prompts(dlm, prompts, cfg)
+    tok = dlm.tokenizer
+    return iter_ar(dlm.model, prompts, cfg, tok.eos_token_id, pad_id=tok.pad_token_id, banned=[dlm.mask_id],
+                   should_stop=should_stop, seeds=seeds)
+
+
+# Decoding modes (``DecodeConfig.mode``): each yields (new tokens per row, running stats) after every step.
+MODES = {"diffusion": iter_diffusion, "ar": _iter_ar, "speculative": iter_speculative}
+
+
+def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
+                should_stop: Callable[[int], bool] | None = None, seeds: list[int] | None = None,
+                ) -> Iterator[tuple[list[list[int]], DecodeStats]]:
+    """Decode in ``cfg.mode``, yielding after every step (a finished block for ``diffusion``, a token for ``ar``,
+    a verified forward for ``speculative``): (new tokens per row finalised in that step, running stats).
+
+    Rows that are done yield empty lists; ``should_stop(row)`` is asked between steps, and a row for which it
+    returns True is finished. Row ``r`` samples from its own generator seeded with ``seeds[r]`` (default
+    ``cfg.seed``), so a row's output never depends on the others.
+    """
+    return MODES[cfg.mode](dlm, prompts, cfg, should_stop=should_stop, seeds=seeds)
+
+
 @torch.no_grad()
 def generate(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> DecodeOutput:
-    """Decode token-id prompts with a DiffusionLM (see module docstring); all rows in one batch."""
+    """Decode token-id prompts with a DiffusionLM in ``cfg.mode``; all rows in one batch."""
     sequences: list[list[int]] = [[] for _ in prompts]
     stats = DecodeStats(rows=len(prompts))
     for new, stats in iter_blocks(dlm, prompts, cfg):  # noqa: B007 (the last stats are the call's)

@@ -1,0 +1,240 @@
+"""Lossless self-speculative decoding: the diffusion head of a converted model drafts, a causal pass of the same
+weights verifies.
+
+Every step is one forward whose columns, per row, are
+
+    clean:  the committed tokens not cached yet (at least the last one), then the draft   causal, as in AR decoding
+    noisy:  the block (aligned to 0, B, 2B, ...) holding the first position after the draft, its positions before
+            that point filled in, the rest mask tokens                                      the diffusion drafter
+
+    key ->          cache           clean               noisy
+    clean query     all (valid)     causal              -
+    noisy query     positions < s   positions < s       all its block (s = the block's first position)
+
+The clean columns' logits are the model's AR next-token predictions. The draft's longest prefix on which they agree
+is accepted, and the AR prediction right after it is committed too, so every committed token is the causal pass's
+greedy choice given the tokens before it: greedy output is exactly that of ``mode="ar"`` (with sampling, the
+standard speculative acceptance rule keeps the AR distribution). Keys/values of the verified clean columns stay in
+the cache; the other columns are cropped, or, inside a batch whose rows accepted different lengths, kept and masked
+for the rows they do not belong to. When a row's whole draft was accepted, the noisy block's predictions (which
+assumed it) are its next draft; otherwise its next step drafts afresh from the verified tokens. With
+``fused_draft=False`` drafting and verifying take separate forwards (the reference for the fused step's gain).
+
+The drafter sees causal clean context, as the clean copy was in training only with ``clean_causal``: that is the
+setting the joint objective (``ar_weight``) trains, and the one this mode is meant for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from edlm.config import DecodeConfig
+from edlm.errors import EdlmError
+from edlm.generation import DecodeStats, probabilities, validate_prompts
+from edlm.masks import to_attention_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    """One prompt's state between steps."""
+
+    seq: list[int]
+    """Committed tokens, prompt included (position i holds seq[i])."""
+    prompt_len: int
+    cached: int = 0
+    """Positions [0, cached) have valid keys/values in the cache (always < len(seq))."""
+    draft: list[int] = field(default_factory=list)
+    """Guesses for positions len(seq), len(seq) + 1, ... to verify in the next step."""
+    draft_probs: torch.Tensor | None = None
+    """(len(draft), V) drafter distributions the guesses were sampled from (sampling only)."""
+    done: bool = False
+
+    @property
+    def produced(self) -> int:
+        return len(self.seq) - self.prompt_len
+
+
+def _step_inputs(rows: list[_Row], block: int, with_noisy: bool, mask_id: int, pad_id: int, causal_in_block: bool,
+                 col_pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Token ids (R, W + N), position ids (R, W + N) and the bool attention (R, W + N, K + W + N) of one step, where
+    K = cached columns, W = the widest clean part, N = ``block`` with a noisy part (else 0); and each row's noisy
+    block start. Columns that belong to no real token (padding, finished rows) attend only to themselves."""
+    n_rows, kv_old = len(rows), col_pos.shape[1]
+    clean = [r.seq[r.cached:] + r.draft if not r.done else [pad_id] for r in rows]
+    width = max(len(c) for c in clean)
+    noisy = block if with_noisy else 0
+    q_len = width + noisy
+    ids = torch.full((n_rows, q_len), pad_id, dtype=torch.long)
+    pos = torch.zeros((n_rows, q_len), dtype=torch.long)
+    # Position of every key column per row (-1: not a real token of that row), and of every query.
+    key_pos = torch.full((n_rows, kv_old + q_len), -1, dtype=torch.long)
+    key_pos[:, :kv_old] = col_pos.cpu()
+    starts = []
+    for i, (row, toks) in enumerate(zip(rows, clean)):
+        ids[i, :len(toks)] = torch.tensor(toks)
+        if row.done:
+            starts.append(0)
+            continue
+        pos[i, :len(toks)] = torch.arange(row.cached, row.cached + len(toks))
+        key_pos[i, kv_old:kv_old + len(toks)] = pos[i, :len(toks)]
+        end = len(row.seq) + len(row.draft)  # first position not filled in
+        start = end // block * block
+        starts.append(start)
+        if noisy:
+            known = (row.seq + row.draft)[start:end]
+            ids[i, width:width + len(known)] = torch.tensor(known, dtype=torch.long)
+            ids[i, width + len(known):] = mask_id
+            pos[i, width:] = torch.arange(start, start + block)
+    q_pos = pos[:, :, None]  # (R, Q, 1)
+    k_pos = key_pos[:, None, :]  # (R, 1, K')
+    real_key = k_pos >= 0
+    is_clean_key = torch.zeros(kv_old + q_len, dtype=torch.bool)
+    is_clean_key[:kv_old + width] = True
+    attn = torch.zeros((n_rows, q_len, kv_old + q_len), dtype=torch.bool)
+    # Clean queries: every real clean key at or before their position (the cache holds only verified ones).
+    attn[:, :width] = (real_key & is_clean_key & (k_pos <= q_pos[:, :width]))
+    if noisy:
+        start_t = torch.tensor(starts)[:, None, None]
+        context = real_key & is_clean_key & (k_pos < start_t)  # (R, 1, K')
+        inside = torch.ones((noisy, noisy), dtype=torch.bool)
+        if causal_in_block:
+            inside = inside.tril()
+        attn[:, width:] = context
+        attn[:, width:, kv_old + width:] = inside
+    live = torch.tensor([not r.done for r in rows])
+    real_query = torch.zeros((n_rows, q_len), dtype=torch.bool)
+    for i, toks in enumerate(clean):
+        real_query[i, :len(toks)] = live[i]
+    real_query[:, width:] = live[:, None]
+    attn &= real_query[:, :, None]
+    diag = torch.arange(q_len)
+    attn[:, diag, kv_old + diag] |= ~real_query  # padding attends to itself only (no NaN)
+    return ids.to(device), pos.to(device), attn.to(device), starts
+
+
+def _accept(row: _Row, ar_logits: torch.Tensor, cfg: DecodeConfig, generator: torch.Generator) -> list[int]:
+    """Verify ``row.draft`` against the AR logits at the row's clean columns (L, V); return the new tokens (the
+    accepted prefix of the draft, then the AR model's own next token)."""
+    base = len(row.seq) - 1 - row.cached  # clean column whose logits predict position len(row.seq)
+    if cfg.temperature == 0.0:
+        ar = ar_logits[base:base + len(row.draft) + 1].argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(row.draft) and row.draft[accepted] == ar[accepted]:
+            accepted += 1
+        return row.draft[:accepted] + [ar[accepted]]
+    # Standard speculative sampling: keep guess d with probability min(1, p(d) / q(d)); at the first rejection draw
+    # from the normalised residual max(0, p - q); after a fully accepted draft draw from p.
+    p = probabilities(ar_logits[base:base + len(row.draft) + 1], cfg)  # (G + 1, V)
+    out: list[int] = []
+    for k, guess in enumerate(row.draft):
+        q = row.draft_probs[k]
+        ratio = float(p[k, guess] / q[guess].clamp_min(1e-20))
+        if float(torch.rand((), generator=generator, device=p.device)) < min(1.0, ratio):
+            out.append(guess)
+            continue
+        residual = (p[k] - q).clamp_min(0.0)
+        dist = residual / residual.sum() if float(residual.sum()) > 0 else p[k]
+        return out + [int(torch.multinomial(dist, 1, generator=generator))]
+    return out + [int(torch.multinomial(p[len(row.draft)], 1, generator=generator))]
+
+
+def _next_draft(row: _Row, drafted: torch.Tensor, start: int, block: int, cfg: DecodeConfig,
+                generator: torch.Generator) -> None:
+    """Set the row's next draft from the predictions (B, V) for its noisy block's positions [start, start + B),
+    given that the row's previous draft was accepted whole (its committed tokens now end one past it)."""
+    first = len(row.seq)  # the AR model's own token already fills position len(seq) - 1
+    last = min(start + block, row.prompt_len + cfg.max_new_tokens)  # no guesses past the budget
+    if first >= last:
+        row.draft, row.draft_probs = [], None
+        return
+    logits = drafted[first - start:last - start]
+    if cfg.temperature == 0.0:
+        row.draft, row.draft_probs = logits.argmax(dim=-1).tolist(), None
+        return
+    probs = probabilities(logits, cfg)  # positions are drawn independently, as the acceptance rule assumes
+    row.draft = torch.multinomial(probs, 1, generator=generator).squeeze(-1).tolist()
+    row.draft_probs = probs
+
+
+def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
+                     should_stop: Callable[[int], bool] | None = None, seeds: list[int] | None = None,
+                     ) -> Iterator[tuple[list[list[int]], DecodeStats]]:
+    """Self-speculative decoding (see module docstring), yielding after every forward: (new tokens per row, running
+    stats), with the contract of :func:`edlm.decode.iter_blocks`."""
+    from transformers import DynamicCache
+
+    block = validate_prompts(dlm, prompts, cfg)
+    if seeds is not None and len(seeds) != len(prompts):
+        raise EdlmError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    if not dlm.config.clean_causal:
+        log.warning("speculative decoding of a model converted without clean_causal: its AR pass is untrained, "
+                    "so drafts are rarely accepted (output is still that of mode='ar')")
+    t0 = time.perf_counter()
+    device, tok = dlm.device, dlm.tokenizer
+    eos = tok.eos_token_id
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+    generators = [torch.Generator(device=device).manual_seed(s) for s in (seeds or [cfg.seed] * len(prompts))]
+    rows = [_Row(seq=list(p), prompt_len=len(p)) for p in prompts]
+    cache = DynamicCache(config=dlm.model.config)
+    col_pos = torch.empty((len(rows), 0), dtype=torch.long)  # position of each cache column per row, -1: none
+    dtype = dlm.model.get_input_embeddings().weight.dtype
+    stats = DecodeStats(rows=len(rows))
+    shift = dlm.config.token_shift
+
+    while True:
+        if should_stop is not None:
+            for i, row in enumerate(rows):
+                row.done = row.done or should_stop(i)
+        if all(r.done for r in rows):
+            return
+        with_noisy = cfg.fused_draft or not any(r.draft for r in rows if not r.done)
+        ids, pos, attn, starts = _step_inputs(rows, block, with_noisy, dlm.mask_id, pad_id,
+                                              dlm.pattern.causal_in_block, col_pos, device)
+        width = ids.shape[1] - (block if with_noisy else 0)  # clean columns
+        logits = dlm.run(ids, pos, to_attention_mask(attn, dtype, dlm.attn_implementation),
+                         past_key_values=cache, use_cache=True).logits  # (R, W + N, V)
+        logits[..., dlm.mask_id] = float("-inf")
+        stats.forwards += 1
+        if with_noisy:
+            cache.crop(-block)  # the noisy block's keys/values are never context
+        new_pos = torch.full((len(rows), width), -1, dtype=torch.long)
+        new_tokens: list[list[int]] = []
+        for i, row in enumerate(rows):
+            if row.done:
+                new_tokens.append([])
+                continue
+            new = _accept(row, logits[i, :width], cfg, generators[i])
+            accepted_all = len(new) == len(row.draft) + 1
+            new = new[:cfg.max_new_tokens - row.produced]
+            if eos is not None and eos in new:
+                new = new[:new.index(eos) + 1]
+                row.done = True
+            # Verified clean columns: positions [cached, len(seq) + accepted) (their inputs were all correct).
+            verified = len(row.seq) + len(new) - 1 - row.cached
+            new_pos[i, :verified] = torch.arange(row.cached, row.cached + verified)
+            row.cached += verified
+            row.seq.extend(new)
+            row.done = row.done or row.produced >= cfg.max_new_tokens
+            new_tokens.append(new)
+            row.draft, row.draft_probs = [], None
+            if with_noisy and accepted_all and not row.done:
+                drafted = logits[i, width:]  # (B, V) at the noisy block's positions
+                if shift:  # the state at p - 1 predicts p; only positions after the block's first are ever used
+                    drafted = torch.cat([drafted[:1] * float("nan"), drafted[:-1]])
+                _next_draft(row, drafted, starts[i], block, cfg, generators[i])
+        col_pos = torch.cat([col_pos, new_pos], dim=1)
+        # Columns no row needs any more (at batch 1: everything past the verified tokens) leave the cache.
+        keep = int((col_pos >= 0).any(dim=0).nonzero().max()) + 1 if bool((col_pos >= 0).any()) else 0
+        if keep < col_pos.shape[1]:
+            cache.crop(keep - col_pos.shape[1])  # a negative count of trailing columns to drop
+            col_pos = col_pos[:, :keep]
+        stats.tokens = sum(r.produced for r in rows)
+        stats.seconds = time.perf_counter() - t0
+        yield new_tokens, stats

@@ -1,0 +1,129 @@
+"""The three decoding modes of one converted checkpoint; speculative decoding's guarantee: greedy output == AR mode."""
+
+import pytest
+import torch
+from conftest import make_dlm
+
+import edlm.speculative as spec
+from edlm.baseline import ar_generate
+from edlm.config import DecodeConfig
+from edlm.decode import generate, iter_blocks
+from edlm.errors import ConfigError
+
+PROMPTS = [[5, 17, 99, 3], [120, 44, 8, 61, 200, 7, 19, 33, 2, 90, 14], [250]]
+
+
+def varied_dlm(family: str = "llama", token_shift: bool = True):
+    """A tiny random model with a clean causal copy and its own random output head: with the tied head a random
+    model's AR output just repeats the last token, which would make "speculative == AR" nearly vacuous."""
+    dlm = make_dlm(family, block_size=4, token_shift=token_shift, clean_causal=True)
+    head = dlm.model.get_output_embeddings()
+    g = torch.Generator().manual_seed(0)
+    head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=g) * 2)
+    return dlm
+
+
+def oracle_drafts(monkeypatch, reference: dict[tuple, list[int]], wrong_every: int) -> None:
+    """Replace the drafter's guesses by the AR reference continuation, corrupted at every ``wrong_every``-th
+    generated position (0: never), so that drafts are accepted whole, in part, or not at all: the paths a random
+    tiny model (whose drafts are almost never right) would not exercise."""
+    real = spec._next_draft
+
+    def drafted(row, logits, start, block, cfg, generator):
+        real(row, logits, start, block, cfg, generator)
+        first = len(row.seq) - row.prompt_len
+        truth = reference[tuple(row.seq[:row.prompt_len])][first:first + len(row.draft)]
+        row.draft = [t if not wrong_every or (first + k) % wrong_every else (t + 1) % 250
+                     for k, t in enumerate(truth)]
+
+    monkeypatch.setattr(spec, "_next_draft", drafted)
+
+
+@pytest.mark.parametrize("family,token_shift", [("llama", True), ("qwen3", True), ("gemma", True), ("llama", False)])
+def test_greedy_speculative_equals_ar_mode_token_for_token(monkeypatch, family, token_shift):
+    dlm = varied_dlm(family, token_shift)
+    for budget in (1, 6, 19):  # 6 and 19 end mid-block
+        ar = generate(dlm, PROMPTS, DecodeConfig(max_new_tokens=budget, mode="ar"))
+        assert ar.sequences == ar_generate(dlm.model, PROMPTS, DecodeConfig(max_new_tokens=budget),
+                                           eos_id=dlm.tokenizer.eos_token_id, banned=[dlm.mask_id]).sequences
+        assert all(len(s) == budget for s in ar.sequences) and len(set(ar.sequences[1])) > budget // 2
+        for wrong_every in (None, 0, 3):  # None: the model's own drafts
+            if wrong_every is not None:
+                oracle_drafts(monkeypatch, {tuple(p): s for p, s in zip(PROMPTS, ar.sequences)}, wrong_every)
+            for fused in (True, False):
+                cfg = DecodeConfig(max_new_tokens=budget, mode="speculative", fused_draft=fused)
+                batched = generate(dlm, PROMPTS, cfg)
+                assert batched.sequences == ar.sequences, (budget, wrong_every, fused)
+                if wrong_every == 3:  # rows accept different lengths: each row must still equal its lone run
+                    assert [generate(dlm, [p], cfg).sequences[0] for p in PROMPTS] == ar.sequences
+                if wrong_every == 0 and budget == 19:  # perfect drafts: several tokens per forward
+                    assert batched.stats.tokens_per_forward > (2.5 if fused else 1.6)
+            monkeypatch.undo()
+
+
+def test_perfect_drafts_fill_each_block_in_one_forward(monkeypatch):
+    """Block 4, perfect drafts, fused: the prefill commits one token and drafts the rest of its block; from then
+    on each forward verifies a block's draft and commits it plus the next token (4 per forward)."""
+    dlm = varied_dlm()
+    prompt = [PROMPTS[0]]  # 4 tokens: generation starts at position 4, a block start
+    ar = generate(dlm, prompt, DecodeConfig(max_new_tokens=17, mode="ar")).sequences
+    oracle_drafts(monkeypatch, {tuple(prompt[0]): ar[0]}, 0)
+    steps = [new[0] for new, _ in iter_blocks(dlm, prompt, DecodeConfig(max_new_tokens=17, mode="speculative"))]
+    assert [len(s) for s in steps] == [1, 4, 4, 4, 4]
+    assert sum(steps, []) == ar[0]
+
+
+def test_eos_stops_speculative_exactly_where_ar_stops(monkeypatch):
+    dlm = varied_dlm("qwen3")
+    free = generate(dlm, PROMPTS, DecodeConfig(max_new_tokens=16, mode="ar")).sequences
+    # pretend a token that some row first writes after a few others is EOS
+    eos = next(t for f in free for i, t in enumerate(f) if i >= 3 and t not in f[:i])
+    dlm.tokenizer.eos_token = dlm.tokenizer.convert_ids_to_tokens(eos)
+    ar = generate(dlm, PROMPTS, DecodeConfig(max_new_tokens=16, mode="ar")).sequences
+    assert ar == [f[:f.index(eos) + 1] if eos in f else f for f in free] and min(map(len, ar)) < 16
+    for wrong_every in (0, 3):
+        oracle_drafts(monkeypatch, {tuple(p): s for p, s in zip(PROMPTS, ar)}, wrong_every)
+        assert generate(dlm, PROMPTS, DecodeConfig(max_new_tokens=16, mode="speculative")).sequences == ar
+        monkeypatch.undo()
+
+
+def test_should_stop_finishes_a_row_in_every_mode():
+    dlm = varied_dlm()
+    for mode in ("ar", "diffusion", "speculative"):
+        cfg = DecodeConfig(max_new_tokens=12, mode=mode, threshold=0.02)
+        got = [0, 0, 0]
+        for new, _ in iter_blocks(dlm, PROMPTS, cfg, should_stop=lambda r, got=got: r == 1 and got[1] >= 1):
+            for r, part in enumerate(new):
+                got[r] += len(part)
+        assert got[0] == got[2] == 12 and 1 <= got[1] < 12, mode
+
+
+def test_speculative_sampling_keeps_the_ar_distribution():
+    """The acceptance rule alone, on a 5-token vocabulary: whatever the drafter's distribution q, the committed
+    token is distributed as the AR model's p."""
+    cfg = DecodeConfig(temperature=1.0)
+    p_logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])  # (G + 1, V)
+    q = torch.tensor([0.05, 0.1, 0.6, 0.2, 0.05])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(5)
+    n = 20000
+    for _ in range(n):
+        guess = int(torch.multinomial(q, 1, generator=g))
+        row = spec._Row(seq=[1, 2], prompt_len=2, cached=1, draft=[guess], draft_probs=q[None])
+        counts[spec._accept(row, p_logits, cfg, g)[0]] += 1
+    assert torch.allclose(counts / n, torch.softmax(p_logits[0], -1), atol=0.012)
+    # The rule is not vacuous: accepting every guess would give q instead.
+    assert (torch.softmax(p_logits[0], -1) - q).abs().max() > 0.3
+
+
+def test_sampled_speculative_is_reproducible_per_seed():
+    dlm = varied_dlm()
+    cfg = dict(max_new_tokens=12, mode="speculative", temperature=1.0, top_p=0.9)
+    a = generate(dlm, PROMPTS, DecodeConfig(seed=1, **cfg)).sequences
+    assert a == generate(dlm, PROMPTS, DecodeConfig(seed=1, **cfg)).sequences
+    assert a != generate(dlm, PROMPTS, DecodeConfig(seed=2, **cfg)).sequences
+
+
+def test_unknown_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="speculative"):
+        DecodeConfig(mode="jacobi")
