@@ -5,7 +5,8 @@ Usage: python scripts/headline_probe.py RUN_DIR N POLICY[,POLICY...]
 
 ``threshold`` is the default commit rule at 0.9; ``left_to_right`` commits one token per forward, leftmost first
 (``left_to_right_full``: the same without the KV cache, recomputing everything each step); ``ar`` decodes the
-converted weights causally with a KV cache (AR mode, the mask token banned).
+converted weights causally with a KV cache (AR mode, the mask token banned); ``speculative`` drafts with the diffusion
+head and verifies causally (the AR mode's output).
 Reads the held-out problems of ``runs/headline`` (written by ``edlm headline``). One thread, batch 8.
 """
 
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from edlm.baseline import ar_generate
 from edlm.config import DecodeConfig
 from edlm.decode import generate
 from edlm.model import DiffusionLM
@@ -32,10 +32,11 @@ def main() -> None:
     dlm = DiffusionLM.from_pretrained(run).eval()
     with torch.no_grad():
         for policy in policies:
-            if policy == "ar":
-                def run_rows(rows):
-                    return ar_generate(dlm.model, rows, DecodeConfig(max_new_tokens=32),
-                                       eos_id=dlm.tokenizer.eos_token_id, banned=[dlm.mask_id])
+            if policy in ("ar", "speculative"):
+                cfg = DecodeConfig(max_new_tokens=32, mode=policy)
+
+                def run_rows(rows, cfg=cfg):
+                    return generate(dlm, rows, cfg)
             else:
                 cfg = DecodeConfig(max_new_tokens=32, policy=policy.removesuffix("_full"), tokens_per_step=1,
                                    threshold=0.9, use_cache=not policy.endswith("_full"))

@@ -29,6 +29,12 @@ def test_decode_benchmark_json_contract_and_consistency(converted, tmp_path):
     strict, loose = r["sweep"]
     assert strict["tokens_per_forward"] <= 1.0 < loose["tokens_per_forward"]
     assert 0.0 <= loose["agreement_with_ar"] <= 1.0
+    modes = r["modes"]
+    assert set(modes) == {"diffusion", "ar", "speculative", "speculative_separate_draft"}
+    assert modes["speculative"]["agreement_with_ar_mode"] == modes["speculative_separate_draft"][
+        "agreement_with_ar_mode"] == 1.0  # greedy speculative is the AR mode's output
+    assert modes["ar"]["tokens_per_forward"] <= 1.0 <= modes["speculative"]["tokens_per_forward"]
+    assert modes["ar"]["speedup"] == pytest.approx(modes["ar"]["tokens_per_s"] / r["ar"]["tokens_per_s"])
     assert r["overhead"]["bare_forward_s"] > 0 and r["overhead"]["decoder_s_per_forward"] > 0
     json.dumps(r)  # serializable
     plot_sweep(r, tmp_path / "sweep.png")
@@ -40,10 +46,13 @@ def test_train_throughput_reports_both_phases(tmp_path):
 
     cfg = load_train_config(Path(__file__).parents[1] / "configs/tiny.yaml", ["micro_batch_size=2"])
     r = train_throughput(cfg, steps=2, warmup=1)
-    for phase in ("ar_finetune", "dlm_convert"):
+    for phase in ("ar_finetune", "dlm_convert", "dlm_convert_joint"):
         p = r[phase]
         assert p["tokens_per_s"] == pytest.approx(2 * 64 / p["step_s_median"])
         assert p["peak_mem_mb"] > 0
     assert r["dlm_over_ar_step_time"] == pytest.approx(r["dlm_convert"]["step_s_median"] /
                                                        r["ar_finetune"]["step_s_median"])
+    assert r["joint_over_dlm_step_time"] == pytest.approx(r["dlm_convert_joint"]["step_s_median"] /
+                                                          r["dlm_convert"]["step_s_median"])
+    assert r["dlm_convert_joint"]["ar_weight"] == 1.0
     assert r["machine"] == machine_info() or r["machine"]["cpu"] == machine_info()["cpu"]

@@ -64,6 +64,18 @@ def test_verdicts_check_every_family_and_report_the_gap():
                                                           "speedup_batch8"]
 
 
+def test_mode_verdicts_compare_the_ar_mode_with_the_source_per_family():
+    from edlm.studies.headline import HeadlineSettings, mode_verdicts
+
+    measured = _measured(0.95, 0.5, {"a": 0.9, "b": 1.0}, {"a": 0.5, "b": 0.5}, 2.0, 1.1, 1.0)
+    measured["modes"] = {"ar": {"1": {"accuracy": 0.95, "per_family": {"a": 0.885, "b": 1.0}}},
+                         "speculative": {"1": {"tokens_per_forward": 2.4, "speedup": 1.4}}}
+    v = mode_verdicts(measured, HeadlineSettings())
+    assert not v["ar_mode_accuracy"]["met"] and v["ar_mode_accuracy"]["value_points"] == pytest.approx(-1.5)
+    assert v["speculative_tokens_per_forward"]["met"] and not v["speculative_speedup_batch1"]["met"]
+    assert mode_verdicts(_measured(0.9, 0.9, {}, {}, 1.0, 1.0, 1.0), HeadlineSettings()) == {}
+
+
 def test_headline_pipeline_on_a_tiny_model_then_ship_and_demo(tmp_path):
     """Source pretraining, conversion, the measurements, report and plot; a second call trains nothing; the shipped
     folder drives the miniature demo."""
@@ -78,12 +90,13 @@ def test_headline_pipeline_on_a_tiny_model_then_ship_and_demo(tmp_path):
                  "train_size": 100, "test_size": 3, "text_corpus": []},
         "source": {"model": "tiny:llama@32x1", "data": {"seq_len": 64}, "micro_batch_size": 2, "max_steps": 3,
                    "lr": 1e-3, "save_every": 0, "log_every": 1},
-        "conversion": {"diffusion": {"block_size": 8, "token_shift": True}, "data": {"seq_len": 64},
+        "conversion": {"diffusion": {"block_size": 8, "token_shift": True, "clean_causal": True, "ar_weight": 1.0},
+                       "data": {"seq_len": 64},
                        "micro_batch_size": 2, "max_steps": 2, "lr": 1e-3, "save_every": 0, "log_every": 1},
         "max_new_tokens": 12, "per_position_rows": 2, "per_position_samples": 1,
         "comparisons": {"headline": {"variants": {"main": {}}}},
         "headline": {"sweep_thresholds": [0.9, 0.5], "sweep_block_sizes": [None, 4], "batch_sizes": [1, 2],
-                     "dtypes": ["fp32"], "samples": 1},
+                     "dtypes": ["fp32"], "samples": 1, "modes": ["ar", "speculative"]},
     }
     path = tmp_path / "headline.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -98,7 +111,14 @@ def test_headline_pipeline_on_a_tiny_model_then_ship_and_demo(tmp_path):
                                                                               "speedup_batch1"}
     assert saved["training"]["conversion_tokens"] == 2 * 2 * 64 and saved["training"]["source_tokens"] == 3 * 2 * 64
     assert saved["machine"]["packages"]["torch"] and "commit" in saved["machine"]
+    for batch in ("1", "2"):  # greedy speculative answers are the AR mode's
+        ar_mode, spec = saved["modes"]["ar"][batch], saved["modes"]["speculative"][batch]
+        assert (spec["accuracy"], spec["per_family"]) == (ar_mode["accuracy"], ar_mode["per_family"])
+        assert spec["speedup"] == pytest.approx(spec["tokens_per_s"] / saved["by_batch"][batch]["ar"]["tokens_per_s"])
+    assert set(saved["mode_targets"]) == {"ar_mode_accuracy", "speculative_tokens_per_forward",
+                                          "speculative_speedup_batch1"}
     report = (tmp_path / "report" / "report.md").read_text()
+    assert "| 1 | dLM speculative | fp32 |" in report
     assert "| dLM tokens per forward |" in report and (tmp_path / "report" / "pareto.png").stat().st_size > 1000
     mtime = (tmp_path / "runs" / "source" / "model.safetensors").stat().st_mtime
     run_headline(cfg, config_path=str(path))  # finished steps are skipped

@@ -123,6 +123,18 @@ def test_completion_matches_the_library_decoder_with_usage(server, client, refer
     assert n == 10 and r.object == "text_completion" and r.model == MODEL
 
 
+def test_each_decoding_mode_matches_the_library_and_speculative_gives_the_ar_text(server, client, reference):
+    _, _, settings = server
+    prompt = "Once upon a time"
+    ids = reference.encode(prompt, chat=False)
+    texts = {}
+    for mode in ("diffusion", "ar", "speculative"):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=9, extra_body={"mode": mode})
+        texts[mode] = r.choices[0].text
+        assert texts[mode] == expected_text(reference, ids, settings, max_new_tokens=9, mode=mode)[0]
+    assert texts["speculative"] == texts["ar"]
+
+
 def test_streamed_text_equals_the_non_streamed_text(client):
     prompt = "request 0001: write a line"
     whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, seed=3)
@@ -252,7 +264,8 @@ def test_bad_requests_get_openai_style_errors(server, client):
 
 BAD_VALUES = [("temperature", 99), ("temperature", -1), ("temperature", 2.01), ("temperature", "hot"),
               ("top_p", 0), ("top_p", 1.5), ("top_p", -0.1), ("max_tokens", 0), ("max_tokens", -3),
-              ("threshold", 0), ("threshold", 2), ("threshold", -0.5), ("block_size", 0), ("block_size", -4)]
+              ("threshold", 0), ("threshold", 2), ("threshold", -0.5), ("block_size", 0), ("block_size", -4),
+              ("mode", "jacobi")]
 ENDPOINTS = {"completions": {"prompt": "hi"}, "chat/completions": {"messages": [{"role": "user", "content": "hi"}]}}
 
 

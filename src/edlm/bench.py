@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -71,9 +72,11 @@ def _peak_rss_mb() -> float:
 
 
 def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict[str, Any]:
-    """Tokens/s of a conversion step vs a plain AR fine-tuning step of the same model, batch and length.
+    """Tokens/s of a conversion step vs a plain AR fine-tuning step of the same model, batch and length, and (for
+    patterns with a clean copy) of the joint objective's step: the same conversion step plus the AR loss on the
+    causal clean copy (``ar_weight`` 1.0, ``clean_causal``), whose cost over the diffusion-only step it reports.
 
-    Both use AdamW on the same trainable parameters and the same packed batches. The AR phase runs first, so the
+    All use AdamW on the same trainable parameters and the same packed batches. The AR phase runs first, so the
     process's peak RSS after each phase shows the extra memory of the dLM step (RSS peaks never go down). On CUDA,
     peak allocated memory is reset and read per phase instead.
     """
@@ -117,10 +120,20 @@ def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict[
     ar = run_phase(lambda x0, i: dlm.model(input_ids=x0, labels=x0).loss)
     diff = run_phase(lambda x0, i: dlm.loss(noise_samples(x0, dlm.config, dlm.mask_id, cfg.seed,
                                                           list(range(i * mb, (i + 1) * mb)))).loss)
+    joint: dict[str, Any] = {}
+    if dlm.pattern.clean_copy:
+        both = DiffusionLM(dlm.model, tokenizer, dataclasses.replace(dlm.config, clean_causal=True,
+                                                                     ar_weight=dlm.config.ar_weight or 1.0))
+        step = run_phase(lambda x0, i: both.loss(noise_samples(x0, both.config, both.mask_id, cfg.seed,
+                                                                list(range(i * mb, (i + 1) * mb)))).loss)
+        joint = {"dlm_convert_joint": {**step, "ar_weight": both.config.ar_weight,
+                                       "diffusion_weight": both.config.diffusion_weight},
+                 "joint_over_dlm_step_time": step["step_s_median"] / diff["step_s_median"]}
     return {
         "ar_finetune": ar,
         "dlm_convert": diff,
         "dlm_over_ar_step_time": diff["step_s_median"] / ar["step_s_median"],
+        **joint,
         "settings": {**to_dict(cfg), "steps": steps, "warmup": warmup, "device": device},
         "machine": machine_info(),
         "memory_note": "CPU: process peak RSS after each phase (AR phase ran first)" if device == "cpu"
@@ -221,6 +234,27 @@ def forward_overhead(dlm, prompt_len: int, block: int, repeats: int = 10) -> dic
             "overhead_fraction": per_forward_decoder / bare - 1.0, "prompt_len": prompt_len, "block": block}
 
 
+def decoding_modes(dlm, ids: list[list[int]], max_new_tokens: int, threshold: float, repeats: int,
+                   ar_reference: list[list[int]], ar_tokens_per_s: float) -> dict[str, Any]:
+    """The converted model in each decoding mode (``DecodeConfig.mode``; speculative with its draft fused into the
+    verifying forward and separate), batch 1: tokens/s, tokens per forward, agreement with the AR baseline's output
+    and with the converted model's own ``ar`` mode (1.0 for greedy speculative by construction), and the speed-up
+    over the AR baseline's ``ar_tokens_per_s``."""
+    from edlm.config import DecodeConfig
+    from edlm.decode import generate
+
+    variants = {"diffusion": {"threshold": threshold}, "ar": {}, "speculative": {},
+                "speculative_separate_draft": {"fused_draft": False}}
+    runs = {}
+    for name, fields in variants.items():
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, mode=name.split("_")[0], **fields)
+        runs[name] = _timed(lambda c=cfg: _in_batches(lambda r: generate(dlm, r, c), ids, 1), repeats)
+    return {name: {**_summary(run), "speedup": run.stats.tokens_per_s / ar_tokens_per_s,
+                   "agreement_with_ar": _agreement(run.sequences, ar_reference),
+                   "agreement_with_ar_mode": _agreement(run.sequences, runs["ar"].sequences)}
+            for name, run in runs.items()}
+
+
 def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = None, max_new_tokens: int = 64,
                      batch_sizes: tuple[int, ...] = (1, 4), threshold: float = 0.9,
                      sweep: tuple[float, ...] = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3),
@@ -286,6 +320,8 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
         out = outputs[thr] = _timed(lambda c=sweep_cfg: _in_batches(lambda r: generate(best, r, c), ids, 1), repeats)
         results["sweep"].append({"threshold": thr, **_summary(out),
                                  "agreement_with_ar": _agreement(out.sequences, ar_ref.sequences)})
+    results["modes"] = decoding_modes(best, ids, max_new_tokens, threshold, repeats, ar_ref.sequences,
+                                      results["ar"]["tokens_per_s"])
     results["overhead"] = forward_overhead(best, prompt_len=max(len(i) for i in ids), block=best.config.block_size)
     samples = outputs.get(threshold) or _in_batches(lambda r: generate(best, r, dcfg), ids, 1)
     results["samples"] = [{"prompt": t, "dlm": dlm32.tokenizer.decode(s, skip_special_tokens=True),

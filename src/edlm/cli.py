@@ -98,6 +98,14 @@ def _require_task(task: str) -> None:
         require("reasoning_gym", install=REASONING_GYM)
 
 
+def _mode_argument(p: argparse.ArgumentParser) -> None:
+    from edlm.config import DECODE_MODES
+
+    p.add_argument("--mode", choices=DECODE_MODES, default="diffusion",
+                   help="diffusion: parallel block decoding; ar: the converted weights one token per forward; "
+                        "speculative: diffusion drafts verified causally (greedy output identical to ar)")
+
+
 def _set_threads(args: argparse.Namespace) -> None:
     """Apply ``--threads`` (CPU threads for torch) when given."""
     if args.threads:
@@ -126,9 +134,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from edlm.model import DiffusionLM
 
     _set_threads(args)
-    cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, block_size=args.block_size, threshold=args.threshold,
-                       policy=args.policy, tokens_per_step=args.tokens_per_step, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed)
+    cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, mode=args.mode, block_size=args.block_size,
+                       threshold=args.threshold, policy=args.policy, tokens_per_step=args.tokens_per_step,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     prompts = args.prompt or []
     if not prompts:
         raise EdlmError("give at least one --prompt TEXT")
@@ -156,6 +164,10 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     ar, dl = result["ar_finetune"], result["dlm_convert"]
     print(f"AR fine-tune : {ar['tokens_per_s']:8.1f} tokens/s  peak {ar['peak_mem_mb']:.0f} MB")
     print(f"dLM convert  : {dl['tokens_per_s']:8.1f} tokens/s  peak {dl['peak_mem_mb']:.0f} MB")
+    if "dlm_convert_joint" in result:
+        jo = result["dlm_convert_joint"]
+        print(f"dLM + AR loss: {jo['tokens_per_s']:8.1f} tokens/s  peak {jo['peak_mem_mb']:.0f} MB  "
+              f"(step time {result['joint_over_dlm_step_time']:.2f}x the diffusion-only step)")
     print(f"dLM step time / AR step time: {result['dlm_over_ar_step_time']:.2f}  -> {args.json}")
     return 0
 
@@ -247,7 +259,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples, seed=args.seed,
-                      threshold=args.threshold, max_new_tokens=args.max_new_tokens, chat=not args.no_chat)
+                      threshold=args.threshold, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                      mode=args.mode)
     if args.json:
         write_json(result, args.json)
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k not in ("model",)}
@@ -461,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="converted model folder (output of edlm convert)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    _mode_argument(p)
     p.add_argument("--block-size", type=int, default=None, help="decoding block (default: the training block)")
     p.add_argument("--policy", default="threshold", help="commit policy: threshold or fixed")
     p.add_argument("--threshold", type=float, default=0.9, help="confidence needed to commit a token")
@@ -490,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples of the dLM's ELBO")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold", type=float, default=0.9)
+    _mode_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task (16 arithmetic, 256 code)")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--threads", type=int, default=None)

@@ -220,6 +220,10 @@ class DecodeConfig:
     fused_draft: bool = True
     """``speculative``: draft the next block in the same forward that verifies the current draft (False: a separate
     draft forward after each verification)."""
+    draft_hypotheses: int = 2
+    """``speculative``: how many acceptance lengths of the current draft the next block is drafted for, in one
+    forward (the whole draft, then 0, 1, ...): a rejected draft then still leaves a draft made from verified tokens.
+    Each costs a block of extra tokens in the forward."""
     block_size: int | None = None
     """Decoding block size; None uses the model's training block size. Must be a multiple or divisor of it."""
     policy: str = "threshold"
@@ -244,6 +248,7 @@ class DecodeConfig:
         _check(self.mode in DECODE_MODES, f"unknown decoding mode {self.mode!r}; choose one of {list(DECODE_MODES)}")
         _check(self.block_size is None or self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         _check(0.0 < self.threshold <= 1.0, f"threshold must be in (0, 1], got {self.threshold}")
+        _check(self.draft_hypotheses >= 1, f"draft_hypotheses must be >= 1, got {self.draft_hypotheses}")
         _check(self.tokens_per_step >= 1, f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
         _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")

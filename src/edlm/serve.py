@@ -94,6 +94,9 @@ class ServeSettings:
     """Default temperature; 0 is greedy."""
     top_p: float = 1.0
     """Default nucleus mass (with temperature > 0)."""
+    mode: str = "diffusion"
+    """Default decoding mode (``diffusion``, ``ar`` or ``speculative``, see ``DecodeConfig.mode``); requests may set
+    ``mode``."""
     threshold: float = 0.9
     """Default confidence a token needs to be committed (``threshold`` policy); requests may set ``threshold``."""
     block_size: int | None = None
@@ -126,7 +129,7 @@ class ServeSettings:
 
     def decode_config(self, **fields: Any) -> DecodeConfig:
         """A DecodeConfig from these defaults, with ``fields`` (None values ignored) replacing them."""
-        base = dict(max_new_tokens=self.max_tokens, block_size=self.block_size, policy=self.policy,
+        base = dict(max_new_tokens=self.max_tokens, mode=self.mode, block_size=self.block_size, policy=self.policy,
                     threshold=self.threshold, tokens_per_step=self.tokens_per_step, temperature=self.temperature,
                     top_p=self.top_p, seed=self.seed or 0)
         base.update({k: v for k, v in fields.items() if v is not None})
@@ -177,6 +180,8 @@ class _Sampling(_Lenient):
     """edlm extension: confidence a token needs to be committed."""
     block_size: int | None = Field(None, ge=1)
     """edlm extension: decoding block size (a multiple or divisor of the training block)."""
+    mode: Literal["diffusion", "ar", "speculative"] | None = None
+    """edlm extension: decoding mode; ``speculative`` gives the ``ar`` output (greedy) in fewer forwards."""
 
 
 class CompletionRequest(_Sampling):
@@ -736,7 +741,8 @@ def _plan(request: Request, body: _Sampling, prompt: list[int], max_tokens: int 
         seed = secrets.randbelow(2**31)
     try:
         cfg = settings.decode_config(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                     seed=seed, threshold=body.threshold, block_size=body.block_size)
+                                     seed=seed, threshold=body.threshold, block_size=body.block_size,
+                                     mode=body.mode)
         validate(engine.dlm, [prompt], cfg)
     except EdlmError as e:
         raise ApiError(400, str(e)) from None

@@ -61,58 +61,68 @@ class _Row:
         return len(self.seq) - self.prompt_len
 
 
-def _step_inputs(rows: list[_Row], block: int, with_noisy: bool, mask_id: int, pad_id: int, causal_in_block: bool,
-                 col_pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """Token ids (R, W + N), position ids (R, W + N) and the bool attention (R, W + N, K + W + N) of one step, where
-    K = cached columns, W = the widest clean part, N = ``block`` with a noisy part (else 0); and each row's noisy
-    block start. Columns that belong to no real token (padding, finished rows) attend only to themselves."""
+def _hypotheses(row: _Row, count: int) -> list[int]:
+    """Acceptance lengths of ``row.draft`` to draft the next block for: the whole draft first, then 0, 1, ... up to
+    ``count`` in all (short acceptances are the common rejections)."""
+    if row.done or count < 1:
+        return []
+    full = len(row.draft)
+    return [full] + [a for a in range(min(count - 1, full))]
+
+
+def _step_inputs(rows: list[_Row], hyps: list[list[int]], block: int, mask_id: int, pad_id: int,
+                 causal_in_block: bool, col_pos: torch.Tensor, device,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Token ids (R, W + H*B), position ids (R, W + H*B) and the bool attention (R, W + H*B, K + W + H*B) of one
+    step, where K = cached columns, W = the widest clean part and H = the most hypotheses of a row (``hyps[r]``:
+    acceptance lengths, one noisy block each); and the first position of each row's noisy blocks. Columns that
+    belong to no real token (padding, finished rows, missing hypotheses) attend only to themselves."""
     n_rows, kv_old = len(rows), col_pos.shape[1]
     clean = [r.seq[r.cached:] + r.draft if not r.done else [pad_id] for r in rows]
     width = max(len(c) for c in clean)
-    noisy = block if with_noisy else 0
-    q_len = width + noisy
+    n_blocks = max(len(h) for h in hyps)
+    q_len = width + n_blocks * block
     ids = torch.full((n_rows, q_len), pad_id, dtype=torch.long)
     pos = torch.zeros((n_rows, q_len), dtype=torch.long)
-    # Position of every key column per row (-1: not a real token of that row), and of every query.
+    real_query = torch.zeros((n_rows, q_len), dtype=torch.bool)
+    # Position of every key column per row (-1: not a real token of that row).
     key_pos = torch.full((n_rows, kv_old + q_len), -1, dtype=torch.long)
     key_pos[:, :kv_old] = col_pos.cpu()
-    starts = []
+    context_end = torch.zeros((n_rows, q_len), dtype=torch.long)  # a noisy query sees clean positions below this
+    starts: list[list[int]] = []
     for i, (row, toks) in enumerate(zip(rows, clean)):
         ids[i, :len(toks)] = torch.tensor(toks)
+        starts.append([])
         if row.done:
-            starts.append(0)
             continue
         pos[i, :len(toks)] = torch.arange(row.cached, row.cached + len(toks))
         key_pos[i, kv_old:kv_old + len(toks)] = pos[i, :len(toks)]
-        end = len(row.seq) + len(row.draft)  # first position not filled in
-        start = end // block * block
-        starts.append(start)
-        if noisy:
-            known = (row.seq + row.draft)[start:end]
-            ids[i, width:width + len(known)] = torch.tensor(known, dtype=torch.long)
-            ids[i, width + len(known):] = mask_id
-            pos[i, width:] = torch.arange(start, start + block)
+        real_query[i, :len(toks)] = True
+        filled = row.seq + row.draft
+        for j, accepted in enumerate(hyps[i]):
+            end = len(row.seq) + accepted  # the first position this hypothesis leaves open (the AR token's)
+            start = end // block * block
+            starts[i].append(start)
+            cols = slice(width + j * block, width + (j + 1) * block)
+            known = filled[start:end]
+            ids[i, cols] = mask_id
+            ids[i, cols.start:cols.start + len(known)] = torch.tensor(known, dtype=torch.long)
+            pos[i, cols] = torch.arange(start, start + block)
+            real_query[i, cols] = True
+            context_end[i, cols] = start
     q_pos = pos[:, :, None]  # (R, Q, 1)
     k_pos = key_pos[:, None, :]  # (R, 1, K')
-    real_key = k_pos >= 0
-    is_clean_key = torch.zeros(kv_old + q_len, dtype=torch.bool)
-    is_clean_key[:kv_old + width] = True
-    attn = torch.zeros((n_rows, q_len, kv_old + q_len), dtype=torch.bool)
-    # Clean queries: every real clean key at or before their position (the cache holds only verified ones).
-    attn[:, :width] = (real_key & is_clean_key & (k_pos <= q_pos[:, :width]))
-    if noisy:
-        start_t = torch.tensor(starts)[:, None, None]
-        context = real_key & is_clean_key & (k_pos < start_t)  # (R, 1, K')
-        inside = torch.ones((noisy, noisy), dtype=torch.bool)
-        if causal_in_block:
-            inside = inside.tril()
-        attn[:, width:] = context
-        attn[:, width:, kv_old + width:] = inside
-    live = torch.tensor([not r.done for r in rows])
-    real_query = torch.zeros((n_rows, q_len), dtype=torch.bool)
-    for i, toks in enumerate(clean):
-        real_query[i, :len(toks)] = live[i]
-    real_query[:, width:] = live[:, None]
+    clean_key = (k_pos >= 0) & (torch.arange(kv_old + q_len) < kv_old + width)  # (R, 1, K')
+    is_noisy_query = torch.arange(q_len) >= width  # (Q,)
+    # Clean queries: every clean key at or before their position (the cache holds only verified ones). Noisy
+    # queries: clean keys before their block, and their own block.
+    attn = clean_key & torch.where(is_noisy_query[None, :, None], k_pos < context_end[:, :, None], k_pos <= q_pos)
+    inside = torch.ones((block, block), dtype=torch.bool)
+    if causal_in_block:
+        inside = inside.tril()
+    for j in range(n_blocks):
+        q = slice(width + j * block, width + (j + 1) * block)
+        attn[:, q, kv_old + q.start:kv_old + q.stop] = inside
     attn &= real_query[:, :, None]
     diag = torch.arange(q_len)
     attn[:, diag, kv_old + diag] |= ~real_query  # padding attends to itself only (no NaN)
@@ -147,9 +157,9 @@ def _accept(row: _Row, ar_logits: torch.Tensor, cfg: DecodeConfig, generator: to
 
 def _next_draft(row: _Row, drafted: torch.Tensor, start: int, block: int, cfg: DecodeConfig,
                 generator: torch.Generator) -> None:
-    """Set the row's next draft from the predictions (B, V) for its noisy block's positions [start, start + B),
-    given that the row's previous draft was accepted whole (its committed tokens now end one past it)."""
-    first = len(row.seq)  # the AR model's own token already fills position len(seq) - 1
+    """Set the row's next draft from the predictions (B, V) for a noisy block's positions [start, start + B): its
+    positions from len(row.seq) on (the AR model's own token already fills len(row.seq) - 1)."""
+    first = len(row.seq)
     last = min(start + block, row.prompt_len + cfg.max_new_tokens)  # no guesses past the budget
     if first >= last:
         row.draft, row.draft_probs = [], None
@@ -195,15 +205,16 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
         if all(r.done for r in rows):
             return
         with_noisy = cfg.fused_draft or not any(r.draft for r in rows if not r.done)
-        ids, pos, attn, starts = _step_inputs(rows, block, with_noisy, dlm.mask_id, pad_id,
-                                              dlm.pattern.causal_in_block, col_pos, device)
-        width = ids.shape[1] - (block if with_noisy else 0)  # clean columns
+        hyps = [_hypotheses(r, cfg.draft_hypotheses if with_noisy else 0) for r in rows]
+        ids, pos, attn, starts = _step_inputs(rows, hyps, block, dlm.mask_id, pad_id, dlm.pattern.causal_in_block,
+                                              col_pos, device)
+        width = ids.shape[1] - block * max(len(h) for h in hyps)  # clean columns
         logits = dlm.run(ids, pos, to_attention_mask(attn, dtype, dlm.attn_implementation),
-                         past_key_values=cache, use_cache=True).logits  # (R, W + N, V)
+                         past_key_values=cache, use_cache=True).logits  # (R, W + H*B, V)
         logits[..., dlm.mask_id] = float("-inf")
         stats.forwards += 1
-        if with_noisy:
-            cache.crop(-block)  # the noisy block's keys/values are never context
+        if ids.shape[1] > width:
+            cache.crop(width - ids.shape[1])  # the noisy blocks' keys/values are never context
         new_pos = torch.full((len(rows), width), -1, dtype=torch.long)
         new_tokens: list[list[int]] = []
         for i, row in enumerate(rows):
@@ -211,7 +222,7 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
                 new_tokens.append([])
                 continue
             new = _accept(row, logits[i, :width], cfg, generators[i])
-            accepted_all = len(new) == len(row.draft) + 1
+            accepted = len(new) - 1
             new = new[:cfg.max_new_tokens - row.produced]
             if eos is not None and eos in new:
                 new = new[:new.index(eos) + 1]
@@ -224,11 +235,15 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
             row.done = row.done or row.produced >= cfg.max_new_tokens
             new_tokens.append(new)
             row.draft, row.draft_probs = [], None
-            if with_noisy and accepted_all and not row.done:
-                drafted = logits[i, width:]  # (B, V) at the noisy block's positions
-                if shift:  # the state at p - 1 predicts p; only positions after the block's first are ever used
+            # The next draft comes from the block drafted for this acceptance length, else from the longest shorter
+            # one (its later predictions are guesses made without the accepted tokens: verification sorts them out).
+            below = [j for j, h in enumerate(hyps[i]) if h <= accepted]
+            if below and not row.done:
+                j = max(below, key=lambda j: hyps[i][j])
+                drafted = logits[i, width + j * block:width + (j + 1) * block]  # (B, V) at the block's positions
+                if shift:  # the state at p - 1 predicts p; a block's first position is never drafted
                     drafted = torch.cat([drafted[:1] * float("nan"), drafted[:-1]])
-                _next_draft(row, drafted, starts[i], block, cfg, generators[i])
+                _next_draft(row, drafted, starts[i][j], block, cfg, generators[i])
         col_pos = torch.cat([col_pos, new_pos], dim=1)
         # Columns no row needs any more (at batch 1: everything past the verified tokens) leave the cache.
         keep = int((col_pos >= 0).any(dim=0).nonzero().max()) + 1 if bool((col_pos >= 0).any()) else 0

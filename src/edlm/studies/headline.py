@@ -32,6 +32,9 @@ from edlm.studies.task import Problem
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
+# Decoding-mode variants of the three-modes table: DecodeConfig fields beyond the headline's.
+MODE_VARIANTS = {"ar": {"mode": "ar"}, "speculative": {"mode": "speculative"},
+                 "speculative_separate_draft": {"mode": "speculative", "fused_draft": False}}
 
 
 @dataclass
@@ -49,11 +52,18 @@ class HeadlineSettings:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     dtypes: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
     """Weight dtypes tried for both systems; each system is reported at its fastest."""
+    modes: list[str] = field(default_factory=list)
+    """Also decode with these modes of the converted model (``ar``, ``speculative``, ``speculative_separate_draft``;
+    ``DecodeConfig.mode``) at each batch size, at the dLM's batch-1 dtype: the three-modes table."""
     samples: int = 3
     """Sample answers per family in the report."""
     targets: dict[str, float] = field(default_factory=lambda: {
         "accuracy_gap_points": 1.0, "tokens_per_forward": 3.0, "speedup_batch1": 2.5, "speedup_batch8": 1.5})
     """dLM accuracy >= AR - gap (overall and per family), tokens per forward and speed-ups at the headline point."""
+    mode_targets: dict[str, float] = field(default_factory=lambda: {
+        "ar_mode_gap_points": 1.0, "speculative_tokens_per_forward": 2.0, "speculative_speedup_batch1": 1.5})
+    """With ``modes``: the converted model's AR mode within this many points of the source (overall and per family),
+    and the speculative mode's tokens per forward and batch-1 speed-up over the AR source."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -63,6 +73,9 @@ class HeadlineSettings:
         unknown = sorted(set(self.dtypes) - {"fp32", "bf16"})
         if unknown or not self.dtypes:
             raise ConfigError(f"headline.dtypes must be a non-empty subset of ['fp32', 'bf16'], got {self.dtypes}")
+        unknown = sorted(set(self.modes) - set(MODE_VARIANTS))
+        if unknown:
+            raise ConfigError(f"unknown headline.modes {unknown}; choose from {list(MODE_VARIANTS)}")
 
 
 @dataclass
@@ -160,8 +173,8 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
         return lambda rows: ar_generate(model, rows, DecodeConfig(max_new_tokens=max_new_tokens), eos_id=eos,
                                         pad_id=tok.pad_token_id)
 
-    def dlm_run(dlm, threshold, block):
-        cfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold, block_size=block)
+    def dlm_run(dlm, threshold, block, **fields):
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold, block_size=block, **fields)
         return lambda rows: generate(dlm, rows, cfg)
 
     warm = problems[:4]
@@ -199,6 +212,16 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
             r = decode_problems(dlm_run(dlms[dtype], thr, block), tok, problems, 1)
             curve.append({"block_size": block or dlm32.config.block_size, "threshold": thr, "dtype": dtype,
                           **_public(r)})
+    modes: dict[str, Any] = {}
+    for name in settings.modes:
+        for batch in settings.batch_sizes:
+            say(f"mode {name} ({dtype}, batch {batch})")
+            r = decode_problems(dlm_run(dlms[dtype], settings.threshold, settings.block_size, **MODE_VARIANTS[name]),
+                                tok, problems, batch)
+            modes.setdefault(name, {})[str(batch)] = {
+                **_public(r), "dtype": dtype,
+                "speedup": r["tokens_per_s"] / by_batch[str(batch)]["ar"]["tokens_per_s"],
+                "agreement_with_ar_source": sum(a == b for a, b in zip(r["answers"], answers["ar"])) / len(problems)}
     # The decoder's own cost per forward (masks, commit rule, cache bookkeeping) over a bare model forward of the
     # same shape: at this model size it decides how much of the tokens per forward becomes speed.
     overhead = forward_overhead(dlms[dtype], prompt_len=len(prompt_ids(tok, problems[0])),
@@ -207,8 +230,9 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
     for p, a, d in zip(problems, answers["ar"], answers["dlm"]):
         if len(samples[p.family]) < settings.samples:
             samples[p.family].append({"question": p.question, "answer": p.answer, "ar": a, "dlm": d})
-    return {"by_batch": by_batch, "curve": curve, "samples": dict(samples), "decoder_overhead": overhead,
-            "dlm_block_size": settings.block_size or dlm32.config.block_size, "threshold": settings.threshold}
+    return {"by_batch": by_batch, "curve": curve, "modes": modes, "samples": dict(samples),
+            "decoder_overhead": overhead, "dlm_block_size": settings.block_size or dlm32.config.block_size,
+            "threshold": settings.threshold}
 
 
 def summary(measured: dict[str, Any]) -> dict[str, Any]:
@@ -236,6 +260,28 @@ def verdicts(measured: dict[str, Any], settings: HeadlineSettings) -> dict[str, 
         if batch in measured["by_batch"]:
             value = measured["by_batch"][batch]["speedup"]
             out[key] = {"value": value, "bar": t[key], "met": value >= t[key]}
+    return out
+
+
+def mode_verdicts(measured: dict[str, Any], settings: HeadlineSettings) -> dict[str, Any]:
+    """The three-modes targets that the measured modes allow judging (batch 1)."""
+    t, modes = settings.mode_targets, measured.get("modes") or {}
+    source = measured["by_batch"]["1"]["ar"]
+    out: dict[str, Any] = {}
+    if "1" in modes.get("ar", {}):
+        ar = modes["ar"]["1"]
+        worst = min([ar["accuracy"] - source["accuracy"]]
+                    + [ar["per_family"][f] - source["per_family"][f] for f in source["per_family"]])
+        out["ar_mode_accuracy"] = {"value_points": 100 * worst, "bar_points": -t["ar_mode_gap_points"],
+                                   "met": worst >= -t["ar_mode_gap_points"] / 100,
+                                   "what": "worst of (AR mode - AR source) overall and per family, in points"}
+    if "1" in modes.get("speculative", {}):
+        sp = modes["speculative"]["1"]
+        out["speculative_tokens_per_forward"] = {"value": sp["tokens_per_forward"],
+                                                 "bar": t["speculative_tokens_per_forward"],
+                                                 "met": sp["tokens_per_forward"] >= t["speculative_tokens_per_forward"]}
+        out["speculative_speedup_batch1"] = {"value": sp["speedup"], "bar": t["speculative_speedup_batch1"],
+                                             "met": sp["speedup"] >= t["speculative_speedup_batch1"]}
     return out
 
 
@@ -270,6 +316,7 @@ def run_headline(cfg: HeadlineConfig, progress=None, new_bar=None,
         **summary(measured),
         "n_problems": len(problems),
         "targets": verdicts(measured, cfg.headline),
+        "mode_targets": mode_verdicts(measured, cfg.headline),
         **measured,
         "training": {"source_tokens": pretrain_tokens, "conversion_tokens": convert_tokens,
                      "conversion_fraction": convert_tokens / pretrain_tokens if pretrain_tokens else None,
@@ -375,6 +422,33 @@ def _fmt_target(name: str, v: dict[str, Any]) -> str:
     return f"| {name} | {value:.2f} | {bar:g} | {status} |"
 
 
+def _modes_section(result: dict[str, Any], fams: list[str]) -> list[str]:
+    """The three decoding modes of the converted model next to the AR source (report lines)."""
+    names = {"ar_mode_accuracy": "AR mode - AR source accuracy, worst of overall / per family (points)",
+             "speculative_tokens_per_forward": "speculative tokens per forward",
+             "speculative_speedup_batch1": "speculative speed-up over the AR source, batch 1"}
+    lines = ["", "## One checkpoint, three decoding modes", "",
+             "The converted model decoded causally (`ar`), by blocks (`diffusion`, the headline setting), and "
+             "speculatively (`speculative`: the diffusion head drafts, one causal pass verifies; its output is the "
+             "`ar` mode's by construction; `speculative_separate_draft` drafts in a forward of its own), against "
+             "the AR source at its best dtype.", "",
+             "| target | measured | bar | verdict |", "| --- | ---: | ---: | --- |"]
+    lines += [_fmt_target(names[k], v) for k, v in result.get("mode_targets", {}).items()]
+    lines += ["", "| batch | system | dtype | accuracy | " + " | ".join(fams)
+              + " | tokens/forward | tokens/s | speed-up | same answer as the AR source |",
+              "| ---: | --- | --- | ---: | " + " | ".join("---:" for _ in fams) + " | ---: | ---: | ---: | ---: |"]
+    for batch, b in result["by_batch"].items():
+        rows = [("AR source", b["ar"], 1.0, None), ("dLM diffusion", b["dlm"], b["speedup"], None)]
+        rows += [(f"dLM {name}", m[batch], m[batch]["speedup"], m[batch]["agreement_with_ar_source"])
+                 for name, m in result["modes"].items() if batch in m]
+        for system, r, speedup, same in rows:
+            lines.append(f"| {batch} | {system} | {r['dtype']} | {100 * r['accuracy']:.1f} | "
+                         + " | ".join(f"{100 * r['per_family'][f]:.1f}" for f in fams)
+                         + f" | {r['tokens_per_forward']:.2f} | {r['tokens_per_s']:.1f} | {speedup:.2f}x | "
+                         + ("" if same is None else f"{100 * same:.1f}%") + " |")
+    return lines
+
+
 def render_report(result: dict[str, Any], study: StudyConfig) -> str:
     one = result["by_batch"]["1"]
     fams = list(one["ar"]["per_family"])
@@ -420,6 +494,8 @@ def render_report(result: dict[str, Any], study: StudyConfig) -> str:
                      + " | ".join(f"{100 * p['per_family'][f]:.1f}" for f in fams)
                      + f" | {p['tokens_per_forward']:.2f} | {p['tokens_per_s']:.1f} | "
                        f"{p['tokens_per_s'] / ar_speed:.2f}x |")
+    if result.get("modes"):
+        lines += _modes_section(result, fams)
     if "decoder_overhead" in result:
         o = result["decoder_overhead"]
         lines += ["", f"Decoder cost per forward: {1e3 * o['decoder_s_per_forward']:.2f} ms against "
