@@ -25,6 +25,13 @@ def test_convert_then_generate_on_the_tiny_preset(tmp_path):
             "--stats")
     assert r.returncode == 0, r.stderr
     assert "tokens/forward" in r.stderr
+    texts = {}
+    for mode in ("ar", "speculative"):
+        r = run("generate", "--model", str(out), "--prompt", "Shall I compare thee", "--max-new-tokens", "12",
+                "--mode", mode, "--no-chat")
+        assert r.returncode == 0, r.stderr
+        texts[mode] = r.stdout
+    assert texts["ar"] == texts["speculative"] and len(texts["ar"]) > 1  # (a tiny model writes spaces)
     bench = tmp_path / "bench.json"
     r = run("bench", "--model", str(out), "--json", str(bench), "--max-new-tokens", "16", "--sweep", "0.9", "0.5",
             "--dtypes", "fp32", "--no-chat")
@@ -32,6 +39,7 @@ def test_convert_then_generate_on_the_tiny_preset(tmp_path):
     result = json.loads(bench.read_text())
     assert {"ar", "dlm", "speedup", "settings", "machine"} <= set(result)
     assert {"tokens_per_s", "tokens_per_forward", "latency_s"} <= set(result["dlm"])
+    assert set(result["modes"]) == {"diffusion", "ar", "speculative", "speculative_separate_draft"}
     assert (tmp_path / "bench.png").is_file() and "speedup" in r.stdout
 
 

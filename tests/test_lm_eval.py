@@ -208,6 +208,16 @@ def test_rolling_loglikelihood_is_the_elbo_of_every_token_in_rolling_windows(mod
     assert exact == pytest.approx(ar_loglikelihood(dlm.model, [prefix], tokens, banned=dlm.mask_id), abs=1e-4)
 
 
+def test_speculative_generation_gives_the_ar_mode_text(model_dir):
+    def texts(mode: str) -> list[str]:
+        lm = EdlmLM(pretrained=str(model_dir), decode_mode=mode, device="cpu", batch_size=2)
+        return lm.generate_until([Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 10}), i)
+                                  for i, p in enumerate(["2 + 2 =", "3 + 5 =", "7 - 4 ="])], disable_tqdm=True)
+
+    ar = texts("ar")
+    assert texts("speculative") == ar and all(len(t) > 2 for t in ar)
+
+
 def test_generation_stops_at_the_earliest_stop_string(model_dir):
     lm = EdlmLM(pretrained=str(model_dir), threshold=THRESHOLD, seed=SEED, device="cpu", batch_size=2)
 
@@ -285,3 +295,5 @@ def test_registration_and_arguments():
         EdlmLM(pretrained=".", elbo_sample=3)
     with pytest.raises(EdlmError, match="mode"):
         EdlmLM(pretrained=".", mode="diffusion")
+    with pytest.raises(EdlmError, match="decode_mode"):
+        EdlmLM(pretrained=".", decode_mode="jacobi")
