@@ -127,3 +127,18 @@ def test_sampled_speculative_is_reproducible_per_seed():
 def test_unknown_mode_is_a_config_error():
     with pytest.raises(ConfigError, match="speculative"):
         DecodeConfig(mode="jacobi")
+
+
+def test_drafting_for_a_rejection_too_saves_the_draft_only_forwards(monkeypatch):
+    """With one hypothesis a rejected draft leaves nothing to verify next (that forward commits one token); with two
+    (whole draft, none of it) the block drafted for "none accepted" is verified next: same output, fewer forwards."""
+    dlm = varied_dlm()
+    ar = generate(dlm, PROMPTS, DecodeConfig(max_new_tokens=19, mode="ar")).sequences
+    oracle_drafts(monkeypatch, {tuple(p): s for p, s in zip(PROMPTS, ar)}, 3)
+    forwards = {}
+    for hypotheses in (1, 2):
+        cfg = DecodeConfig(max_new_tokens=19, mode="speculative", draft_hypotheses=hypotheses)
+        out = generate(dlm, PROMPTS[:1], cfg)
+        assert out.sequences == ar[:1]
+        forwards[hypotheses] = out.stats.forwards
+    assert forwards[2] < forwards[1]
