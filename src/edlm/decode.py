@@ -302,8 +302,9 @@ def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
     block = validate(dlm, prompts, cfg)
     t0 = time.perf_counter()
     device = dlm.device
-    eos = dlm.tokenizer.eos_token_id
-    pad_id = dlm.tokenizer.pad_token_id if dlm.tokenizer.pad_token_id is not None else (eos or 0)
+    tok = dlm.tokenizer
+    eos = None if cfg.ignore_eos else tok.eos_token_id
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     layout = Layout.build(prompts, block, pad_id, device)
     rows = len(prompts)
     if seeds is not None and len(seeds) != rows:

@@ -48,7 +48,7 @@ class HeadlineSettings:
     """Decoding blocks of the curve (None: the training block)."""
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     dtypes: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
-    """Weight dtypes tried for both systems; each system is reported at its fastest."""
+    """Weight dtypes tried for both systems (fp32, bf16, int8); each system is reported at its fastest."""
     samples: int = 3
     """Sample answers per family in the report."""
     targets: dict[str, float] = field(default_factory=lambda: {
@@ -60,9 +60,10 @@ class HeadlineSettings:
             raise ConfigError(f"headline.threshold must be in (0, 1], got {self.threshold}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ConfigError("headline.batch_sizes must be a non-empty list of sizes >= 1")
-        unknown = sorted(set(self.dtypes) - {"fp32", "bf16"})
+        unknown = sorted(set(self.dtypes) - {"fp32", "bf16", "int8"})
         if unknown or not self.dtypes:
-            raise ConfigError(f"headline.dtypes must be a non-empty subset of ['fp32', 'bf16'], got {self.dtypes}")
+            raise ConfigError(f"headline.dtypes must be a non-empty subset of ['fp32', 'bf16', 'int8'], got "
+                              f"{self.dtypes}")
 
 
 @dataclass
@@ -143,17 +144,18 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
     """AR source vs dLM on ``problems``: every number of the headline, measured in this process."""
     from edlm.assets import load_hf
     from edlm.baseline import ar_generate
-    from edlm.bench import _DTYPES, _cast, _cast_module, forward_overhead
+    from edlm.bench import forward_overhead
     from edlm.decode import generate
     from edlm.model import DiffusionLM
+    from edlm.quant import cast, cast_model
     from edlm.studies.analysis import prompt_ids
 
     say = progress or (lambda msg: logger.info(msg))
     ar32, tok = load_hf(source_dir)
     ar32.eval()
     dlm32 = DiffusionLM.from_pretrained(dlm_dir).eval()
-    ars = {d: ar32 if d == "fp32" else _cast_module(ar32, _DTYPES[d]) for d in settings.dtypes}
-    dlms = {d: dlm32 if d == "fp32" else _cast(dlm32, _DTYPES[d]) for d in settings.dtypes}
+    ars = {d: ar32 if d == "fp32" else cast_model(ar32, d, copy=True) for d in settings.dtypes}
+    dlms = {d: cast(dlm32, d) for d in settings.dtypes}
     eos = tok.eos_token_id
 
     def ar_run(model):
