@@ -6,7 +6,7 @@ slightly on its batch neighbours and on how many columns a forward holds (cached
 and bf16, where the decoder's invariants hold exactly. Accuracy: on SmolLM2-135M this costs 1.24 nats per token of
 held-out likelihood (docs/roofline.md), mostly from the outliers of the MLP ``down_proj`` inputs; measure first.
 Which kernel does it was chosen by measurement
-(docs/roofline.md, SmolLM2-135M, 2 threads, AVX2 CPU): on CPU ``torch.ao.quantization.quantize_dynamic`` (fbgemm
+(docs/roofline.md, SmolLM2-135M, 1 thread, AVX2 CPU): on CPU ``torch.ao.quantization.quantize_dynamic`` (fbgemm
 int8 GEMM) beat torchao's ``quantize_`` (int8 weight-only and int8 dynamic-activation configs), which has no fast
 eager CPU kernel for them; on CUDA, where ``quantize_dynamic`` has no kernels, torchao's int8 weight-only config is
 used (``pip install torchao``).
