@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import make_dlm
 
-from edlm.bench import decode_benchmark, machine_info, plot_sweep, train_throughput
+from edlm.bench import decode_benchmark, machine_info, plot_ceiling, plot_sweep, roofline, train_throughput
 from edlm.config import load_train_config
 
 
@@ -17,7 +17,7 @@ def converted(tmp_path_factory):
 
 def test_decode_benchmark_json_contract_and_consistency(converted, tmp_path):
     r = decode_benchmark(converted, prompts=["Shall I", "When forty winters shall"], max_new_tokens=8,
-                         batch_sizes=(1, 2), sweep=(1.0, 0.005), dtypes=("fp32",), chat=False)
+                         batch_sizes=(1, 2), sweep=(1.0, 0.005), dtypes=("fp32",), chat=False, ceiling_tpf=())
     for side in ("ar", "dlm"):
         assert r[side]["tokens_per_s"] > 0 and r[side]["latency_s"] > 0
     assert r["dlm"]["tokens_per_forward"] >= 0.5
@@ -39,6 +39,50 @@ def test_decode_benchmark_json_contract_and_consistency(converted, tmp_path):
     json.dumps(r)  # serializable
     plot_sweep(r, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "ceiling" not in r
+
+
+def test_roofline_is_tpf_times_t1_over_t_block():
+    # 20 ms for one token, 25 ms for a block of 8: AR makes 50 tokens/s; a dLM at 4 tokens per forward 160.
+    r = roofline({1: 0.020, 8: 0.025, 16: 0.040}, tokens_per_forward=4.0, block=8)
+    assert r == pytest.approx({"ar_tokens_per_s": 50.0, "dlm_tokens_per_s": 160.0, "speedup": 3.2})
+    r4 = roofline({1: 0.040, 8: 0.080}, tokens_per_forward=2.0, block=8, batch=4)
+    assert r4 == pytest.approx({"ar_tokens_per_s": 100.0, "dlm_tokens_per_s": 100.0, "speedup": 1.0})
+
+
+def test_ceiling_rows_per_dtype_and_forced_tpf(converted, tmp_path):
+    prompts = ["Shall I compare", "When forty winters shall besiege thy brow"]
+    r = decode_benchmark(converted, prompts=prompts, max_new_tokens=16, batch_sizes=(1, 2), sweep=(0.9,),
+                         dtypes=("fp32", "int8"), chat=False, ceiling_tpf=(1, 4), ceiling_block=4)
+    c = r["ceiling"]
+    assert c["block"] == 4 and set(c["by_batch"]) == {"1", "2"}
+    assert r["settings"]["ceiling_tpf"] == [1, 4] and r["settings"]["dtypes"] == ["fp32", "int8"]
+    for n, b in c["by_batch"].items():
+        n = int(n)
+        assert set(b["forward_ms"]) == {"fp32", "int8"} and set(b["forward_ms"]["fp32"]) == {"1", "4", "8"}
+        assert b["ar"]["best"] in ("fp32", "int8")
+        best_ar = b["ar"]["by_dtype"][b["ar"]["best"]]["tokens_per_s"]
+        assert best_ar == max(a["tokens_per_s"] for a in b["ar"]["by_dtype"].values())
+        for d, a in b["ar"]["by_dtype"].items():
+            assert a["tokens"] == 16 * 2  # EOS ignored: every prompt makes max_new_tokens
+            assert a["roofline_tokens_per_s"] == pytest.approx(n / (b["forward_ms"][d]["1"] / 1e3))
+        assert [(row["dtype"], row["tpf_forced"]) for row in b["dlm"]] == [
+            ("fp32", 1), ("fp32", 4), ("int8", 1), ("int8", 4)]
+        for row in b["dlm"]:
+            assert row["tokens"] == 16 * 2
+            t1, tb = b["forward_ms"][row["dtype"]]["1"], b["forward_ms"][row["dtype"]]["4"]
+            tpf = row["tokens_per_forward"]
+            # Forced k per forward: exactly k, except where a prompt's partial first block leaves fewer positions open
+            # or (batch 2) the rows' prompts end at different columns and the batch waits for the longer block.
+            assert tpf <= row["tpf_forced"]
+            if n == 1:
+                assert (tpf == 1.0) == (row["tpf_forced"] == 1) and tpf > row["tpf_forced"] / 2
+            assert row["roofline_tokens_per_s"] == pytest.approx(n * tpf / (tb / 1e3))
+            assert row["fraction_of_roofline"] == pytest.approx(row["tokens_per_s"] / row["roofline_tokens_per_s"])
+            assert row["roofline_speedup_vs_same_dtype_ar"] == pytest.approx(tpf * t1 / tb)
+            assert row["speedup_vs_best_ar"] == pytest.approx(row["tokens_per_s"] / best_ar)
+    plot_ceiling(r, tmp_path / "ceiling.png")
+    assert (tmp_path / "ceiling.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_train_throughput_reports_both_phases(tmp_path):

@@ -41,6 +41,11 @@ def test_convert_then_generate_on_the_tiny_preset(tmp_path):
     assert {"tokens_per_s", "tokens_per_forward", "latency_s"} <= set(result["dlm"])
     assert set(result["modes"]) == {"diffusion", "ar", "speculative", "speculative_separate_draft"}
     assert (tmp_path / "bench.png").is_file() and "speedup" in r.stdout
+    assert [row["tpf_forced"] for row in result["ceiling"]["by_batch"]["1"]["dlm"]] == [1, 2, 4, 8]
+    assert (tmp_path / "bench-ceiling.png").is_file() and "forced tokens per forward" in r.stdout
+    r = run("generate", "--model", str(out), "--prompt", "Shall I compare thee", "--max-new-tokens", "4",
+            "--dtype", "int8")
+    assert r.returncode == 0, r.stderr
 
 
 def test_bad_input_gives_a_message_not_a_traceback(tmp_path):

@@ -63,6 +63,8 @@ def test_max_new_tokens_is_exact_and_eos_stops_a_row():
     dlm.tokenizer.eos_token = dlm.tokenizer.convert_ids_to_tokens(eos)
     cut = generate(dlm, PROMPTS[:1], DecodeConfig(max_new_tokens=12, threshold=0.02)).sequences[0]
     assert cut == free[: free.index(eos) + 1]
+    kept = generate(dlm, PROMPTS[:1], DecodeConfig(max_new_tokens=12, threshold=0.02, ignore_eos=True)).sequences[0]
+    assert kept == free  # ignore_eos (benchmarks): EOS is an ordinary token, max_new_tokens are made
 
 
 def test_stream_yields_the_same_tokens_block_by_block():

@@ -86,6 +86,8 @@ class TrainingBar:
 # --------------------------------------------------------------------------------------------- commands
 
 
+DTYPE_NAMES = ["fp32", "bf16", "int8"]  # edlm.quant.DTYPES, named here so building the parser imports no torch
+
 # How to install what some commands need beyond the core dependencies (pyproject.toml's extras).
 PLOTS = "pip install matplotlib"
 SERVE = "pip install fastapi uvicorn httpx"
@@ -131,7 +133,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
 
     from edlm.config import DecodeConfig
-    from edlm.model import DiffusionLM
 
     _set_threads(args)
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, mode=args.mode, block_size=args.block_size,
@@ -141,8 +142,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise EdlmError("give at least one --prompt TEXT")
     from edlm.assets import best_device
+    from edlm.quant import load
 
-    dlm = DiffusionLM.from_pretrained(args.model, device=best_device()).eval()
+    dlm = load(args.model, args.dtype, device=best_device())
     texts, stats = dlm.generate(prompts, cfg, chat=not args.no_chat)
     for prompt, text in zip(prompts, texts):
         if len(prompts) > 1:
@@ -174,24 +176,44 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
-    from edlm.bench import decode_benchmark, plot_sweep, write_json
+    from edlm.bench import decode_benchmark, plot_ceiling, plot_sweep, write_json
+    from edlm.quant import parse_dtypes
 
     _set_threads(args)
     result = decode_benchmark(args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
                               batch_sizes=tuple(args.batch_sizes), threshold=args.threshold,
-                              sweep=tuple(args.sweep), dtypes=tuple(args.dtypes.split(",")), repeats=args.repeats,
-                              chat=not args.no_chat, ar_source=None if args.ar_model == "self" else args.ar_model)
+                              sweep=tuple(args.sweep), dtypes=parse_dtypes(args.dtypes), repeats=args.repeats,
+                              chat=not args.no_chat, ar_source=None if args.ar_model == "self" else args.ar_model,
+                              ceiling_tpf=tuple(args.ceiling_tpf), ceiling_block=args.ceiling_block)
     write_json(result, args.json)
     plot = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
     plot_sweep(result, plot)
+    plots = [str(plot)]
+    print(f"threshold {args.threshold}:")
     print(f"{'batch':>5} {'AR tok/s':>9} {'dLM tok/s':>10} {'tok/fwd':>8} {'speedup':>8}")
     for n, row in result["by_batch"].items():
         print(f"{n:>5} {row['ar']['tokens_per_s']:9.1f} {row['dlm']['tokens_per_s']:10.1f} "
               f"{row['dlm']['tokens_per_forward']:8.2f} {row['speedup']:8.2f}")
+    if "ceiling" in result:
+        ceiling_plot = plot.with_name(plot.stem + "-ceiling.png")
+        plot_ceiling(result, ceiling_plot)
+        plots.append(str(ceiling_plot))
+        print(f"forced tokens per forward (fixed policy, block {result['ceiling']['block']}, EOS ignored):")
+        print(f"{'batch':>5} {'system':<10} {'tok/fwd':>8} {'tok/s':>8} {'roofline':>8} {'reached':>8} {'vs AR':>6}")
+        for n, c in result["ceiling"]["by_batch"].items():
+            ar_best = c["ar"]["best"]
+            for d, r in c["ar"]["by_dtype"].items():
+                name = f"AR {d}" + ("*" if d == ar_best else "")
+                print(f"{n:>5} {name:<10} {1.0:8.2f} {r['tokens_per_s']:8.1f} {r['roofline_tokens_per_s']:8.1f} "
+                      f"{100 * r['fraction_of_roofline']:7.0f}% {'':>6}")
+            for r in c["dlm"]:
+                print(f"{n:>5} {'dLM ' + r['dtype']:<10} {r['tokens_per_forward']:8.2f} {r['tokens_per_s']:8.1f} "
+                      f"{r['roofline_tokens_per_s']:8.1f} {100 * r['fraction_of_roofline']:7.0f}% "
+                      f"{r['speedup_vs_best_ar']:5.2f}x")
     ov = result["overhead"]
     print(f"decoder overhead per forward: {100 * ov['overhead_fraction']:.0f}% "
           f"({ov['decoder_s_per_forward'] * 1e3:.1f} ms vs bare {ov['bare_forward_s'] * 1e3:.1f} ms)")
-    print(f"-> {args.json}, {plot}")
+    print(f"-> {args.json}, {', '.join(plots)}")
     return 0
 
 
@@ -201,7 +223,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     settings = load_serve_settings(args.model, args.set, host=args.host, port=args.port, api_key=args.api_key,
-                                   model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue)
+                                   model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue,
+                                   dtype=args.dtype)
     serve(args.model, settings)
     return 0
 
@@ -260,7 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _set_threads(args)
     result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples, seed=args.seed,
                       threshold=args.threshold, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                      mode=args.mode)
+                      mode=args.mode, dtype=args.dtype)
     if args.json:
         write_json(result, args.json)
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k not in ("model",)}
@@ -485,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--stats", action="store_true", help="print tokens/s and tokens per forward")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
+                   help="weights: fp32, bf16 or int8 (quantized Linear layers); edlm bench measures which is fastest")
 
     p = sub.add_parser("bench-train", help="conversion vs AR fine-tuning throughput (JSON)")
     p.add_argument("--config", help="YAML preset; model, batch, seq_len and block come from it")
@@ -502,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N documents")
     p.add_argument("--ar", action="store_true", help="evaluate the AR source (train_config.yaml) instead")
     p.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples of the dLM's ELBO")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
+                   help="weights: fp32, bf16 or int8 (quantized Linear layers); edlm bench measures which is fastest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold", type=float, default=0.9)
     _mode_argument(p)
@@ -576,7 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--sweep", type=float, nargs="+", default=[1.0, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3])
-    p.add_argument("--dtypes", default="fp32,bf16", help="dtypes to try for each side; each reports its fastest")
+    p.add_argument("--dtypes", default="fp32,bf16,int8",
+                   help="weight dtypes to try for each side (fp32, bf16, int8); each reports its fastest")
+    p.add_argument("--ceiling-tpf", type=int, nargs="*", default=[1, 2, 4, 8],
+                   help="forced tokens per forward of the ceiling rows (fixed policy); none: skip the ceiling")
+    p.add_argument("--ceiling-block", type=int, default=8, help="decoding block of the ceiling rows")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (median reported)")
     p.add_argument("--ar-model", default="auto",
                    help="AR baseline: 'auto' (the source in train_config.yaml), a folder, or 'self'")
@@ -591,6 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", help="name served by /v1/models (default: the folder's name)")
     p.add_argument("--max-batch", type=int, help="most requests decoded in one batched call (default 16)")
     p.add_argument("--max-queue", type=int, help="requests that may wait; more get HTTP 429 (default 64)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="weights: fp32 (default), bf16 or int8; same as --set dtype=...")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any ServeSettings field, e.g. --set max_tokens_limit=1024 --set threshold=0.8")

@@ -232,6 +232,8 @@ class DecodeConfig:
     """``threshold`` policy: commit every masked position whose confidence is at least this (always >= 1)."""
     tokens_per_step: int = 1
     """``fixed`` policy: commit this many most confident positions per step."""
+    ignore_eos: bool = False
+    """Keep generating after EOS until ``max_new_tokens`` (benchmarks: every run produces the same token count)."""
     temperature: float = 0.0
     """0 is greedy; otherwise sample from softmax(logits / temperature)."""
     top_p: float = 1.0

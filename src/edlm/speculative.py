@@ -188,7 +188,7 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
                     "so drafts are rarely accepted (output is still that of mode='ar')")
     t0 = time.perf_counter()
     device, tok = dlm.device, dlm.tokenizer
-    eos = tok.eos_token_id
+    eos = None if cfg.ignore_eos else tok.eos_token_id
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
     generators = [torch.Generator(device=device).manual_seed(s) for s in (seeds or [cfg.seed] * len(prompts))]
     rows = [_Row(seq=list(p), prompt_len=len(p)) for p in prompts]

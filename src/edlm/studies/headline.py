@@ -51,7 +51,7 @@ class HeadlineSettings:
     """Decoding blocks of the curve (None: the training block)."""
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     dtypes: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
-    """Weight dtypes tried for both systems; each system is reported at its fastest."""
+    """Weight dtypes tried for both systems (fp32, bf16, int8); each system is reported at its fastest."""
     modes: list[str] = field(default_factory=list)
     """Also decode with these modes of the converted model (``ar``, ``speculative``, ``speculative_separate_draft``;
     ``DecodeConfig.mode``) at each batch size, at the dLM's batch-1 dtype: the three-modes table."""
@@ -70,9 +70,10 @@ class HeadlineSettings:
             raise ConfigError(f"headline.threshold must be in (0, 1], got {self.threshold}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ConfigError("headline.batch_sizes must be a non-empty list of sizes >= 1")
-        unknown = sorted(set(self.dtypes) - {"fp32", "bf16"})
+        unknown = sorted(set(self.dtypes) - {"fp32", "bf16", "int8"})
         if unknown or not self.dtypes:
-            raise ConfigError(f"headline.dtypes must be a non-empty subset of ['fp32', 'bf16'], got {self.dtypes}")
+            raise ConfigError(f"headline.dtypes must be a non-empty subset of ['fp32', 'bf16', 'int8'], got "
+                              f"{self.dtypes}")
         unknown = sorted(set(self.modes) - set(MODE_VARIANTS))
         if unknown:
             raise ConfigError(f"unknown headline.modes {unknown}; choose from {list(MODE_VARIANTS)}")
@@ -156,17 +157,18 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
     """AR source vs dLM on ``problems``: every number of the headline, measured in this process."""
     from edlm.assets import load_hf
     from edlm.baseline import ar_generate
-    from edlm.bench import _DTYPES, _cast, _cast_module, forward_overhead
+    from edlm.bench import forward_overhead
     from edlm.decode import generate
     from edlm.model import DiffusionLM
+    from edlm.quant import cast, cast_model
     from edlm.studies.analysis import prompt_ids
 
     say = progress or (lambda msg: logger.info(msg))
     ar32, tok = load_hf(source_dir)
     ar32.eval()
     dlm32 = DiffusionLM.from_pretrained(dlm_dir).eval()
-    ars = {d: ar32 if d == "fp32" else _cast_module(ar32, _DTYPES[d]) for d in settings.dtypes}
-    dlms = {d: dlm32 if d == "fp32" else _cast(dlm32, _DTYPES[d]) for d in settings.dtypes}
+    ars = {d: ar32 if d == "fp32" else cast_model(ar32, d, copy=True) for d in settings.dtypes}
+    dlms = {d: cast(dlm32, d) for d in settings.dtypes}
     eos = tok.eos_token_id
 
     def ar_run(model):

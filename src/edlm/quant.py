@@ -1,0 +1,138 @@
+"""Inference weight dtypes by name: ``fp32``, ``bf16`` and ``int8``, for converted models and AR sources alike.
+
+``int8`` quantizes the weights of every ``nn.Linear`` (attention, MLP and LM head; embeddings and norms stay fp32)
+and the activations dynamically at run time, one scale per call (per tensor): so in int8 a row's logits depend
+slightly on its batch neighbours and on how many columns a forward holds (cached vs full recomputation), unlike fp32
+and bf16, where the decoder's invariants hold exactly. Accuracy: on SmolLM2-135M this costs 1.24 nats per token of
+held-out likelihood (docs/roofline.md), mostly from the outliers of the MLP ``down_proj`` inputs; measure first.
+Which kernel does it was chosen by measurement
+(docs/roofline.md, SmolLM2-135M, 1 thread, AVX2 CPU): on CPU ``torch.ao.quantization.quantize_dynamic`` (fbgemm
+int8 GEMM) beat torchao's ``quantize_`` (int8 weight-only and int8 dynamic-activation configs), which has no fast
+eager CPU kernel for them; on CUDA, where ``quantize_dynamic`` has no kernels, torchao's int8 weight-only config is
+used (``pip install torchao``).
+
+Which dtype is fastest depends on the machine (bf16 is fast only with native bf16 math, e.g. AVX-512 BF16 or AMX):
+measure with ``edlm bench --dtypes fp32,bf16,int8``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from edlm.errors import EdlmError
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.qint8}
+"""Weight dtype names accepted by ``--dtype`` / ``--dtypes``, with the torch dtype each stores weights in."""
+
+TORCHAO = "pip install torchao"
+
+
+def check_dtype(name: str) -> str:
+    """``name`` if it is a known weight dtype, else a clear error."""
+    if name not in DTYPES:
+        raise EdlmError(f"unknown weight dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return name
+
+
+def parse_dtypes(names: str) -> tuple[str, ...]:
+    """``"fp32,bf16,int8"`` -> ``("fp32", "bf16", "int8")``, each checked."""
+    out = tuple(check_dtype(n.strip()) for n in names.split(",") if n.strip())
+    if not out:
+        raise EdlmError("give at least one weight dtype, e.g. fp32,bf16,int8")
+    return out
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Quantize ``model``'s Linear layers to int8 (in place where the backend allows; use the returned module).
+
+    CPU: dynamic quantization (int8 weights, activations quantized per call). CUDA: torchao int8 weight-only.
+    """
+    device = _device(model)
+    if device.type == "cpu":
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            raise EdlmError(f"int8 needs torch's fbgemm kernels, which this torch build lacks "
+                            f"(engines: {torch.backends.quantized.supported_engines}); use fp32 or bf16")
+        with warnings.catch_warnings():  # "torch.ao.quantization is deprecated": still the fastest on CPU, see above
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise EdlmError(f"int8 weights on {device.type} need torchao: {TORCHAO}") from None
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def cast_model(model: nn.Module, dtype: str, copy: bool = False) -> nn.Module:
+    """``model`` with its weights in ``dtype`` (``fp32``, ``bf16`` or ``int8``); a deep copy first when ``copy``.
+
+    int8 quantizes from float weights (fp32 is converted to first, so int8 from bf16 loses no more than from fp32
+    would have). The original module is changed in place unless ``copy``.
+    """
+    import copy as copy_
+
+    check_dtype(dtype)
+    if copy:
+        model = copy_.deepcopy(model)
+    if dtype == "int8":
+        return quantize_int8(model.float())
+    return model.to(DTYPES[dtype])
+
+
+def cast(dlm: Any, dtype: str) -> Any:
+    """A new ``DiffusionLM`` sharing ``dlm``'s tokenizer and settings, with a copy of its weights in ``dtype``;
+    ``dlm`` itself when it already is (fp32 and bf16 only)."""
+    from edlm.model import DiffusionLM
+
+    if dtype != "int8" and weight_dtype(dlm.model) == dtype:
+        return dlm
+    return DiffusionLM(cast_model(dlm.model, dtype, copy=True), dlm.tokenizer, dlm.config).eval()
+
+
+def weight_dtype(model: nn.Module) -> str:
+    """The dtype name of a model's weights: ``int8`` when any Linear layer is quantized, else its float dtype."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    for module in model.modules():
+        if isinstance(module, DynamicInt8Linear):
+            return "int8"
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and type(weight).__module__.startswith("torchao"):  # tensor subclass
+            return "int8"
+    float_dtype = model.get_input_embeddings().weight.dtype
+    return next((name for name, d in DTYPES.items() if d == float_dtype), str(float_dtype))
+
+
+def load(path: str | os.PathLike, dtype: str = "fp32", device: str | torch.device = "cpu",
+         attn_implementation: str = "sdpa") -> Any:
+    """Load a converted model folder as a ``DiffusionLM`` with weights in ``dtype`` (eval mode)."""
+    from edlm.model import DiffusionLM
+
+    check_dtype(dtype)
+    float_dtype = torch.float32 if dtype == "int8" else DTYPES[dtype]
+    dlm = DiffusionLM.from_pretrained(path, dtype=float_dtype, device=device, attn_implementation=attn_implementation)
+    if dtype == "int8":
+        dlm.model = quantize_int8(dlm.model)
+        logger.info("quantized the Linear layers of %s to int8", path)
+    return dlm.eval()
+
+
+def load_ar(spec: str | None, dtype: str = "fp32", device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """(AR model in ``dtype``, tokenizer) for a model spec as :func:`edlm.assets.resolve_model` reads it."""
+    from edlm.assets import resolve_model
+
+    check_dtype(dtype)
+    model, tokenizer = resolve_model(spec, dtype=torch.float32 if dtype == "int8" else DTYPES[dtype])
+    return cast_model(model.to(device), dtype).eval(), tokenizer

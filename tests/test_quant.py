@@ -1,0 +1,73 @@
+import pytest
+import torch
+from conftest import make_dlm
+
+from edlm.config import DecodeConfig
+from edlm.decode import generate
+from edlm.errors import EdlmError
+from edlm.evaluate import Scorer
+from edlm.quant import cast, cast_model, load, parse_dtypes, weight_dtype
+
+PROMPTS = [[5, 17, 99, 3], [120, 44, 8, 61, 200, 7, 19, 33, 2, 90, 14], [250]]
+
+
+@pytest.fixture(scope="module")
+def dlm():
+    return make_dlm("llama", peaked=4.0, block_size=4)  # peaked: confident, trained-like logits
+
+
+def _log_probs(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float().log_softmax(-1)  # (B, T, V)
+
+
+def test_int8_and_bf16_logits_stay_within_tolerance_of_fp32(dlm):
+    ids = torch.randint(0, 250, (3, 24), generator=torch.Generator().manual_seed(0))
+    ref = _log_probs(dlm.model, ids)
+    for dtype, max_abs, max_kl in (("bf16", 0.05, 1e-4), ("int8", 0.2, 1e-3)):
+        lp = _log_probs(cast(dlm, dtype).model, ids)
+        kl = (ref.exp() * (ref - lp)).sum(-1)  # KL(fp32 || dtype) per position
+        assert (lp - ref).abs().max() < max_abs, dtype
+        assert kl.mean() < max_kl, dtype
+        assert (lp.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95, dtype
+
+
+def test_int8_likelihood_and_elbo_stay_within_one_percent_of_fp32(dlm):
+    int8 = cast(dlm, "int8")
+    context, continuation = list(range(10, 40)), list(range(40, 72))
+    ll32 = Scorer(dlm, dlm.model)(context, continuation)  # exact AR log-likelihood (nats)
+    ll8 = Scorer(int8, int8.model)(context, continuation)
+    assert abs(ll8 - ll32) / abs(ll32) < 0.01  # within 1% of the fp32 log-likelihood
+    elbo32 = Scorer(dlm, n_samples=4)(context, continuation)  # the dLM's ELBO, same noise draws in both
+    elbo8 = Scorer(int8, n_samples=4)(context, continuation)
+    assert abs(elbo8 - elbo32) / abs(elbo32) < 0.01
+
+
+def test_cast_copies_and_names_dtypes(dlm):
+    before = dlm.model.model.layers[0].mlp.up_proj.weight.clone()
+    int8 = cast(dlm, "int8")
+    assert weight_dtype(int8.model) == "int8" and weight_dtype(dlm.model) == "fp32"
+    assert torch.equal(dlm.model.model.layers[0].mlp.up_proj.weight, before)  # the original is untouched
+    assert cast(dlm, "fp32") is dlm
+    bf16 = cast(dlm, "bf16")
+    assert weight_dtype(bf16.model) == "bf16" and bf16.tokenizer is dlm.tokenizer
+    assert weight_dtype(cast_model(bf16.model, "int8", copy=True)) == "int8"  # int8 from bf16 goes through fp32
+    # The int8 model is smaller: Linear weights take 1 byte instead of 4.
+    assert int8.model.model.layers[0].mlp.up_proj.weight().element_size() == 1
+
+
+def test_load_a_converted_folder_in_each_dtype(dlm, tmp_path):
+    dlm.save_pretrained(tmp_path)
+    for dtype in ("fp32", "bf16", "int8"):
+        loaded = load(tmp_path, dtype)
+        assert weight_dtype(loaded.model) == dtype and not loaded.training
+        out = generate(loaded, PROMPTS[:1], DecodeConfig(max_new_tokens=5))
+        assert len(out.sequences[0]) == 5
+
+
+def test_dtype_names_are_checked():
+    assert parse_dtypes("fp32, int8") == ("fp32", "int8")
+    with pytest.raises(EdlmError, match="fp32, bf16, int8"):
+        parse_dtypes("fp16")
+    with pytest.raises(EdlmError, match="at least one"):
+        parse_dtypes(",")
