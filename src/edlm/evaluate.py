@@ -404,6 +404,7 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
     from edlm.bench import machine_info
     from edlm.config import DecodeConfig
     from edlm.decode import generate
+    from edlm.quant import weight_dtype
 
     dlm, ar_model = loaded or load_for_eval(model_dir, ar, dtype)
     if ar and ar_model is None:
@@ -412,8 +413,6 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
         ar_model = None
     tok = dlm.tokenizer
     t0 = time.perf_counter()
-    from edlm.quant import weight_dtype
-
     result: dict[str, Any] = {"task": task, "model": str(model_dir), "system": "ar" if ar else "dlm",
                               "dtype": weight_dtype(ar_model if ar else dlm.model)}
     if task.startswith("ppl:"):
