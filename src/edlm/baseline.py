@@ -14,7 +14,7 @@ import torch
 
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
-from edlm.generation import DecodeOutput, DecodeStats, choose_rows
+from edlm.generation import DecodeOutput, DecodeStats, choose_rows, row_generators
 
 
 def iter_ar(model, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int | None, pad_id: int | None = None,
@@ -40,8 +40,6 @@ def iter_ar(model, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int | No
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EdlmError("every prompt needs at least one token")
     rows, width = len(prompts), max(len(p) for p in prompts)
-    if seeds is not None and len(seeds) != rows:
-        raise EdlmError(f"got {len(seeds)} seeds for {rows} prompts")
     t0 = time.perf_counter()
     device = model.get_input_embeddings().weight.device
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
@@ -51,7 +49,7 @@ def iter_ar(model, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int | No
         ids[r, width - len(p):] = torch.tensor(p, device=device)
         attn[r, width - len(p):] = 1
     positions = (attn.cumsum(-1) - 1).clamp_min(0)  # (R, T)
-    generators = [torch.Generator(device=device).manual_seed(s) for s in (seeds or [cfg.seed] * rows)]
+    generators = row_generators(seeds, cfg, rows, device)
     cache = DynamicCache(config=model.config)
     produced = [0] * rows
     done = [False] * rows

@@ -28,7 +28,7 @@ import torch
 from edlm.baseline import iter_ar
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
-from edlm.generation import DecodeOutput, DecodeStats, choose_rows, validate_prompts
+from edlm.generation import DecodeOutput, DecodeStats, choose_rows, pad_token_id, row_generators, validate_prompts
 from edlm.masks import dense_mask, inference_mask_mod, to_attention_mask
 from edlm.speculative import iter_speculative
 
@@ -220,12 +220,10 @@ def iter_diffusion(dlm, prompts: list[list[int]], cfg: DecodeConfig,
     device = dlm.device
     tok = dlm.tokenizer
     eos = None if cfg.ignore_eos else tok.eos_token_id
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = pad_token_id(tok)
     layout = Layout.build(prompts, block, pad_id, device)
     rows = len(prompts)
-    if seeds is not None and len(seeds) != rows:
-        raise EdlmError(f"got {len(seeds)} seeds for {rows} prompts")
-    generators = [torch.Generator(device=device).manual_seed(s) for s in (seeds or [cfg.seed] * rows)]
+    generators = row_generators(seeds, cfg, rows, device)
     policy = POLICIES[cfg.policy]
     start = int(layout.pad[0]) + (layout.prompt_len[0] // block) * block  # same column for every row
     stepper = CachedStepper(dlm, layout) if cfg.use_cache else FullStepper(dlm, layout)

@@ -80,6 +80,21 @@ def choose_rows(logits: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig, ge
     return tokens, conf
 
 
+def row_generators(seeds: list[int] | None, cfg: DecodeConfig, rows: int, device) -> list[torch.Generator]:
+    """One sampling generator per row, seeded with ``seeds[row]`` (default ``cfg.seed``): a row's draws never depend
+    on its batch neighbours."""
+    if seeds is not None and len(seeds) != rows:
+        raise EdlmError(f"got {len(seeds)} seeds for {rows} prompts")
+    return [torch.Generator(device=device).manual_seed(s) for s in (seeds or [cfg.seed] * rows)]
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that fills unused columns (never attended): the tokenizer's pad token, else EOS, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
+
+
 def decode_block_size(dlm, cfg: DecodeConfig) -> int:
     """The decoding block size: ``cfg.block_size``, or the model's training block size."""
     block = cfg.block_size or dlm.config.block_size

@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edlm.config import DecodeConfig
-from edlm.errors import EdlmError
-from edlm.generation import DecodeStats, probabilities, validate_prompts
+from edlm.generation import DecodeStats, pad_token_id, probabilities, row_generators, validate_prompts
 from edlm.masks import to_attention_mask
 
 log = logging.getLogger(__name__)
@@ -181,16 +180,14 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
     from transformers import DynamicCache
 
     block = validate_prompts(dlm, prompts, cfg)
-    if seeds is not None and len(seeds) != len(prompts):
-        raise EdlmError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
     if not dlm.config.clean_causal:
         log.warning("speculative decoding of a model converted without clean_causal: its AR pass is untrained, "
                     "so drafts are rarely accepted (output is still that of mode='ar')")
     t0 = time.perf_counter()
     device, tok = dlm.device, dlm.tokenizer
     eos = None if cfg.ignore_eos else tok.eos_token_id
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
-    generators = [torch.Generator(device=device).manual_seed(s) for s in (seeds or [cfg.seed] * len(prompts))]
+    pad_id = pad_token_id(tok)
+    generators = row_generators(seeds, cfg, len(prompts), device)
     rows = [_Row(seq=list(p), prompt_len=len(p)) for p in prompts]
     cache = DynamicCache(config=dlm.model.config)
     col_pos = torch.empty((len(rows), 0), dtype=torch.long)  # position of each cache column per row, -1: none

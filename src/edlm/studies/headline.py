@@ -26,6 +26,7 @@ import torch
 
 from edlm.config import DecodeConfig, from_dict, load_yaml
 from edlm.errors import ConfigError
+from edlm.quant import DTYPES
 from edlm.studies.grid import StudyConfig, expand, study_config_from_dict
 from edlm.studies.task import Problem
 
@@ -70,10 +71,9 @@ class HeadlineSettings:
             raise ConfigError(f"headline.threshold must be in (0, 1], got {self.threshold}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ConfigError("headline.batch_sizes must be a non-empty list of sizes >= 1")
-        unknown = sorted(set(self.dtypes) - {"fp32", "bf16", "int8"})
+        unknown = sorted(set(self.dtypes) - set(DTYPES))
         if unknown or not self.dtypes:
-            raise ConfigError(f"headline.dtypes must be a non-empty subset of ['fp32', 'bf16', 'int8'], got "
-                              f"{self.dtypes}")
+            raise ConfigError(f"headline.dtypes must be a non-empty subset of {list(DTYPES)}, got {self.dtypes}")
         unknown = sorted(set(self.modes) - set(MODE_VARIANTS))
         if unknown:
             raise ConfigError(f"unknown headline.modes {unknown}; choose from {list(MODE_VARIANTS)}")
