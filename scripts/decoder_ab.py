@@ -15,9 +15,10 @@ import torch
 
 from edlm import decode as new
 from edlm.assets import default_chat_prompts
-from edlm.bench import forward_times, machine_info
+from edlm.bench import forward_times
 from edlm.config import DecodeConfig
 from edlm.quant import load
+from edlm.results import machine_info
 
 threads, reps = int(sys.argv[1]), int(sys.argv[3])
 torch.set_num_threads(threads)

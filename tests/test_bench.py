@@ -3,8 +3,9 @@ import json
 import pytest
 from conftest import make_dlm
 
-from edlm.bench import decode_benchmark, machine_info, plot_ceiling, plot_sweep, roofline, train_throughput
+from edlm.bench import decode_benchmark, plot_ceiling, plot_sweep, roofline, train_throughput
 from edlm.config import load_train_config
+from edlm.results import machine_info
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,10 @@ from edlm.config import DecodeConfig  # noqa: E402
 from edlm.decode import generate  # noqa: E402
 from edlm.errors import EdlmError  # noqa: E402
 from edlm.evaluate import ChoiceDoc, Scorer, ar_loglikelihood, dlm_elbo, evaluate_choices  # noqa: E402
-from edlm.lm_eval_adapter import EdlmLM, cut_at_stop, with_edlm_tasks  # noqa: E402
+from edlm.lm_eval_adapter import EdlmLM, with_edlm_tasks  # noqa: E402
 from edlm.lm_eval_tasks import TASKS_DIR  # noqa: E402
 from edlm.model import DiffusionLM  # noqa: E402
+from edlm.text import cut_at_stop  # noqa: E402
 
 ELBO_SAMPLES, SEED, THRESHOLD, MAX_GEN = 4, 3, 0.5, 8
 

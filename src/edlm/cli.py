@@ -157,8 +157,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from edlm.bench import train_throughput, write_json
+    from edlm.bench import train_throughput
     from edlm.config import load_train_config
+    from edlm.results import write_json
 
     cfg = load_train_config(args.config, args.set, model=args.model)
     result = train_throughput(cfg, steps=args.steps, warmup=args.warmup)
@@ -176,8 +177,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
-    from edlm.bench import decode_benchmark, plot_ceiling, plot_sweep, write_json
+    from edlm.bench import decode_benchmark, plot_ceiling, plot_sweep
     from edlm.quant import parse_dtypes
+    from edlm.results import write_json
 
     _set_threads(args)
     result = decode_benchmark(args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
@@ -231,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
     require("fastapi", "uvicorn", "httpx", install=SERVE)
-    from edlm.bench import write_json
+    from edlm.results import write_json
     from edlm.serve import load_serve_settings, serve_bench
 
     _set_threads(args)
@@ -255,7 +257,8 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_masks(args: argparse.Namespace) -> int:
-    from edlm.bench import mask_memory, write_json
+    from edlm.bench import mask_memory
+    from edlm.results import write_json
 
     result = mask_memory(tuple(args.lengths), block=args.block, device=args.device)
     if args.training_model:  # GPU: peak memory of a real training forward + backward, SDPA vs flex
@@ -277,8 +280,8 @@ def cmd_bench_masks(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _require_task(args.task)
-    from edlm.bench import write_json
     from edlm.evaluate import evaluate
+    from edlm.results import write_json
 
     _set_threads(args)
     result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples, seed=args.seed,
@@ -294,8 +297,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
     _require_task(args.task)
-    from edlm.bench import write_json
     from edlm.evaluate import plot_pareto, sweep
+    from edlm.results import write_json
 
     _set_threads(args)
     result = sweep(args.model, args.task, thresholds=tuple(args.thresholds),
@@ -328,8 +331,8 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.model == "embedded":
         return _embedded_demo(args)
-    from edlm.bench import write_json
     from edlm.demo import run_miniature_demo
+    from edlm.results import write_json
 
     out = args.output_dir or "runs/demo-miniature"
     args.logs.to_folder(out)

@@ -94,8 +94,8 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
     ``root`` is the miniature folder (default: the shipped one)."""
     import dataclasses
 
-    from edlm.bench import provenance
     from edlm.errors import EdlmError
+    from edlm.results import provenance
     from edlm.studies.headline import load_headline_config, measure, plot_pareto, summary
     from edlm.studies.task import make_problems
 

@@ -314,7 +314,7 @@ CHOICE_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", 
 def load_for_eval(model_dir: str, ar: bool = False, dtype: str = "fp32"):
     """(DiffusionLM, AR source model or None) of a converted folder, weights in ``dtype`` (see :mod:`edlm.quant`)."""
     from edlm.assets import best_device
-    from edlm.bench import source_spec
+    from edlm.model import source_spec
     from edlm.quant import load, load_ar
 
     device = best_device()
@@ -401,10 +401,10 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
     ``dtype``: weights as ``fp32``, ``bf16`` or ``int8`` (ignored with ``loaded``).
     """
     from edlm.baseline import ar_generate
-    from edlm.bench import machine_info
     from edlm.config import DecodeConfig
     from edlm.decode import generate
     from edlm.quant import weight_dtype
+    from edlm.results import machine_info
 
     dlm, ar_model = loaded or load_for_eval(model_dir, ar, dtype)
     if ar and ar_model is None:
@@ -477,7 +477,7 @@ def sweep(model_dir: str, task: str = "arithmetic", thresholds: tuple[float, ...
 
 def plot_pareto(result: dict[str, Any], path: str | Path) -> None:
     """PNG: accuracy vs tokens/s for every (block, threshold) point and the AR model."""
-    from edlm.bench import new_figure, save_figure
+    from edlm.results import new_figure, save_figure
 
     fig, ax = new_figure()
     for block in sorted({p["block_size"] for p in result["points"]}):

@@ -48,6 +48,7 @@ import torch
 from edlm.config import DECODE_MODES
 from edlm.errors import EdlmError
 from edlm.evaluate import ar_score
+from edlm.text import cut_at_stop
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -144,12 +145,6 @@ def dlm_is_greedy(dlm, context: list[int], continuation: list[int]) -> bool:
     return bool((logits.argmax(-1) == x0[start:end]).all())
 
 
-def cut_at_stop(text: str, until: list[str] | tuple[str, ...]) -> str:
-    """``text`` up to (excluding) the earliest occurrence of any non-empty stop string."""
-    hits = [i for i in (text.find(s) for s in until if s) if i >= 0]
-    return text[:min(hits)] if hits else text
-
-
 # ----------------------------------------------------------------------------------------------- the adapter
 
 
@@ -229,8 +224,7 @@ class EdlmLM(TemplateLM):
         from transformers import AutoTokenizer
 
         from edlm.assets import load_hf, resolve_model
-        from edlm.bench import source_spec
-        from edlm.model import read_diffusion_config
+        from edlm.model import read_diffusion_config, source_spec
 
         cfg = self.config
         diffusion = read_diffusion_config(cfg.pretrained)

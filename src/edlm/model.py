@@ -347,3 +347,14 @@ def read_diffusion_config(path: str | os.PathLike) -> DiffusionConfig:
     except json.JSONDecodeError as e:
         raise EdlmError(f"{cfg_file} is not valid JSON ({e}); re-save the model") from None
     return from_dict(DiffusionConfig, data, where=f"{cfg_file}: ")
+
+
+def source_spec(model_dir: str | os.PathLike) -> str | None:
+    """The AR source a converted folder was trained from (its train_config.yaml), or None if unknown."""
+    import yaml
+
+    cfg_file = Path(model_dir) / "train_config.yaml"
+    if not cfg_file.is_file():
+        return None
+    data = yaml.safe_load(cfg_file.read_text()) or {}
+    return data.get("model") or "embedded"

@@ -52,6 +52,7 @@ from edlm.config import DecodeConfig, apply_overrides, from_dict
 from edlm.decode import POLICIES, DecodeStats, iter_blocks, validate
 from edlm.errors import ConfigError, EdlmError
 from edlm.quant import DTYPES
+from edlm.text import TextStream
 
 logger = logging.getLogger(__name__)
 
@@ -619,56 +620,6 @@ class Engine:
         return True
 
 
-# ----------------------------------------------------------------------------------------------- text
-
-
-class TextStream:
-    """Incremental detokenization with stop strings.
-
-    The text sent so far is always a prefix of the final text: a trailing U+FFFD (an unfinished UTF-8 sequence)
-    and any tail that could be the start of a stop string are held back until more tokens decide them. Streamed
-    and non-streamed responses are both the concatenation of these pieces, so they are equal by construction.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str]):
-        self.decode = decode
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def push(self, ids: list[int]) -> tuple[str, bool]:
-        """Add tokens; returns (new text that is safe to send, whether a stop string was reached)."""
-        self.ids.extend(ids)
-        text = self.decode(self.ids)
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            return self._take(text[:min(hits)]), True
-        return self._take(text[:len(text) - self._held(text)]), False
-
-    def flush(self) -> str:
-        """The rest of the text, held-back tail included (when decoding ends without a stop string)."""
-        return self._take(self.decode(self.ids))
-
-    def _take(self, upto: str) -> str:
-        if not upto.startswith(self.sent):  # a tokenizer whose decode is not prefix-stable; cannot unsend
-            logger.debug("decoded text changed under already sent text; continuing from its length")
-        delta = upto[len(self.sent):]
-        self.sent += delta
-        return delta
-
-    def _held(self, text: str) -> int:
-        """Length of the tail of ``text`` that must wait."""
-        body = text.rstrip("\ufffd")
-        held = len(text) - len(body)
-        longest = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(body)), longest, -1):
-                if body.endswith(s[:k]):
-                    longest = k
-                    break
-        return held + longest
-
-
 @dataclass
 class _Piece:
     text: str
@@ -1214,8 +1165,8 @@ def serve_bench(model_dir: str | Path, n_requests: int = 64, concurrency: int = 
                 disconnect: int = 3, max_batch: int = 16, settings: ServeSettings | None = None) -> dict[str, Any]:
     """Throughput of the real server under :func:`load_test`, batched (``max_batch``) vs one request at a time
     (``max_batch=1``), same model and process (``edlm serve-bench``)."""
-    from edlm.bench import machine_info
     from edlm.model import DiffusionLM
+    from edlm.results import machine_info
 
     base = settings or load_serve_settings(model_dir)
     dlm = DiffusionLM.from_pretrained(model_dir).eval()

@@ -227,7 +227,7 @@ def run_study(cfg: StudyConfig, progress: Progress | None = None,
     ``progress(message)`` announces each step; ``new_bar(name)`` returns a ``progress(step, total, info)``
     callback for one training run (a fresh progress bar in the CLI).
     """
-    from edlm.bench import write_json
+    from edlm.results import write_json
     from edlm.studies.source import is_trained, pretrain_ar
     from edlm.studies.task import read_test, write_task
     from edlm.train import convert, latest_checkpoint

@@ -293,7 +293,7 @@ def mode_verdicts(measured: dict[str, Any], settings: HeadlineSettings) -> dict[
 def run_headline(cfg: HeadlineConfig, progress=None, new_bar=None,
                  config_path: str | None = None) -> dict[str, Any]:
     """Train (or reuse) source and conversion through the study, then measure; writes results.json + report."""
-    from edlm.bench import provenance, write_json
+    from edlm.results import provenance, write_json
     from edlm.studies.grid import run_study
     from edlm.studies.task import read_test
 
@@ -396,7 +396,7 @@ def _run_eval(studied: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 def plot_pareto(result: dict[str, Any], path: Path) -> None:
     """Accuracy vs tokens/s at batch 1: one line per dLM decoding block across thresholds, and the AR points."""
-    from edlm.bench import new_figure, save_figure
+    from edlm.results import new_figure, save_figure
 
     fig, ax = new_figure()
     blocks = sorted({p["block_size"] for p in result["curve"]})

@@ -86,7 +86,7 @@ def _summary_row(name: str, variant: dict[str, Any], thr: float) -> str:
 
 
 def _bar_plot(path: Path, names: list[str], groups: list[list[float]], ylabel: str, ar: float | None) -> None:
-    from edlm.bench import new_figure, save_figure
+    from edlm.results import new_figure, save_figure
 
     fig, ax = new_figure()
     means = [_mean(g) for g in groups]
@@ -102,7 +102,7 @@ def _bar_plot(path: Path, names: list[str], groups: list[list[float]], ylabel: s
 
 
 def _drift_plot(path: Path, variants: dict[str, dict[str, Any]]) -> None:
-    from edlm.bench import new_figure, save_figure
+    from edlm.results import new_figure, save_figure
 
     fig, ax = new_figure()
     for name, v in variants.items():
@@ -118,7 +118,7 @@ def _drift_plot(path: Path, variants: dict[str, dict[str, Any]]) -> None:
 
 def _pareto_plot(path: Path, variants: dict[str, dict[str, Any]], thresholds: list[float],
                  ar: dict[str, Any] | None) -> None:
-    from edlm.bench import new_figure, save_figure
+    from edlm.results import new_figure, save_figure
 
     fig, ax = new_figure()
     for name, v in variants.items():
@@ -136,7 +136,7 @@ def _pareto_plot(path: Path, variants: dict[str, dict[str, Any]], thresholds: li
 
 
 def _position_plot(path: Path, curves: dict[str, list[float | None]], xlabel: str, block: int | None = None) -> None:
-    from edlm.bench import new_figure, save_figure
+    from edlm.results import new_figure, save_figure
 
     fig, ax = new_figure()
     for name, ys in curves.items():

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
 import resource
 import time
 from pathlib import Path
@@ -14,57 +12,8 @@ from typing import Any
 import torch
 
 from edlm.config import TrainConfig, to_dict
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model and flags that decide kernel speed, thread count, torch version, GPU if any."""
-    cpu, flags = platform.processor() or "", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
-                flags = sorted(f for f in wanted if f in have)
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-PROVENANCE_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "datasets", "numpy", "peft",
-                       "reasoning-gym")
-
-
-def provenance() -> dict[str, Any]:
-    """:func:`machine_info` plus the git commit of the working tree (``+dirty`` when it has changes) and the
-    versions of the packages that decide the numbers: what a report needs to be re-run and compared."""
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
-
-    info = machine_info()
-    packages = {}
-    for name in PROVENANCE_PACKAGES:
-        try:
-            packages[name] = version(name)
-        except PackageNotFoundError:
-            packages[name] = None
-    info["packages"] = packages
-    try:
-        here = Path(__file__).parent
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        info["commit"] = (commit + ("+dirty" if dirty else "")) if commit else None
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
-    return info
+from edlm.model import source_spec
+from edlm.results import machine_info, new_figure, save_figure
 
 
 def _peak_rss_mb() -> float:
@@ -141,26 +90,7 @@ def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict[
     }
 
 
-def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------- decoding
-
-
-def source_spec(model_dir: str | os.PathLike) -> str | None:
-    """The AR source a converted folder was trained from (its train_config.yaml), or None if unknown."""
-    import yaml
-
-    cfg_file = Path(model_dir) / "train_config.yaml"
-    if not cfg_file.is_file():
-        return None
-    data = yaml.safe_load(cfg_file.read_text()) or {}
-    return data.get("model") or "embedded"
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -418,27 +348,6 @@ def ceiling(models: dict[str, Any], ar_models: dict[str, Any], ids: list[list[in
             "forward_ms": {d: {str(w): 1e3 * t for w, t in f.items()} for d, f in fwd.items()},
             "ar": {"best": ar_best, "by_dtype": ar}, "dlm": rows}
     return out
-
-
-def new_figure():
-    """(figure, axes) for a PNG plot, on the non-interactive backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(6, 4))
-
-
-def save_figure(fig, ax, path: str | os.PathLike) -> None:
-    """Grid, legend, tight layout, write the PNG, free the figure."""
-    import matplotlib.pyplot as plt
-
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_sweep(result: dict[str, Any], path: str | os.PathLike) -> None:
