@@ -59,11 +59,47 @@ def test_bad_input_gives_a_message_not_a_traceback(tmp_path):
 def test_every_subcommand_is_dispatched_through_the_command_table():
     from edlm.cli import COMMANDS, build_parser
 
-    choices = next(a for a in build_parser()._actions if a.dest == "command").choices
-    assert set(choices) == set(COMMANDS)
+    top = next(a for a in build_parser()._actions if a.dest == "command").choices
+    bench = next(a for a in top["bench"]._actions if a.dest == "bench_command").choices
+    assert {n for n in top if n != "bench"} | {f"bench {n}" for n in bench} == set(COMMANDS)
     for name in COMMANDS:
-        r = run(name, "--help")
+        r = run(*name.split(), "--help")
         assert r.returncode == 0 and f"edlm {name}" in r.stdout
+
+
+def test_old_command_names_and_bare_bench_still_work():
+    from edlm.cli import canonical_argv
+
+    assert canonical_argv(["bench-train", "--json", "x"]) == ["bench", "train", "--json", "x"]
+    assert canonical_argv(["-v", "serve-bench", "--model", "m"]) == ["-v", "bench", "load", "--model", "m"]
+    assert canonical_argv(["bench-masks"]) == ["bench", "masks"]
+    assert canonical_argv(["bench", "--model", "m"]) == ["bench", "decode", "--model", "m"]
+    assert canonical_argv(["bench", "train", "--steps", "1"]) == ["bench", "train", "--steps", "1"]
+    assert canonical_argv(["bench", "--help"]) == ["bench", "--help"]
+    assert canonical_argv(["generate", "--model", "bench"]) == ["generate", "--model", "bench"]
+    r = run("bench-masks", "--help")
+    assert r.returncode == 0 and "edlm bench masks" in r.stdout
+
+
+def test_decoding_flags_come_from_decode_config_and_keep_its_defaults():
+    import dataclasses
+
+    from edlm.cli import _decode_config, build_parser
+    from edlm.config import DecodeConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--model", "m", "--prompt", "x"])
+    assert _decode_config(args) == DecodeConfig()  # nothing given: every default is DecodeConfig's
+    args = parser.parse_args(["generate", "--model", "m", "--threshold", "0.7", "--block-size", "4", "--mode", "ar",
+                              "--no-use-cache", "--stop", "\\n", "--stop", "END", "--ignore-eos"])
+    assert _decode_config(args) == DecodeConfig(threshold=0.7, block_size=4, mode="ar", use_cache=False,
+                                                stop=["\\n", "END"], ignore_eos=True)
+    flags = {a.dest for a in next(a for a in parser._actions if a.dest == "command").choices["generate"]._actions}
+    assert {f.name for f in dataclasses.fields(DecodeConfig)} <= flags
+    bench = parser.parse_args(["bench", "decode", "--model", "m", "--json", "o.json"])
+    assert _decode_config(bench) == DecodeConfig(max_new_tokens=64)  # the benchmark's own length, else the defaults
+    r = run("generate", "--model", "m", "--prompt", "x", "--mode", "nope")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
 def test_convert_console_shows_the_bar_one_line_per_checkpoint_and_warnings_while_logs_go_to_a_file(tmp_path,

@@ -153,3 +153,16 @@ def test_ar_loss_needs_a_causal_clean_copy():
         DiffusionConfig(ar_weight=1.0)
     with pytest.raises(EdlmError, match="not both 0"):
         DiffusionConfig(ar_weight=0.0, diffusion_weight=0.0)
+
+
+def test_generate_stops_at_a_stop_string_and_cuts_the_text_there():
+    from edlm.config import DecodeConfig
+
+    dlm = make_dlm("llama", peaked=8.0, block_size=4)
+    cfg = DecodeConfig(max_new_tokens=24, mode="ar", ignore_eos=True)
+    (full,), whole = dlm.generate("hello", cfg, chat=False)
+    assert len(full) > 6 and whole.tokens == 24
+    stop = full[3:6]
+    (cut,), stats = dlm.generate("hello", cfg, chat=False, stop=[stop, "never there"])
+    assert cut == full[:full.index(stop)]
+    assert stats.tokens < whole.tokens  # the row ended at the step after the stop string appeared

@@ -100,12 +100,49 @@ def _require_task(task: str) -> None:
         require("reasoning_gym", install=REASONING_GYM)
 
 
-def _mode_argument(p: argparse.ArgumentParser) -> None:
-    from edlm.config import DECODE_MODES
+def _decode_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                  **defaults: object) -> None:
+    """One flag per :class:`edlm.config.DecodeConfig` field (``--threshold``, ``--block-size``, ``--mode`` ...), its
+    help taken from the field's docstring. A flag not given stays None, so the defaults are DecodeConfig's, except
+    for the few a command sets in ``defaults`` (e.g. a benchmark's shorter ``max_new_tokens``). ``only`` / ``skip``
+    choose the fields."""
+    import dataclasses
+    import types
+    import typing
 
-    p.add_argument("--mode", choices=DECODE_MODES, default="diffusion",
-                   help="diffusion: parallel block decoding; ar: the converted weights one token per forward; "
-                        "speculative: diffusion drafts verified causally (greedy output identical to ar)")
+    from edlm.config import DECODE_MODES, DecodeConfig, field_docs
+
+    docs, hints = field_docs(DecodeConfig), typing.get_type_hints(DecodeConfig)
+    for f in dataclasses.fields(DecodeConfig):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        tp = hints[f.name]
+        if isinstance(tp, types.UnionType):  # ``int | None``: the flag takes the int
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        help_text = docs.get(f.name, "").replace("``", "")
+        kw: dict[str, object] = {"default": defaults.get(f.name), "help": f"{help_text} (default: {default})"}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is list:
+            kw.update(action="append", metavar="TEXT", help=f"{help_text} (repeat for several)")
+        else:
+            kw["type"] = tp
+        if f.name == "mode":
+            kw["choices"] = DECODE_MODES
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def _decode_config(args: argparse.Namespace, **fields: object):
+    """The :class:`edlm.config.DecodeConfig` of the decoding flags given (:func:`_decode_flags`), then ``fields``."""
+    import dataclasses
+
+    from edlm.config import DecodeConfig
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodeConfig)
+             if getattr(args, f.name, None) is not None}
+    given.update({k: v for k, v in fields.items() if v is not None})
+    return DecodeConfig(**given)
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -131,13 +168,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-
-    from edlm.config import DecodeConfig
-
     _set_threads(args)
-    cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, mode=args.mode, block_size=args.block_size,
-                       threshold=args.threshold, policy=args.policy, tokens_per_step=args.tokens_per_step,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    cfg = _decode_config(args)
     prompts = args.prompt or []
     if not prompts:
         raise EdlmError("give at least one --prompt TEXT")
@@ -182,8 +214,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from edlm.results import write_json
 
     _set_threads(args)
-    result = decode_benchmark(args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
-                              batch_sizes=tuple(args.batch_sizes), threshold=args.threshold,
+    cfg = _decode_config(args)
+    result = decode_benchmark(args.model, prompts=args.prompt, max_new_tokens=cfg.max_new_tokens,
+                              batch_sizes=tuple(args.batch_sizes), threshold=cfg.threshold,
                               sweep=tuple(args.sweep), dtypes=parse_dtypes(args.dtypes), repeats=args.repeats,
                               chat=not args.no_chat, ar_source=None if args.ar_model == "self" else args.ar_model,
                               ceiling_tpf=tuple(args.ceiling_tpf), ceiling_block=args.ceiling_block)
@@ -191,7 +224,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plot = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
     plot_sweep(result, plot)
     plots = [str(plot)]
-    print(f"threshold {args.threshold}:")
+    print(f"threshold {cfg.threshold}:")
     print(f"{'batch':>5} {'AR tok/s':>9} {'dLM tok/s':>10} {'tok/fwd':>8} {'speedup':>8}")
     for n, row in result["by_batch"].items():
         print(f"{n:>5} {row['ar']['tokens_per_s']:9.1f} {row['dlm']['tokens_per_s']:10.1f} "
@@ -284,9 +317,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from edlm.results import write_json
 
     _set_threads(args)
-    result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples, seed=args.seed,
-                      threshold=args.threshold, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                      mode=args.mode, dtype=args.dtype)
+    cfg = _decode_config(args)
+    result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples, seed=cfg.seed,
+                      threshold=cfg.threshold, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                      mode=cfg.mode, dtype=args.dtype)
     if args.json:
         write_json(result, args.json)
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k not in ("model",)}
@@ -339,7 +373,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _set_threads(args)
     bar = TrainingBar("convert")
     result = run_miniature_demo(out, per_family=args.problems, convert=args.convert, steps=args.steps,
-                                threshold=args.threshold, progress=bar, say=lambda msg: print(msg, flush=True))
+                                threshold=_decode_config(args).threshold, progress=bar,
+                                say=lambda msg: print(msg, flush=True))
     bar.close()
     one = result["by_batch"]["1"]
     fams = list(one["ar"]["per_family"])
@@ -380,8 +415,9 @@ def _embedded_demo(args: argparse.Namespace) -> int:
     out = args.output_dir or "runs/demo"
     args.logs.to_folder(out)
     bar = TrainingBar()
-    result = run_embedded_demo(out, steps=args.steps or 30, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
-                               threshold=args.threshold, progress=bar)
+    cfg = _decode_config(args)
+    result = run_embedded_demo(out, steps=args.steps or 30, prompts=args.prompt, max_new_tokens=cfg.max_new_tokens,
+                               threshold=cfg.threshold, progress=bar)
     bar.close()
     print(f"\n{'system':<10} {'tokens/s':>9} {'tok/fwd':>8}  text")
     for row in result["rows"]:
@@ -499,28 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with a converted model")
     p.add_argument("--model", required=True, help="converted model folder (output of edlm convert)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    _mode_argument(p)
-    p.add_argument("--block-size", type=int, default=None, help="decoding block (default: the training block)")
-    p.add_argument("--policy", default="threshold", help="commit policy: threshold or fixed")
-    p.add_argument("--threshold", type=float, default=0.9, help="confidence needed to commit a token")
-    p.add_argument("--tokens-per-step", type=int, default=1, help="tokens committed per step (policy fixed)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    _decode_flags(p)
     p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--stats", action="store_true", help="print tokens/s and tokens per forward")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                    help="weights: fp32, bf16 or int8 (quantized Linear layers); edlm bench measures which is fastest")
-
-    p = sub.add_parser("bench-train", help="conversion vs AR fine-tuning throughput (JSON)")
-    p.add_argument("--config", help="YAML preset; model, batch, seq_len and block come from it")
-    p.add_argument("--model", help="source model (default: the config's, else embedded SmolLM2-135M)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per phase")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per phase")
-    p.add_argument("--json", required=True, help="output JSON file")
 
     p = sub.add_parser("eval", help="task accuracy / likelihood of a converted model or (--ar) its AR source")
     p.add_argument("--model", required=True, help="converted model folder")
@@ -532,10 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples of the dLM's ELBO")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                    help="weights: fp32, bf16 or int8 (quantized Linear layers); edlm bench measures which is fastest")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold", type=float, default=0.9)
-    _mode_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task (16 arithmetic, 256 code)")
+    _decode_flags(p, skip=("stop", "max_new_tokens"))
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="write the result here")
@@ -570,8 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conversion steps (embedded: default 30, about 10 s each; miniature --convert: default 600)")
     p.add_argument("--json", help="miniature: write the comparison as JSON to this file")
     p.add_argument("--prompt", action="append", help="embedded: prompt text (repeat); default: two built-in prompts")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="embedded: tokens per answer")
-    p.add_argument("--threshold", type=float, default=0.9)
+    _decode_flags(p, only=("max_new_tokens", "threshold"), max_new_tokens=48)
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
 
     about = ("grid of conversion runs from one AR source model, each evaluated on held-out problems; writes a "
@@ -588,35 +605,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ship", action="store_true",
                    help="then copy the source and the dLM (fp16) into the package for edlm demo")
 
-    p = sub.add_parser("bench-masks", help="memory of the training attention mask: dense (SDPA) vs flex BlockMask")
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    p.add_argument("--block", type=int, default=64)
-    p.add_argument("--device", default=None, help="where to build the BlockMask (default: cuda if present, else cpu)")
-    p.add_argument("--training-model", default=None, metavar="SPEC",
-                   help="GPU only: also measure peak memory of one training forward+backward of this model "
-                        "(e.g. tiny:llama@256x4 or a folder), SDPA vs flex")
-    p.add_argument("--json", required=True)
-
-    p = sub.add_parser("bench", help="dLM decoding vs AR decoding of the same prompts (JSON + PNG sweep)")
-    p.add_argument("--model", required=True, help="converted model folder")
-    p.add_argument("--json", required=True, help="output JSON file")
-    p.add_argument("--plot", help="sweep plot PNG (default: JSON path with .png)")
-    p.add_argument("--prompt", action="append", help="prompt text (repeat); default: a few built-in prompts")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--sweep", type=float, nargs="+", default=[1.0, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3])
-    p.add_argument("--dtypes", default="fp32,bf16,int8",
-                   help="weight dtypes to try for each side (fp32, bf16, int8); each reports its fastest")
-    p.add_argument("--ceiling-tpf", type=int, nargs="*", default=[1, 2, 4, 8],
-                   help="forced tokens per forward of the ceiling rows (fixed policy); none: skip the ceiling")
-    p.add_argument("--ceiling-block", type=int, default=8, help="decoding block of the ceiling rows")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (median reported)")
-    p.add_argument("--ar-model", default="auto",
-                   help="AR baseline: 'auto' (the source in train_config.yaml), a folder, or 'self'")
-    p.add_argument("--no-chat", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     p.add_argument("--model", required=True, help="converted model folder")
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
@@ -631,7 +619,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any ServeSettings field, e.g. --set max_tokens_limit=1024 --set threshold=0.8")
 
-    p = sub.add_parser("serve-bench", help="load-test the server: batched vs one request at a time (JSON)")
+    about = ("benchmarks that write JSON, each measured side by side with its baseline in one process: decode (the "
+             "default: dLM vs AR decoding), train, masks, load (the server). Old names: bench-train, bench-masks, "
+             "serve-bench.")
+    p = sub.add_parser("bench", help=about, description=about)
+    bench = p.add_subparsers(dest="bench_command", required=True, metavar="{decode,train,masks,load}")
+
+    p = bench.add_parser("decode", help="dLM decoding vs AR decoding of the same prompts (JSON + PNG sweep)")
+    p.add_argument("--model", required=True, help="converted model folder")
+    p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument("--plot", help="sweep plot PNG (default: JSON path with .png)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat); default: a few built-in prompts")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    _decode_flags(p, skip=("stop",), max_new_tokens=64)
+    p.add_argument("--sweep", type=float, nargs="+", default=[1.0, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3])
+    p.add_argument("--dtypes", default="fp32,bf16,int8",
+                   help="weight dtypes to try for each side (fp32, bf16, int8); each reports its fastest")
+    p.add_argument("--ceiling-tpf", type=int, nargs="*", default=[1, 2, 4, 8],
+                   help="forced tokens per forward of the ceiling rows (fixed policy); none: skip the ceiling")
+    p.add_argument("--ceiling-block", type=int, default=8, help="decoding block of the ceiling rows")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (median reported)")
+    p.add_argument("--ar-model", default="auto",
+                   help="AR baseline: 'auto' (the source in train_config.yaml), a folder, or 'self'")
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+
+    p = bench.add_parser("train", help="conversion vs AR fine-tuning throughput (JSON)")
+    p.add_argument("--config", help="YAML preset; model, batch, seq_len and block come from it")
+    p.add_argument("--model", help="source model (default: the config's, else embedded SmolLM2-135M)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per phase")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per phase")
+    p.add_argument("--json", required=True, help="output JSON file")
+
+    p = bench.add_parser("masks", help="memory of the training attention mask: dense (SDPA) vs flex BlockMask")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--device", default=None, help="where to build the BlockMask (default: cuda if present, else cpu)")
+    p.add_argument("--training-model", default=None, metavar="SPEC",
+                   help="GPU only: also measure peak memory of one training forward+backward of this model "
+                        "(e.g. tiny:llama@256x4 or a folder), SDPA vs flex")
+    p.add_argument("--json", required=True)
+
+    p = bench.add_parser("load", help="load-test the server: batched vs one request at a time (JSON)")
     p.add_argument("--model", required=True, help="converted model folder")
     p.add_argument("--json", required=True, help="output JSON file")
     p.add_argument("--requests", type=int, default=64, help="completions per configuration")
@@ -645,19 +675,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "convert": cmd_convert, "generate": cmd_generate, "bench": cmd_bench, "bench-train": cmd_bench_train,
-    "serve": cmd_serve, "serve-bench": cmd_serve_bench, "bench-masks": cmd_bench_masks,
-    "eval": cmd_eval, "sweep": cmd_sweep, "table": cmd_table,
-    "demo": cmd_demo, "study": cmd_study, "headline": cmd_headline}
+    "convert": cmd_convert, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_sweep, "table": cmd_table,
+    "demo": cmd_demo, "study": cmd_study, "headline": cmd_headline, "serve": cmd_serve,
+    "bench decode": cmd_bench, "bench train": cmd_bench_train, "bench masks": cmd_bench_masks,
+    "bench load": cmd_serve_bench}
+
+# Earlier command names, still accepted: the words they stand for now.
+ALIASES = {"bench-train": ["bench", "train"], "bench-masks": ["bench", "masks"], "serve-bench": ["bench", "load"]}
+BENCH_COMMANDS = ("decode", "train", "masks", "load")
+
+
+def canonical_argv(argv: list[str]) -> list[str]:
+    """``argv`` with old command names replaced (:data:`ALIASES`) and ``edlm bench`` without a benchmark name read
+    as ``edlm bench decode`` (what ``edlm bench`` meant before it had sub-commands)."""
+    argv = list(argv)
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if at is None:
+        return argv
+    if argv[at] in ALIASES:
+        argv[at:at + 1] = ALIASES[argv[at]]
+    elif argv[at] == "bench" and (at + 1 == len(argv) or argv[at + 1] not in BENCH_COMMANDS + ("-h", "--help")):
+        argv.insert(at + 1, "decode")
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(canonical_argv(sys.argv[1:] if argv is None else argv))
+    command = f"bench {args.bench_command}" if args.command == "bench" else args.command
     args.logs = Logs(args.verbose)
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[command](args)
     except EdlmError as e:
-        print(f"edlm {args.command}: error: {e}", file=sys.stderr)
+        print(f"edlm {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -301,6 +301,21 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass ``cls`` (what the CLI shows as a flag's help)."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """A plain nested dict of a dataclass (for YAML / JSON)."""
     return dataclasses.asdict(obj)

@@ -304,19 +304,36 @@ class DiffusionLM(nn.Module):
     def generate(self, prompts: str | list[str], config: Any = None, chat: bool = True, **overrides: Any):
         """Generate text for one or more prompts; returns ``(texts, stats)``.
 
+        A row stops at the first block boundary where its text holds one of ``config.stop``, and its text is cut
+        there (:func:`edlm.text.cut_at_stop`).
+
         Args:
             prompts: prompt text(s); each is wrapped in the chat template when the tokenizer has one and ``chat``.
             config: a :class:`edlm.config.DecodeConfig` (default settings when None).
             overrides: fields of DecodeConfig to change, e.g. ``threshold=0.7, max_new_tokens=64``.
         """
         from edlm.config import DecodeConfig
-        from edlm.decode import generate
+        from edlm.decode import iter_blocks
+        from edlm.generation import DecodeStats
+        from edlm.text import cut_at_stop, stop_index
 
         cfg = dataclasses.replace(config or DecodeConfig(), **overrides)
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        out = generate(self, [self.encode(t, chat) for t in texts], cfg)
-        decoded = [self.tokenizer.decode(seq, skip_special_tokens=True) for seq in out.sequences]
-        return decoded, out.stats
+        sequences: list[list[int]] = [[] for _ in texts]
+
+        def decoded(row: int) -> str:
+            return self.tokenizer.decode(sequences[row], skip_special_tokens=True)
+
+        def seen_stop(row: int) -> bool:
+            return bool(cfg.stop) and stop_index(decoded(row), cfg.stop) is not None
+
+        stats = DecodeStats(rows=len(texts))
+        with torch.no_grad():
+            for new, stats in iter_blocks(self, [self.encode(t, chat) for t in texts], cfg,  # noqa: B007
+                                          should_stop=seen_stop if cfg.stop else None):
+                for seq, part in zip(sequences, new):
+                    seq.extend(part)
+        return [cut_at_stop(decoded(r), cfg.stop) for r in range(len(texts))], stats
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
