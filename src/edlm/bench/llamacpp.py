@@ -1,0 +1,94 @@
+"""The AR baseline a CPU user would pick first: llama.cpp (through ``llama-cpp-python``) on the source's GGUF.
+
+An optional row of ``edlm bench decode``: skipped with a one-line reason when ``llama_cpp`` is not installed or the
+source has no GGUF. It decodes the same prompt token ids greedily, one row at a time, for exactly
+``max_new_tokens`` tokens (EOS ignored, as the forced-TPF ceiling rows do), and times the whole call (prompt
+evaluation included, as the PyTorch AR baseline is timed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+INSTALL = "pip install llama-cpp-python (builds llama.cpp from source, a few minutes)"
+
+
+def source_gguf(model_dir: str | os.PathLike, gguf: str | os.PathLike | None = None) -> Path | None:
+    """The GGUF of a converted folder's AR source: ``gguf`` when given, the embedded SmolLM2's file when the
+    source is the embedded default, a single ``*.gguf`` in the source folder, else None."""
+    from edlm.model import source_spec
+
+    if gguf is not None:
+        return Path(gguf)
+    spec = source_spec(model_dir)
+    if spec == "embedded":
+        from edlm._embedded import smollm2_gguf_path
+
+        try:
+            return smollm2_gguf_path()
+        except FileNotFoundError:
+            return None
+    if spec and Path(spec).is_dir():
+        found = sorted(Path(spec).glob("*.gguf"))
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def skip_reason(gguf: Path | None) -> str | None:
+    """Why the llama.cpp row cannot run here (None when it can)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return f"llama.cpp row skipped: llama-cpp-python is not installed ({INSTALL})"
+    if gguf is None:
+        return "llama.cpp row skipped: the AR source has no GGUF file (give one with --gguf PATH)"
+    if not gguf.is_file():
+        return f"llama.cpp row skipped: GGUF file {str(gguf)!r} does not exist"
+    return None
+
+
+def load(gguf: Path, threads: int, n_ctx: int = 2048):
+    """A quiet ``llama_cpp.Llama`` on ``threads`` CPU threads."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, verbose=False)
+
+
+def greedy(llm, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """``max_new_tokens`` greedy tokens after ``prompt`` (EOS ignored), from an empty llama.cpp cache."""
+    llm.reset()
+    out: list[int] = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(int(token))
+        if len(out) == max_new_tokens:
+            break
+    return out
+
+
+def llamacpp_ar(gguf: Path, ids: list[list[int]], max_new_tokens: int, threads: int, repeats: int = 1,
+                n_ctx: int = 2048) -> dict[str, Any]:
+    """Tokens/s of llama.cpp greedy AR decoding of ``ids`` one prompt at a time (batch 1), median of ``repeats``.
+
+    Returns:
+        ``tokens_per_s``, ``seconds``, ``tokens``, ``sequences`` (the new token ids of the last repeat),
+        ``gguf``, ``threads``, ``llama_cpp`` (the package version).
+    """
+    import llama_cpp
+
+    llm = load(gguf, threads, n_ctx)
+    greedy(llm, ids[0], 2)  # warm-up: first-call allocations
+    times, sequences = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sequences = [greedy(llm, p, max_new_tokens) for p in ids]
+        times.append(time.perf_counter() - start)
+    seconds = median(times)
+    tokens = sum(len(s) for s in sequences)
+    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "sequences": sequences,
+            "gguf": str(gguf), "threads": threads, "llama_cpp": getattr(llama_cpp, "__version__", None)}
