@@ -12,7 +12,8 @@ from openai import OpenAI
 
 from edlm.decode import generate
 from edlm.model import DiffusionLM
-from edlm.serve import Engine, ServerThread, ServeSettings, create_app, load_serve_settings, load_test
+from edlm.bench.load import load_test
+from edlm.serve import Engine, ServerThread, ServeSettings, create_app, load_serve_settings
 from edlm.text import TextStream
 
 KEY = "sk-edlm-test"
