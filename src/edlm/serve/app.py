@@ -39,7 +39,7 @@ from edlm.serve.protocol import (
     CompletionRequest,
     ContentPart,
     FinishReason,
-    _Sampling,
+    SamplingRequest,
     error_body,
     error_response,
     model_list,
@@ -109,7 +109,7 @@ class _Plan:
     include_usage: bool
 
 
-def _plan(request: Request, body: _Sampling, prompt: list[int], max_tokens: int | None, param: str) -> _Plan:
+def _plan(request: Request, body: SamplingRequest, prompt: list[int], max_tokens: int | None, param: str) -> _Plan:
     """Check a request against the server's limits and build its job (ApiError 400 on bad input)."""
     settings: ServeSettings = request.app.state.settings
     engine: Engine = request.app.state.engine
@@ -195,7 +195,7 @@ async def _events(engine: Engine, plan: _Plan, bodies: CompletionBodies) -> Asyn
         engine.cancel(plan.job, "disconnect")
 
 
-async def _respond(request: Request, body: _Sampling, prompt: list[int], max_tokens: int | None, param: str,
+async def _respond(request: Request, body: SamplingRequest, prompt: list[int], max_tokens: int | None, param: str,
                    kind: type[CompletionBodies]) -> Response:
     """Decode one request and answer it whole or as a stream; ``kind`` shapes the bodies (completion or chat)."""
     engine: Engine = request.app.state.engine

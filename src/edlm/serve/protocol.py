@@ -34,7 +34,9 @@ class StreamOptions(_Lenient):
     """Send a last chunk with ``usage`` (and no choices) before ``[DONE]``."""
 
 
-class _Sampling(_Lenient):
+class SamplingRequest(_Lenient):
+    """Fields shared by completion and chat requests: sampling, streaming and the edlm decoding extensions."""
+
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -53,7 +55,7 @@ class _Sampling(_Lenient):
     """edlm extension: decoding mode; ``speculative`` gives the ``ar`` output (greedy) in fewer forwards."""
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
 
 
@@ -67,7 +69,7 @@ class ChatMessage(_Lenient):
     content: str | list[ContentPart] | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
