@@ -94,7 +94,7 @@ async def _load_test(base_url: str, n_requests: int, concurrency: int, max_token
                      verify: bool) -> dict[str, Any]:
     # No retries: a retried request would hide a lost one, or count twice.
     async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=api_key or "unused", timeout=timeout,
-                           max_retries=0) as client:
+                                  max_retries=0) as client:
         health = lambda: client.get(f"{base_url}/health", cast_to=dict)  # outside /v1: an absolute URL
         if model is None:
             model = (await client.models.list()).data[0].id
