@@ -27,3 +27,59 @@ def make_dlm(family: str = "llama", peaked: float = 1.0, **diffusion) -> Diffusi
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(peaked)
     return DiffusionLM.from_ar(model, tokenizer, DiffusionConfig(**diffusion)).eval()
+
+
+# ------------------------------------------------------------------------------------------------ server tests
+# A tiny model served over real HTTP (uvicorn on a loopback port) and the official client, for the tests of
+# edlm.serve and edlm.bench.load (which mark themselves pytest.mark.usefixtures("one_thread")).
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Two intra-op threads plus the server's threads oversubscribe a 2-core machine; tiny models gain nothing.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_dlm")
+    make_dlm("llama", block_size=4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    from serve_helpers import TEMPLATE
+
+    path = tmp_path_factory.mktemp("tiny_dlm_chat")
+    dlm = make_dlm("llama", block_size=4)
+    dlm.tokenizer.chat_template = TEMPLATE
+    dlm.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """A second copy of the model for expected outputs (the server's copy belongs to its worker thread)."""
+    return DiffusionLM.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    from serve_helpers import KEY, start
+
+    srv, engine, settings = start(model_dir, api_key=KEY, max_prompt_tokens=64)
+    with srv:
+        yield srv, engine, settings
+    assert not engine.running  # the lifespan stopped the worker
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+    from serve_helpers import KEY
+
+    return OpenAI(base_url=f"{server[0].base_url}/v1", api_key=KEY, max_retries=0)

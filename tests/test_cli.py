@@ -123,9 +123,14 @@ def test_convert_console_shows_the_bar_one_line_per_checkpoint_and_warnings_whil
     assert f"INFO edlm.train: checkpoint {out / 'checkpoint-2'}" in log and "WARNING edlm.train: --resume" in log
 
 
+SERVE_INSTALL = "pip install fastapi uvicorn sse-starlette openai httpx"
+
+
 @pytest.mark.parametrize("argv, missing, install", [
-    (["serve", "--model", "M"], "uvicorn", "pip install fastapi uvicorn httpx"),
-    (["serve-bench", "--model", "M", "--json", "r.json"], "httpx", "pip install fastapi uvicorn httpx"),
+    (["serve", "--model", "M"], "uvicorn", SERVE_INSTALL),
+    (["serve", "--model", "M"], "sse_starlette", SERVE_INSTALL),
+    (["serve-bench", "--model", "M", "--json", "r.json"], "httpx", SERVE_INSTALL),
+    (["serve-bench", "--model", "M", "--json", "r.json"], "openai", SERVE_INSTALL),
     (["bench", "--model", "M", "--json", "r.json"], "matplotlib", "pip install matplotlib"),
     (["sweep", "--model", "M", "--json", "r.json"], "matplotlib", "pip install matplotlib"),
     (["eval", "--model", "M", "--task", "rg:chain_sum"], "reasoning_gym", "pip install reasoning-gym"),

@@ -90,7 +90,7 @@ DTYPE_NAMES = ["fp32", "bf16", "int8"]  # edlm.quant.DTYPES, named here so build
 
 # How to install what some commands need beyond the core dependencies (pyproject.toml's extras).
 PLOTS = "pip install matplotlib"
-SERVE = "pip install fastapi uvicorn httpx"
+SERVE = "pip install fastapi uvicorn sse-starlette openai httpx"
 REASONING_GYM = "pip install reasoning-gym"
 
 
@@ -253,7 +253,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    require("fastapi", "uvicorn", install=SERVE)
+    require("fastapi", "uvicorn", "sse_starlette", "openai", install=SERVE)
     from edlm.serve import load_serve_settings, serve
 
     _set_threads(args)
@@ -265,9 +265,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
-    require("fastapi", "uvicorn", "httpx", install=SERVE)
+    require("fastapi", "uvicorn", "sse_starlette", "openai", "httpx", install=SERVE)
+    from edlm.bench.load import serve_bench
     from edlm.results import write_json
-    from edlm.serve import load_serve_settings, serve_bench
+    from edlm.serve import load_serve_settings
 
     _set_threads(args)
     settings = load_serve_settings(args.model, args.set)

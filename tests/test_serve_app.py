@@ -1,109 +1,22 @@
-"""The OpenAI-compatible server, exercised over real HTTP (uvicorn on a loopback port) with the official client."""
-
-import threading
-import time
+"""The HTTP side of the server (edlm.serve.app, edlm.serve.protocol), over real HTTP with the official client."""
 
 import httpx
 import openai
 import pytest
-import torch
-from conftest import make_dlm
 from openai import OpenAI
+from serve_helpers import (
+    KEY,
+    MODEL,
+    expected_text,
+    health,
+    start,
+    stream_text,
+)
 
-from edlm.decode import generate
+from edlm.config import DecodeConfig
 from edlm.model import DiffusionLM
-from edlm.serve import Engine, ServerThread, ServeSettings, create_app, load_serve_settings, load_test
-from edlm.text import TextStream
 
-KEY = "sk-edlm-test"
-MODEL = "tiny-llama"
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two intra-op threads plus the server's threads oversubscribe a 2-core machine; tiny models gain nothing.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_dlm")
-    make_dlm("llama", block_size=4).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_dlm_chat")
-    dlm = make_dlm("llama", block_size=4)
-    dlm.tokenizer.chat_template = TEMPLATE
-    dlm.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    """A second copy of the model for expected outputs (the server's copy belongs to its worker thread)."""
-    return DiffusionLM.from_pretrained(model_dir).eval()
-
-
-def start(model_dir, **fields) -> tuple[ServerThread, Engine, ServeSettings]:
-    settings = ServeSettings(model_id=MODEL, **fields)
-    engine = Engine.from_pretrained(model_dir, settings)
-    return ServerThread(create_app(settings, engine)), engine, settings
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    srv, engine, settings = start(model_dir, api_key=KEY, max_prompt_tokens=64)
-    with srv:
-        yield srv, engine, settings
-    assert not engine.running  # the lifespan stopped the worker
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return OpenAI(base_url=f"{server[0].base_url}/v1", api_key=KEY, max_retries=0)
-
-
-def expected_text(dlm, ids, settings, **fields) -> tuple[str, int]:
-    out = generate(dlm, [ids], settings.decode_config(**fields))
-    return dlm.tokenizer.decode(out.sequences[0], skip_special_tokens=True), len(out.sequences[0])
-
-
-def health(srv) -> dict:
-    r = httpx.get(f"{srv.base_url}/health", timeout=10)
-    assert r.status_code == 200
-    return r.json()
-
-
-def wait_for(srv, predicate, timeout=30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        h = health(srv)
-        if predicate(h):
-            return h
-        time.sleep(0.02)
-    raise AssertionError(f"server never reached the expected state; last /health: {h}")
-
-
-def stream_text(chunks) -> tuple[str, list[str], str | None]:
-    parts, finish = [], None
-    for chunk in chunks:
-        for choice in chunk.choices:
-            piece = choice.text if hasattr(choice, "text") else choice.delta.content
-            if piece:
-                parts.append(piece)
-            finish = choice.finish_reason or finish
-    return "".join(parts), parts, finish
-
-
-# ------------------------------------------------------------------------------------------------ basics
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_health_and_models_list_the_served_model(server, client):
@@ -210,22 +123,6 @@ def test_stop_string_cuts_the_text_and_stops_decoding(client):
     assert text == cut and finish == "stop"
 
 
-def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
-    utf8 = lambda ids: bytes(ids).decode("utf-8", errors="replace")
-    euro = list("€".encode())  # 3 bytes
-    t = TextStream(utf8, stop=[])
-    assert [t.push([ord("a"), euro[0]]), t.push(euro[1:2]), t.push(euro[2:] + [ord("b")])] == \
-        [("a", False), ("", False), ("€b", False)]
-    t = TextStream(utf8, stop=["STOP"])
-    assert t.push(list(b"go ST")) == ("go ", False)  # "ST" may start the stop string: held
-    assert t.push(list(b"OP and more")) == ("", True)  # the stop string spans two blocks
-    assert t.sent == "go "
-    t = TextStream(utf8, stop=["STOP"])
-    assert (t.push(list(b"a ST")), t.push(list(b"ART")), t.flush()) == (("a ", False), ("START", False), "")
-    t = TextStream(utf8, stop=["zz"])
-    assert (t.push([ord("x"), euro[0]]), t.flush()) == (("x", False), "\ufffd")  # a dangling byte is sent at the end
-
-
 # ------------------------------------------------------------------------------------------------ errors
 
 
@@ -304,96 +201,15 @@ def test_api_key_is_required_on_v1(server):
         OpenAI(base_url=f"{srv.base_url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
-def test_settings_read_the_api_key_from_the_environment(tmp_path):
-    s = load_serve_settings(tmp_path / "my-model", ["max_batch=4"], env={"EDLM_API_KEY": "k1"}, port=9001)
-    assert (s.model_id, s.api_key, s.max_batch, s.port) == ("my-model", "k1", 4, 9001)
-    assert load_serve_settings(tmp_path, env={"EDLM_API_KEY": "k1"}, api_key="k2").api_key == "k2"
-    with pytest.raises(ValueError, match="max_batch"):
-        ServeSettings(max_batch=0)
-
-
-# ------------------------------------------------------------------------------------------------ scheduling
-
-
-def test_waiting_requests_form_one_cohort_and_each_row_is_exact(model_dir, reference):
-    srv, engine, settings = start(model_dir, max_batch=4, batch_window_ms=60_000, batch_gap_ms=60_000)
-    prompts = [f"[{i}] Tell me about block diffusion" for i in range(4)]
-    results: dict[int, str] = {}
+def test_requests_decode_with_the_servers_defaults_unless_they_say_otherwise(model_dir, reference):
+    srv, _, settings = start(model_dir, seed=5, decode=DecodeConfig(temperature=1.0, top_p=0.95, max_new_tokens=6))
+    prompt = "The quick brown fox"
+    ids = reference.encode(prompt, chat=False)
     with srv:
-        def ask(i: int) -> None:
-            r = httpx.post(f"{srv.base_url}/v1/completions", json={"prompt": prompts[i], "max_tokens": 9}, timeout=60)
-            results[i] = r.json()["choices"][0]["text"]
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        h = health(srv)
-    assert (h["cohorts"], h["rows"], h["largest_cohort"], h["completed"]) == (1, 4, 4, 4)
-    alone = [expected_text(reference, reference.encode(p, chat=False), settings, max_new_tokens=9)[0]
-             for p in prompts]
-    assert [results[i] for i in range(4)] == alone
-    assert len(set(alone)) > 1
-
-
-def test_a_long_request_does_not_block_a_short_one_and_disconnect_frees_it(server):
-    srv, _, _ = server
-    auth = {"Authorization": f"Bearer {KEY}"}
-    base = health(srv)
-    with httpx.Client(base_url=srv.base_url, headers=auth, timeout=60) as c:
-        with c.stream("POST", "/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": "Write a long story"}], "max_tokens": 500,
-                "stream": True}) as long:
-            lines = long.iter_lines()  # keep the iterator: dropping it would close the connection
-            assert next(lines).startswith("data: ")  # the role chunk: the request is in
-            wait_for(srv, lambda h: h["active"] == 1)
-            t0 = time.perf_counter()
-            short = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})
-            short_s = time.perf_counter() - t0
-            assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 4
-            assert health(srv)["active"] == 1  # the long one is still decoding
-        # Leaving the stream closes the connection: the row is cancelled at its next block boundary.
-        h = wait_for(srv, lambda h: h["active"] == 0 and h["cancelled"] == base["cancelled"] + 1)
-    assert h["completed"] == base["completed"] + 1
-    assert short_s < 5.0
-
-
-def test_a_full_queue_answers_429_and_a_cancel_lets_the_next_one_in(model_dir):
-    srv, engine, _ = start(model_dir, max_queue=1, max_active=1, max_batch=1, batch_window_ms=0)
-    with srv, httpx.Client(base_url=srv.base_url, timeout=60) as c:
-        statuses: list[int] = []
-        with c.stream("POST", "/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": "Write a long story"}], "max_tokens": 500,
-                "stream": True}) as long:
-            lines = long.iter_lines()
-            next(lines)
-            wait_for(srv, lambda h: h["active"] == 1)
-            waiter = threading.Thread(target=lambda: statuses.append(
-                httpx.post(f"{srv.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 4},
-                           timeout=60).status_code))
-            waiter.start()
-            wait_for(srv, lambda h: h["waiting"] == 1)
-            r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})
-            assert r.status_code == 429 and "1 requests are already waiting" in r.json()["error"]["message"]
-            assert r.json()["error"]["type"] == "rate_limit_error"
-        waiter.join(60)
-        assert statuses == [200]  # the waiting request got the slot the disconnected stream gave back
-        assert health(srv)["cancelled"] == 1
-    assert not engine.running and not engine._thread.is_alive()
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{srv.base_url}/health", timeout=2)
-
-
-def test_small_load_test_loses_nothing(server):
-    srv, _, _ = server
-    result = load_test(srv.base_url, n_requests=16, concurrency=4, max_tokens=16, disconnect=1, api_key=KEY)
-    assert (result["succeeded"], result["failed"], result["lost"], result["duplicated"]) == (15, 0, 0, 0)
-    assert result["mismatched"] == [] and result["disconnected_prefix_ok"]
-    assert result["distinct_outputs"] >= 10  # responses differ by prompt, so a mix-up would show
-    server_side = result["server"]
-    assert (server_side["rows"], server_side["completed"], server_side["cancelled"]) == (16, 15, 1)
-    assert server_side["active_after"] == server_side["waiting_after"] == 0
-    assert result["completion_tokens"] == 15 * 16 and result["requests_per_s"] > 0
-    with pytest.raises(Exception, match="loopback"):
-        load_test("http://example.com:80", n_requests=1)
+        client = OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0)
+        sampled = client.completions.create(model=MODEL, prompt=prompt)
+        greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    assert sampled.usage.completion_tokens == 6
+    assert sampled.choices[0].text == expected_text(reference, ids, settings, seed=5)[0]
+    assert greedy.choices[0].text == expected_text(reference, ids, settings, temperature=0.0, max_new_tokens=8)[0]
+    assert sampled.choices[0].text != greedy.choices[0].text[:len(sampled.choices[0].text)]
