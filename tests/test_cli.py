@@ -162,3 +162,15 @@ def test_the_embedded_model_without_gguf_is_a_message_before_any_work(tmp_path, 
     err = capsys.readouterr().err
     assert "'gguf' is not installed; install it with: pip install 'gguf>=0.10'" in err and "Traceback" not in err
     assert not (tmp_path / "cache").exists() and not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_serve_decoding_flags_become_the_servers_decode_defaults(tmp_path, monkeypatch):
+    import edlm.serve
+    from edlm.cli import main
+
+    seen = {}
+    monkeypatch.setattr(edlm.serve, "serve", lambda model, settings: seen.update(settings=settings))
+    assert main(["serve", "--model", str(tmp_path), "--threshold", "0.8", "--set", "top_p=0.5",
+                 "--stop", "END"]) == 0
+    decode = seen["settings"].decode
+    assert (decode.threshold, decode.top_p, decode.stop, decode.block_size) == (0.8, 0.5, ["END"], None)

@@ -133,16 +133,21 @@ def _decode_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: 
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
-def _decode_config(args: argparse.Namespace, **fields: object):
-    """The :class:`edlm.config.DecodeConfig` of the decoding flags given (:func:`_decode_flags`), then ``fields``."""
+def _decode_given(args: argparse.Namespace) -> dict[str, object]:
+    """The decoding flags given on the command line (:func:`_decode_flags`), by DecodeConfig field name."""
     import dataclasses
 
     from edlm.config import DecodeConfig
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodeConfig)
-             if getattr(args, f.name, None) is not None}
-    given.update({k: v for k, v in fields.items() if v is not None})
-    return DecodeConfig(**given)
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodeConfig)
+            if getattr(args, f.name, None) is not None}
+
+
+def _decode_config(args: argparse.Namespace, **fields: object):
+    """The :class:`edlm.config.DecodeConfig` of the decoding flags given (:func:`_decode_flags`), then ``fields``."""
+    from edlm.config import DecodeConfig
+
+    return DecodeConfig(**{**_decode_given(args), **{k: v for k, v in fields.items() if v is not None}})
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -253,6 +258,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
     require("fastapi", "uvicorn", "sse_starlette", "openai", install=SERVE)
     from edlm.serve import load_serve_settings, serve
 
@@ -260,6 +267,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_serve_settings(args.model, args.set, host=args.host, port=args.port, api_key=args.api_key,
                                    model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue,
                                    dtype=args.dtype)
+    settings = dataclasses.replace(settings, decode=dataclasses.replace(settings.decode, **_decode_given(args)))
     serve(args.model, settings)
     return 0
 
@@ -619,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any ServeSettings field, e.g. --set max_tokens_limit=1024 --set threshold=0.8")
+    _decode_flags(p, skip=("seed",))  # the server's defaults for requests; a request's own fields win
 
     about = ("benchmarks that write JSON, each measured side by side with its baseline in one process: decode (the "
              "default: dLM vs AR decoding), train, masks, load (the server). Old names: bench-train, bench-masks, "
