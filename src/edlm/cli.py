@@ -157,7 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from edlm.bench import train_throughput
+    from edlm.bench.train import train_throughput
     from edlm.config import load_train_config
     from edlm.results import write_json
 
@@ -177,7 +177,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
-    from edlm.bench import decode_benchmark, plot_ceiling, plot_sweep
+    from edlm.bench.decode import decode_benchmark, plot_ceiling, plot_sweep
     from edlm.quant import parse_dtypes
     from edlm.results import write_json
 
@@ -257,12 +257,12 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_masks(args: argparse.Namespace) -> int:
-    from edlm.bench import mask_memory
+    from edlm.bench.train import mask_memory
     from edlm.results import write_json
 
     result = mask_memory(tuple(args.lengths), block=args.block, device=args.device)
     if args.training_model:  # GPU: peak memory of a real training forward + backward, SDPA vs flex
-        from edlm.bench import training_memory
+        from edlm.bench.train import training_memory
 
         result["training"] = training_memory(args.training_model, tuple(args.lengths), block=args.block)
         for row in result["training"]["rows"]:

@@ -157,7 +157,7 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
     """AR source vs dLM on ``problems``: every number of the headline, measured in this process."""
     from edlm.assets import load_hf
     from edlm.baseline import ar_generate
-    from edlm.bench import forward_overhead
+    from edlm.bench.decode import forward_overhead
     from edlm.decode import generate
     from edlm.model import DiffusionLM
     from edlm.quant import cast, cast_model

@@ -3,9 +3,7 @@ import json
 import pytest
 from conftest import make_dlm
 
-from edlm.bench import decode_benchmark, plot_ceiling, plot_sweep, roofline, train_throughput
-from edlm.config import load_train_config
-from edlm.results import machine_info
+from edlm.bench.decode import decode_benchmark, plot_ceiling, plot_sweep, roofline
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +82,3 @@ def test_ceiling_rows_per_dtype_and_forced_tpf(converted, tmp_path):
             assert row["speedup_vs_best_ar"] == pytest.approx(row["tokens_per_s"] / best_ar)
     plot_ceiling(r, tmp_path / "ceiling.png")
     assert (tmp_path / "ceiling.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_train_throughput_reports_both_phases(tmp_path):
-    from pathlib import Path
-
-    cfg = load_train_config(Path(__file__).parents[1] / "configs/tiny.yaml", ["micro_batch_size=2"])
-    r = train_throughput(cfg, steps=2, warmup=1)
-    for phase in ("ar_finetune", "dlm_convert", "dlm_convert_joint"):
-        p = r[phase]
-        assert p["tokens_per_s"] == pytest.approx(2 * 64 / p["step_s_median"])
-        assert p["peak_mem_mb"] > 0
-    assert r["dlm_over_ar_step_time"] == pytest.approx(r["dlm_convert"]["step_s_median"] /
-                                                       r["ar_finetune"]["step_s_median"])
-    assert r["joint_over_dlm_step_time"] == pytest.approx(r["dlm_convert_joint"]["step_s_median"] /
-                                                          r["dlm_convert"]["step_s_median"])
-    assert r["dlm_convert_joint"]["ar_weight"] == 1.0
-    assert r["machine"] == machine_info() or r["machine"]["cpu"] == machine_info()["cpu"]
