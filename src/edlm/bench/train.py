@@ -22,14 +22,15 @@ def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict[
     patterns with a clean copy) of the joint objective's step: the same conversion step plus the AR loss on the
     causal clean copy (``ar_weight`` 1.0, ``clean_causal``), whose cost over the diffusion-only step it reports.
 
-    All use AdamW on the same trainable parameters and the same packed batches. The AR phase runs first, so the
-    process's peak RSS after each phase shows the extra memory of the dLM step (RSS peaks never go down). On CUDA,
-    peak allocated memory is reset and read per phase instead.
+    Each phase's loss is the training loop's objective (:data:`edlm.train.OBJECTIVES`: ``ar`` on the converted
+    model's weights, ``diffusion``). All use AdamW on the same trainable parameters and the same packed batches.
+    The AR phase runs first, so the process's peak RSS after each phase shows the extra memory of the dLM step
+    (RSS peaks never go down). On CUDA, peak allocated memory is reset and read per phase instead.
     """
     from edlm.assets import resolve_model
     from edlm.data import build_data
     from edlm.model import DiffusionLM
-    from edlm.noising import noise_samples
+    from edlm.train import OBJECTIVES
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -62,16 +63,19 @@ def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict[
         out["peak_mem_mb"] = (torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else _peak_rss_mb()
         return out
 
+    def loss_of(objective: str, module):
+        """A phase's step loss: the training loop's own objective on the batch at stream position i * mb."""
+        return lambda x0, i: OBJECTIVES[objective].loss(module, module, x0, list(range(i * mb, (i + 1) * mb)),
+                                                        cfg.seed)[0]
+
     dlm.train()
-    ar = run_phase(lambda x0, i: dlm.model(input_ids=x0, labels=x0).loss)
-    diff = run_phase(lambda x0, i: dlm.loss(noise_samples(x0, dlm.config, dlm.mask_id, cfg.seed,
-                                                          list(range(i * mb, (i + 1) * mb)))).loss)
+    ar = run_phase(loss_of("ar", dlm.model))
+    diff = run_phase(loss_of("diffusion", dlm))
     joint: dict[str, Any] = {}
     if dlm.pattern.clean_copy:
         both = DiffusionLM(dlm.model, tokenizer, dataclasses.replace(dlm.config, clean_causal=True,
                                                                      ar_weight=dlm.config.ar_weight or 1.0))
-        step = run_phase(lambda x0, i: both.loss(noise_samples(x0, both.config, both.mask_id, cfg.seed,
-                                                                list(range(i * mb, (i + 1) * mb)))).loss)
+        step = run_phase(loss_of("diffusion", both))
         joint = {"dlm_convert_joint": {**step, "ar_weight": both.config.ar_weight,
                                        "diffusion_weight": both.config.diffusion_weight},
                  "joint_over_dlm_step_time": step["step_s_median"] / diff["step_s_median"]}
