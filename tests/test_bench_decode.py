@@ -4,6 +4,7 @@ import pytest
 from conftest import make_dlm
 
 from edlm.bench.decode import decode_benchmark, plot_ceiling, plot_sweep, roofline
+from edlm.config import DecodeConfig
 
 
 @pytest.fixture(scope="module")
@@ -15,14 +16,17 @@ def converted(tmp_path_factory):
 
 
 def test_decode_benchmark_json_contract_and_consistency(converted, tmp_path):
-    r = decode_benchmark(converted, prompts=["Shall I", "When forty winters shall"], max_new_tokens=8,
-                         batch_sizes=(1, 2), sweep=(1.0, 0.005), dtypes=("fp32",), chat=False, ceiling_tpf=())
+    r = decode_benchmark(converted, prompts=["Shall I", "When forty winters shall"],
+                         decode=DecodeConfig(max_new_tokens=8), batch_sizes=(1, 2), sweep=(1.0, 0.005),
+                         dtypes=("fp32",), chat=False, ceiling_tpf=())
     for side in ("ar", "dlm"):
         assert r[side]["tokens_per_s"] > 0 and r[side]["latency_s"] > 0
     assert r["dlm"]["tokens_per_forward"] >= 0.5
     assert r["speedup"] == pytest.approx(r["dlm"]["tokens_per_s"] / r["ar"]["tokens_per_s"])
     assert set(r["by_batch"]) == {"1", "2"}
     assert r["settings"]["ar_source"] == "tiny" and r["machine"]["cores"] >= 1
+    assert r["settings"]["decode"] == {**r["settings"]["decode"], "max_new_tokens": 8, "threshold": 0.9}
+    assert r["settings"]["threshold"] == r["dlm"]["threshold"] == DecodeConfig().threshold  # the one default
     # The random tiny model is its own AR source here: with threshold 1.0 the dLM commits one token per forward;
     # with threshold 0.005 (above ~1/V) it commits whole blocks.
     strict, loose = r["sweep"]
@@ -51,8 +55,8 @@ def test_roofline_is_tpf_times_t1_over_t_block():
 
 def test_ceiling_rows_per_dtype_and_forced_tpf(converted, tmp_path):
     prompts = ["Shall I compare", "When forty winters shall besiege thy brow"]
-    r = decode_benchmark(converted, prompts=prompts, max_new_tokens=16, batch_sizes=(1, 2), sweep=(0.9,),
-                         dtypes=("fp32", "int8"), chat=False, ceiling_tpf=(1, 4), ceiling_block=4)
+    r = decode_benchmark(converted, prompts=prompts, decode=DecodeConfig(max_new_tokens=16), batch_sizes=(1, 2),
+                         sweep=(0.9,), dtypes=("fp32", "int8"), chat=False, ceiling_tpf=(1, 4), ceiling_block=4)
     c = r["ceiling"]
     assert c["block"] == 4 and set(c["by_batch"]) == {"1", "2"}
     assert r["settings"]["ceiling_tpf"] == [1, 4] and r["settings"]["dtypes"] == ["fp32", "int8"]

@@ -178,12 +178,13 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
     from edlm.bench.decode import decode_benchmark, plot_ceiling, plot_sweep
+    from edlm.config import DecodeConfig
     from edlm.quant import parse_dtypes
     from edlm.results import write_json
 
     _set_threads(args)
-    result = decode_benchmark(args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
-                              batch_sizes=tuple(args.batch_sizes), threshold=args.threshold,
+    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, threshold=args.threshold)
+    result = decode_benchmark(args.model, prompts=args.prompt, decode=decode, batch_sizes=tuple(args.batch_sizes),
                               sweep=tuple(args.sweep), dtypes=parse_dtypes(args.dtypes), repeats=args.repeats,
                               chat=not args.no_chat, ar_source=None if args.ar_model == "self" else args.ar_model,
                               ceiling_tpf=tuple(args.ceiling_tpf), ceiling_block=args.ceiling_block)

@@ -3,6 +3,7 @@ roofline, the decoder's overhead per forward; each returns a JSON-ready dict wit
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 
+from edlm.config import DecodeConfig, to_dict
 from edlm.model import source_spec
 from edlm.results import machine_info, new_figure, save_figure
 
@@ -102,7 +104,6 @@ def forward_overhead(dlm, prompt_len: int, block: int, repeats: int = 10) -> dic
 
     The difference is Python and bookkeeping overhead of the decoder (mask building, commit policy, cache crop).
     """
-    from edlm.config import DecodeConfig
     from edlm.decode import generate
 
     prompt = [int(t) for t in torch.randint(10, 1000, (prompt_len,), generator=torch.Generator().manual_seed(0))]
@@ -115,20 +116,25 @@ def forward_overhead(dlm, prompt_len: int, block: int, repeats: int = 10) -> dic
             "overhead_fraction": per_forward_decoder / bare - 1.0, "prompt_len": prompt_len, "block": block}
 
 
-def decoding_modes(dlm, ids: list[list[int]], max_new_tokens: int, threshold: float, repeats: int,
-                   ar_reference: list[list[int]], ar_tokens_per_s: float) -> dict[str, Any]:
+MODE_VARIANTS: dict[str, dict[str, Any]] = {
+    "ar": {"mode": "ar"}, "speculative": {"mode": "speculative"},
+    "speculative_separate_draft": {"mode": "speculative", "fused_draft": False}}
+"""The converted model's non-diffusion decoding modes as :class:`~edlm.config.DecodeConfig` fields (speculative
+with its draft fused into the verifying forward, and separate)."""
+
+
+def decoding_modes(dlm, ids: list[list[int]], decode: DecodeConfig, repeats: int, ar_reference: list[list[int]],
+                   ar_tokens_per_s: float) -> dict[str, Any]:
     """The converted model in each decoding mode (``DecodeConfig.mode``; speculative with its draft fused into the
     verifying forward and separate), batch 1: tokens/s, tokens per forward, agreement with the AR baseline's output
     and with the converted model's own ``ar`` mode (1.0 for greedy speculative by construction), and the speed-up
-    over the AR baseline's ``ar_tokens_per_s``."""
-    from edlm.config import DecodeConfig
+    over the AR baseline's ``ar_tokens_per_s``. ``decode`` holds every other setting (the diffusion mode is
+    ``decode`` itself)."""
     from edlm.decode import generate
 
-    variants = {"diffusion": {"threshold": threshold}, "ar": {}, "speculative": {},
-                "speculative_separate_draft": {"fused_draft": False}}
     runs = {}
-    for name, fields in variants.items():
-        cfg = DecodeConfig(max_new_tokens=max_new_tokens, mode=name.split("_")[0], **fields)
+    for name, fields in {"diffusion": {"mode": "diffusion"}, **MODE_VARIANTS}.items():
+        cfg = dataclasses.replace(decode, **fields)
         runs[name] = _timed(lambda c=cfg: _in_batches(lambda r: generate(dlm, r, c), ids, 1), repeats)
     return {name: {**_summary(run), "speedup": run.stats.tokens_per_s / ar_tokens_per_s,
                    "agreement_with_ar": _agreement(run.sequences, ar_reference),
@@ -140,8 +146,8 @@ def _best(by_dtype: dict[str, dict[str, Any]]) -> str:
     return max(by_dtype, key=lambda d: by_dtype[d]["tokens_per_s"])
 
 
-def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = None, max_new_tokens: int = 64,
-                     batch_sizes: tuple[int, ...] = (1, 4), threshold: float = 0.9,
+def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = None,
+                     decode: DecodeConfig | None = None, batch_sizes: tuple[int, ...] = (1, 4),
                      sweep: tuple[float, ...] = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3),
                      dtypes: tuple[str, ...] = ("fp32", "bf16", "int8"), repeats: int = 1, chat: bool = True,
                      ar_source: str | None = "auto", ceiling_tpf: tuple[int, ...] = (1, 2, 4, 8),
@@ -149,7 +155,9 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     """AR decoding vs dLM decoding of the same prompts, same process, after warm-up.
 
     At batch size n every prompt is decoded, n at a time (prompts are cycled when n exceeds their number), and the
-    stats are summed over the calls; tokens per forward is per row.
+    stats are summed over the calls; tokens per forward is per row. ``decode`` (None: ``DecodeConfig()``) is how
+    the dLM decodes and how many tokens both systems make (``max_new_tokens``); the AR runs use it too (greedy
+    unless it sets a temperature).
 
     AR runs the source model the converted folder was trained from (``ar_source='auto'``; ``None`` uses the
     converted weights causally), at each weight dtype in ``dtypes`` (``fp32``, ``bf16``, ``int8``: see
@@ -165,10 +173,11 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     """
     from edlm.assets import best_device, default_chat_prompts
     from edlm.baseline import ar_generate
-    from edlm.config import DecodeConfig
     from edlm.decode import generate
     from edlm.quant import cast, cast_model, load, load_ar, parse_dtypes
 
+    decode = decode or DecodeConfig()
+    max_new_tokens = decode.max_new_tokens
     dtypes = parse_dtypes(",".join(dtypes))
     texts = prompts or default_chat_prompts()
     device = best_device()
@@ -182,22 +191,21 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     eos = dlm32.tokenizer.eos_token_id
 
     def generate_ar(model, rows, ignore_eos=False):
-        return ar_generate(model, rows, DecodeConfig(max_new_tokens=max_new_tokens), eos_id=None if ignore_eos else eos,
-                           pad_id=ar_tok.pad_token_id)
+        return ar_generate(model, rows, decode, eos_id=None if ignore_eos else eos, pad_id=ar_tok.pad_token_id)
 
     results: dict[str, Any] = {"by_batch": {}}
     models = {d: cast(dlm32, d) for d in dtypes}
     ar_models = {d: (ar_model if d == "fp32" else cast_model(ar_model, d, copy=True)) for d in dtypes}
-    dcfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold)
     for n in batch_sizes:
         ar_by_dtype = {d: _summary(_timed(lambda m=m, n=n: _in_batches(lambda r: generate_ar(m, r), ids, n),
                                           repeats)) for d, m in ar_models.items()}
-        dlm_by_dtype = {d: _summary(_timed(lambda m=m, n=n: _in_batches(lambda r: generate(m, r, dcfg), ids, n),
+        dlm_by_dtype = {d: _summary(_timed(lambda m=m, n=n: _in_batches(lambda r: generate(m, r, decode), ids, n),
                                            repeats)) for d, m in models.items()}
         ar_best, dlm_best = _best(ar_by_dtype), _best(dlm_by_dtype)
         results["by_batch"][str(n)] = {
             "ar": {**ar_by_dtype[ar_best], "dtype": ar_best, "all_dtypes": ar_by_dtype},
-            "dlm": {**dlm_by_dtype[dlm_best], "dtype": dlm_best, "threshold": threshold, "all_dtypes": dlm_by_dtype},
+            "dlm": {**dlm_by_dtype[dlm_best], "dtype": dlm_best, "threshold": decode.threshold,
+                    "all_dtypes": dlm_by_dtype},
             "speedup": dlm_by_dtype[dlm_best]["tokens_per_s"] / ar_by_dtype[ar_best]["tokens_per_s"],
         }
     first = results["by_batch"][str(batch_sizes[0])]
@@ -208,26 +216,26 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     results["sweep"] = []
     outputs = {}
     for thr in sweep:
-        sweep_cfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=thr)
+        sweep_cfg = dataclasses.replace(decode, threshold=thr)
         out = outputs[thr] = _timed(lambda c=sweep_cfg: _in_batches(lambda r: generate(best, r, c), ids, 1), repeats)
         results["sweep"].append({"threshold": thr, **_summary(out),
                                  "agreement_with_ar": _agreement(out.sequences, ar_ref.sequences)})
-    results["modes"] = decoding_modes(best, ids, max_new_tokens, threshold, repeats, ar_ref.sequences,
-                                      results["ar"]["tokens_per_s"])
+    results["modes"] = decoding_modes(best, ids, decode, repeats, ar_ref.sequences, results["ar"]["tokens_per_s"])
     if ceiling_tpf:
         cache_len = sorted(len(i) for i in ids)[len(ids) // 2] + max_new_tokens // 2  # a typical step's cache
         results["ceiling"] = ceiling(
             models, ar_models, ids, batch_sizes, ceiling_tpf, ceiling_block, max_new_tokens, cache_len, repeats,
             run_ar=lambda m, r: generate_ar(m, r, ignore_eos=True))
     results["overhead"] = forward_overhead(best, prompt_len=max(len(i) for i in ids), block=best.config.block_size)
-    samples = outputs.get(threshold) or _in_batches(lambda r: generate(best, r, dcfg), ids, 1)
+    samples = outputs.get(decode.threshold) or _in_batches(lambda r: generate(best, r, decode), ids, 1)
     results["samples"] = [{"prompt": t, "dlm": dlm32.tokenizer.decode(s, skip_special_tokens=True),
                            "ar": ar_tok.decode(a, skip_special_tokens=True)}
                           for t, s, a in zip(texts, samples.sequences, ar_ref.sequences)]
     results["settings"] = {"model": str(model_dir), "ar_source": spec or "converted weights (causal)",
                            "prompts": texts, "max_new_tokens": max_new_tokens, "batch_sizes": list(batch_sizes),
-                           "threshold": threshold, "block_size": dlm32.config.block_size, "dtypes": list(dtypes),
-                           "repeats": repeats, "chat_template": chat, "greedy": True,
+                           "threshold": decode.threshold, "block_size": decode.block_size or dlm32.config.block_size,
+                           "dtypes": list(dtypes), "repeats": repeats, "chat_template": chat,
+                           "greedy": decode.temperature == 0, "decode": to_dict(decode),
                            "ceiling_tpf": list(ceiling_tpf), "ceiling_block": ceiling_block}
     results["machine"] = machine_info()
     return results
@@ -238,7 +246,6 @@ def ceiling(models: dict[str, Any], ar_models: dict[str, Any], ids: list[list[in
             run_ar) -> dict[str, Any]:
     """The forced-TPF ceiling of :func:`decode_benchmark` (see there): per batch size, ``forward_ms`` (bare forward
     of w new tokens per dtype), ``ar`` (per dtype, with ``best``), ``dlm`` (one row per dtype and forced TPF)."""
-    from edlm.config import DecodeConfig
     from edlm.decode import generate
 
     widths = tuple(sorted({1, block, 2 * block}))
