@@ -332,6 +332,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.model == "embedded":
         return _embedded_demo(args)
+    from edlm.config import DecodeConfig
     from edlm.demo import run_miniature_demo
     from edlm.results import write_json
 
@@ -340,7 +341,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _set_threads(args)
     bar = TrainingBar("convert")
     result = run_miniature_demo(out, per_family=args.problems, convert=args.convert, steps=args.steps,
-                                threshold=args.threshold, progress=bar, say=lambda msg: print(msg, flush=True))
+                                decode=DecodeConfig(threshold=args.threshold), progress=bar,
+                                say=lambda msg: print(msg, flush=True))
     bar.close()
     one = result["by_batch"]["1"]
     fams = list(one["ar"]["per_family"])
@@ -373,6 +375,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _embedded_demo(args: argparse.Namespace) -> int:
     import textwrap
 
+    from edlm.config import DecodeConfig
     from edlm.demo import run_embedded_demo
 
     if args.json or args.convert:
@@ -381,8 +384,8 @@ def _embedded_demo(args: argparse.Namespace) -> int:
     out = args.output_dir or "runs/demo"
     args.logs.to_folder(out)
     bar = TrainingBar()
-    result = run_embedded_demo(out, steps=args.steps or 30, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
-                               threshold=args.threshold, progress=bar)
+    decode = DecodeConfig(max_new_tokens=args.max_new_tokens, threshold=args.threshold)
+    result = run_embedded_demo(out, steps=args.steps or 30, prompts=args.prompt, decode=decode, progress=bar)
     bar.close()
     print(f"\n{'system':<10} {'tokens/s':>9} {'tok/fwd':>8}  text")
     for row in result["rows"]:
