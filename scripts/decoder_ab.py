@@ -15,7 +15,7 @@ import torch
 
 from edlm import decode as new
 from edlm.assets import default_chat_prompts
-from edlm.bench import forward_times
+from edlm.bench.decode import forward_times
 from edlm.config import DecodeConfig
 from edlm.quant import load
 from edlm.results import machine_info

@@ -26,7 +26,7 @@ def test_out_of_range_and_unknown_values_are_rejected(override, match):
 
 def test_presets_load_and_overrides_apply():
     from edlm.studies import StudyConfig, expand, load_study_config
-    from edlm.studies.grid import run_config, unique_runs
+    from edlm.studies.grid import run_config, source_config, unique_runs
     from edlm.studies.headline import load_headline_config
 
     for preset in sorted((REPO / "configs").glob("*.yaml")):
@@ -34,6 +34,8 @@ def test_presets_load_and_overrides_apply():
             study = load_headline_config(preset).study if preset.name.startswith("headline") \
                 else load_study_config(preset)
             assert isinstance(study, StudyConfig)
+            if not study.source.get("pretrained"):  # the AR source, trained by the same loop
+                assert isinstance(source_config(study, ["x.jsonl"]), TrainConfig)
             for run in unique_runs(expand(study)):
                 assert isinstance(run_config(study, run, REPO / "src", ["x.jsonl"]), TrainConfig)
         else:
@@ -71,3 +73,21 @@ def test_demo_recipe_is_the_cpu_preset():
     for key in ("model", "diffusion", "data", "micro_batch_size", "grad_accum", "lr", "min_lr", "lr_schedule",
                 "warmup_steps", "max_steps"):
         assert demo[key] == preset[key], key
+
+
+def test_headline_decoding_is_one_decode_config_and_the_old_keys_still_load(tmp_path):
+    from edlm.demo import miniature_dir
+    from edlm.studies.grid import StudyConfig
+    from edlm.studies.headline import HeadlineSettings, load_headline_config
+
+    assert HeadlineSettings().decode == DecodeConfig() and StudyConfig().thresholds == [DecodeConfig().threshold]
+    new = load_headline_config(REPO / "configs/headline.yaml").headline
+    old = load_headline_config(miniature_dir() / "headline.yaml").headline  # shipped with `threshold: 0.9`
+    assert "  threshold: 0.9" in (miniature_dir() / "headline.yaml").read_text()
+    assert old.decode == new.decode == DecodeConfig(threshold=0.9)
+    moved = load_headline_config(REPO / "configs/headline.yaml", ["headline.threshold=0.7", "headline.block_size=4"])
+    assert (moved.headline.decode.threshold, moved.headline.decode.block_size) == (0.7, 4)
+    both = load_headline_config(REPO / "configs/headline.yaml", ["headline.decode.threshold=0.8"])
+    assert both.headline.decode.threshold == 0.8
+    with pytest.raises(ConfigError, match="threshold"):
+        load_headline_config(REPO / "configs/headline.yaml", ["headline.threshold=1.5"])

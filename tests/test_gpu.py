@@ -43,7 +43,7 @@ def test_flex_training_step_has_the_sdpa_gradients():
 
 
 def test_flex_training_memory_grows_slower_than_the_dense_mask():
-    from edlm.bench import training_memory
+    from edlm.bench.train import training_memory
 
     result = training_memory("tiny:llama@128x2", lengths=(1024, 4096), block=64)
     peak = {(r["attn_implementation"], r["seq_len"]): r.get("peak_mb") for r in result["rows"]}

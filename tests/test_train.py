@@ -12,7 +12,7 @@ import torch
 from edlm.config import load_train_config
 from edlm.errors import EdlmError
 from edlm.model import DiffusionLM
-from edlm.train import DataStream, convert, lr_lambda
+from edlm.train import DataStream, convert, lr_lambda, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -75,6 +75,51 @@ def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
         convert(other, resume=True)
     with pytest.raises(EdlmError, match="already holds checkpoints"):
         convert(cfg, resume=False)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_ar_objective_resumes_exactly_and_saves_an_ar_folder_that_loads_like_the_shipped_source(tmp_path):
+    from edlm.assets import load_hf
+    from edlm.demo import miniature_dir
+    from edlm.studies.source import is_trained, pretrain_ar
+
+    settings = ["log_every=1", "save_every=3", "num_threads=1"]
+    full = pretrain_ar(load_train_config(TINY, settings, max_steps=6), tmp_path / "full")
+
+    def stop_after_4(step, total, info):
+        if step == 4:  # checkpoint-3 is on disk, step 4 is lost
+            raise _Interrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(_Interrupt):
+        pretrain_ar(load_train_config(TINY, settings, max_steps=6), cut, progress=stop_after_4)
+    assert (cut / "checkpoint-3").is_dir() and not is_trained(cut)
+    with pytest.raises(EdlmError, match="written by a 'ar' run"):  # the other objective cannot resume it
+        train(load_train_config(TINY, settings, max_steps=6, output_dir=str(cut)), "diffusion", resume=True)
+    pretrain_ar(load_train_config(TINY, settings, max_steps=6), cut)  # resumes from checkpoint-3
+    assert losses(cut) == losses(full) and [s for s, _ in losses(full)] == list(range(1, 7))  # same seed, same losses
+    assert is_trained(full) and is_trained(cut)
+    assert json.loads((full / "edlm_source.json").read_text())["objective"] == "ar"
+
+    # the AR folder loads as the shipped miniature's source does, as a plain causal LM
+    model, tok = load_hf(full)
+    shipped, shipped_tok = load_hf(miniature_dir() / "source")
+    assert type(tok) is type(shipped_tok)
+    assert type(model) is type(shipped) and not (full / "edlm_config.json").exists()
+    again, _ = load_hf(cut)
+    for (name, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    assert pretrain_ar(load_train_config(TINY, settings, max_steps=6), full) == full  # finished: left alone
+
+
+def test_a_source_finished_by_the_old_loop_is_still_recognised(tmp_path):
+    from edlm.studies.source import is_trained
+
+    (tmp_path / "edlm_source.json").write_text(json.dumps({"steps": 10, "config": {}}))  # the old done-file
+    assert is_trained(tmp_path) and not is_trained(tmp_path / "missing")
 
 
 def test_lora_conversion_trains_adapters_and_saves_merged_weights(tmp_path):

@@ -194,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from edlm.bench import train_throughput
+    from edlm.bench.train import train_throughput
     from edlm.config import load_train_config
     from edlm.results import write_json
 
@@ -214,14 +214,13 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
-    from edlm.bench import decode_benchmark, plot_ceiling, plot_sweep
+    from edlm.bench.decode import decode_benchmark, plot_ceiling, plot_sweep
     from edlm.quant import parse_dtypes
     from edlm.results import write_json
 
     _set_threads(args)
     cfg = _decode_config(args)
-    result = decode_benchmark(args.model, prompts=args.prompt, max_new_tokens=cfg.max_new_tokens,
-                              batch_sizes=tuple(args.batch_sizes), threshold=cfg.threshold,
+    result = decode_benchmark(args.model, prompts=args.prompt, decode=cfg, batch_sizes=tuple(args.batch_sizes),
                               sweep=tuple(args.sweep), dtypes=parse_dtypes(args.dtypes), repeats=args.repeats,
                               chat=not args.no_chat, ar_source=None if args.ar_model == "self" else args.ar_model,
                               ceiling_tpf=tuple(args.ceiling_tpf), ceiling_block=args.ceiling_block)
@@ -299,12 +298,12 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_masks(args: argparse.Namespace) -> int:
-    from edlm.bench import mask_memory
+    from edlm.bench.train import mask_memory
     from edlm.results import write_json
 
     result = mask_memory(tuple(args.lengths), block=args.block, device=args.device)
     if args.training_model:  # GPU: peak memory of a real training forward + backward, SDPA vs flex
-        from edlm.bench import training_memory
+        from edlm.bench.train import training_memory
 
         result["training"] = training_memory(args.training_model, tuple(args.lengths), block=args.block)
         for row in result["training"]["rows"]:
@@ -374,6 +373,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.model == "embedded":
         return _embedded_demo(args)
+    from edlm.config import DecodeConfig
     from edlm.demo import run_miniature_demo
     from edlm.results import write_json
 
@@ -382,7 +382,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _set_threads(args)
     bar = TrainingBar("convert")
     result = run_miniature_demo(out, per_family=args.problems, convert=args.convert, steps=args.steps,
-                                threshold=_decode_config(args).threshold, progress=bar,
+                                decode=None if args.threshold is None else DecodeConfig(threshold=args.threshold),
+                                progress=bar,
                                 say=lambda msg: print(msg, flush=True))
     bar.close()
     one = result["by_batch"]["1"]
@@ -424,9 +425,8 @@ def _embedded_demo(args: argparse.Namespace) -> int:
     out = args.output_dir or "runs/demo"
     args.logs.to_folder(out)
     bar = TrainingBar()
-    cfg = _decode_config(args)
-    result = run_embedded_demo(out, steps=args.steps or 30, prompts=args.prompt, max_new_tokens=cfg.max_new_tokens,
-                               threshold=cfg.threshold, progress=bar)
+    result = run_embedded_demo(out, steps=args.steps or 30, prompts=args.prompt, decode=_decode_config(args),
+                               progress=bar)
     bar.close()
     print(f"\n{'system':<10} {'tokens/s':>9} {'tok/fwd':>8}  text")
     for row in result["rows"]:

@@ -35,8 +35,9 @@ def demo_config(output_dir: str, steps: int) -> TrainConfig:
 
 
 def run_embedded_demo(output_dir: str = "runs/demo", steps: int = 30, prompts: list[str] | None = None,
-             max_new_tokens: int = 48, threshold: float = 0.9, progress=None) -> dict[str, Any]:
-    """Convert (or reuse), then decode with the dLM and the AR source; returns rows for a table."""
+                      decode: DecodeConfig | None = None, progress=None) -> dict[str, Any]:
+    """Convert (or reuse), then decode with the dLM (``decode``; None: ``DecodeConfig()``) and the AR source (its
+    ``max_new_tokens``, greedy unless it samples); returns rows for a table."""
     import torch
 
     from edlm.assets import default_chat_prompts, resolve_model
@@ -56,7 +57,7 @@ def run_embedded_demo(output_dir: str = "runs/demo", steps: int = 30, prompts: l
     ar_model.eval()
     texts = prompts or default_chat_prompts()[:2]
     ids = [dlm.encode(t) for t in texts]
-    dcfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold)
+    dcfg = decode or DecodeConfig()
     tok = dlm.tokenizer
     rows = []
     with torch.no_grad():
@@ -87,11 +88,14 @@ def miniature_dir() -> Path:
 
 
 def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int = 50, convert: bool = False,
-                       steps: int | None = None, threshold: float = 0.9, batch_sizes: tuple[int, ...] = (1, 8),
-                       sweep: tuple[float, ...] = (0.99, 0.9, 0.7, 0.5), progress=None, say=None,
-                       root: Path | None = None) -> dict[str, Any]:
+                       steps: int | None = None, decode: DecodeConfig | None = None,
+                       batch_sizes: tuple[int, ...] = (1, 8), sweep: tuple[float, ...] = (0.99, 0.9, 0.7, 0.5),
+                       progress=None, say=None, root: Path | None = None) -> dict[str, Any]:
     """AR source vs its dLM on ``per_family`` held-out problems of each task family (see module docstring).
-    ``root`` is the miniature folder (default: the shipped one)."""
+
+    ``decode``: how the dLM decodes at the headline point (None: as the miniature's ``headline.yaml`` says; its
+    ``max_new_tokens`` is the headline's in any case). ``root`` is the miniature folder (default: the shipped one).
+    """
     import dataclasses
 
     from edlm.errors import EdlmError
@@ -110,7 +114,7 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
     dlm_dir = root / "dlm"
     if convert or not (dlm_dir / "config.json").is_file():
         dlm_dir = _convert_miniature(cfg, root / "source", out, steps, progress, say)
-    settings = dataclasses.replace(cfg.headline, threshold=threshold, batch_sizes=list(batch_sizes),
+    settings = dataclasses.replace(cfg.headline, decode=decode or cfg.headline.decode, batch_sizes=list(batch_sizes),
                                    sweep_thresholds=list(sweep), sweep_block_sizes=[None], samples=2)
     measured = measure(root / "source", dlm_dir, problems, settings, cfg.study.max_new_tokens, progress=say)
     result = {**summary(measured), "n_problems": len(problems), "machine": provenance(), "dlm_dir": str(dlm_dir),

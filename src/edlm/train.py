@@ -1,4 +1,11 @@
-"""The conversion loop: continued pretraining of an AR model as a block-diffusion LM, on accelerate.
+"""The training loop, on accelerate, with one of several objectives (:data:`OBJECTIVES`):
+
+* ``diffusion``: convert an AR model into a block-diffusion LM by continued pretraining (``edlm convert``);
+* ``ar``: plain next-token training of the AR model itself (a study's source model, trained from scratch).
+
+Both share the data pipeline, the seeded data order, the optimizer and LR schedule, the atomic resumable
+checkpoints and the progress callback; an objective only says what module is trained, what a batch's loss is and
+what folder is saved at the end.
 
 Determinism and resume: the data order is a fixed permutation per epoch (seeded) and each sample's noise comes
 from a generator seeded by (seed, sample position in the stream), so the batch at step s is a pure function of
@@ -17,6 +24,7 @@ import math
 import os
 import shutil
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -176,6 +184,86 @@ def _resolve_runtime(cfg: TrainConfig) -> tuple[str, str]:
     return mixed, attn
 
 
+# ----------------------------------------------------------------------------------------------- objectives
+
+
+AR_DONE_FILE = "edlm_source.json"
+"""Written last into the folder of a finished ``ar`` run: while it is missing, the folder is not a finished model."""
+
+
+class Objective(Protocol):
+    """What the loop trains: the module built from the AR model, the loss of a batch, the folder saved at the end."""
+
+    name: str
+
+    def build(self, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig) -> torch.nn.Module:
+        """The module to train (its trainable parameters get the optimizer)."""
+        ...
+
+    def loss(self, module: torch.nn.Module, raw: torch.nn.Module, x0: torch.Tensor, positions: list[int],
+             seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, extra metrics) of the batch ``x0`` (B, L) at stream ``positions``; ``module`` is ``raw`` as
+        prepared by accelerate (call it), ``raw`` the bare module (read its settings)."""
+        ...
+
+    def save(self, raw: torch.nn.Module, tokenizer: Any, out: Path, state_dict: dict[str, torch.Tensor] | None,
+             cfg: TrainConfig) -> None:
+        """Write the finished model into ``out`` (``state_dict``: gathered full weights under FSDP/ZeRO-3)."""
+        ...
+
+
+class DiffusionObjective:
+    """Block-diffusion conversion: masked-token loss on noised sequences (+ the AR loss on the clean copy when
+    ``diffusion.ar_weight`` > 0); saves a converted folder (HF weights + ``edlm_config.json``)."""
+
+    name = "diffusion"
+
+    def build(self, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig) -> torch.nn.Module:
+        from edlm.model import DiffusionLM
+
+        dlm = DiffusionLM.from_ar(model, tokenizer, cfg.diffusion)
+        if cfg.lora is not None:
+            dlm.model = _apply_lora(dlm.model, cfg.lora)
+        return dlm
+
+    def loss(self, module, raw, x0, positions, seed):
+        from edlm.noising import noise_samples
+
+        result = module(noise_samples(x0, raw.config, raw.mask_id, seed, positions))
+        extras = {"masked_ce": result.masked_ce}
+        if result.ar_ce is not None:
+            extras["ar_ce"] = result.ar_ce
+        return result.loss, extras
+
+    def save(self, raw, tokenizer, out, state_dict, cfg) -> None:
+        raw.save_pretrained(out, state_dict=state_dict)
+
+
+class ArObjective:
+    """Plain next-token training of the model as it is (all weights); saves a Hugging Face AR folder, then
+    :data:`AR_DONE_FILE`."""
+
+    name = "ar"
+
+    def build(self, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig) -> torch.nn.Module:
+        if cfg.lora is not None:
+            raise EdlmError("the ar objective trains all weights; remove the lora section")
+        return model
+
+    def loss(self, module, raw, x0, positions, seed):
+        return module(input_ids=x0, labels=x0).loss, {}
+
+    def save(self, raw, tokenizer, out, state_dict, cfg) -> None:
+        raw.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(out)
+        tmp = out / f".{AR_DONE_FILE}.tmp"
+        tmp.write_text(json.dumps({"steps": cfg.max_steps, "objective": self.name, "config": to_dict(cfg)}, indent=2))
+        os.replace(tmp, out / AR_DONE_FILE)
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (DiffusionObjective(), ArObjective())}
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 
 
@@ -185,11 +273,20 @@ ProgressFn = Callable[[int, int, dict[str, Any]], None]
 
 
 def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None = None) -> Path:
-    """Convert an AR model into a block-diffusion LM; returns the output folder (the final model is saved there).
+    """Convert an AR model into a block-diffusion LM: :func:`train` with the ``diffusion`` objective."""
+    return train(cfg, "diffusion", resume=resume, progress=progress)
+
+
+def train(cfg: TrainConfig, objective: str = "diffusion", resume: bool = False,
+          progress: ProgressFn | None = None) -> Path:
+    """Train ``cfg.model`` on ``cfg.data`` with an objective; returns the output folder (the final model is saved
+    there).
 
     Args:
-        cfg: the run's settings.
-        resume: continue from the latest checkpoint in ``cfg.output_dir`` (error if its settings differ).
+        cfg: the run's settings (the ``ar`` objective ignores ``diffusion``).
+        objective: a name from :data:`OBJECTIVES`: ``diffusion`` (conversion) or ``ar`` (next-token training).
+        resume: continue from the latest checkpoint in ``cfg.output_dir`` (error if its settings or objective
+            differ).
         progress: called as ``progress(step, max_steps, info)`` (see :data:`ProgressFn`) after every optimizer step
             and its checkpoint, on the main process.
     """
@@ -197,9 +294,10 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
 
     from edlm.assets import resolve_model
     from edlm.data import build_data
-    from edlm.model import DiffusionLM
-    from edlm.noising import noise_samples
 
+    if objective not in OBJECTIVES:
+        raise EdlmError(f"unknown training objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
+    obj = OBJECTIVES[objective]
     out = Path(cfg.output_dir)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -215,6 +313,9 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
         logger.warning("--resume: no checkpoint in %s; starting from step 0", out)
     if ckpt is not None:
         saved = json.loads((ckpt / STATE_FILE).read_text())
+        if saved.get("objective", "diffusion") != objective:
+            raise EdlmError(f"checkpoint {ckpt} was written by a {saved.get('objective', 'diffusion')!r} run, not "
+                            f"{objective!r}; use a new --output-dir")
         if saved["fingerprint"] != config_fingerprint(cfg):
             raise EdlmError(f"checkpoint {ckpt} was written with different settings than this run "
                             f"(see {out / 'train_config.yaml'}); resume with the same config, or use a new "
@@ -227,18 +328,16 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
         (out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     model, tokenizer = resolve_model(cfg.model, dtype=torch.float32, attn_implementation=attn, seed=cfg.seed)
-    dlm = DiffusionLM.from_ar(model, tokenizer, cfg.diffusion)
-    if cfg.lora is not None:
-        dlm.model = _apply_lora(dlm.model, cfg.lora)
+    module = obj.build(model, tokenizer, cfg)
     with accelerator.main_process_first():
         train_data, _ = build_data(cfg.data, tokenizer)
 
-    params = [p for p in dlm.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    dlm, optimizer = accelerator.prepare(dlm, optimizer)
+    module, optimizer = accelerator.prepare(module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    raw = accelerator.unwrap_model(dlm)
+    raw = accelerator.unwrap_model(module)
 
     start = 0
     if ckpt is not None:
@@ -254,33 +353,31 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
     global_batch = mb * accum * world
     stream = DataStream(len(train_data), cfg.seed)
     tokens_per_step = global_batch * cfg.data.seq_len
-    logger.info("training %s: %d sequences of %d tokens, global batch %d, steps %d..%d",
-                type(raw.model).__name__, len(train_data), cfg.data.seq_len, global_batch, start, cfg.max_steps)
+    logger.info("training %s (%s objective): %d sequences of %d tokens, global batch %d, steps %d..%d",
+                type(getattr(raw, "model", raw)).__name__, objective, len(train_data), cfg.data.seq_len,
+                global_batch, start, cfg.max_steps)
 
-    fresh_window = {"loss": 0.0, "masked_ce": 0.0, "n": 0, **({"ar_ce": 0.0} if raw.config.ar_weight > 0 else {})}
-    window = dict(fresh_window)
+    window: dict[str, float] = defaultdict(float)  # sums over the steps since the last log line
+    steps_in_window = 0
     t_window = time.perf_counter()
-    dlm.train()
+    module.train()
     for step in range(start, cfg.max_steps):
         for micro in range(accum):
             first = step * global_batch + micro * mb * world + rank * mb
             positions = list(range(first, first + mb))
             x0 = train_data[stream.rows(positions)].to(accelerator.device)
-            noised = noise_samples(x0, raw.config, raw.mask_id, cfg.seed, positions)
             sync = micro == accum - 1
-            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(dlm)
+            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(module)
             with ctx:
-                result = dlm(noised)
-                accelerator.backward(result.loss / accum)
-            window["loss"] += float(result.loss.detach()) / accum
-            window["masked_ce"] += float(result.masked_ce) / accum
-            if result.ar_ce is not None:
-                window["ar_ce"] += float(result.ar_ce) / accum
+                loss, extras = obj.loss(module, raw, x0, positions, cfg.seed)
+                accelerator.backward(loss / accum)
+            for key, value in {"loss": loss.detach(), **extras}.items():
+                window[key] += float(value) / accum
         grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        window["n"] += 1
+        steps_in_window += 1
         done = step + 1
         info: dict[str, Any] = {}  # what progress() gets
 
@@ -288,23 +385,20 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
             elapsed = time.perf_counter() - t_window
             record = {
                 "step": done,
-                "loss": _mean_across(accelerator, window["loss"] / window["n"]),
-                "masked_ce": _mean_across(accelerator, window["masked_ce"] / window["n"]),
+                **{key: _mean_across(accelerator, total / steps_in_window) for key, total in window.items()},
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens": done * tokens_per_step,
-                "tokens_per_s": window["n"] * tokens_per_step / max(elapsed, 1e-9),
+                "tokens_per_s": steps_in_window * tokens_per_step / max(elapsed, 1e-9),
             }
-            if "ar_ce" in window:
-                record["ar_ce"] = _mean_across(accelerator, window["ar_ce"] / window["n"])
             for lg in loggers:
                 lg.log(record)
-            window = dict(fresh_window)
+            window, steps_in_window = defaultdict(float), 0
             t_window = time.perf_counter()
             info = record
 
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
-            info = {**info, "checkpoint": str(_save_checkpoint(accelerator, out, done, cfg))}
+            info = {**info, "checkpoint": str(_save_checkpoint(accelerator, out, done, cfg, objective))}
         if progress and main:
             progress(done, cfg.max_steps, info)
 
@@ -313,10 +407,10 @@ def convert(cfg: TrainConfig, resume: bool = False, progress: ProgressFn | None 
     accelerator.wait_for_everyone()
     # Under FSDP / ZeRO-3 the parameters are sharded: gather a full state dict (every rank takes part).
     sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
-    state = accelerator.get_state_dict(dlm) if sharded else None
+    state = accelerator.get_state_dict(module) if sharded else None
     if main:
-        raw.save_pretrained(out, state_dict=state)
-        logger.info("saved converted model to %s", out)
+        obj.save(raw, tokenizer, out, state, cfg)
+        logger.info("saved the trained model (%s objective) to %s", objective, out)
     accelerator.wait_for_everyone()
     return out
 
@@ -328,7 +422,7 @@ def _mean_across(accelerator, value: float) -> float:
     return float(accelerator.reduce(t, reduction="mean"))
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, cfg: TrainConfig) -> Path:
+def _save_checkpoint(accelerator, out: Path, step: int, cfg: TrainConfig, objective: str) -> Path:
     """Write ``checkpoint-STEP`` atomically: everything goes to a hidden folder that is renamed when complete.
     Returns the folder."""
     final = out / f"{CHECKPOINT_PREFIX}{step}"
@@ -339,7 +433,7 @@ def _save_checkpoint(accelerator, out: Path, step: int, cfg: TrainConfig) -> Pat
     accelerator.save_state(str(tmp), safe_serialization=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "fingerprint": config_fingerprint(cfg), "config": to_dict(cfg)}
+        state = {"step": step, "objective": objective, "fingerprint": config_fingerprint(cfg), "config": to_dict(cfg)}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from edlm.config import DecodeConfig
 from edlm.studies.task import Problem
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -28,19 +29,19 @@ def _answer(tokenizer, ids: list[int]) -> str:
 
 
 @torch.no_grad()
-def answer_accuracy(problems: list[Problem], dlm=None, ar_model=None, tokenizer=None, threshold: float = 0.9,
-                    max_new_tokens: int = 8, block_size: int | None = None) -> dict[str, Any]:
+def answer_accuracy(problems: list[Problem], dlm=None, ar_model=None, tokenizer=None,
+                    decode: DecodeConfig | None = None) -> dict[str, Any]:
     """Exact-answer accuracy, tokens per forward and tokens/s, decoding one problem at a time (batch 1).
 
-    Give ``dlm`` for threshold decoding with the KV cache, or ``ar_model`` (+ ``tokenizer``) for greedy AR decoding.
-    Tokens are counted up to and including EOS, so both systems are measured on the same text.
+    Give ``dlm`` to decode it with ``decode`` (None: ``DecodeConfig()``), or ``ar_model`` (+ ``tokenizer``) for
+    AR decoding (``decode``'s ``max_new_tokens`` and sampling; greedy by default). Tokens are counted up to and
+    including EOS, so both systems are measured on the same text.
     """
     from edlm.baseline import ar_generate
-    from edlm.config import DecodeConfig
     from edlm.decode import generate
 
     tok = dlm.tokenizer if dlm is not None else tokenizer
-    cfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold, block_size=block_size)
+    cfg = decode or DecodeConfig()
     correct = tokens = forwards = 0
     t0 = time.perf_counter()
     for p in problems:
@@ -54,7 +55,7 @@ def answer_accuracy(problems: list[Problem], dlm=None, ar_model=None, tokenizer=
         forwards += out.stats.forwards
     seconds = time.perf_counter() - t0
     return {"acc": correct / len(problems), "n": len(problems), "tokens_per_forward": tokens / max(forwards, 1),
-            "tokens_per_s": tokens / seconds, "threshold": threshold if dlm is not None else None}
+            "tokens_per_s": tokens / seconds, "threshold": cfg.threshold if dlm is not None else None}
 
 
 def weight_drift(source: torch.nn.Module, converted: torch.nn.Module) -> dict[str, Any]:

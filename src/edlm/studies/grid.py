@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from edlm.config import TrainConfig, from_dict, load_yaml
+from edlm.config import DecodeConfig, TrainConfig, from_dict, load_yaml
 from edlm.errors import ConfigError, EdlmError
 from edlm.studies.task import TaskConfig
 
@@ -67,7 +67,7 @@ class StudyConfig:
     conversion: dict[str, Any] = field(default_factory=dict)
     """Conversion settings shared by every run (TrainConfig keys; ``model`` and ``data.corpus`` filled in)."""
     comparisons: dict[str, Comparison] = field(default_factory=dict)
-    thresholds: list[float] = field(default_factory=lambda: [0.9])
+    thresholds: list[float] = field(default_factory=lambda: [DecodeConfig().threshold])
     """Default decoding threshold(s); the first is the one comparisons report accuracy at."""
     max_new_tokens: int = 8
     per_position_samples: int = 8
@@ -183,7 +183,8 @@ def evaluate_source(cfg: StudyConfig, source: Path, problems) -> dict[str, Any]:
 
     model, tok = load_hf(source)
     model.eval()
-    return {"answers": answer_accuracy(problems, ar_model=model, tokenizer=tok, max_new_tokens=cfg.max_new_tokens),
+    return {"answers": answer_accuracy(problems, ar_model=model, tokenizer=tok,
+                                       decode=DecodeConfig(max_new_tokens=cfg.max_new_tokens)),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -198,7 +199,8 @@ def evaluate_run(cfg: StudyConfig, run_dir: Path, source: Path, problems, thresh
     x0 = pack_problems(dlm.tokenizer, problems, seq_len, cfg.per_position_rows)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {
-        "answers": [answer_accuracy(problems, dlm=dlm, threshold=t, max_new_tokens=cfg.max_new_tokens)
+        "answers": [answer_accuracy(problems, dlm=dlm, decode=DecodeConfig(max_new_tokens=cfg.max_new_tokens,
+                                                                           threshold=t))
                     for t in thresholds],
         "weight_drift": weight_drift(src, dlm.model),
         "per_position_loss": per_position_loss(dlm, x0, samples=cfg.per_position_samples),

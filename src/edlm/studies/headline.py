@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from edlm.bench.decode import MODE_VARIANTS
 from edlm.config import DecodeConfig, from_dict, load_yaml
 from edlm.errors import ConfigError
 from edlm.quant import DTYPES
@@ -33,19 +34,18 @@ from edlm.studies.task import Problem
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
-# Decoding-mode variants of the three-modes table: DecodeConfig fields beyond the headline's.
-MODE_VARIANTS = {"ar": {"mode": "ar"}, "speculative": {"mode": "speculative"},
-                 "speculative_separate_draft": {"mode": "speculative", "fused_draft": False}}
+# Old names of ``decode`` fields in the ``headline:`` section, still accepted.
+_LEGACY_DECODE_KEYS = ("threshold", "block_size")
 
 
 @dataclass
 class HeadlineSettings:
     """How the source and the converted model are compared (the ``headline:`` section of the YAML)."""
 
-    threshold: float = 0.9
-    """Decoding threshold of the headline point (the paper's released models decode at 0.9)."""
-    block_size: int | None = None
-    """Decoding block of the headline point (None: the training block)."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """How the dLM decodes at the headline point (``threshold``: the paper's released models decode at 0.9;
+    ``block_size`` None: the training block); ``max_new_tokens`` is the study's. The old keys ``threshold`` and
+    ``block_size`` of this section are read into it."""
     sweep_thresholds: list[float] = field(default_factory=lambda: [0.95, 0.9, 0.8, 0.7, 0.5])
     """Thresholds of the accuracy / speed curve (batch 1)."""
     sweep_block_sizes: list[int | None] = field(default_factory=lambda: [None, 8])
@@ -67,8 +67,6 @@ class HeadlineSettings:
     and the speculative mode's tokens per forward and batch-1 speed-up over the AR source."""
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
-            raise ConfigError(f"headline.threshold must be in (0, 1], got {self.threshold}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ConfigError("headline.batch_sizes must be a non-empty list of sizes >= 1")
         unknown = sorted(set(self.dtypes) - set(DTYPES))
@@ -91,7 +89,11 @@ def load_headline_config(path: str | Path, overrides: list[str] | None = None) -
 
     data = load_yaml(path)
     apply_overrides(data, overrides or [])
-    settings = from_dict(HeadlineSettings, data.pop("headline", {}) or {}, where="headline.")
+    section = data.pop("headline", {}) or {}
+    for key in _LEGACY_DECODE_KEYS:  # headline.threshold: 0.9 -> headline.decode.threshold: 0.9 (an old key wins)
+        if key in section:
+            section["decode"] = {**(section.get("decode") or {}), key: section.pop(key)}
+    settings = from_dict(HeadlineSettings, section, where="headline.")
     study = study_config_from_dict(data)
     if not study.comparisons:
         raise ConfigError(f"{path}: a headline config needs one comparison whose first variant is the dLM")
@@ -157,7 +159,7 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
     """AR source vs dLM on ``problems``: every number of the headline, measured in this process."""
     from edlm.assets import load_hf
     from edlm.baseline import ar_generate
-    from edlm.bench import forward_overhead
+    from edlm.bench.decode import forward_overhead
     from edlm.decode import generate
     from edlm.model import DiffusionLM
     from edlm.quant import cast, cast_model
@@ -175,24 +177,26 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
         return lambda rows: ar_generate(model, rows, DecodeConfig(max_new_tokens=max_new_tokens), eos_id=eos,
                                         pad_id=tok.pad_token_id)
 
-    def dlm_run(dlm, threshold, block, **fields):
-        cfg = DecodeConfig(max_new_tokens=max_new_tokens, threshold=threshold, block_size=block, **fields)
+    headline = dataclasses.replace(settings.decode, max_new_tokens=max_new_tokens)
+
+    def dlm_run(dlm, **fields):
+        """Decode with the headline's settings, ``fields`` replaced."""
+        cfg = dataclasses.replace(headline, **fields)
         return lambda rows: generate(dlm, rows, cfg)
 
     warm = problems[:4]
     for d in settings.dtypes:  # first calls pay one-time costs (allocator, kernels): keep them out of the timings
         decode_problems(ar_run(ars[d]), tok, warm, 1)
-        decode_problems(dlm_run(dlms[d], settings.threshold, settings.block_size), tok, warm, 1)
+        decode_problems(dlm_run(dlms[d]), tok, warm, 1)
 
     by_batch: dict[str, Any] = {}
     answers: dict[str, list[str]] = {}
     for batch in settings.batch_sizes:
-        say(f"batch {batch}: AR at {settings.dtypes}, dLM at threshold {settings.threshold}")
+        say(f"batch {batch}: AR at {settings.dtypes}, dLM at threshold {headline.threshold}")
         ar_all, dlm_all = {}, {}
         for d in settings.dtypes:  # alternate the systems so a slow spell of the machine hits both
             ar_all[d] = decode_problems(ar_run(ars[d]), tok, problems, batch)
-            dlm_all[d] = decode_problems(dlm_run(dlms[d], settings.threshold, settings.block_size), tok, problems,
-                                         batch)
+            dlm_all[d] = decode_problems(dlm_run(dlms[d]), tok, problems, batch)
         ar_best = max(ar_all, key=lambda d: ar_all[d]["tokens_per_s"])
         dlm_best = max(dlm_all, key=lambda d: dlm_all[d]["tokens_per_s"])
         answers.setdefault("ar", ar_all[ar_best]["answers"])
@@ -211,15 +215,14 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
     for block in settings.sweep_block_sizes:
         for thr in settings.sweep_thresholds:
             say(f"curve: block {block or dlm32.config.block_size}, threshold {thr} ({dtype}, batch 1)")
-            r = decode_problems(dlm_run(dlms[dtype], thr, block), tok, problems, 1)
+            r = decode_problems(dlm_run(dlms[dtype], threshold=thr, block_size=block), tok, problems, 1)
             curve.append({"block_size": block or dlm32.config.block_size, "threshold": thr, "dtype": dtype,
                           **_public(r)})
     modes: dict[str, Any] = {}
     for name in settings.modes:
         for batch in settings.batch_sizes:
             say(f"mode {name} ({dtype}, batch {batch})")
-            r = decode_problems(dlm_run(dlms[dtype], settings.threshold, settings.block_size, **MODE_VARIANTS[name]),
-                                tok, problems, batch)
+            r = decode_problems(dlm_run(dlms[dtype], **MODE_VARIANTS[name]), tok, problems, batch)
             modes.setdefault(name, {})[str(batch)] = {
                 **_public(r), "dtype": dtype,
                 "speedup": r["tokens_per_s"] / by_batch[str(batch)]["ar"]["tokens_per_s"],
@@ -227,14 +230,14 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
     # The decoder's own cost per forward (masks, commit rule, cache bookkeeping) over a bare model forward of the
     # same shape: at this model size it decides how much of the tokens per forward becomes speed.
     overhead = forward_overhead(dlms[dtype], prompt_len=len(prompt_ids(tok, problems[0])),
-                                block=settings.block_size or dlm32.config.block_size)
+                                block=headline.block_size or dlm32.config.block_size)
     samples = defaultdict(list)
     for p, a, d in zip(problems, answers["ar"], answers["dlm"]):
         if len(samples[p.family]) < settings.samples:
             samples[p.family].append({"question": p.question, "answer": p.answer, "ar": a, "dlm": d})
     return {"by_batch": by_batch, "curve": curve, "modes": modes, "samples": dict(samples),
-            "decoder_overhead": overhead, "dlm_block_size": settings.block_size or dlm32.config.block_size,
-            "threshold": settings.threshold}
+            "decoder_overhead": overhead, "dlm_block_size": headline.block_size or dlm32.config.block_size,
+            "threshold": headline.threshold}
 
 
 def summary(measured: dict[str, Any]) -> dict[str, Any]:

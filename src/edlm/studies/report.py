@@ -16,6 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from edlm.config import DecodeConfig
+
 # Which variant names play which role in the claims (names as in configs/study.yaml).
 CLEAN, NOISY, BIDIR = "block_causal_clean", "block_causal_noisy", "bidirectional"
 SHIFT, NO_SHIFT = "clean_token_shift", "clean_no_shift"  # the variant that flips token shift from the base
@@ -159,7 +161,7 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(results, indent=2) + "\n")
     cfg = results.get("config") or {}
-    thresholds = cfg.get("thresholds") or [0.9]
+    thresholds = cfg.get("thresholds") or [DecodeConfig().threshold]
     thr = thresholds[0]
     comps = results["comparisons"]
     source = results.get("source") or {}

@@ -3,9 +3,8 @@ import json
 import pytest
 from conftest import make_dlm
 
-from edlm.bench import decode_benchmark, plot_ceiling, plot_sweep, roofline, train_throughput
-from edlm.config import load_train_config
-from edlm.results import machine_info
+from edlm.bench.decode import decode_benchmark, plot_ceiling, plot_sweep, roofline
+from edlm.config import DecodeConfig
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +16,17 @@ def converted(tmp_path_factory):
 
 
 def test_decode_benchmark_json_contract_and_consistency(converted, tmp_path):
-    r = decode_benchmark(converted, prompts=["Shall I", "When forty winters shall"], max_new_tokens=8,
-                         batch_sizes=(1, 2), sweep=(1.0, 0.005), dtypes=("fp32",), chat=False, ceiling_tpf=())
+    r = decode_benchmark(converted, prompts=["Shall I", "When forty winters shall"],
+                         decode=DecodeConfig(max_new_tokens=8), batch_sizes=(1, 2), sweep=(1.0, 0.005),
+                         dtypes=("fp32",), chat=False, ceiling_tpf=())
     for side in ("ar", "dlm"):
         assert r[side]["tokens_per_s"] > 0 and r[side]["latency_s"] > 0
     assert r["dlm"]["tokens_per_forward"] >= 0.5
     assert r["speedup"] == pytest.approx(r["dlm"]["tokens_per_s"] / r["ar"]["tokens_per_s"])
     assert set(r["by_batch"]) == {"1", "2"}
     assert r["settings"]["ar_source"] == "tiny" and r["machine"]["cores"] >= 1
+    assert r["settings"]["decode"] == {**r["settings"]["decode"], "max_new_tokens": 8, "threshold": 0.9}
+    assert r["settings"]["threshold"] == r["dlm"]["threshold"] == DecodeConfig().threshold  # the one default
     # The random tiny model is its own AR source here: with threshold 1.0 the dLM commits one token per forward;
     # with threshold 0.005 (above ~1/V) it commits whole blocks.
     strict, loose = r["sweep"]
@@ -53,8 +55,8 @@ def test_roofline_is_tpf_times_t1_over_t_block():
 
 def test_ceiling_rows_per_dtype_and_forced_tpf(converted, tmp_path):
     prompts = ["Shall I compare", "When forty winters shall besiege thy brow"]
-    r = decode_benchmark(converted, prompts=prompts, max_new_tokens=16, batch_sizes=(1, 2), sweep=(0.9,),
-                         dtypes=("fp32", "int8"), chat=False, ceiling_tpf=(1, 4), ceiling_block=4)
+    r = decode_benchmark(converted, prompts=prompts, decode=DecodeConfig(max_new_tokens=16), batch_sizes=(1, 2),
+                         sweep=(0.9,), dtypes=("fp32", "int8"), chat=False, ceiling_tpf=(1, 4), ceiling_block=4)
     c = r["ceiling"]
     assert c["block"] == 4 and set(c["by_batch"]) == {"1", "2"}
     assert r["settings"]["ceiling_tpf"] == [1, 4] and r["settings"]["dtypes"] == ["fp32", "int8"]
@@ -84,20 +86,3 @@ def test_ceiling_rows_per_dtype_and_forced_tpf(converted, tmp_path):
             assert row["speedup_vs_best_ar"] == pytest.approx(row["tokens_per_s"] / best_ar)
     plot_ceiling(r, tmp_path / "ceiling.png")
     assert (tmp_path / "ceiling.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_train_throughput_reports_both_phases(tmp_path):
-    from pathlib import Path
-
-    cfg = load_train_config(Path(__file__).parents[1] / "configs/tiny.yaml", ["micro_batch_size=2"])
-    r = train_throughput(cfg, steps=2, warmup=1)
-    for phase in ("ar_finetune", "dlm_convert", "dlm_convert_joint"):
-        p = r[phase]
-        assert p["tokens_per_s"] == pytest.approx(2 * 64 / p["step_s_median"])
-        assert p["peak_mem_mb"] > 0
-    assert r["dlm_over_ar_step_time"] == pytest.approx(r["dlm_convert"]["step_s_median"] /
-                                                       r["ar_finetune"]["step_s_median"])
-    assert r["joint_over_dlm_step_time"] == pytest.approx(r["dlm_convert_joint"]["step_s_median"] /
-                                                          r["dlm_convert"]["step_s_median"])
-    assert r["dlm_convert_joint"]["ar_weight"] == 1.0
-    assert r["machine"] == machine_info() or r["machine"]["cpu"] == machine_info()["cpu"]

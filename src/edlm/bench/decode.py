@@ -1,0 +1,326 @@
+"""Decoding benchmarks: AR vs dLM decoding of the same prompts in one process, the forced-TPF ceiling and its
+roofline, the decoder's overhead per forward; each returns a JSON-ready dict with settings and machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edlm.config import DecodeConfig, to_dict
+from edlm.model import source_spec
+from edlm.results import machine_info, new_figure, save_figure
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Mean over rows of the fraction of positions where two outputs hold the same token."""
+    scores = [sum(x == y for x, y in zip(p, q)) / max(len(p), len(q), 1) for p, q in zip(a, b)]
+    return sum(scores) / max(len(scores), 1)
+
+
+def _in_batches(run, ids: list[list[int]], n: int):
+    """Decode every prompt, ``n`` at a time (cycling prompts when n exceeds them); one output, stats summed."""
+    from edlm.generation import DecodeOutput, DecodeStats
+
+    rows = [ids[i % len(ids)] for i in range(max(n, len(ids)))]
+    stats, seqs = DecodeStats(rows=n), []
+    for i in range(0, len(rows), n):
+        out = run(rows[i:i + n])
+        seqs += out.sequences
+        stats.forwards += out.stats.forwards
+        stats.tokens += out.stats.tokens
+        stats.seconds += out.stats.seconds
+    return DecodeOutput(sequences=seqs, stats=stats)
+
+
+def _timed(fn, repeats: int, warmup=None):
+    """Run ``warmup`` (default: ``fn`` itself) once, then ``fn`` ``repeats`` times; returns the median-time run."""
+    (warmup or fn)()
+    runs = sorted((fn() for _ in range(repeats)), key=lambda o: o.stats.seconds)
+    return runs[len(runs) // 2]
+
+
+def _summary(out) -> dict[str, float]:
+    s = out.stats
+    return {"tokens_per_s": s.tokens_per_s, "latency_s": s.seconds, "tokens": s.tokens, "forwards": s.forwards,
+            "tokens_per_forward": s.tokens_per_forward}
+
+
+@torch.no_grad()
+def forward_times(model, cache_len: int, widths: tuple[int, ...], batch: int = 1, repeats: int = 7,
+                  token: int = 0) -> dict[int, float]:
+    """Median seconds of a bare model forward of ``w`` new tokens per row on a ``cache_len``-token KV cache, for each
+    ``w`` in ``widths``, ``batch`` rows: the cost a decoder step cannot go below (no masks, no commit rule).
+
+    Every logit of the new tokens is computed, as a dLM step needs them all.
+    """
+    from transformers import DynamicCache
+
+    from edlm.model import cache_kwargs
+
+    emb = model.get_input_embeddings().weight  # (V, D)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, min(1000, emb.shape[0]), (batch, cache_len), generator=g).to(emb.device)
+    device = emb.device
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prefix, use_cache=True, **cache_kwargs(model, cache))
+    out = {}
+    for w in widths:
+        ids = torch.full((batch, w), token, device=device)
+        pos = torch.arange(cache_len, cache_len + w, device=device)[None].expand(batch, -1)
+        times = []
+        for _ in range(repeats + 1):  # the first call of a new shape is a warm-up
+            t0 = time.perf_counter()
+            model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
+            times.append(time.perf_counter() - t0)
+            cache.crop(-w)
+        times = sorted(times[1:])
+        out[w] = times[len(times) // 2]
+    return out
+
+
+def roofline(forward_s: dict[int, float], tokens_per_forward: float, block: int, batch: int = 1) -> dict[str, float]:
+    """What bare forwards allow: AR makes ``batch`` tokens per 1-token forward (``t(1)``); the dLM makes
+    ``batch x tokens_per_forward`` per block-wide forward (``t(block)``). Their ratio, ``TPF x t(1) / t(block)``, is
+    the most a decoder at that TPF can gain over AR decoding at the same dtype.
+
+    Args:
+        forward_s: seconds of a forward of ``w`` new tokens, by ``w`` (see :func:`forward_times`); needs 1 and block.
+        tokens_per_forward: tokens committed per forward per row.
+        block: decoding block size (the width of every dLM step).
+        batch: rows per forward.
+    """
+    t1, tb = forward_s[1], forward_s[block]
+    return {"ar_tokens_per_s": batch / t1, "dlm_tokens_per_s": batch * tokens_per_forward / tb,
+            "speedup": tokens_per_forward * t1 / tb}
+
+
+def forward_overhead(dlm, prompt_len: int, block: int, repeats: int = 10) -> dict[str, float]:
+    """Decoder time per forward vs a bare model forward of the same shape (block tokens on a prompt-sized cache).
+
+    The difference is Python and bookkeeping overhead of the decoder (mask building, commit policy, cache crop).
+    """
+    from edlm.decode import generate
+
+    prompt = [int(t) for t in torch.randint(10, 1000, (prompt_len,), generator=torch.Generator().manual_seed(0))]
+    prompt = [t % (dlm.mask_id or 1) for t in prompt]
+    cfg = DecodeConfig(max_new_tokens=4 * block, block_size=block, policy="fixed", tokens_per_step=1)
+    dec = _timed(lambda: generate(dlm, [prompt], cfg), 3)
+    per_forward_decoder = dec.stats.seconds / dec.stats.forwards
+    bare = forward_times(dlm.model, prompt_len, (block,), repeats=repeats, token=dlm.mask_id)[block]
+    return {"decoder_s_per_forward": per_forward_decoder, "bare_forward_s": bare,
+            "overhead_fraction": per_forward_decoder / bare - 1.0, "prompt_len": prompt_len, "block": block}
+
+
+MODE_VARIANTS: dict[str, dict[str, Any]] = {
+    "ar": {"mode": "ar"}, "speculative": {"mode": "speculative"},
+    "speculative_separate_draft": {"mode": "speculative", "fused_draft": False}}
+"""The converted model's non-diffusion decoding modes as :class:`~edlm.config.DecodeConfig` fields (speculative
+with its draft fused into the verifying forward, and separate)."""
+
+
+def decoding_modes(dlm, ids: list[list[int]], decode: DecodeConfig, repeats: int, ar_reference: list[list[int]],
+                   ar_tokens_per_s: float) -> dict[str, Any]:
+    """The converted model in each decoding mode (``DecodeConfig.mode``; speculative with its draft fused into the
+    verifying forward and separate), batch 1: tokens/s, tokens per forward, agreement with the AR baseline's output
+    and with the converted model's own ``ar`` mode (1.0 for greedy speculative by construction), and the speed-up
+    over the AR baseline's ``ar_tokens_per_s``. ``decode`` holds every other setting (the diffusion mode is
+    ``decode`` itself)."""
+    from edlm.decode import generate
+
+    runs = {}
+    for name, fields in {"diffusion": {"mode": "diffusion"}, **MODE_VARIANTS}.items():
+        cfg = dataclasses.replace(decode, **fields)
+        runs[name] = _timed(lambda c=cfg: _in_batches(lambda r: generate(dlm, r, c), ids, 1), repeats)
+    return {name: {**_summary(run), "speedup": run.stats.tokens_per_s / ar_tokens_per_s,
+                   "agreement_with_ar": _agreement(run.sequences, ar_reference),
+                   "agreement_with_ar_mode": _agreement(run.sequences, runs["ar"].sequences)}
+            for name, run in runs.items()}
+
+
+def _best(by_dtype: dict[str, dict[str, Any]]) -> str:
+    return max(by_dtype, key=lambda d: by_dtype[d]["tokens_per_s"])
+
+
+def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = None,
+                     decode: DecodeConfig | None = None, batch_sizes: tuple[int, ...] = (1, 4),
+                     sweep: tuple[float, ...] = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3),
+                     dtypes: tuple[str, ...] = ("fp32", "bf16", "int8"), repeats: int = 1, chat: bool = True,
+                     ar_source: str | None = "auto", ceiling_tpf: tuple[int, ...] = (1, 2, 4, 8),
+                     ceiling_block: int = 8) -> dict[str, Any]:
+    """AR decoding vs dLM decoding of the same prompts, same process, after warm-up.
+
+    At batch size n every prompt is decoded, n at a time (prompts are cycled when n exceeds their number), and the
+    stats are summed over the calls; tokens per forward is per row. ``decode`` (None: ``DecodeConfig()``) is how
+    the dLM decodes and how many tokens both systems make (``max_new_tokens``); the AR runs use it too (greedy
+    unless it sets a temperature).
+
+    AR runs the source model the converted folder was trained from (``ar_source='auto'``; ``None`` uses the
+    converted weights causally), at each weight dtype in ``dtypes`` (``fp32``, ``bf16``, ``int8``: see
+    :mod:`edlm.quant`), and its fastest dtype is the baseline; the dLM is likewise measured at each dtype and
+    reported at its fastest. The threshold sweep runs at batch 1 with the dLM's best dtype and scores agreement
+    with the AR output (greedy both).
+
+    The ceiling (``result["ceiling"]``, skipped when ``ceiling_tpf`` is empty): at every batch size and dtype, AR and
+    the dLM with the ``fixed`` policy forced to commit k tokens per forward (block ``ceiling_block``, EOS ignored so
+    every run makes ``max_new_tokens`` per prompt), next to the roofline from bare forward times
+    (:func:`roofline`): how fast a converted model would be here if it reached TPF k, and how much of that the
+    decoder delivers.
+    """
+    from edlm.assets import best_device, default_chat_prompts
+    from edlm.baseline import ar_generate
+    from edlm.decode import generate
+    from edlm.quant import cast, cast_model, load, load_ar, parse_dtypes
+
+    decode = decode or DecodeConfig()
+    max_new_tokens = decode.max_new_tokens
+    dtypes = parse_dtypes(",".join(dtypes))
+    texts = prompts or default_chat_prompts()
+    device = best_device()
+    dlm32 = load(model_dir, "fp32", device=device)
+    ids = [dlm32.encode(t, chat) for t in texts]
+    spec = source_spec(model_dir) if ar_source == "auto" else ar_source
+    if spec is not None:
+        ar_model, ar_tok = load_ar(None if spec == "embedded" else spec, "fp32", device=device)
+    else:
+        ar_model, ar_tok = dlm32.model, dlm32.tokenizer
+    eos = dlm32.tokenizer.eos_token_id
+
+    def generate_ar(model, rows, ignore_eos=False):
+        return ar_generate(model, rows, decode, eos_id=None if ignore_eos else eos, pad_id=ar_tok.pad_token_id)
+
+    results: dict[str, Any] = {"by_batch": {}}
+    models = {d: cast(dlm32, d) for d in dtypes}
+    ar_models = {d: (ar_model if d == "fp32" else cast_model(ar_model, d, copy=True)) for d in dtypes}
+    for n in batch_sizes:
+        ar_by_dtype = {d: _summary(_timed(lambda m=m, n=n: _in_batches(lambda r: generate_ar(m, r), ids, n),
+                                          repeats)) for d, m in ar_models.items()}
+        dlm_by_dtype = {d: _summary(_timed(lambda m=m, n=n: _in_batches(lambda r: generate(m, r, decode), ids, n),
+                                           repeats)) for d, m in models.items()}
+        ar_best, dlm_best = _best(ar_by_dtype), _best(dlm_by_dtype)
+        results["by_batch"][str(n)] = {
+            "ar": {**ar_by_dtype[ar_best], "dtype": ar_best, "all_dtypes": ar_by_dtype},
+            "dlm": {**dlm_by_dtype[dlm_best], "dtype": dlm_best, "threshold": decode.threshold,
+                    "all_dtypes": dlm_by_dtype},
+            "speedup": dlm_by_dtype[dlm_best]["tokens_per_s"] / ar_by_dtype[ar_best]["tokens_per_s"],
+        }
+    first = results["by_batch"][str(batch_sizes[0])]
+    results.update(ar=first["ar"], dlm=first["dlm"], speedup=first["speedup"])
+
+    best = models[first["dlm"]["dtype"]]
+    ar_ref = _in_batches(lambda r: generate_ar(ar_models[first["ar"]["dtype"]], r), ids, 1)
+    results["sweep"] = []
+    outputs = {}
+    for thr in sweep:
+        sweep_cfg = dataclasses.replace(decode, threshold=thr)
+        out = outputs[thr] = _timed(lambda c=sweep_cfg: _in_batches(lambda r: generate(best, r, c), ids, 1), repeats)
+        results["sweep"].append({"threshold": thr, **_summary(out),
+                                 "agreement_with_ar": _agreement(out.sequences, ar_ref.sequences)})
+    results["modes"] = decoding_modes(best, ids, decode, repeats, ar_ref.sequences, results["ar"]["tokens_per_s"])
+    if ceiling_tpf:
+        cache_len = sorted(len(i) for i in ids)[len(ids) // 2] + max_new_tokens // 2  # a typical step's cache
+        results["ceiling"] = ceiling(
+            models, ar_models, ids, batch_sizes, ceiling_tpf, ceiling_block, max_new_tokens, cache_len, repeats,
+            run_ar=lambda m, r: generate_ar(m, r, ignore_eos=True))
+    results["overhead"] = forward_overhead(best, prompt_len=max(len(i) for i in ids), block=best.config.block_size)
+    samples = outputs.get(decode.threshold) or _in_batches(lambda r: generate(best, r, decode), ids, 1)
+    results["samples"] = [{"prompt": t, "dlm": dlm32.tokenizer.decode(s, skip_special_tokens=True),
+                           "ar": ar_tok.decode(a, skip_special_tokens=True)}
+                          for t, s, a in zip(texts, samples.sequences, ar_ref.sequences)]
+    results["settings"] = {"model": str(model_dir), "ar_source": spec or "converted weights (causal)",
+                           "prompts": texts, "max_new_tokens": max_new_tokens, "batch_sizes": list(batch_sizes),
+                           "threshold": decode.threshold, "block_size": decode.block_size or dlm32.config.block_size,
+                           "dtypes": list(dtypes), "repeats": repeats, "chat_template": chat,
+                           "greedy": decode.temperature == 0, "decode": to_dict(decode),
+                           "ceiling_tpf": list(ceiling_tpf), "ceiling_block": ceiling_block}
+    results["machine"] = machine_info()
+    return results
+
+
+def ceiling(models: dict[str, Any], ar_models: dict[str, Any], ids: list[list[int]], batch_sizes: tuple[int, ...],
+            tpfs: tuple[int, ...], block: int, max_new_tokens: int, cache_len: int, repeats: int,
+            run_ar) -> dict[str, Any]:
+    """The forced-TPF ceiling of :func:`decode_benchmark` (see there): per batch size, ``forward_ms`` (bare forward
+    of w new tokens per dtype), ``ar`` (per dtype, with ``best``), ``dlm`` (one row per dtype and forced TPF)."""
+    from edlm.decode import generate
+
+    widths = tuple(sorted({1, block, 2 * block}))
+    warm = DecodeConfig(max_new_tokens=2 * block, block_size=block, policy="fixed", ignore_eos=True)
+    out: dict[str, Any] = {"block": block, "cache_len": cache_len, "by_batch": {}}
+    for n in batch_sizes:
+        fwd = {d: forward_times(m.model, cache_len, widths, batch=n, token=m.mask_id) for d, m in models.items()}
+        ar = {}
+        for d, m in ar_models.items():
+            s = _summary(_timed(lambda m=m, n=n: _in_batches(lambda r: run_ar(m, r), ids, n), repeats))
+            ar[d] = {**s, "roofline_tokens_per_s": n / fwd[d][1],
+                     "fraction_of_roofline": s["tokens_per_s"] * fwd[d][1] / n}
+        ar_best = _best(ar)
+        rows = []
+        warm_rows = [ids[i % len(ids)] for i in range(n)]
+        for d, m in models.items():
+            for k in tpfs:
+                cfg = DecodeConfig(max_new_tokens=max_new_tokens, block_size=block, policy="fixed", tokens_per_step=k,
+                                   ignore_eos=True)
+                s = _summary(_timed(lambda m=m, n=n, cfg=cfg: _in_batches(lambda r: generate(m, r, cfg), ids, n),
+                                    repeats, warmup=lambda m=m, rows=warm_rows: generate(m, rows, warm)))
+                roof = roofline(fwd[d], s["tokens_per_forward"], block, n)
+                rows.append({"dtype": d, "tpf_forced": k, **s, "roofline_tokens_per_s": roof["dlm_tokens_per_s"],
+                             "fraction_of_roofline": s["tokens_per_s"] / roof["dlm_tokens_per_s"],
+                             "roofline_speedup_vs_same_dtype_ar": roof["speedup"],
+                             "speedup_vs_best_ar": s["tokens_per_s"] / ar[ar_best]["tokens_per_s"]})
+        out["by_batch"][str(n)] = {
+            "forward_ms": {d: {str(w): 1e3 * t for w, t in f.items()} for d, f in fwd.items()},
+            "ar": {"best": ar_best, "by_dtype": ar}, "dlm": rows}
+    return out
+
+
+def plot_sweep(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """PNG: dLM tokens/s vs agreement with AR across thresholds, and the AR point."""
+    sweep = result["sweep"]
+    fig, ax = new_figure()
+    ax.plot([s["tokens_per_s"] for s in sweep], [s["agreement_with_ar"] for s in sweep], "o-", label="dLM")
+    for s in sweep:
+        ax.annotate(f"{s['threshold']:g} ({s['tokens_per_forward']:.1f} tok/fwd)",
+                    (s["tokens_per_s"], s["agreement_with_ar"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.plot([result["ar"]["tokens_per_s"]], [1.0], "s", color="black", label=f"AR ({result['ar']['dtype']})")
+    ax.set_xlabel("tokens/s (batch 1)")
+    ax.set_ylabel("agreement with AR greedy output")
+    ax.set_title(f"threshold sweep: {Path(result['settings']['model']).name}")
+    save_figure(fig, ax, path)
+
+
+def plot_ceiling(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """PNG, one panel per batch size: dLM tokens/s at each forced TPF per dtype (solid) and its roofline (dashed),
+    with the best AR as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_batch = result["ceiling"]["by_batch"]
+    fig, axes = plt.subplots(1, len(by_batch), figsize=(5.5 * len(by_batch), 4), squeeze=False)
+    for ax, (n, c) in zip(axes[0], by_batch.items()):
+        for i, d in enumerate(dict.fromkeys(r["dtype"] for r in c["dlm"])):
+            rows = [r for r in c["dlm"] if r["dtype"] == d]
+            color = f"C{i}"
+            ax.plot([r["tpf_forced"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", color=color,
+                    label=f"dLM {d}")
+            ax.plot([r["tpf_forced"] for r in rows], [r["roofline_tokens_per_s"] for r in rows], "--", color=color,
+                    alpha=0.6, label=f"roofline {d}")
+        best = c["ar"]["best"]
+        ax.axhline(c["ar"]["by_dtype"][best]["tokens_per_s"], color="black", label=f"AR {best} (best)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"forced tokens per forward (block {result['ceiling']['block']})")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"batch {n}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
