@@ -130,7 +130,7 @@ SERVE_INSTALL = "pip install fastapi uvicorn sse-starlette openai httpx"
     (["serve", "--model", "M"], "uvicorn", SERVE_INSTALL),
     (["serve", "--model", "M"], "sse_starlette", SERVE_INSTALL),
     (["serve-bench", "--model", "M", "--json", "r.json"], "httpx", SERVE_INSTALL),
-    (["serve-bench", "--model", "M", "--json", "r.json"], "openai", SERVE_INSTALL),
+    (["bench", "load", "--model", "M", "--json", "r.json"], "openai", SERVE_INSTALL),
     (["bench", "--model", "M", "--json", "r.json"], "matplotlib", "pip install matplotlib"),
     (["sweep", "--model", "M", "--json", "r.json"], "matplotlib", "pip install matplotlib"),
     (["eval", "--model", "M", "--task", "rg:chain_sum"], "reasoning_gym", "pip install reasoning-gym"),
@@ -138,14 +138,15 @@ SERVE_INSTALL = "pip install fastapi uvicorn sse-starlette openai httpx"
 ])
 def test_a_missing_optional_package_stops_the_command_before_any_work(argv, missing, install, tmp_path, monkeypatch,
                                                                       capsys):
-    from edlm.cli import main
+    from edlm.cli import canonical_argv, main
 
     monkeypatch.setitem(sys.modules, missing, None)  # what importlib.util.find_spec reports for a missing package
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
     # the model folder M and the config do not exist: any work would have failed on them first
-    assert err == f"edlm {argv[0]}: error: the Python package {missing!r} is not installed; install it with: " \
+    command = " ".join(canonical_argv(argv)[:2]) if argv[0] in ("bench", "serve-bench") else argv[0]
+    assert err == f"edlm {command}: error: the Python package {missing!r} is not installed; install it with: " \
                   f"{install}\n"
     assert list(tmp_path.iterdir()) == []
 
