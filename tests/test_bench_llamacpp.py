@@ -55,3 +55,24 @@ def test_llamacpp_greedy_matches_the_embedded_models_pytorch_greedy_output():
     assert theirs["tokens"] == 16 and theirs["tokens_per_s"] > 0
     # the PyTorch weights are the GGUF's Q4_1 weights de-quantized: the first greedy tokens agree
     assert theirs["sequences"][0][:8] == ours[0][:8]
+
+
+def test_llamacpp_row_compares_with_the_pytorch_ar_and_the_dlm(tmp_path, monkeypatch):
+    gguf = tmp_path / "a.gguf"
+    gguf.write_bytes(b"x")
+    monkeypatch.setattr(llamacpp, "skip_reason", lambda path: None)
+    runs = []
+
+    def fake_run(path, ids, max_new_tokens, threads, repeats=1):
+        runs.append((path, ids, max_new_tokens, repeats))
+        return {"tokens_per_s": 100.0, "seconds": 0.2, "tokens": 20, "sequences": [[1, 2, 3, 9] * 2, [4, 5] * 5]}
+
+    monkeypatch.setattr(llamacpp, "llamacpp_ar", fake_run)
+    ceiling = {"by_batch": {"1": {"dlm": [{"dtype": "int8", "tpf_forced": 4, "tokens_per_s": 250.0}]}}}
+    row = llamacpp.llamacpp_row(tmp_path, [[7], [8]], 10, 3, ar_reference=[[1, 2, 3, 4], [4, 5, 4, 5, 4, 5]],
+                                dlm_tokens_per_s=50.0, ceiling=ceiling, gguf=gguf)
+    assert runs == [(gguf, [[7], [8]], 10, 3)]
+    assert row["tokens_per_s"] == 100.0 and "sequences" not in row
+    # compared up to where the PyTorch AR stopped: 3 of 4 tokens, then 6 of 6
+    assert row["agreement_with_ar"] == pytest.approx((3 / 4 + 1.0) / 2)
+    assert row["dlm_speedup"] == 0.5 and row["ceiling_speedups"] == {"int8@tpf4": 2.5}

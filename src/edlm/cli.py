@@ -223,7 +223,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = decode_benchmark(args.model, prompts=args.prompt, decode=cfg, batch_sizes=tuple(args.batch_sizes),
                               sweep=tuple(args.sweep), dtypes=parse_dtypes(args.dtypes), repeats=args.repeats,
                               chat=not args.no_chat, ar_source=None if args.ar_model == "self" else args.ar_model,
-                              ceiling_tpf=tuple(args.ceiling_tpf), ceiling_block=args.ceiling_block)
+                              ceiling_tpf=tuple(args.ceiling_tpf), ceiling_block=args.ceiling_block,
+                              llama_cpp=not args.no_llama_cpp, gguf=args.gguf)
     write_json(result, args.json)
     plot = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
     plot_sweep(result, plot)
@@ -249,6 +250,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"{n:>5} {'dLM ' + r['dtype']:<10} {r['tokens_per_forward']:8.2f} {r['tokens_per_s']:8.1f} "
                       f"{r['roofline_tokens_per_s']:8.1f} {100 * r['fraction_of_roofline']:7.0f}% "
                       f"{r['speedup_vs_best_ar']:5.2f}x")
+    lc = result.get("llama_cpp")
+    if lc and "skipped" in lc:
+        print(lc["skipped"])
+    elif lc:
+        best = max(lc.get("ceiling_speedups", {}).items(), key=lambda kv: kv[1], default=None)
+        print(f"llama.cpp AR (batch 1, {Path(lc['gguf']).name}, {lc['threads']} threads): {lc['tokens_per_s']:.1f} "
+              f"tokens/s; dLM {lc.get('dlm_speedup', float('nan')):.2f}x of it"
+              + (f", best forced TPF {best[0]} {best[1]:.2f}x" if best else "")
+              + f"; agreement with the PyTorch AR {lc['agreement_with_ar']:.2f}")
     ov = result["overhead"]
     print(f"decoder overhead per forward: {100 * ov['overhead_fraction']:.0f}% "
           f"({ov['decoder_s_per_forward'] * 1e3:.1f} ms vs bare {ov['bare_forward_s'] * 1e3:.1f} ms)")
@@ -649,6 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forced tokens per forward of the ceiling rows (fixed policy); none: skip the ceiling")
     p.add_argument("--ceiling-block", type=int, default=8, help="decoding block of the ceiling rows")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (median reported)")
+    p.add_argument("--gguf", default=None,
+                   help="GGUF of the AR source for the llama.cpp row (default: the embedded model's, or the one "
+                        "*.gguf in the source folder)")
+    p.add_argument("--no-llama-cpp", action="store_true",
+                   help="skip the llama.cpp AR row (it runs when llama-cpp-python is installed and a GGUF is found)")
     p.add_argument("--ar-model", default="auto",
                    help="AR baseline: 'auto' (the source in train_config.yaml), a folder, or 'self'")
     p.add_argument("--no-chat", action="store_true")

@@ -16,7 +16,7 @@ from edlm.model import source_spec
 from edlm.results import machine_info, new_figure, save_figure
 
 
-def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Mean over rows of the fraction of positions where two outputs hold the same token."""
     scores = [sum(x == y for x, y in zip(p, q)) / max(len(p), len(q), 1) for p, q in zip(a, b)]
     return sum(scores) / max(len(scores), 1)
@@ -137,8 +137,8 @@ def decoding_modes(dlm, ids: list[list[int]], decode: DecodeConfig, repeats: int
         cfg = dataclasses.replace(decode, **fields)
         runs[name] = _timed(lambda c=cfg: _in_batches(lambda r: generate(dlm, r, c), ids, 1), repeats)
     return {name: {**_summary(run), "speedup": run.stats.tokens_per_s / ar_tokens_per_s,
-                   "agreement_with_ar": _agreement(run.sequences, ar_reference),
-                   "agreement_with_ar_mode": _agreement(run.sequences, runs["ar"].sequences)}
+                   "agreement_with_ar": agreement(run.sequences, ar_reference),
+                   "agreement_with_ar_mode": agreement(run.sequences, runs["ar"].sequences)}
             for name, run in runs.items()}
 
 
@@ -151,7 +151,8 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
                      sweep: tuple[float, ...] = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3),
                      dtypes: tuple[str, ...] = ("fp32", "bf16", "int8"), repeats: int = 1, chat: bool = True,
                      ar_source: str | None = "auto", ceiling_tpf: tuple[int, ...] = (1, 2, 4, 8),
-                     ceiling_block: int = 8) -> dict[str, Any]:
+                     ceiling_block: int = 8, llama_cpp: bool = True,
+                     gguf: str | os.PathLike | None = None) -> dict[str, Any]:
     """AR decoding vs dLM decoding of the same prompts, same process, after warm-up.
 
     At batch size n every prompt is decoded, n at a time (prompts are cycled when n exceeds their number), and the
@@ -170,6 +171,10 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     every run makes ``max_new_tokens`` per prompt), next to the roofline from bare forward times
     (:func:`roofline`): how fast a converted model would be here if it reached TPF k, and how much of that the
     decoder delivers.
+
+    ``result["llama_cpp"]`` (with ``llama_cpp``): llama.cpp's greedy AR on the source's GGUF (``gguf``, else found
+    from the source: :func:`edlm.bench.llamacpp.source_gguf`) at batch 1, the AR a CPU user would pick first, and the
+    dLM's speed-up over it; ``{"skipped": reason}`` when llama-cpp-python or the GGUF is missing.
     """
     from edlm.assets import best_device, default_chat_prompts
     from edlm.baseline import ar_generate
@@ -219,13 +224,19 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
         sweep_cfg = dataclasses.replace(decode, threshold=thr)
         out = outputs[thr] = _timed(lambda c=sweep_cfg: _in_batches(lambda r: generate(best, r, c), ids, 1), repeats)
         results["sweep"].append({"threshold": thr, **_summary(out),
-                                 "agreement_with_ar": _agreement(out.sequences, ar_ref.sequences)})
+                                 "agreement_with_ar": agreement(out.sequences, ar_ref.sequences)})
     results["modes"] = decoding_modes(best, ids, decode, repeats, ar_ref.sequences, results["ar"]["tokens_per_s"])
     if ceiling_tpf:
         cache_len = sorted(len(i) for i in ids)[len(ids) // 2] + max_new_tokens // 2  # a typical step's cache
         results["ceiling"] = ceiling(
             models, ar_models, ids, batch_sizes, ceiling_tpf, ceiling_block, max_new_tokens, cache_len, repeats,
             run_ar=lambda m, r: generate_ar(m, r, ignore_eos=True))
+    if llama_cpp:
+        from edlm.bench.llamacpp import llamacpp_row
+
+        one = results["by_batch"].get("1")  # the comparison is at batch 1 (llama.cpp decodes one row at a time)
+        results["llama_cpp"] = llamacpp_row(model_dir, ids, max_new_tokens, repeats, ar_ref.sequences,
+                                            one["dlm"]["tokens_per_s"] if one else None, results.get("ceiling"), gguf)
     results["overhead"] = forward_overhead(best, prompt_len=max(len(i) for i in ids), block=best.config.block_size)
     samples = outputs.get(decode.threshold) or _in_batches(lambda r: generate(best, r, decode), ids, 1)
     results["samples"] = [{"prompt": t, "dlm": dlm32.tokenizer.decode(s, skip_special_tokens=True),
@@ -236,7 +247,8 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
                            "threshold": decode.threshold, "block_size": decode.block_size or dlm32.config.block_size,
                            "dtypes": list(dtypes), "repeats": repeats, "chat_template": chat,
                            "greedy": decode.temperature == 0, "decode": to_dict(decode),
-                           "ceiling_tpf": list(ceiling_tpf), "ceiling_block": ceiling_block}
+                           "ceiling_tpf": list(ceiling_tpf), "ceiling_block": ceiling_block,
+                           "llama_cpp": llama_cpp, "gguf": None if gguf is None else str(gguf)}
     results["machine"] = machine_info()
     return results
 

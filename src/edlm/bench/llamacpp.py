@@ -92,3 +92,31 @@ def llamacpp_ar(gguf: Path, ids: list[list[int]], max_new_tokens: int, threads: 
     tokens = sum(len(s) for s in sequences)
     return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "sequences": sequences,
             "gguf": str(gguf), "threads": threads, "llama_cpp": getattr(llama_cpp, "__version__", None)}
+
+
+def llamacpp_row(model_dir: str | os.PathLike, ids: list[list[int]], max_new_tokens: int, repeats: int,
+                 ar_reference: list[list[int]], dlm_tokens_per_s: float | None, ceiling: dict[str, Any] | None = None,
+                 gguf: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``edlm bench decode``'s llama.cpp row: its batch-1 tokens/s on the source's GGUF, how often its greedy tokens
+    agree with the PyTorch AR's (up to where that one stopped), and the dLM's speed-up over it (at the benchmark's
+    threshold, and at each forced tokens-per-forward of the batch-1 ceiling). ``{"skipped": reason}`` when it
+    cannot run here."""
+    import torch
+
+    from edlm.bench.decode import agreement
+
+    path = source_gguf(model_dir, gguf)
+    reason = skip_reason(path)
+    if reason is not None:
+        logger.info(reason)
+        return {"skipped": reason}
+    run = llamacpp_ar(path, ids, max_new_tokens, threads=torch.get_num_threads(), repeats=repeats)
+    sequences = run.pop("sequences")
+    row = {**run, "agreement_with_ar": agreement([s[:len(r)] for s, r in zip(sequences, ar_reference)],
+                                                  ar_reference)}
+    if dlm_tokens_per_s is not None:
+        row["dlm_speedup"] = dlm_tokens_per_s / run["tokens_per_s"]
+    if ceiling is not None and "1" in ceiling["by_batch"]:
+        row["ceiling_speedups"] = {f"{r['dtype']}@tpf{r['tpf_forced']}": r["tokens_per_s"] /
+                                   run["tokens_per_s"] for r in ceiling["by_batch"]["1"]["dlm"]}
+    return row
