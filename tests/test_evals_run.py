@@ -1,25 +1,6 @@
-"""edlm eval / sweep / table on a tiny converted model, and choice-task scoring."""
+"""edlm eval / sweep / table on a tiny converted model (choice tasks: tests/test_evals_lm_eval.py)."""
 
-import pytest
 from conftest import make_dlm
-
-from edlm.evals.run import evaluate_choices
-from edlm.evals.tasks import ChoiceDoc
-
-
-def test_choice_scoring_picks_the_most_likely_continuation():
-    class Tok:
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [ord(c) for c in text]}
-
-    def loglik(context, continuation):  # prefers continuations made of 'a'
-        return sum(0.0 if t == ord("a") else -1.0 for t in continuation)
-
-    docs = [ChoiceDoc("Q", [" bb", " aa"], gold=1), ChoiceDoc("Q", [" a", " bbbb"], gold=0),
-            ChoiceDoc("Q", [" b", " bbbbbbbb"], gold=1)]
-    r = evaluate_choices(docs, Tok(), loglik)
-    assert r["n"] == 3 and r["acc"] == pytest.approx(2 / 3)
-    assert r["acc_norm"] == pytest.approx(2 / 3)
 
 
 def test_sweep_table_and_eval_cli_on_a_tiny_converted_model(tmp_path):

