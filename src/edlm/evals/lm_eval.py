@@ -18,10 +18,11 @@ Model arguments (``--model_args key=value,...``) are the fields of :class:`Adapt
 Requests:
     ``loglikelihood``          requests of one context are scored in one batch. dlm: the Monte-Carlo block-diffusion
                                ELBO (:func:`edlm.evals.likelihood.dlm_elbos`, ``elbo_samples`` draws, each request
-                               with the same seed, so the choices of a question are compared under the same noise); ``is_greedy``: every continuation token is the
-                               argmax of one teacher-forced forward in which each continuation block is fully masked
-                               (greedy one-block-per-step decoding given a correct prefix; the threshold decoder may
-                               commit in another order). ar: the exact log-likelihood and exact greedy check.
+                               with the same seed, so the choices of a question are compared under the same noise);
+                               ``is_greedy``: every continuation token is the argmax of one teacher-forced forward in
+                               which each continuation block is fully masked (greedy one-block-per-step decoding
+                               given a correct prefix; the threshold decoder may commit in another order). ar: the
+                               exact log-likelihood and exact greedy check.
     ``loglikelihood_rolling``  lm-eval's rolling windows with the prefix token (BOS, else EOS) as the one-token
                                context, so every token of the text is scored; dlm: the sum of the windows' ELBOs (a
                                lower bound), ar: exact. (``edlm eval ppl:FILE`` conditions on the first text token.)
