@@ -22,7 +22,7 @@ def test_source_gguf_follows_the_converted_folders_source(tmp_path, monkeypatch)
     (source / "model.Q4_0.gguf").write_bytes(b"x")
     assert llamacpp.source_gguf(tmp_path / "dlm") is None  # two GGUFs: ambiguous, the user names one
     assert llamacpp.source_gguf(tmp_path / "dlm", gguf="x.gguf").name == "x.gguf"
-    monkeypatch.setattr("edlm._embedded.smollm2_gguf_path", lambda: tmp_path / "smol.gguf")
+    monkeypatch.setattr("edlm.assets.embedded.smollm2_gguf_path", lambda: tmp_path / "smol.gguf")
     (tmp_path / "dlm" / "train_config.yaml").write_text(yaml.safe_dump({"model": None}))  # the embedded default
     assert llamacpp.source_gguf(tmp_path / "dlm") == tmp_path / "smol.gguf"
     assert llamacpp.source_gguf(tmp_path) is None  # not a converted folder
@@ -42,8 +42,8 @@ def test_skip_reasons_name_the_missing_piece_and_the_fix(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_llamacpp_greedy_matches_the_embedded_models_pytorch_greedy_output():
     pytest.importorskip("llama_cpp")
-    from edlm._embedded import smollm2_gguf_path
     from edlm.assets import resolve_model
+    from edlm.assets.embedded import smollm2_gguf_path
     from edlm.baseline import ar_generate
     from edlm.config import DecodeConfig
 

@@ -134,6 +134,7 @@ SERVE_INSTALL = "pip install fastapi uvicorn sse-starlette openai httpx"
     (["bench", "--model", "M", "--json", "r.json"], "matplotlib", "pip install matplotlib"),
     (["sweep", "--model", "M", "--json", "r.json"], "matplotlib", "pip install matplotlib"),
     (["eval", "--model", "M", "--task", "rg:chain_sum"], "reasoning_gym", "pip install reasoning-gym"),
+    (["eval", "--model", "M", "--task", "arc_easy"], "lm_eval", "pip install 'lm-eval>=0.4.13,<0.5'"),
     (["study", "--config", "missing.yaml", "--output-dir", "runs"], "matplotlib", "pip install matplotlib"),
 ])
 def test_a_missing_optional_package_stops_the_command_before_any_work(argv, missing, install, tmp_path, monkeypatch,

@@ -92,12 +92,17 @@ DTYPE_NAMES = ["fp32", "bf16", "int8"]  # edlm.quant.DTYPES, named here so build
 PLOTS = "pip install matplotlib"
 SERVE = "pip install fastapi uvicorn sse-starlette openai httpx"
 REASONING_GYM = "pip install reasoning-gym"
+LM_EVAL = "pip install 'lm-eval>=0.4.13,<0.5'"
 
 
 def _require_task(task: str) -> None:
     """Fail before any work when an evaluation task needs a package that is not installed."""
+    from edlm.evals.tasks import default_max_new_tokens
+
     if task.startswith("rg:"):
         require("reasoning_gym", install=REASONING_GYM)
+    elif not task.startswith("ppl:") and default_max_new_tokens(task) is None:  # a choice task: run by lm-eval
+        require("lm_eval", install=LM_EVAL)
 
 
 def _decode_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
@@ -331,14 +336,13 @@ def cmd_bench_masks(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _require_task(args.task)
-    from edlm.evaluate import evaluate
+    from edlm.evals.run import evaluate
     from edlm.results import write_json
 
     _set_threads(args)
-    cfg = _decode_config(args)
-    result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples, seed=cfg.seed,
-                      threshold=cfg.threshold, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                      mode=cfg.mode, dtype=args.dtype)
+    result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples,
+                      decode=_decode_config(args), max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                      dtype=args.dtype)
     if args.json:
         write_json(result, args.json)
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k not in ("model",)}
@@ -349,7 +353,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
     _require_task(args.task)
-    from edlm.evaluate import plot_pareto, sweep
+    from edlm.evals.run import plot_pareto, sweep
     from edlm.results import write_json
 
     _set_threads(args)
@@ -370,7 +374,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     import json
 
-    from edlm.evaluate import results_table
+    from edlm.evals.run import results_table
 
     results = [json.loads(Path(f).read_text()) for f in args.results]
     text = results_table(results)

@@ -30,7 +30,7 @@ def source_gguf(model_dir: str | os.PathLike, gguf: str | os.PathLike | None = N
         return Path(gguf)
     spec = source_spec(model_dir)
     if spec == "embedded":
-        from edlm._embedded import smollm2_gguf_path
+        from edlm.assets.embedded import smollm2_gguf_path
 
         try:
             return smollm2_gguf_path()

