@@ -84,20 +84,20 @@ def test_old_command_names_and_bare_bench_still_work():
 def test_decoding_flags_come_from_decode_config_and_keep_its_defaults():
     import dataclasses
 
-    from edlm.cli import _decode_config, build_parser
+    from edlm.cli import build_parser, decode_config
     from edlm.config import DecodeConfig
 
     parser = build_parser()
     args = parser.parse_args(["generate", "--model", "m", "--prompt", "x"])
-    assert _decode_config(args) == DecodeConfig()  # nothing given: every default is DecodeConfig's
+    assert decode_config(args) == DecodeConfig()  # nothing given: every default is DecodeConfig's
     args = parser.parse_args(["generate", "--model", "m", "--threshold", "0.7", "--block-size", "4", "--mode", "ar",
                               "--no-use-cache", "--stop", "\\n", "--stop", "END", "--ignore-eos"])
-    assert _decode_config(args) == DecodeConfig(threshold=0.7, block_size=4, mode="ar", use_cache=False,
+    assert decode_config(args) == DecodeConfig(threshold=0.7, block_size=4, mode="ar", use_cache=False,
                                                 stop=["\\n", "END"], ignore_eos=True)
     flags = {a.dest for a in next(a for a in parser._actions if a.dest == "command").choices["generate"]._actions}
     assert {f.name for f in dataclasses.fields(DecodeConfig)} <= flags
     bench = parser.parse_args(["bench", "decode", "--model", "m", "--json", "o.json"])
-    assert _decode_config(bench) == DecodeConfig(max_new_tokens=64)  # the benchmark's own length, else the defaults
+    assert decode_config(bench) == DecodeConfig(max_new_tokens=64)  # the benchmark's own length, else the defaults
     r = run("generate", "--model", "m", "--prompt", "x", "--mode", "nope")
     assert r.returncode == 2 and "invalid choice" in r.stderr
 

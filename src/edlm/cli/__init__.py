@@ -1,0 +1,73 @@
+"""Command line: each command is a thin mapping from flags to a typed library function.
+
+``parser`` builds the flags (the decoding ones generated from DecodeConfig), ``commands`` holds one function per
+command, ``console`` the log routing and progress bar; this module maps command names to functions and runs one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from edlm.cli.commands import (
+    cmd_bench,
+    cmd_bench_masks,
+    cmd_bench_train,
+    cmd_convert,
+    cmd_demo,
+    cmd_eval,
+    cmd_generate,
+    cmd_headline,
+    cmd_serve,
+    cmd_serve_bench,
+    cmd_study,
+    cmd_sweep,
+    cmd_table,
+    decode_config,
+)
+from edlm.cli.console import Logs, TrainingBar
+from edlm.cli.parser import build_parser
+from edlm.errors import EdlmError
+
+__all__ = ["ALIASES", "COMMANDS", "Logs", "TrainingBar", "decode_config", "build_parser", "canonical_argv", "main"]
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "convert": cmd_convert, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_sweep, "table": cmd_table,
+    "demo": cmd_demo, "study": cmd_study, "headline": cmd_headline, "serve": cmd_serve,
+    "bench decode": cmd_bench, "bench train": cmd_bench_train, "bench masks": cmd_bench_masks,
+    "bench load": cmd_serve_bench}
+
+# Earlier command names, still accepted: the words they stand for now.
+ALIASES = {"bench-train": ["bench", "train"], "bench-masks": ["bench", "masks"], "serve-bench": ["bench", "load"]}
+BENCH_COMMANDS = ("decode", "train", "masks", "load")
+
+
+def canonical_argv(argv: list[str]) -> list[str]:
+    """``argv`` with old command names replaced (:data:`ALIASES`) and ``edlm bench`` without a benchmark name read
+    as ``edlm bench decode`` (what ``edlm bench`` meant before it had sub-commands)."""
+    argv = list(argv)
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if at is None:
+        return argv
+    if argv[at] in ALIASES:
+        argv[at:at + 1] = ALIASES[argv[at]]
+    elif argv[at] == "bench" and (at + 1 == len(argv) or argv[at + 1] not in BENCH_COMMANDS + ("-h", "--help")):
+        argv.insert(at + 1, "decode")
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(canonical_argv(sys.argv[1:] if argv is None else argv))
+    command = f"bench {args.bench_command}" if args.command == "bench" else args.command
+    args.logs = Logs(args.verbose)
+    try:
+        return COMMANDS[command](args)
+    except EdlmError as e:
+        print(f"edlm {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        args.logs.close()

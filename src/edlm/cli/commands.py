@@ -1,0 +1,398 @@
+"""The commands of ``edlm``: each maps its flags to a typed library function and prints the result."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edlm.cli.console import Bars, TrainingBar
+from edlm.errors import EdlmError, require
+
+# How to install what some commands need beyond the core dependencies (pyproject.toml's extras).
+PLOTS = "pip install matplotlib"
+SERVE = "pip install fastapi uvicorn sse-starlette openai httpx"
+REASONING_GYM = "pip install reasoning-gym"
+LM_EVAL = "pip install 'lm-eval>=0.4.13,<0.5'"
+
+
+def _require_task(task: str) -> None:
+    """Fail before any work when an evaluation task needs a package that is not installed."""
+    from edlm.evals.tasks import default_max_new_tokens
+
+    if task.startswith("rg:"):
+        require("reasoning_gym", install=REASONING_GYM)
+    elif not task.startswith("ppl:") and default_max_new_tokens(task) is None:  # a choice task: run by lm-eval
+        require("lm_eval", install=LM_EVAL)
+
+
+def decode_given(args: argparse.Namespace) -> dict[str, object]:
+    """The decoding flags given on the command line (see :func:`edlm.cli.parser.decode_flags`), by field name."""
+    import dataclasses
+
+    from edlm.config import DecodeConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodeConfig)
+            if getattr(args, f.name, None) is not None}
+
+
+def decode_config(args: argparse.Namespace, **fields: object):
+    """The :class:`edlm.config.DecodeConfig` of the decoding flags given, then ``fields``."""
+    from edlm.config import DecodeConfig
+
+    return DecodeConfig(**{**decode_given(args), **{k: v for k, v in fields.items() if v is not None}})
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (CPU threads for torch) when given."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from edlm.config import load_train_config
+    from edlm.train import convert
+
+    cfg = load_train_config(args.config, args.set, model=args.model, output_dir=args.output_dir,
+                            max_steps=args.max_steps)
+    args.logs.to_folder(cfg.output_dir)
+    bar = TrainingBar()
+    out = convert(cfg, resume=args.resume, progress=bar)
+    bar.close()
+    print(f"converted model saved to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _set_threads(args)
+    cfg = decode_config(args)
+    prompts = args.prompt or []
+    if not prompts:
+        raise EdlmError("give at least one --prompt TEXT")
+    from edlm.assets import best_device
+    from edlm.quant import load
+
+    dlm = load(args.model, args.dtype, device=best_device())
+    texts, stats = dlm.generate(prompts, cfg, chat=not args.no_chat)
+    for prompt, text in zip(prompts, texts):
+        if len(prompts) > 1:
+            print(f"### {prompt}")
+        print(text)
+    if args.stats:
+        print(f"[{stats.tokens} tokens, {stats.forwards} forwards, {stats.tokens_per_forward:.2f} tokens/forward, "
+              f"{stats.tokens_per_s:.1f} tokens/s, {stats.seconds:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from edlm.bench.train import train_throughput
+    from edlm.config import load_train_config
+    from edlm.results import write_json
+
+    cfg = load_train_config(args.config, args.set, model=args.model)
+    result = train_throughput(cfg, steps=args.steps, warmup=args.warmup)
+    write_json(result, args.json)
+    ar, dl = result["ar_finetune"], result["dlm_convert"]
+    print(f"AR fine-tune : {ar['tokens_per_s']:8.1f} tokens/s  peak {ar['peak_mem_mb']:.0f} MB")
+    print(f"dLM convert  : {dl['tokens_per_s']:8.1f} tokens/s  peak {dl['peak_mem_mb']:.0f} MB")
+    if "dlm_convert_joint" in result:
+        jo = result["dlm_convert_joint"]
+        print(f"dLM + AR loss: {jo['tokens_per_s']:8.1f} tokens/s  peak {jo['peak_mem_mb']:.0f} MB  "
+              f"(step time {result['joint_over_dlm_step_time']:.2f}x the diffusion-only step)")
+    print(f"dLM step time / AR step time: {result['dlm_over_ar_step_time']:.2f}  -> {args.json}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    require("matplotlib", install=PLOTS)
+    from edlm.bench.decode import decode_benchmark, plot_ceiling, plot_sweep
+    from edlm.quant import parse_dtypes
+    from edlm.results import write_json
+
+    _set_threads(args)
+    cfg = decode_config(args)
+    result = decode_benchmark(args.model, prompts=args.prompt, decode=cfg, batch_sizes=tuple(args.batch_sizes),
+                              sweep=tuple(args.sweep), dtypes=parse_dtypes(args.dtypes), repeats=args.repeats,
+                              chat=not args.no_chat, ar_source=None if args.ar_model == "self" else args.ar_model,
+                              ceiling_tpf=tuple(args.ceiling_tpf), ceiling_block=args.ceiling_block,
+                              llama_cpp=not args.no_llama_cpp, gguf=args.gguf)
+    write_json(result, args.json)
+    plot = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
+    plot_sweep(result, plot)
+    plots = [str(plot)]
+    print(f"threshold {cfg.threshold}:")
+    print(f"{'batch':>5} {'AR tok/s':>9} {'dLM tok/s':>10} {'tok/fwd':>8} {'speedup':>8}")
+    for n, row in result["by_batch"].items():
+        print(f"{n:>5} {row['ar']['tokens_per_s']:9.1f} {row['dlm']['tokens_per_s']:10.1f} "
+              f"{row['dlm']['tokens_per_forward']:8.2f} {row['speedup']:8.2f}")
+    if "ceiling" in result:
+        ceiling_plot = plot.with_name(plot.stem + "-ceiling.png")
+        plot_ceiling(result, ceiling_plot)
+        plots.append(str(ceiling_plot))
+        print(f"forced tokens per forward (fixed policy, block {result['ceiling']['block']}, EOS ignored):")
+        print(f"{'batch':>5} {'system':<10} {'tok/fwd':>8} {'tok/s':>8} {'roofline':>8} {'reached':>8} {'vs AR':>6}")
+        for n, c in result["ceiling"]["by_batch"].items():
+            ar_best = c["ar"]["best"]
+            for d, r in c["ar"]["by_dtype"].items():
+                name = f"AR {d}" + ("*" if d == ar_best else "")
+                print(f"{n:>5} {name:<10} {1.0:8.2f} {r['tokens_per_s']:8.1f} {r['roofline_tokens_per_s']:8.1f} "
+                      f"{100 * r['fraction_of_roofline']:7.0f}% {'':>6}")
+            for r in c["dlm"]:
+                print(f"{n:>5} {'dLM ' + r['dtype']:<10} {r['tokens_per_forward']:8.2f} {r['tokens_per_s']:8.1f} "
+                      f"{r['roofline_tokens_per_s']:8.1f} {100 * r['fraction_of_roofline']:7.0f}% "
+                      f"{r['speedup_vs_best_ar']:5.2f}x")
+    lc = result.get("llama_cpp")
+    if lc and "skipped" in lc:
+        print(lc["skipped"])
+    elif lc:
+        best = max(lc.get("ceiling_speedups", {}).items(), key=lambda kv: kv[1], default=None)
+        print(f"llama.cpp AR (batch 1, {Path(lc['gguf']).name}, {lc['threads']} threads): {lc['tokens_per_s']:.1f} "
+              f"tokens/s; dLM {lc.get('dlm_speedup', float('nan')):.2f}x of it"
+              + (f", best forced TPF {best[0]} {best[1]:.2f}x" if best else "")
+              + f"; agreement with the PyTorch AR {lc['agreement_with_ar']:.2f}")
+    ov = result["overhead"]
+    print(f"decoder overhead per forward: {100 * ov['overhead_fraction']:.0f}% "
+          f"({ov['decoder_s_per_forward'] * 1e3:.1f} ms vs bare {ov['bare_forward_s'] * 1e3:.1f} ms)")
+    print(f"-> {args.json}, {', '.join(plots)}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    require("fastapi", "uvicorn", "sse_starlette", "openai", install=SERVE)
+    from edlm.serve import load_serve_settings, serve
+
+    _set_threads(args)
+    settings = load_serve_settings(args.model, args.set, host=args.host, port=args.port, api_key=args.api_key,
+                                   model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue,
+                                   dtype=args.dtype)
+    settings = dataclasses.replace(settings, decode=dataclasses.replace(settings.decode, **decode_given(args)))
+    serve(args.model, settings)
+    return 0
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    require("fastapi", "uvicorn", "sse_starlette", "openai", "httpx", install=SERVE)
+    from edlm.bench.load import serve_bench
+    from edlm.results import write_json
+    from edlm.serve import load_serve_settings
+
+    _set_threads(args)
+    settings = load_serve_settings(args.model, args.set)
+    result = serve_bench(args.model, n_requests=args.requests, concurrency=args.concurrency,
+                         max_tokens=args.max_tokens, disconnect=args.disconnect, max_batch=args.max_batch,
+                         settings=settings)
+    write_json(result, args.json)
+    print(f"{'run':<14} {'max_batch':>9} {'ok':>4} {'req/s':>7} {'tok/s':>8} {'p50 s':>6} {'rows/cohort':>11} "
+          f"{'left':>4} {'cancelled':>9} {'mismatched':>10}")
+    for name, run in result["runs"].items():
+        server = run["server"]
+        print(f"{name:<14} {run['max_batch']:>9} {run['succeeded']:>4} {run['requests_per_s']:7.2f} "
+              f"{run['tokens_per_s']:8.1f} {run['latency_s'].get('p50', 0):6.2f} "
+              f"{server['mean_rows_per_cohort']:11.1f} {run['disconnect']:>4} {server['cancelled']:>9} "
+              f"{len(run.get('mismatched', [])):>10}")
+    speedup = result["speedup"]
+    print(f"batched / one at a time: {speedup['requests_per_s']:.2f}x requests/s, {speedup['tokens_per_s']:.2f}x "
+          f"tokens/s  -> {args.json}")
+    return 0
+
+
+def cmd_bench_masks(args: argparse.Namespace) -> int:
+    from edlm.bench.train import mask_memory
+    from edlm.results import write_json
+
+    result = mask_memory(tuple(args.lengths), block=args.block, device=args.device)
+    if args.training_model:  # GPU: peak memory of a real training forward + backward, SDPA vs flex
+        from edlm.bench.train import training_memory
+
+        result["training"] = training_memory(args.training_model, tuple(args.lengths), block=args.block)
+        for row in result["training"]["rows"]:
+            print(f"training {row['attn_implementation']:>14} L={row['seq_len']:6d} "
+                  f"{row.get('peak_mb', float('nan')):10.1f} MB {row.get('error', '')}")
+    write_json(result, args.json)
+    print(f"{'seq_len':>8} {'dense MB':>10} {'flex MB':>9} {'flex build s':>12}")
+    for row in result["rows"]:
+        flex = f"{row['flex_bytes'] / 2**20:9.3f}" if "flex_bytes" in row else f"{'n/a':>9}"
+        build = f"{row['flex_build_s']:12.3f}" if "flex_build_s" in row else f"{'n/a':>12}"
+        print(f"{row['seq_len']:8d} {row['dense_bytes'] / 2**20:10.1f} {flex} {build}")
+    print(f"-> {args.json}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _require_task(args.task)
+    from edlm.evals.run import evaluate
+    from edlm.results import write_json
+
+    _set_threads(args)
+    result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples,
+                      decode=decode_config(args), max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                      dtype=args.dtype)
+    if args.json:
+        write_json(result, args.json)
+    shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k not in ("model",)}
+    print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    require("matplotlib", install=PLOTS)
+    _require_task(args.task)
+    from edlm.evals.run import plot_pareto, sweep
+    from edlm.results import write_json
+
+    _set_threads(args)
+    result = sweep(args.model, args.task, thresholds=tuple(args.thresholds),
+                   block_sizes=tuple(args.block_sizes) if args.block_sizes else (None,), limit=args.limit,
+                   max_new_tokens=args.max_new_tokens, chat=not args.no_chat)
+    write_json(result, args.json)
+    plot = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
+    plot_pareto(result, plot)
+    print(f"{'block':>5} {'thr':>5} {'acc':>6} {'tok/s':>8} {'tok/fwd':>8}")
+    for p in result["points"]:
+        print(f"{p['block_size']:5d} {p['threshold']:5.2f} {p['acc']:6.3f} {p['tokens_per_s']:8.1f} "
+              f"{p['tokens_per_forward']:8.2f}")
+    print(f"   AR       {result['ar']['acc']:6.3f} {result['ar']['tokens_per_s']:8.1f}   -> {args.json}, {plot}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    import json
+
+    from edlm.evals.run import results_table
+
+    results = [json.loads(Path(f).read_text()) for f in args.results]
+    text = results_table(results)
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text, end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.model == "embedded":
+        return _embedded_demo(args)
+    from edlm.config import DecodeConfig
+    from edlm.demo import run_miniature_demo
+    from edlm.results import write_json
+
+    out = args.output_dir or "runs/demo-miniature"
+    args.logs.to_folder(out)
+    _set_threads(args)
+    bar = TrainingBar("convert")
+    result = run_miniature_demo(out, per_family=args.problems, convert=args.convert, steps=args.steps,
+                                decode=None if args.threshold is None else DecodeConfig(threshold=args.threshold),
+                                progress=bar,
+                                say=lambda msg: print(msg, flush=True))
+    bar.close()
+    one = result["by_batch"]["1"]
+    fams = list(one["ar"]["per_family"])
+    print(f"\nAR source vs its dLM on {result['n_problems']} held-out problems ({', '.join(fams)}), greedy, "
+          f"dLM threshold {result['threshold']}, block {result['dlm_block_size']}:\n")
+    head = f"{'batch':>5} {'system':<6} {'dtype':<5} {'accuracy':>8} " + " ".join(f"{f:>7}" for f in fams)
+    print(head + f" {'tok/fwd':>7} {'tokens/s':>9} {'speed-up':>8}")
+    for batch, b in result["by_batch"].items():
+        for system in ("ar", "dlm"):
+            r = b[system]
+            speed = f"{b['speedup']:7.2f}x" if system == "dlm" else f"{1:7.2f}x"
+            print(f"{batch:>5} {system.upper() if system == 'ar' else 'dLM':<6} {r['dtype']:<5} "
+                  f"{100 * r['accuracy']:7.1f}% " + " ".join(f"{100 * r['per_family'][f]:6.1f}%" for f in fams)
+                  + f" {r['tokens_per_forward']:7.2f} {r['tokens_per_s']:9.1f} {speed}")
+    print("\ncurve (batch 1): " + ", ".join(
+        f"thr {p['threshold']:g}: {100 * p['accuracy']:.1f}% at {p['tokens_per_forward']:.1f} tok/fwd, "
+        f"{p['tokens_per_s'] / one['ar']['tokens_per_s']:.2f}x" for p in result["curve"]))
+    print("\nsamples:")
+    for rows in result["samples"].values():
+        for s in rows[:1]:
+            print(f"  {s['question']}\n    expected {s['answer']}\n    AR       {s['ar']}\n    dLM      {s['dlm']}")
+    print(f"\nplot: {result['plot']}   dLM: {result['dlm_dir']}   (the whole experiment: edlm headline; "
+          "the embedded SmolLM2-135M: edlm demo --model embedded)")
+    if args.json:
+        write_json({k: result[k] for k in ("ar", "dlm", "speedup", "n_problems", "machine", "by_batch", "curve",
+                                            "threshold", "dlm_block_size")}, args.json)
+    return 0
+
+
+def _embedded_demo(args: argparse.Namespace) -> int:
+    import textwrap
+
+    from edlm.demo import run_embedded_demo
+
+    if args.json or args.convert:
+        raise EdlmError("--json and --convert belong to the miniature demo; drop them with --model embedded "
+                        "(its conversion length is --steps)")
+    out = args.output_dir or "runs/demo"
+    args.logs.to_folder(out)
+    bar = TrainingBar()
+    result = run_embedded_demo(out, steps=args.steps or 30, prompts=args.prompt, decode=decode_config(args),
+                               progress=bar)
+    bar.close()
+    print(f"\n{'system':<10} {'tokens/s':>9} {'tok/fwd':>8}  text")
+    for row in result["rows"]:
+        text = " ".join(row["text"].split())[:70] or "(whitespace only)"
+        print(f"{row['system']:<10} {row['tokens_per_s']:9.1f} {row['tokens_per_forward']:8.2f}  {text}")
+    print()
+    print(textwrap.fill(result["note"], width=110))
+    print(f"\nconverted model: {result['output_dir']}  (try: edlm generate --model {result['output_dir']} "
+          "--prompt ... --stats)")
+    return 0
+
+
+def _study_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.set)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.report_dir:
+        overrides.append(f"report_dir={args.report_dir}")
+    return overrides
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    import shlex
+
+    require("matplotlib", install=PLOTS)
+    from edlm.studies import collect, load_study_config, run_study, write_report
+
+    cfg = load_study_config(args.config, _study_overrides(args))
+    args.logs.to_folder(cfg.output_dir)
+    _set_threads(args)
+    bars = Bars()
+    if args.report_only:
+        results = collect(cfg)
+    else:
+        results = run_study(cfg, progress=lambda msg: print(msg, flush=True), new_bar=bars)
+    bars.close()
+    shown = [a for a in sys.argv[2:] if a != "--report-only"]  # the command that regenerates everything
+    command = "edlm study " + " ".join(shlex.quote(a) for a in shown) if sys.argv[1:2] == ["study"] \
+        else f"edlm study --config {args.config}"
+    report = write_report(results, cfg.report_dir, command=command)
+    if results["missing"]:
+        print(f"{len(results['missing'])} runs not finished: {', '.join(results['missing'])}")
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_headline(args: argparse.Namespace) -> int:
+    require("matplotlib", install=PLOTS)
+    from edlm.studies.headline import load_headline_config, run_headline
+
+    cfg = load_headline_config(args.config, _study_overrides(args))
+    args.logs.to_folder(cfg.study.output_dir)
+    _set_threads(args)
+    bars = Bars()
+    result = run_headline(cfg, progress=lambda msg: print(msg, flush=True), new_bar=bars, config_path=args.config)
+    bars.close()
+    if args.ship:
+        from edlm.studies.headline import ship_miniature
+
+        print(f"shipped the source and the dLM into {ship_miniature(cfg, args.config)}")
+    print()
+    for name, t in result["targets"].items():
+        value = t.get("value", t.get("value_points"))
+        bar = t.get("bar", t.get("bar_points"))
+        print(f"{name:<20} {value:8.2f}  (bar {bar:g})  {'met' if t['met'] else 'NOT met'}")
+    print(f"report: {Path(cfg.study.report_dir) / 'report.md'}")
+    return 0

@@ -1,0 +1,215 @@
+"""The argument parser of ``edlm``: one sub-command per library function; the decoding flags are generated from
+:class:`edlm.config.DecodeConfig`, so their defaults are written once."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPE_NAMES = ["fp32", "bf16", "int8"]  # edlm.quant.DTYPES, named here so building the parser imports no torch
+
+
+def decode_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                  **defaults: object) -> None:
+    """One flag per :class:`edlm.config.DecodeConfig` field (``--threshold``, ``--block-size``, ``--mode`` ...), its
+    help taken from the field's docstring. A flag not given stays None, so the defaults are DecodeConfig's, except
+    for the few a command sets in ``defaults`` (e.g. a benchmark's shorter ``max_new_tokens``). ``only`` / ``skip``
+    choose the fields."""
+    import dataclasses
+    import types
+    import typing
+
+    from edlm.config import DECODE_MODES, DecodeConfig, field_docs
+
+    docs, hints = field_docs(DecodeConfig), typing.get_type_hints(DecodeConfig)
+    for f in dataclasses.fields(DecodeConfig):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        tp = hints[f.name]
+        if isinstance(tp, types.UnionType):  # ``int | None``: the flag takes the int
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        help_text = docs.get(f.name, "").replace("``", "")
+        kw: dict[str, object] = {"default": defaults.get(f.name), "help": f"{help_text} (default: {default})"}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is list:
+            kw.update(action="append", metavar="TEXT", help=f"{help_text} (repeat for several)")
+        else:
+            kw["type"] = tp
+        if f.name == "mode":
+            kw["choices"] = DECODE_MODES
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def _study_arguments(p: argparse.ArgumentParser, kind: str, example: str) -> None:
+    """The flags of the study-style commands (``edlm study``, ``edlm headline``); see :func:`_study_overrides`."""
+    p.add_argument("--config", default=f"configs/{kind}.yaml", help=f"{kind} YAML (default: configs/{kind}.yaml)")
+    p.add_argument("--output-dir", help="runs folder (overrides output_dir)")
+    p.add_argument("--report-dir", help="report folder (overrides report_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a setting, e.g. --set {example}")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edlm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, all of it on the console (convert, demo and study otherwise log to "
+                             "OUTPUT_DIR/edlm.log and show only warnings)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert an AR model into a block-diffusion LM (continued pretraining)")
+    p.add_argument("--config", help="YAML preset (configs/*.yaml); flags below override it")
+    p.add_argument("--model", help="source model folder, 'tiny[:family]'; default: embedded SmolLM2-135M")
+    p.add_argument("--output-dir", help="where checkpoints, metrics.jsonl and the final model go")
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set diffusion.block_size=8 --set lr=1e-4")
+
+    p = sub.add_parser("generate", help="generate text with a converted model")
+    p.add_argument("--model", required=True, help="converted model folder (output of edlm convert)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
+    decode_flags(p)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--stats", action="store_true", help="print tokens/s and tokens per forward")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
+                   help="weights: fp32, bf16 or int8 (quantized Linear layers); edlm bench measures which is fastest")
+
+    p = sub.add_parser("eval", help="task accuracy / likelihood of a converted model or (--ar) its AR source")
+    p.add_argument("--model", required=True, help="converted model folder")
+    p.add_argument("--task", required=True,
+                   help="arc_easy, arc_challenge, piqa, hellaswag, ..., arithmetic, gsm8k, rg:NAME (reasoning-gym), "
+                        "humaneval, mbpp, ppl:FILE")
+    p.add_argument("--limit", type=int, default=None, help="first N documents")
+    p.add_argument("--ar", action="store_true", help="evaluate the AR source (train_config.yaml) instead")
+    p.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples of the dLM's ELBO")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
+                   help="weights: fp32, bf16 or int8 (quantized Linear layers); edlm bench measures which is fastest")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task (16 arithmetic, 256 code)")
+    decode_flags(p, skip=("stop", "max_new_tokens"))
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="write the result here")
+
+    p = sub.add_parser("sweep", help="accuracy vs tokens/s across thresholds and block sizes (JSON + Pareto PNG)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--task", default="arithmetic")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.95, 0.9, 0.8, 0.7, 0.5])
+    p.add_argument("--block-sizes", type=int, nargs="+", default=None, help="default: the model's block size")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", required=True)
+    p.add_argument("--plot", help="PNG path (default: JSON path with .png)")
+
+    p = sub.add_parser("table", help="markdown table of edlm eval JSON results")
+    p.add_argument("results", nargs="+", help="JSON files written by edlm eval --json")
+    p.add_argument("--output", help="also write the table here")
+
+    about = ("AR vs dLM side by side. Default (miniature): the headline miniature shipped in the package (an AR "
+             "source pretrained here on three task families and its converted dLM) on held-out problems: accuracy, "
+             "tokens per forward, tokens/s, speed-up. --model embedded: convert SmolLM2-135M briefly and compare.")
+    p = sub.add_parser("demo", help=about, description=about)
+    p.add_argument("--model", choices=["miniature", "embedded"], default="miniature")
+    p.add_argument("--output-dir", default=None, help="default: runs/demo-miniature (miniature), runs/demo (embedded)")
+    p.add_argument("--problems", type=int, default=50, help="miniature: held-out problems per task family")
+    p.add_argument("--convert", action="store_true",
+                   help="miniature: convert the shipped source again (the headline's settings) instead of using the "
+                        "shipped dLM")
+    p.add_argument("--steps", type=int, default=None,
+                   help="conversion steps (embedded: default 30, about 10 s each; miniature --convert: default 600)")
+    p.add_argument("--json", help="miniature: write the comparison as JSON to this file")
+    p.add_argument("--prompt", action="append", help="embedded: prompt text (repeat); default: two built-in prompts")
+    decode_flags(p, only=("max_new_tokens", "threshold"), max_new_tokens=48)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+
+    about = ("grid of conversion runs from one AR source model, each evaluated on held-out problems; writes a "
+             "markdown report with PNG plots and a verdict per paper claim. Re-running finishes an interrupted study.")
+    p = sub.add_parser("study", help=about, description=about)
+    _study_arguments(p, "study", "conversion.max_steps=50")
+    p.add_argument("--report-only", action="store_true", help="render the report from the runs finished so far")
+
+    about = ("the Efficient-DLM headline in miniature: pretrain an AR source on task families, convert it, then "
+             "AR vs dLM accuracy, tokens per forward and tokens/s on held-out problems (results.json, report.md, "
+             "pareto.png). Re-running skips what is finished and resumes what was interrupted.")
+    p = sub.add_parser("headline", help=about, description=about)
+    _study_arguments(p, "headline", "headline.batch_sizes=[1]")
+    p.add_argument("--ship", action="store_true",
+                   help="then copy the source and the dLM (fp16) into the package for edlm demo")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    p.add_argument("--model", required=True, help="converted model folder")
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $EDLM_API_KEY)")
+    p.add_argument("--model-id", help="name served by /v1/models (default: the folder's name)")
+    p.add_argument("--max-batch", type=int, help="most requests decoded in one batched call (default 16)")
+    p.add_argument("--max-queue", type=int, help="requests that may wait; more get HTTP 429 (default 64)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="weights: fp32 (default), bf16 or int8; same as --set dtype=...")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any ServeSettings field, e.g. --set max_tokens_limit=1024 --set threshold=0.8")
+    decode_flags(p, skip=("seed",))  # the server's defaults for requests; a request's own fields win
+
+    about = ("benchmarks that write JSON, each measured side by side with its baseline in one process: decode (the "
+             "default: dLM vs AR decoding), train, masks, load (the server). Old names: bench-train, bench-masks, "
+             "serve-bench.")
+    p = sub.add_parser("bench", help=about, description=about)
+    bench = p.add_subparsers(dest="bench_command", required=True, metavar="{decode,train,masks,load}")
+
+    p = bench.add_parser("decode", help="dLM decoding vs AR decoding of the same prompts (JSON + PNG sweep)")
+    p.add_argument("--model", required=True, help="converted model folder")
+    p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument("--plot", help="sweep plot PNG (default: JSON path with .png)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat); default: a few built-in prompts")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    decode_flags(p, skip=("stop",), max_new_tokens=64)
+    p.add_argument("--sweep", type=float, nargs="+", default=[1.0, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3])
+    p.add_argument("--dtypes", default="fp32,bf16,int8",
+                   help="weight dtypes to try for each side (fp32, bf16, int8); each reports its fastest")
+    p.add_argument("--ceiling-tpf", type=int, nargs="*", default=[1, 2, 4, 8],
+                   help="forced tokens per forward of the ceiling rows (fixed policy); none: skip the ceiling")
+    p.add_argument("--ceiling-block", type=int, default=8, help="decoding block of the ceiling rows")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (median reported)")
+    p.add_argument("--gguf", default=None,
+                   help="GGUF of the AR source for the llama.cpp row (default: the embedded model's, or the one "
+                        "*.gguf in the source folder)")
+    p.add_argument("--no-llama-cpp", action="store_true",
+                   help="skip the llama.cpp AR row (it runs when llama-cpp-python is installed and a GGUF is found)")
+    p.add_argument("--ar-model", default="auto",
+                   help="AR baseline: 'auto' (the source in train_config.yaml), a folder, or 'self'")
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+
+    p = bench.add_parser("train", help="conversion vs AR fine-tuning throughput (JSON)")
+    p.add_argument("--config", help="YAML preset; model, batch, seq_len and block come from it")
+    p.add_argument("--model", help="source model (default: the config's, else embedded SmolLM2-135M)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per phase")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per phase")
+    p.add_argument("--json", required=True, help="output JSON file")
+
+    p = bench.add_parser("masks", help="memory of the training attention mask: dense (SDPA) vs flex BlockMask")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--device", default=None, help="where to build the BlockMask (default: cuda if present, else cpu)")
+    p.add_argument("--training-model", default=None, metavar="SPEC",
+                   help="GPU only: also measure peak memory of one training forward+backward of this model "
+                        "(e.g. tiny:llama@256x4 or a folder), SDPA vs flex")
+    p.add_argument("--json", required=True)
+
+    p = bench.add_parser("load", help="load-test the server: batched vs one request at a time (JSON)")
+    p.add_argument("--model", required=True, help="converted model folder")
+    p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument("--requests", type=int, default=64, help="completions per configuration")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request")
+    p.add_argument("--disconnect", type=int, default=3, help="streamed requests that hang up mid-stream")
+    p.add_argument("--max-batch", type=int, default=16, help="max_batch of the batched configuration")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any ServeSettings field")
+    return parser
