@@ -1,4 +1,6 @@
 import importlib.util
+import sys
+import types
 
 import pytest
 import yaml
@@ -33,6 +35,9 @@ def test_skip_reasons_name_the_missing_piece_and_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llama_cpp" else real(name))
     assert "pip install llama-cpp-python" in llamacpp.skip_reason(tmp_path / "a.gguf")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "llama_cpp" else real(name))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # found but does not import (e.g. a dependency missing)
+    assert "does not import" in llamacpp.skip_reason(tmp_path / "a.gguf")
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))
     assert "--gguf" in llamacpp.skip_reason(None)
     assert "does not exist" in llamacpp.skip_reason(tmp_path / "missing.gguf")
     (tmp_path / "a.gguf").write_bytes(b"x")

@@ -224,6 +224,22 @@ def test_rolling_loglikelihood_is_the_elbo_of_every_token_in_rolling_windows(mod
     assert exact == pytest.approx(ar_loglikelihood(dlm.model, [prefix], tokens, banned=dlm.mask_id), abs=1e-4)
 
 
+def test_greedy_check_off_skips_only_the_is_greedy_answer(model_dir):
+    from unittest import mock
+
+    dlm = DiffusionLM.from_pretrained(model_dir).eval()
+    context, choices = ids(dlm.tokenizer, "to be or"), [ids(dlm.tokenizer, " not"), ids(dlm.tokenizer, " maybe")]
+    requests = [(("to be or", c), context, c) for c in choices]
+    on = EdlmLM(pretrained=str(model_dir), elbo_samples=ELBO_SAMPLES, seed=SEED, device="cpu")
+    off = EdlmLM(pretrained=str(model_dir), elbo_samples=ELBO_SAMPLES, seed=SEED, device="cpu", greedy_check=False)
+    with mock.patch("edlm.evals.lm_eval.dlm_is_greedy", return_value=True) as check:
+        scored = on._loglikelihood_tokens(requests, disable_tqdm=True)
+        assert check.call_count == 2 and [g for _, g in scored] == [True, True]
+        skipped = off._loglikelihood_tokens(requests, disable_tqdm=True)
+        assert check.call_count == 2 and [g for _, g in skipped] == [False, False]  # no extra forward
+    assert [v for v, _ in skipped] == [v for v, _ in scored]
+
+
 def test_speculative_generation_gives_the_ar_mode_text(model_dir):
     def texts(mode: str) -> list[str]:
         lm = EdlmLM(pretrained=str(model_dir), decode_mode=mode, device="cpu", batch_size=2)

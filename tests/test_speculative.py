@@ -142,3 +142,13 @@ def test_drafting_for_a_rejection_too_saves_the_draft_only_forwards(monkeypatch)
         assert out.sequences == ar[:1]
         forwards[hypotheses] = out.stats.forwards
     assert forwards[2] < forwards[1]
+
+
+def test_the_untrained_ar_pass_warning_comes_once_per_model(caplog):
+    dlm = make_dlm("llama", block_size=4)
+    assert not dlm.config.clean_causal
+    cfg = DecodeConfig(max_new_tokens=4, mode="speculative")
+    with caplog.at_level("WARNING", logger="edlm.speculative"):
+        generate(dlm, [[5, 6, 7]], cfg)
+        generate(dlm, [[5, 6, 7]], cfg)
+    assert sum("rarely accepted" in r.getMessage() for r in caplog.records) == 1

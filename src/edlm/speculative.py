@@ -180,7 +180,8 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
     from transformers import DynamicCache
 
     block = validate_prompts(dlm, prompts, cfg)
-    if not dlm.config.clean_causal:
+    if not dlm.config.clean_causal and not getattr(dlm, "_warned_untrained_ar", False):
+        dlm._warned_untrained_ar = True  # once per model, not once per call
         log.warning("speculative decoding of a model converted without clean_causal: its AR pass is untrained, "
                     "so drafts are rarely accepted (output is still that of mode='ar')")
     t0 = time.perf_counter()

@@ -235,8 +235,14 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
         from edlm.bench.llamacpp import llamacpp_row
 
         one = results["by_batch"].get("1")  # the comparison is at batch 1 (llama.cpp decodes one row at a time)
-        results["llama_cpp"] = llamacpp_row(model_dir, ids, max_new_tokens, repeats, ar_ref.sequences,
+        # agreement against the unquantized AR where measured: int8 AR greedy output drifts from fp32's by itself
+        ref_dtype = "fp32" if "fp32" in ar_models else first["ar"]["dtype"]
+        ref = ar_ref if ref_dtype == first["ar"]["dtype"] else _in_batches(
+            lambda r: generate_ar(ar_models[ref_dtype], r), ids, 1)
+        results["llama_cpp"] = llamacpp_row(model_dir, ids, max_new_tokens, repeats, ref.sequences,
                                             one["dlm"]["tokens_per_s"] if one else None, results.get("ceiling"), gguf)
+        if "skipped" not in results["llama_cpp"]:
+            results["llama_cpp"]["ar_reference_dtype"] = ref_dtype
     results["overhead"] = forward_overhead(best, prompt_len=max(len(i) for i in ids), block=best.config.block_size)
     samples = outputs.get(decode.threshold) or _in_batches(lambda r: generate(best, r, decode), ids, 1)
     results["samples"] = [{"prompt": t, "dlm": dlm32.tokenizer.decode(s, skip_special_tokens=True),

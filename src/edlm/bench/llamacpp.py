@@ -46,6 +46,10 @@ def skip_reason(gguf: Path | None) -> str | None:
     """Why the llama.cpp row cannot run here (None when it can)."""
     if importlib.util.find_spec("llama_cpp") is None:
         return f"llama.cpp row skipped: llama-cpp-python is not installed ({INSTALL})"
+    try:
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError) as e:  # installed without its dependencies, or its shared library does not load
+        return f"llama.cpp row skipped: llama-cpp-python does not import ({e}); reinstall it: {INSTALL}"
     if gguf is None:
         return "llama.cpp row skipped: the AR source has no GGUF file (give one with --gguf PATH)"
     if not gguf.is_file():

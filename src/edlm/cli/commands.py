@@ -151,7 +151,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"llama.cpp AR (batch 1, {Path(lc['gguf']).name}, {lc['threads']} threads): {lc['tokens_per_s']:.1f} "
               f"tokens/s; dLM {lc.get('dlm_speedup', float('nan')):.2f}x of it"
               + (f", best forced TPF {best[0]} {best[1]:.2f}x" if best else "")
-              + f"; agreement with the PyTorch AR {lc['agreement_with_ar']:.2f}")
+              + f"; agreement with the PyTorch AR ({lc['ar_reference_dtype']}) {lc['agreement_with_ar']:.2f}")
     ov = result["overhead"]
     print(f"decoder overhead per forward: {100 * ov['overhead_fraction']:.0f}% "
           f"({ov['decoder_s_per_forward'] * 1e3:.1f} ms vs bare {ov['bare_forward_s'] * 1e3:.1f} ms)")

@@ -102,6 +102,9 @@ class AdapterConfig:
     """Attention backend passed to transformers (``sdpa``, ``eager``, ``flex_attention``)."""
     max_length: int | None = None
     """Longest sequence scored or decoded; None uses the model's ``max_position_embeddings`` (else 2048)."""
+    greedy_check: bool = True
+    """dlm: answer ``is_greedy`` of loglikelihood requests (one extra forward per continuation); False reports
+    False without that forward (multiple-choice metrics such as acc / acc_norm never read it)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -304,7 +307,8 @@ class EdlmLM(TemplateLM):
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         with tqdm(total=len(requests), desc="edlm loglikelihood", disable=disable_tqdm) as bar:
             for context, rows in groups.items():
-                for i, result in zip(rows, self._score(list(context), [requests[i][2] for i in rows])):
+                continuations = [requests[i][2] for i in rows]
+                for i, result in zip(rows, self._score(list(context), continuations, self.config.greedy_check)):
                     results[i] = result
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
                 bar.update(len(rows))
@@ -476,7 +480,8 @@ def evaluate_choice_task(task: str, model_dir: str, loaded: tuple, ar: bool = Fa
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = EdlmLM(model_dir, loaded=loaded, mode="ar" if ar else "dlm", elbo_samples=elbo_samples, seed=seed)
+    lm = EdlmLM(model_dir, loaded=loaded, mode="ar" if ar else "dlm", elbo_samples=elbo_samples, seed=seed,
+                greedy_check=False)  # acc and acc_norm read only the likelihoods
     config = olmo_choice_task(task)
     run = lm_eval.simple_evaluate(model=lm, tasks=[config], limit=limit, bootstrap_iters=0, random_seed=None,
                                   numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None,
