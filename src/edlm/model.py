@@ -302,10 +302,7 @@ class DiffusionLM(nn.Module):
         return encode_prompt(self.tokenizer, prompt, chat)
 
     def generate(self, prompts: str | list[str], config: Any = None, chat: bool = True, **overrides: Any):
-        """Generate text for one or more prompts; returns ``(texts, stats)``.
-
-        A row stops at the first block boundary where its text holds one of ``config.stop``, and its text is cut
-        there (:func:`edlm.text.cut_at_stop`).
+        """Generate text for one or more prompts; returns ``(texts, stats)`` (see :meth:`complete`).
 
         Args:
             prompts: prompt text(s); each is wrapped in the chat template when the tokenizer has one and ``chat``.
@@ -313,27 +310,35 @@ class DiffusionLM(nn.Module):
             overrides: fields of DecodeConfig to change, e.g. ``threshold=0.7, max_new_tokens=64``.
         """
         from edlm.config import DecodeConfig
+
+        cfg = dataclasses.replace(config or DecodeConfig(), **overrides)
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.complete([self.encode(t, chat) for t in texts], cfg)
+
+    @torch.no_grad()
+    def complete(self, prompts: list[list[int]], cfg: Any) -> tuple[list[str], Any]:
+        """``(texts, stats)`` of token-id prompts decoded in one batch with a DecodeConfig ``cfg``.
+
+        A row stops at the first block boundary where its text holds one of ``cfg.stop``, and its text is cut there
+        (:func:`edlm.text.cut_at_stop`).
+        """
         from edlm.decode import iter_blocks
         from edlm.generation import DecodeStats
         from edlm.text import cut_at_stop, stop_index
 
-        cfg = dataclasses.replace(config or DecodeConfig(), **overrides)
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        sequences: list[list[int]] = [[] for _ in texts]
+        sequences: list[list[int]] = [[] for _ in prompts]
 
         def decoded(row: int) -> str:
             return self.tokenizer.decode(sequences[row], skip_special_tokens=True)
 
-        def seen_stop(row: int) -> bool:
-            return bool(cfg.stop) and stop_index(decoded(row), cfg.stop) is not None
+        def seen_stop(row: int) -> bool:  # asked at block boundaries
+            return stop_index(decoded(row), cfg.stop) is not None
 
-        stats = DecodeStats(rows=len(texts))
-        with torch.no_grad():
-            for new, stats in iter_blocks(self, [self.encode(t, chat) for t in texts], cfg,  # noqa: B007
-                                          should_stop=seen_stop if cfg.stop else None):
-                for seq, part in zip(sequences, new):
-                    seq.extend(part)
-        return [cut_at_stop(decoded(r), cfg.stop) for r in range(len(texts))], stats
+        stats = DecodeStats(rows=len(prompts))
+        for new, stats in iter_blocks(self, prompts, cfg, should_stop=seen_stop if cfg.stop else None):  # noqa: B007
+            for seq, part in zip(sequences, new):
+                seq.extend(part)
+        return [cut_at_stop(decoded(r), cfg.stop) for r in range(len(prompts))], stats
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:

@@ -69,23 +69,10 @@ def generate_texts(prompts: list[list[int]], cfg: DecodeConfig, tokenizer, dlm: 
     With ``ar_model`` it decodes causally (``mask_id`` banned); otherwise ``dlm``'s block decoder in ``cfg.mode``,
     where a row stops at the first block boundary after a stop string appeared in its text.
     """
-    if ar_model is not None:
-        from edlm.baseline import ar_generate
+    if ar_model is None:
+        return dlm.complete(prompts, cfg)
+    from edlm.baseline import ar_generate
 
-        out = ar_generate(ar_model, prompts, cfg, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                          banned=banned_ids(ar_model, mask_id) if mask_id is not None else None)
-        sequences, stats = out.sequences, out.stats
-    else:
-        from edlm.decode import iter_blocks
-
-        sequences: list[list[int]] = [[] for _ in prompts]
-        stats = DecodeStats(rows=len(prompts))
-
-        def seen_stop(row: int) -> bool:  # asked at block boundaries: a row that printed a stop string is done
-            text = tokenizer.decode(sequences[row], skip_special_tokens=True)
-            return cut_at_stop(text, cfg.stop) != text
-
-        for new, stats in iter_blocks(dlm, prompts, cfg, should_stop=seen_stop if cfg.stop else None):  # noqa: B007
-            for seq, part in zip(sequences, new):
-                seq.extend(part)
-    return [cut_at_stop(tokenizer.decode(seq, skip_special_tokens=True), cfg.stop) for seq in sequences], stats
+    out = ar_generate(ar_model, prompts, cfg, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                      banned=banned_ids(ar_model, mask_id) if mask_id is not None else None)
+    return [cut_at_stop(tokenizer.decode(seq, skip_special_tokens=True), cfg.stop) for seq in out.sequences], out.stats
