@@ -95,7 +95,7 @@ def test_save_and_reload_gives_identical_logits(tmp_path):
 
 
 def test_clear_errors_for_bad_models(tmp_path):
-    with pytest.raises(EdlmError, match="does not exist"):
+    with pytest.raises(EdlmError, match="does not exist; give the output folder of edlm convert"):
         DiffusionLM.from_pretrained(tmp_path / "nope")
     model, tokenizer = tiny_model()
     model.save_pretrained(tmp_path / "ar")

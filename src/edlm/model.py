@@ -131,7 +131,10 @@ class DiffusionLM(nn.Module):
 
         path = Path(path)
         cfg_file = path / EDLM_CONFIG_NAME
-        if path.is_dir() and (path / "config.json").is_file() and not cfg_file.is_file():
+        if not path.is_dir():
+            raise EdlmError(f"converted model folder {str(path)!r} does not exist; give the output folder of edlm "
+                            "convert (e.g. runs/demo after edlm demo --model embedded)")
+        if (path / "config.json").is_file() and (path / "config.json").is_file() and not cfg_file.is_file():
             raise EdlmError(
                 f"{str(path)!r} is a Hugging Face model but not a converted edlm model (no {EDLM_CONFIG_NAME}); "
                 f"convert it first: edlm convert --model {path} --output-dir OUT")
