@@ -42,7 +42,8 @@ def decode_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: t
 
 
 def _study_arguments(p: argparse.ArgumentParser, kind: str, example: str) -> None:
-    """The flags of the study-style commands (``edlm study``, ``edlm headline``); see :func:`_study_overrides`."""
+    """The flags of the study-style commands (``edlm study``, ``edlm headline``); read back by
+    :func:`edlm.cli.commands._study_overrides`."""
     p.add_argument("--config", default=f"configs/{kind}.yaml", help=f"{kind} YAML (default: configs/{kind}.yaml)")
     p.add_argument("--output-dir", help="runs folder (overrides output_dir)")
     p.add_argument("--report-dir", help="report folder (overrides report_dir)")
@@ -52,7 +53,9 @@ def _study_arguments(p: argparse.ArgumentParser, kind: str, example: str) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edlm", description=__doc__)
+    about = ("Turn an AR language model into an efficient block-diffusion LM (convert), decode with it (generate, "
+             "serve) and measure it (eval, bench, demo, study, headline).")
+    parser = argparse.ArgumentParser(prog="edlm", description=about)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, all of it on the console (convert, demo and study otherwise log to "
                              "OUTPUT_DIR/edlm.log and show only warnings)")
