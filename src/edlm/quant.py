@@ -115,14 +115,19 @@ def weight_dtype(model: nn.Module) -> str:
     return next((name for name, d in DTYPES.items() if d == float_dtype), str(float_dtype))
 
 
+def load_dtype(dtype: str) -> torch.dtype:
+    """The float dtype weights are loaded in for ``dtype``: int8 is quantized from fp32 weights after loading."""
+    check_dtype(dtype)
+    return torch.float32 if dtype == "int8" else DTYPES[dtype]
+
+
 def load(path: str | os.PathLike, dtype: str = "fp32", device: str | torch.device = "cpu",
          attn_implementation: str = "sdpa") -> Any:
     """Load a converted model folder as a ``DiffusionLM`` with weights in ``dtype`` (eval mode)."""
     from edlm.model import DiffusionLM
 
-    check_dtype(dtype)
-    float_dtype = torch.float32 if dtype == "int8" else DTYPES[dtype]
-    dlm = DiffusionLM.from_pretrained(path, dtype=float_dtype, device=device, attn_implementation=attn_implementation)
+    dlm = DiffusionLM.from_pretrained(path, dtype=load_dtype(dtype), device=device,
+                                      attn_implementation=attn_implementation)
     if dtype == "int8":
         dlm.model = quantize_int8(dlm.model)
         logger.info("quantized the Linear layers of %s to int8", path)
@@ -133,6 +138,5 @@ def load_ar(spec: str | None, dtype: str = "fp32", device: str | torch.device = 
     """(AR model in ``dtype``, tokenizer) for a model spec as :func:`edlm.assets.resolve_model` reads it."""
     from edlm.assets import resolve_model
 
-    check_dtype(dtype)
-    model, tokenizer = resolve_model(spec, dtype=torch.float32 if dtype == "int8" else DTYPES[dtype])
+    model, tokenizer = resolve_model(spec, dtype=load_dtype(dtype))
     return cast_model(model.to(device), dtype).eval(), tokenizer

@@ -190,7 +190,7 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     ids = [dlm32.encode(t, chat) for t in texts]
     spec = source_spec(model_dir) if ar_source == "auto" else ar_source
     if spec is not None:
-        ar_model, ar_tok = load_ar(None if spec == "embedded" else spec, "fp32", device=device)
+        ar_model, ar_tok = load_ar(spec, "fp32", device=device)  # "embedded" resolves like None
     else:
         ar_model, ar_tok = dlm32.model, dlm32.tokenizer
     eos = dlm32.tokenizer.eos_token_id

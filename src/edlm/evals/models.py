@@ -44,15 +44,11 @@ def load_ar_source(model_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
 def load_for_eval(model_dir: str, ar: bool = False, dtype: str = "fp32"):
     """(DiffusionLM, AR source model or None) of a converted folder, weights in ``dtype`` (see :mod:`edlm.quant`)."""
     from edlm.assets import best_device
-    from edlm.quant import DTYPES, cast_model, check_dtype, load
+    from edlm.quant import cast_model, load, load_dtype
 
-    check_dtype(dtype)
     device = best_device()
     dlm = load(model_dir, dtype, device=device)
-    ar_model = None
-    if ar:  # int8 is quantized from fp32 weights
-        float_dtype = torch.float32 if dtype == "int8" else DTYPES[dtype]
-        ar_model = cast_model(load_ar_source(model_dir, float_dtype, device=device), dtype).eval()
+    ar_model = cast_model(load_ar_source(model_dir, load_dtype(dtype), device=device), dtype).eval() if ar else None
     return dlm, ar_model
 
 
