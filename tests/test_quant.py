@@ -71,3 +71,25 @@ def test_dtype_names_are_checked():
         parse_dtypes("fp16")
     with pytest.raises(EdlmError, match="at least one"):
         parse_dtypes(",")
+
+
+def test_int8_activation_scales_are_per_token():
+    # One token with huge activations (small Llama-family models have them) must not set the quantization scale
+    # of the others: every row, alone or next to the outlier, stays close to fp32. With one scale per call (plain
+    # dynamic int8) the small rows next to the outlier lose every bit and come out as the bias.
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    q = cast_model(torch.nn.Sequential(lin), "int8", copy=True)[0]
+    assert type(q).__name__ == "RowScaledInt8Linear"
+    x = torch.randn(4, 64)
+    x[0] *= 1000.0  # the outlier token
+    with torch.no_grad():
+        together, ref = q(x), lin(x)
+        alone = torch.cat([q(x[i:i + 1]) for i in range(4)])
+        plain = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear})[0](x)
+
+    def rel(y):
+        return ((y - ref).norm(dim=-1) / ref.norm(dim=-1)).max()
+
+    assert rel(together) < 0.05 and rel(alone) < 0.05, (rel(together), rel(alone))  # bias included
+    assert rel(plain) > 0.5  # what one scale per call does to the small rows

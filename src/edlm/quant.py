@@ -1,15 +1,21 @@
 """Inference weight dtypes by name: ``fp32``, ``bf16`` and ``int8``, for converted models and AR sources alike.
 
-``int8`` quantizes the weights of every ``nn.Linear`` (attention, MLP and LM head; embeddings and norms stay fp32)
-and the activations dynamically at run time, one scale per call (per tensor): so in int8 a row's logits depend
-slightly on its batch neighbours and on how many columns a forward holds (cached vs full recomputation), unlike fp32
-and bf16, where the decoder's invariants hold exactly. Accuracy: on SmolLM2-135M this costs 1.24 nats per token of
-held-out likelihood (docs/roofline.md), mostly from the outliers of the MLP ``down_proj`` inputs; measure first.
-Which kernel does it was chosen by measurement
-(docs/roofline.md, SmolLM2-135M, 1 thread, AVX2 CPU): on CPU ``torch.ao.quantization.quantize_dynamic`` (fbgemm
-int8 GEMM) beat torchao's ``quantize_`` (int8 weight-only and int8 dynamic-activation configs), which has no fast
-eager CPU kernel for them; on CUDA, where ``quantize_dynamic`` has no kernels, torchao's int8 weight-only config is
-used (``pip install torchao``).
+``int8`` stores the weights of every ``nn.Linear`` (attention, MLP and LM head; embeddings and norms stay fp32) in
+int8 with one scale per output channel, and quantizes activations at run time with **one scale per token**: each
+token's input row is divided by its own absolute maximum before fbgemm's dynamic int8 GEMM (which quantizes its
+whole input with one scale) and the output row multiplied back (:class:`RowScaledInt8Linear`). Without that row
+scaling, one token with large activations (small Llama-family models have them at the first token and in the MLP
+``down_proj`` inputs) sets the scale for every other token in the call: on SmolLM2-135M plain dynamic int8 cost
+1.24 nats per token of held-out likelihood, row-scaled int8 0.12 (docs/roofline.md, section 1). A row's result
+still depends slightly on the other rows of its call (fbgemm's activation zero point comes from the whole call's
+normalised range), so the decoder's exact invariants (batched row == alone, cached == full recomputation) are
+promised in fp32 and bf16 only.
+
+Which kernel does it was chosen by measurement (docs/roofline.md, SmolLM2-135M, 1 thread, AVX2 CPU): on CPU
+fbgemm's int8 GEMM (``torch.ops.quantized.linear_dynamic``) beat torchao's ``quantize_`` (int8 weight-only and int8
+dynamic-activation configs), which has no fast eager CPU kernel for them, and ``torch._int_mm`` (100x slower than
+fp32 here); on CUDA, where fbgemm has no kernels, torchao's int8 weight-only config is used (``pip install
+torchao``).
 
 Which dtype is fastest depends on the machine (bf16 is fast only with native bf16 math, e.g. AVX-512 BF16 or AMX):
 measure with ``edlm bench --dtypes fp32,bf16,int8``.
@@ -24,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from edlm.errors import EdlmError
 
@@ -54,19 +61,51 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class RowScaledInt8Linear(DynamicInt8Linear):
+    """fbgemm's dynamic int8 Linear with per-output-channel weight scales and one activation scale per token.
+
+    fbgemm quantizes a call's whole input with one scale; dividing each row by its absolute maximum first makes
+    that one scale right for every row (per-token quantization), and the output row is multiplied back. The bias
+    is added after rescaling (it is kept out of the packed weights).
+    """
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, use_precomputed_fake_quant: bool = False) -> RowScaledInt8Linear:
+        bare = nn.Linear(mod.in_features, mod.out_features, bias=False)
+        bare.weight, bare.qconfig = mod.weight, mod.qconfig
+        q = super().from_float(bare)
+        q.register_buffer("row_bias", None if mod.bias is None else mod.bias.detach().float().clone())
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12)
+        y = torch.ops.quantized.linear_dynamic(x / scale, self._packed_params._packed_params, reduce_range=True)
+        y.mul_(scale)
+        if self.row_bias is not None:
+            y.add_(self.row_bias)
+        return y.to(x.dtype)
+
+    def _get_name(self) -> str:
+        return "RowScaledInt8Linear"
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Quantize ``model``'s Linear layers to int8 (in place where the backend allows; use the returned module).
 
-    CPU: dynamic quantization (int8 weights, activations quantized per call). CUDA: torchao int8 weight-only.
+    CPU: :class:`RowScaledInt8Linear` (int8 weights, one scale per output channel; activations quantized per token
+    at run time). CUDA: torchao int8 weight-only.
     """
     device = _device(model)
     if device.type == "cpu":
         if "fbgemm" not in torch.backends.quantized.supported_engines:
             raise EdlmError(f"int8 needs torch's fbgemm kernels, which this torch build lacks "
                             f"(engines: {torch.backends.quantized.supported_engines}); use fp32 or bf16")
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
         with warnings.catch_warnings():  # "torch.ao.quantization is deprecated": still the fastest on CPU, see above
             warnings.simplefilter("ignore")
-            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+            return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig},
+                                    mapping={nn.Linear: RowScaledInt8Linear}, inplace=True)
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError:
@@ -103,8 +142,6 @@ def cast(dlm: Any, dtype: str) -> Any:
 
 def weight_dtype(model: nn.Module) -> str:
     """The dtype name of a model's weights: ``int8`` when any Linear layer is quantized, else its float dtype."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-
     for module in model.modules():
         if isinstance(module, DynamicInt8Linear):
             return "int8"
