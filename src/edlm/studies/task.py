@@ -169,3 +169,8 @@ def write_task(cfg: TaskConfig, folder: Path) -> tuple[Path, Path]:
 
 def read_test(path: Path) -> list[Problem]:
     return [Problem(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def first_per_family(problems: list[Problem], n: int | None) -> list[Problem]:
+    """The first ``n`` problems of each family (all when ``n`` is None), families in sorted order."""
+    return [p for fam in sorted({q.family for q in problems}) for p in [q for q in problems if q.family == fam][:n]]
