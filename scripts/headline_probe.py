@@ -1,12 +1,14 @@
 """Quick accuracy probe of a converted headline run: exact match on the first N held-out problems per family.
 
 Usage: python scripts/headline_probe.py RUN_DIR N POLICY[,POLICY...]
-(e.g. runs/headline/exp/E 40 threshold,left_to_right)
+(e.g. runs/headline/exp/E 40 threshold,left_to_right; runs/headline/exp/L 40 threshold:0.7,entropy:0.2)
 
-``threshold`` is the default commit rule at 0.9; ``left_to_right`` commits one token per forward, leftmost first
-(``left_to_right_full``: the same without the KV cache, recomputing everything each step); ``ar`` decodes the
-converted weights causally with a KV cache (AR mode, the mask token banned); ``speculative`` drafts with the diffusion
-head and verifies causally (the AR mode's output).
+``threshold`` is the default commit rule at 0.9 (``threshold:0.7`` another value); ``entropy:B`` the
+entropy-bounded rule (EB-sampler) at B nats, ``entropy_sum:B`` the same with the largest entropy counted;
+``left_to_right`` commits one token per forward, leftmost first (``left_to_right_full``: the same without the KV
+cache, recomputing everything each step); ``ar`` decodes the converted weights causally with a KV cache (AR mode, the
+mask token banned); ``speculative`` drafts with the diffusion head and verifies causally (the AR mode's output).
+``@B`` after a diffusion policy decodes in blocks of B (a divisor or multiple of the training block: sub-blocks).
 Reads the held-out problems of ``runs/headline`` (written by ``edlm headline``). One thread, batch 8.
 """
 
@@ -34,9 +36,16 @@ def main() -> None:
 
                 def run_rows(rows, cfg=cfg):
                     return generate(dlm, rows, cfg)
-            else:
-                cfg = DecodeConfig(max_new_tokens=32, policy=policy.removesuffix("_full"), tokens_per_step=1,
-                                   threshold=0.9, use_cache=not policy.endswith("_full"))
+            else:  # POLICY[:VALUE][@BLOCK]: threshold:0.7, entropy:0.2@4 (the policy's own knob; decode block)
+                policy_value, _, block = policy.partition("@")
+                name, _, value = policy_value.partition(":")
+                knob = {"threshold": "threshold", "entropy": "entropy_bound", "entropy_sum": "entropy_bound",
+                        "fixed": "tokens_per_step"}.get(name)
+                kw = {"threshold": 0.9, "tokens_per_step": 1}
+                if value and knob:
+                    kw[knob] = type(kw.get(knob, 0.0))(value)
+                cfg = DecodeConfig(max_new_tokens=32, policy=name.removesuffix("_full"),
+                                   block_size=int(block) if block else None, use_cache=not name.endswith("_full"), **kw)
 
                 def run_rows(rows, cfg=cfg):
                     return generate(dlm, rows, cfg)

@@ -4,7 +4,7 @@ from conftest import make_dlm
 
 from edlm.baseline import ar_generate
 from edlm.config import DecodeConfig
-from edlm.decode import generate, stream
+from edlm.decode import entropy_policy, entropy_sum_policy, generate, stream
 from edlm.errors import EdlmError
 
 PROMPTS = [[5, 17, 99, 3], [120, 44, 8, 61, 200, 7, 19, 33, 2, 90, 14], [250]]
@@ -23,7 +23,8 @@ def test_block_size_one_causal_equals_ar_baseline_token_for_token():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma"])
-@pytest.mark.parametrize("policy,kwargs", [("threshold", {"threshold": 0.005}), ("fixed", {"tokens_per_step": 3})])
+@pytest.mark.parametrize("policy,kwargs", [("threshold", {"threshold": 0.005}), ("fixed", {"tokens_per_step": 3}),
+                                           ("entropy", {"entropy_bound": 30.0})])
 def test_cache_gives_the_same_tokens_as_full_recomputation(family, policy, kwargs):
     dlm = make_dlm(family, block_size=4)
     base = dict(max_new_tokens=14, policy=policy, **kwargs)
@@ -84,6 +85,8 @@ def test_bad_decoding_input_is_rejected_clearly():
         generate(dlm, PROMPTS, DecodeConfig(block_size=6))
     with pytest.raises(ValueError, match="threshold"):
         DecodeConfig(threshold=1.2)
+    with pytest.raises(ValueError, match="entropy_bound"):
+        DecodeConfig(policy="entropy", entropy_bound=-0.1)
     assert generate(dlm, PROMPTS, DecodeConfig(block_size=8, max_new_tokens=4, threshold=0.02)).sequences
     assert torch.is_tensor(dlm.model.get_input_embeddings().weight)
 
@@ -175,3 +178,33 @@ def test_a_block_cut_by_max_new_tokens_sees_masks_not_pads(token_shift):
                 assert generate(dlm, [p], cfg).sequences[0] == want, (budget, p, use_cache)
             seen.add(tuple(want))
     assert len(seen) > 7  # different budgets and prompts gave different outputs: the comparison is not vacuous
+
+
+def test_entropy_policies_commit_the_least_uncertain_prefix_within_the_bound():
+    entropy = torch.tensor([[0.01, 0.5, 0.02, 0.0, 2.0], [0.3, 0.3, 0.3, 0.3, 0.3], [0.9, 0.0, 0.0, 0.0, 0.0]])
+    open_ = torch.tensor([[1, 1, 1, 0, 1], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    cfg = DecodeConfig(policy="entropy", entropy_bound=0.1)
+    # EB-sampler: sorted open entropies 0.01, 0.02, 0.5, 2.0; sums less the largest 0, 0.01, 0.03, 0.53 -> three go.
+    # Row 2: 0.3 each -> sums less the largest 0, 0.3, ...: only the first. Row 3: its one open position, however
+    # uncertain; the closed positions (entropy 0) never.
+    assert entropy_policy(None, open_, cfg, entropy).tolist() == [
+        [True, True, True, False, False], [True, False, False, False, False], [True, False, False, False, False]]
+    # Counting the largest too: 0.01 + 0.02 <= 0.1 but + 0.5 is not.
+    assert entropy_sum_policy(None, open_, cfg, entropy).tolist() == [
+        [True, False, True, False, False], [True, False, False, False, False], [True, False, False, False, False]]
+    wide = DecodeConfig(policy="entropy", entropy_bound=100.0)
+    assert entropy_sum_policy(None, open_, wide, entropy).tolist() == open_.tolist()
+
+
+def test_a_looser_entropy_bound_commits_more_per_forward():
+    dlm = make_dlm(block_size=8)
+
+    def forwards(policy, bound):
+        return generate(dlm, PROMPTS, DecodeConfig(max_new_tokens=16, policy=policy, entropy_bound=bound)).stats.forwards
+
+    one_per_forward = generate(dlm, PROMPTS, DecodeConfig(max_new_tokens=16, policy="left_to_right")).stats.forwards
+    # Nothing is certain in a random model: at bound 0 one position per row and forward (the EB rule's free
+    # largest entropy is the first position's own).
+    assert forwards("entropy_sum", 0.0) == forwards("entropy", 0.0) == one_per_forward
+    assert forwards("entropy", 6.0) < one_per_forward
+    assert forwards("entropy_sum", 1e6) == forwards("entropy", 1e6) < forwards("entropy", 6.0)

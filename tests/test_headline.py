@@ -112,6 +112,10 @@ def test_headline_pipeline_on_a_tiny_model_then_ship_and_demo(tmp_path):
     assert set(saved["dlm"]) >= {"accuracy", "tokens_per_s", "tokens_per_forward"}
     assert saved["speedup"] == pytest.approx(saved["dlm"]["tokens_per_s"] / saved["ar"]["tokens_per_s"])
     assert [(p["block_size"], p["threshold"]) for p in saved["curve"]] == [(8, 0.9), (8, 0.5), (4, 0.9), (4, 0.5)]
+    headline_point = saved["by_batch"]["1"]["dlm"]  # the curve reuses it rather than decoding it twice
+    assert saved["curve"][0]["tokens_per_s"] == headline_point["tokens_per_s"]
+    assert saved["curve"][0]["accuracy"] == headline_point["accuracy"]
+    assert saved["curve"][2]["tokens_per_s"] != headline_point["tokens_per_s"]  # block 4 is its own run
     assert set(saved["by_batch"]) == {"1", "2"} and set(saved["targets"]) == {"accuracy", "tokens_per_forward",
                                                                               "speedup_batch1"}
     assert saved["training"]["conversion_tokens"] == 2 * 2 * 64 and saved["training"]["source_tokens"] == 3 * 2 * 64

@@ -227,11 +227,15 @@ class DecodeConfig:
     block_size: int | None = None
     """Decoding block size; None uses the model's training block size. Must be a multiple or divisor of it."""
     policy: str = "threshold"
-    """Commit policy from ``edlm.decode.POLICIES``."""
+    """Commit policy from ``edlm.decode.POLICIES``: ``threshold``, ``fixed``, ``left_to_right``, ``entropy`` (the
+    EB-sampler), ``entropy_sum``."""
     threshold: float = 0.9
     """``threshold`` policy: commit every masked position whose confidence is at least this (always >= 1)."""
     tokens_per_step: int = 1
     """``fixed`` policy: commit this many most confident positions per step."""
+    entropy_bound: float = 0.1
+    """``entropy`` / ``entropy_sum`` policies: commit the least uncertain open positions while their predictive
+    entropies (``entropy``: less the largest, the EB-sampler) sum to at most this many nats (always >= 1)."""
     ignore_eos: bool = False
     """Keep generating after EOS until ``max_new_tokens`` (benchmarks: every run produces the same token count)."""
     temperature: float = 0.0
@@ -252,6 +256,8 @@ class DecodeConfig:
         _check(0.0 < self.threshold <= 1.0, f"threshold must be in (0, 1], got {self.threshold}")
         _check(self.draft_hypotheses >= 1, f"draft_hypotheses must be >= 1, got {self.draft_hypotheses}")
         _check(self.tokens_per_step >= 1, f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
+        _check(math.isfinite(self.entropy_bound) and self.entropy_bound >= 0,
+               f"entropy_bound must be a number >= 0 (nats), got {self.entropy_bound}")
         _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
 

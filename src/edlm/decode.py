@@ -32,9 +32,10 @@ from edlm.generation import DecodeOutput, DecodeStats, choose_rows, pad_token_id
 from edlm.masks import dense_mask, inference_mask_mod, to_attention_mask
 from edlm.speculative import iter_speculative
 
-# A policy maps the confidences of a batch's block (R, B) and the positions still open (R, B) to the positions to
-# commit (R, B), at least one per row that has an open position. Confidence at closed positions is meaningless.
-Policy = Callable[[torch.Tensor, torch.Tensor, DecodeConfig], torch.Tensor]
+# A policy maps the confidences of a batch's block (R, B), the positions still open (R, B) and the predictive
+# entropies (R, B; None unless the policy is in NEEDS_ENTROPY) to the positions to commit (R, B), at least one per
+# row that has an open position. Confidence and entropy at closed positions are meaningless.
+Policy = Callable[[torch.Tensor, torch.Tensor, DecodeConfig, torch.Tensor | None], torch.Tensor]
 
 
 def _ranks(conf: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
@@ -43,25 +44,52 @@ def _ranks(conf: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
     return order.argsort(dim=-1)
 
 
-def threshold_policy(conf: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
+def threshold_policy(conf: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig, entropy=None) -> torch.Tensor:
     """Commit every open position whose confidence is at least ``cfg.threshold``, and always the most confident."""
     best = conf.masked_fill(~open_, -1.0).argmax(dim=-1, keepdim=True)  # (R, 1)
     select = open_ & (conf >= cfg.threshold)
     return select.scatter(1, best, open_.gather(1, best))
 
 
-def fixed_policy(conf: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
+def fixed_policy(conf: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig, entropy=None) -> torch.Tensor:
     """Commit the ``cfg.tokens_per_step`` most confident open positions."""
     return open_ & (_ranks(conf, open_) < cfg.tokens_per_step)
 
 
-def left_to_right_policy(conf: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
+def left_to_right_policy(conf: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig, entropy=None) -> torch.Tensor:
     """Commit the leftmost ``cfg.tokens_per_step`` open positions (AR order; a sanity baseline)."""
     return open_ & (open_.cumsum(dim=-1) <= cfg.tokens_per_step)
 
 
+def _entropy_prefix(entropy: torch.Tensor, open_: torch.Tensor, bound: float, less_largest: bool) -> torch.Tensor:
+    """Order the open positions from the lowest predictive entropy up and commit the longest prefix whose entropies
+    (less the largest of them when ``less_largest``) sum to at most ``bound``; the first position always goes."""
+    order = entropy.masked_fill(~open_, float("inf")).argsort(dim=-1, stable=True)  # open positions first
+    h = entropy.masked_fill(~open_, 0.0).gather(1, order)
+    total = h.cumsum(dim=-1) - h if less_largest else h.cumsum(dim=-1)  # sorted: the prefix's largest is its last
+    first = torch.arange(h.shape[1], device=h.device)[None] == 0
+    take = open_.gather(1, order) & ((total <= bound) | first)
+    return torch.zeros_like(open_).scatter(1, order, take)
+
+
+def entropy_policy(conf: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig, entropy: torch.Tensor) -> torch.Tensor:
+    """Entropy-bounded unmasking, the EB-sampler of Ben-Hamu et al. (2025): the longest prefix (by entropy) whose
+    entropies less the largest sum to at most ``cfg.entropy_bound`` nats. Unlike a fixed threshold, the number
+    committed adapts to how sure the whole set is; the largest entropy is free (one position alone is an AR step)."""
+    return _entropy_prefix(entropy, open_, cfg.entropy_bound, less_largest=True)
+
+
+def entropy_sum_policy(conf: torch.Tensor, open_: torch.Tensor, cfg: DecodeConfig, entropy: torch.Tensor,
+                       ) -> torch.Tensor:
+    """As ``entropy`` but the largest entropy counts too: the committed positions' entropies sum to at most
+    ``cfg.entropy_bound`` nats (always at least one position)."""
+    return _entropy_prefix(entropy, open_, cfg.entropy_bound, less_largest=False)
+
+
 POLICIES: dict[str, Policy] = {"threshold": threshold_policy, "fixed": fixed_policy,
-                               "left_to_right": left_to_right_policy}
+                               "left_to_right": left_to_right_policy, "entropy": entropy_policy,
+                               "entropy_sum": entropy_sum_policy}
+NEEDS_ENTROPY = {"entropy", "entropy_sum"}
 
 
 def validate(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> int:
@@ -249,6 +277,7 @@ def iter_diffusion(dlm, prompts: list[list[int]], cfg: DecodeConfig,
         open_ = budget.clone()  # positions still to decide
         tokens = torch.zeros_like(blk)
         conf = torch.full(blk.shape, -1.0, device=device)
+        entropy = torch.zeros(blk.shape, device=device) if cfg.policy in NEEDS_ENTROPY else None
         while bool(open_.any()):
             # Logits only where some row still has a mask: the LM head is a large share of a step on small models.
             # A shifted model predicts token i from the state at i - 1 (column start - 1 for the block's first).
@@ -256,7 +285,9 @@ def iter_diffusion(dlm, prompts: list[list[int]], cfg: DecodeConfig,
             logits = stepper.block_logits(start, start + cols - int(shift))  # (R, n, V)
             logits[..., dlm.mask_id] = float("-inf")
             tokens[:, cols], conf[:, cols] = choose_rows(logits, open_[:, cols], cfg, generators)  # (R, n) each
-            pick = policy(conf, open_, cfg)
+            if entropy is not None:  # of the model's distribution, whatever the sampling temperature
+                entropy[:, cols] = torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(dim=-1)
+            pick = policy(conf, open_, cfg, entropy)
             blk[pick] = tokens[pick]
             open_ &= ~pick
             if eos is not None:

@@ -89,7 +89,7 @@ def miniature_dir() -> Path:
     return Path(__file__).parent / "assets" / "miniature"
 
 
-def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int = 50, convert: bool = False,
+def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int = 40, convert: bool = False,
                        steps: int | None = None, decode: DecodeConfig | None = None,
                        batch_sizes: tuple[int, ...] = (1, 8), sweep: tuple[float, ...] = (0.9, 0.7, 0.5),
                        progress=None, say=None, root: Path | None = None) -> dict[str, Any]:

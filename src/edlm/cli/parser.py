@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help=about, description=about)
     p.add_argument("--model", choices=["miniature", "embedded"], default="miniature")
     p.add_argument("--output-dir", default=None, help="default: runs/demo-miniature (miniature), runs/demo (embedded)")
-    p.add_argument("--problems", type=int, default=50, help="miniature: held-out problems per task family")
+    p.add_argument("--problems", type=int, default=40, help="miniature: held-out problems per task family")
     p.add_argument("--convert", action="store_true",
                    help="miniature: convert the shipped source again (the headline's settings) instead of using the "
                         "shipped dLM")
