@@ -200,7 +200,8 @@ def test_a_looser_entropy_bound_commits_more_per_forward():
     dlm = make_dlm(block_size=8)
 
     def forwards(policy, bound):
-        return generate(dlm, PROMPTS, DecodeConfig(max_new_tokens=16, policy=policy, entropy_bound=bound)).stats.forwards
+        cfg = DecodeConfig(max_new_tokens=16, policy=policy, entropy_bound=bound)
+        return generate(dlm, PROMPTS, cfg).stats.forwards
 
     one_per_forward = generate(dlm, PROMPTS, DecodeConfig(max_new_tokens=16, policy="left_to_right")).stats.forwards
     # Nothing is certain in a random model: at bound 0 one position per row and forward (the EB rule's free

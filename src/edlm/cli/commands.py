@@ -308,7 +308,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "diffusion head drafting and a causal pass verifying: the answers of their AR mode, by construction)")
     print("\ncurve (batch 1): " + ", ".join(
         f"thr {p['threshold']:g}: {100 * p['accuracy']:.1f}% at {p['tokens_per_forward']:.1f} tok/fwd, "
-        f"{p['tokens_per_s'] / one['ar']['tokens_per_s']:.2f}x" for p in result["curve"]))
+        f"{p['speedup']:.2f}x" for p in result["curve"]))
     print("\nsamples:")
     for rows in result["samples"].values():
         for s in rows[:1]:

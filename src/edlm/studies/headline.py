@@ -67,8 +67,9 @@ class HeadlineSettings:
     and the speculative mode's tokens per forward and batch-1 speed-up over the AR source."""
 
     def __post_init__(self) -> None:
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise ConfigError("headline.batch_sizes must be a non-empty list of sizes >= 1")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes) or self.batch_sizes[0] != 1:
+            raise ConfigError("headline.batch_sizes must be a list of sizes >= 1 that starts with 1 (the targets "
+                              f"are read at batch 1), got {self.batch_sizes}")
         unknown = sorted(set(self.dtypes) - set(DTYPES))
         if unknown or not self.dtypes:
             raise ConfigError(f"headline.dtypes must be a non-empty subset of {list(DTYPES)}, got {self.dtypes}")
@@ -126,27 +127,42 @@ def decode_problems(run, tokenizer, problems: list[Problem], batch: int) -> dict
     Returns accuracy overall and per family, tokens per forward (per row), tokens/s (generated tokens up to and
     including EOS over the decoding wall time) and the answers in problem order.
     """
+    return decode_interleaved({"run": run}, tokenizer, problems, batch)["run"]
+
+
+def decode_interleaved(runs: dict[Any, Any], tokenizer, problems: list[Problem], batch: int) -> dict[Any, Any]:
+    """:func:`decode_problems` for several systems at once: each batch of prompts is decoded by every run in turn
+    (the order rotating from batch to batch), so a slow spell of the machine costs every system alike instead of
+    landing on whichever one was running. Returns ``{name: result}`` for ``runs = {name: run}``."""
     from edlm.studies.analysis import prompt_ids
 
     order = sorted(range(len(problems)), key=lambda i: (problems[i].family, i))
-    answers: list[str] = [""] * len(problems)
-    tokens = forwards_rows = 0
-    seconds = 0.0
-    for i in range(0, len(order), batch):
+    names = list(runs)
+    got = {name: {"answers": [""] * len(problems), "tokens": 0, "forwards_rows": 0, "seconds": 0.0}
+           for name in names}
+    for k, i in enumerate(range(0, len(order), batch)):
         chunk = order[i:i + batch]
-        out = run([prompt_ids(tokenizer, problems[j]) for j in chunk])
-        tokens += out.stats.tokens
-        forwards_rows += out.stats.forwards * len(chunk)
-        seconds += out.stats.seconds
-        for j, seq in zip(chunk, out.sequences):
-            answers[j] = _answer(tokenizer, seq)
+        prompts = [prompt_ids(tokenizer, problems[j]) for j in chunk]
+        turn = k % len(names)
+        for name in names[turn:] + names[:turn]:
+            out, g = runs[name](prompts), got[name]
+            g["tokens"] += out.stats.tokens
+            g["forwards_rows"] += out.stats.forwards * len(chunk)
+            g["seconds"] += out.stats.seconds
+            for j, seq in zip(chunk, out.sequences):
+                g["answers"][j] = _answer(tokenizer, seq)
+    return {name: _scored(problems, g, batch) for name, g in got.items()}
+
+
+def _scored(problems: list[Problem], got: dict[str, Any], batch: int) -> dict[str, Any]:
     right: dict[str, list[bool]] = defaultdict(list)
-    for p, a in zip(problems, answers):
+    for p, a in zip(problems, got["answers"]):
         right[p.family].append(a == p.answer)
     flat = [ok for oks in right.values() for ok in oks]
     return {"accuracy": sum(flat) / len(flat), "per_family": {f: sum(v) / len(v) for f, v in sorted(right.items())},
-            "tokens_per_forward": tokens / max(forwards_rows, 1), "tokens_per_s": tokens / max(seconds, 1e-9),
-            "tokens": tokens, "seconds": seconds, "n": len(problems), "batch": batch, "answers": answers}
+            "tokens_per_forward": got["tokens"] / max(got["forwards_rows"], 1),
+            "tokens_per_s": got["tokens"] / max(got["seconds"], 1e-9), "tokens": got["tokens"],
+            "seconds": got["seconds"], "n": len(problems), "batch": batch, "answers": got["answers"]}
 
 
 def _public(result: dict[str, Any]) -> dict[str, Any]:
@@ -189,16 +205,21 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
         decode_problems(ar_run(ars[d]), tok, warm, 1)
         decode_problems(dlm_run(dlms[d]), tok, warm, 1)
 
+    # Every speed-up divides two measurements decoded interleaved, batch of prompts by batch of prompts: first both
+    # systems at each dtype; then the curve and the other modes at the dLM's batch-1 dtype beside the AR source at
+    # its best dtype, decoded once more as their reference.
     by_batch: dict[str, Any] = {}
     answers: dict[str, list[str]] = {}
-    dlm_runs: dict[int, dict[str, Any]] = {}  # batch -> dtype -> the dLM's run at the headline setting
+    curve: list[dict[str, Any]] = []
+    modes: dict[str, Any] = {}
+    headline_block = headline.block_size or dlm32.config.block_size
     for batch in settings.batch_sizes:
         say(f"batch {batch}: AR at {settings.dtypes}, dLM at threshold {headline.threshold}")
-        ar_all, dlm_all = {}, {}
-        for d in settings.dtypes:  # alternate the systems so a slow spell of the machine hits both
-            ar_all[d] = decode_problems(ar_run(ars[d]), tok, problems, batch)
-            dlm_all[d] = decode_problems(dlm_run(dlms[d]), tok, problems, batch)
-        dlm_runs[batch] = dlm_all
+        runs = {("ar", d): ar_run(ars[d]) for d in settings.dtypes}
+        runs.update({("dlm", d): dlm_run(dlms[d]) for d in settings.dtypes})
+        got = decode_interleaved(runs, tok, problems, batch)
+        ar_all = {d: got[("ar", d)] for d in settings.dtypes}
+        dlm_all = {d: got[("dlm", d)] for d in settings.dtypes}
         ar_best = max(ar_all, key=lambda d: ar_all[d]["tokens_per_s"])
         dlm_best = max(dlm_all, key=lambda d: dlm_all[d]["tokens_per_s"])
         answers.setdefault("ar", ar_all[ar_best]["answers"])
@@ -210,28 +231,33 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
                     "all_dtypes": {d: _public(r) for d, r in dlm_all.items()}},
             "speedup": dlm_all[dlm_best]["tokens_per_s"] / ar_all[ar_best]["tokens_per_s"],
         }
-
-    first = by_batch[str(settings.batch_sizes[0])]
-    dtype = first["dlm"]["dtype"]
-    curve = []
-    headline_block = headline.block_size or dlm32.config.block_size
-    for block in settings.sweep_block_sizes:
-        for thr in settings.sweep_thresholds:
-            point = {"block_size": block or dlm32.config.block_size, "threshold": thr, "dtype": dtype}
-            if (point["block_size"], thr) == (headline_block, headline.threshold) and 1 in dlm_runs:
-                curve.append({**point, **_public(dlm_runs[1][dtype])})  # the headline point, measured above
-                continue
-            say(f"curve: block {point['block_size']}, threshold {thr} ({dtype}, batch 1)")
-            r = decode_problems(dlm_run(dlms[dtype], threshold=thr, block_size=block), tok, problems, 1)
-            curve.append({**point, **_public(r)})
-    modes: dict[str, Any] = {}
-    for name in settings.modes:
-        for batch in settings.batch_sizes:
-            say(f"mode {name} ({dtype}, batch {batch})")
-            r = decode_problems(dlm_run(dlms[dtype], **MODE_VARIANTS[name]), tok, problems, batch)
+        dtype = by_batch["1"]["dlm"]["dtype"]  # batch 1 comes first (HeadlineSettings checks)
+        extra: dict[Any, Any] = {}
+        points = [(block or dlm32.config.block_size, thr) for block in settings.sweep_block_sizes
+                  for thr in settings.sweep_thresholds] if batch == 1 else []
+        for block, thr in points:
+            if (block, thr) != (headline_block, headline.threshold):  # the headline point is measured above
+                extra[("curve", block, thr)] = dlm_run(dlms[dtype], threshold=thr, block_size=block)
+        for name in settings.modes:
+            extra[("mode", name)] = dlm_run(dlms[dtype], **MODE_VARIANTS[name])
+        if extra:
+            say(f"batch {batch}: " + ", ".join(f"curve block {k[1]} threshold {k[2]}" if k[0] == "curve"
+                                                else f"mode {k[1]}" for k in extra) + f" ({dtype})")
+            extra[("ar", ar_best)] = ar_run(ars[ar_best])
+            more = decode_interleaved(extra, tok, problems, batch)
+            reference = more.pop(("ar", ar_best))["tokens_per_s"]
+        for block, thr in points:
+            point = {"block_size": block, "threshold": thr, "dtype": dtype}
+            if (block, thr) == (headline_block, headline.threshold):
+                r, ref = dlm_all[dtype], ar_all[ar_best]["tokens_per_s"]
+            else:
+                r, ref = more[("curve", block, thr)], reference
+            curve.append({**point, **_public(r), "speedup": r["tokens_per_s"] / ref})
+        for name in settings.modes:
+            r = more[("mode", name)]
             modes.setdefault(name, {})[str(batch)] = {
-                **_public(r), "dtype": dtype,
-                "speedup": r["tokens_per_s"] / by_batch[str(batch)]["ar"]["tokens_per_s"],
+                **_public(r), "dtype": dtype, "speedup": r["tokens_per_s"] / reference,
+                "ar_reference_tokens_per_s": reference,
                 "agreement_with_ar_source": sum(a == b for a, b in zip(r["answers"], answers["ar"])) / len(problems)}
     # The decoder's own cost per forward (masks, commit rule, cache bookkeeping) over a bare model forward of the
     # same shape: at this model size it decides how much of the tokens per forward becomes speed.
@@ -505,12 +531,10 @@ def render_report(result: dict[str, Any], study: StudyConfig) -> str:
               "", "## The curve (batch 1): thresholds x decoding blocks", "", "![pareto](pareto.png)", "",
               "| block | threshold | accuracy | " + " | ".join(fams) + " | tokens/forward | tokens/s | speed-up |",
               "| ---: | ---: | ---: | " + " | ".join("---:" for _ in fams) + " | ---: | ---: | ---: |"]
-    ar_speed = one["ar"]["tokens_per_s"]
     for p in result["curve"]:
         lines.append(f"| {p['block_size']} | {p['threshold']:g} | {100 * p['accuracy']:.1f} | "
                      + " | ".join(f"{100 * p['per_family'][f]:.1f}" for f in fams)
-                     + f" | {p['tokens_per_forward']:.2f} | {p['tokens_per_s']:.1f} | "
-                       f"{p['tokens_per_s'] / ar_speed:.2f}x |")
+                     + f" | {p['tokens_per_forward']:.2f} | {p['tokens_per_s']:.1f} | {p['speedup']:.2f}x |")
     if result.get("modes"):
         lines += _modes_section(result, fams)
     if "decoder_overhead" in result:
