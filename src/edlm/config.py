@@ -105,6 +105,10 @@ class DataConfig:
     """Use at most this many documents (after loading), for quick runs."""
     validation_fraction: float = 0.0
     """Fraction of packed sequences held out for validation loss (0 disables)."""
+    align_documents: bool = False
+    """Start every document at a block boundary, as decoding does (a prompt starts at position 0): each document
+    is packed as ``EOS document EOS`` followed by EOS up to a multiple of ``diffusion.block_size``. Without it,
+    documents follow each other at any offset inside a block. Matters for short documents (task problems)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.corpus, str):

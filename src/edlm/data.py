@@ -2,6 +2,8 @@
 
 Documents are joined with EOS between them and cut into sequences of exactly ``seq_len`` tokens (the tail that
 does not fill a sequence is dropped). Since ``seq_len`` is a multiple of the block size, blocks start at 0, B, 2B...
+With ``align_documents`` every document starts at such a block boundary too (``EOS doc EOS``, EOS-padded to whole
+blocks), the layout decoding sees: its prompts start at position 0, at a block boundary.
 """
 
 from __future__ import annotations
@@ -82,15 +84,30 @@ def _text_column(ds, field: str, where: str):
     return ds.rename_column(field, "text") if field != "text" else ds
 
 
-def pack(docs, tokenizer, seq_len: int):
-    """Tokenize documents, join them with EOS and cut into rows of ``seq_len`` tokens."""
+def pack(docs, tokenizer, seq_len: int, align: int = 1):
+    """Tokenize documents, join them with EOS and cut into rows of ``seq_len`` tokens.
+
+    ``align > 1``: each document becomes ``EOS doc EOS`` padded with EOS to a multiple of ``align`` tokens, so every
+    document starts (with its leading EOS) at a multiple of ``align`` (``seq_len`` must be one too)::
+
+        align 4:  E d d d | d d E E | E d d E | ...      (E = EOS, d = a document's tokens)
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise EdlmError("the tokenizer has no EOS token; set tokenizer.eos_token before conversion")
+    if seq_len % align:
+        raise EdlmError(f"data.seq_len={seq_len} must be a multiple of the block size {align} to align documents")
+
+    def aligned(doc: list[int]) -> list[int]:
+        unit = [eos, *doc, eos]
+        return unit + [eos] * (-len(unit) % align)
 
     def tokenize_and_pack(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-        stream = [tok for doc in ids for tok in (*doc, eos)]
+        if align > 1:
+            stream = [tok for doc in ids for tok in aligned(doc)]
+        else:
+            stream = [tok for doc in ids for tok in (*doc, eos)]
         n = len(stream) // seq_len
         return {"input_ids": [stream[i * seq_len:(i + 1) * seq_len] for i in range(n)]}
 
@@ -117,10 +134,11 @@ class PackedData:
         return len(self) * self.seq_len
 
 
-def build_data(cfg: DataConfig, tokenizer) -> tuple[PackedData, PackedData | None]:
-    """(train, validation-or-None) packed sequences for a data config."""
+def build_data(cfg: DataConfig, tokenizer, block_size: int = 1) -> tuple[PackedData, PackedData | None]:
+    """(train, validation-or-None) packed sequences for a data config (``block_size``: the alignment of
+    ``cfg.align_documents``)."""
     docs = load_documents(cfg)
-    packed = pack(docs, tokenizer, cfg.seq_len)
+    packed = pack(docs, tokenizer, cfg.seq_len, align=block_size if cfg.align_documents else 1)
     if len(packed) == 0:
         raise EdlmError(f"the corpus is shorter than one sequence of data.seq_len={cfg.seq_len} tokens; "
                         "add text or lower data.seq_len")

@@ -330,7 +330,7 @@ def train(cfg: TrainConfig, objective: str = "diffusion", resume: bool = False,
     model, tokenizer = resolve_model(cfg.model, dtype=torch.float32, attn_implementation=attn, seed=cfg.seed)
     module = obj.build(model, tokenizer, cfg)
     with accelerator.main_process_first():
-        train_data, _ = build_data(cfg.data, tokenizer)
+        train_data, _ = build_data(cfg.data, tokenizer, cfg.diffusion.block_size)
 
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))

@@ -37,7 +37,7 @@ def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict[
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = resolve_model(cfg.model, dtype=torch.float32, attn_implementation="sdpa", seed=cfg.seed)
     dlm = DiffusionLM.from_ar(model, tokenizer, cfg.diffusion).to(device)
-    data, _ = build_data(cfg.data, tokenizer)
+    data, _ = build_data(cfg.data, tokenizer, cfg.diffusion.block_size)
     mb = cfg.micro_batch_size
     batches = [data[[(i * mb + j) % len(data) for j in range(mb)]].to(device) for i in range(steps + warmup)]
 
