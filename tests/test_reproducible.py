@@ -5,7 +5,12 @@ Tolerance: forcing PyTorch's non-vectorised kernels (``ATEN_CPU_CAPABILITY=defau
 study source's losses by at most 8e-7 (relative) over its first 30 steps, and these pins by at most 1e-7; 1 vs 2
 threads changed nothing. ``RTOL`` is 100x the former; a small real change moves these losses by more: lr 3e-3 ->
 3.03e-3 by 1.3e-3, another seed by 1e-2 to 3e-2, weight decay 0.1 -> 0 by 1.2e-4 (the weakest seen: it barely acts
-during warm-up). Not measured here: other BLAS (MKL) kernels, as on an AVX-512 CPU.
+during warm-up).
+
+Across CPUs: on an AVX-512 EPYC, PyTorch's AVX-512 kernels (its default there) move CONVERT_LOSSES[4] by 1e-7
+(relative); with ``ATEN_CPU_CAPABILITY=avx2`` every pin below comes back bit for bit (MKL's own instruction set,
+``MKL_ENABLE_INSTRUCTIONS=AVX2``, changed nothing). So the exact test forces AVX2 kernels in a child process: on both
+CPUs a change to what is trained fails it however small, and a run made with that variable set reproduces across them.
 
 If a change is *meant* to alter training, rerun with ``EDLM_PRINT_PINNED=1 python -m pytest -s -q
 tests/test_reproducible.py``, paste the printed numbers here and say so in the commit: runs trained before it
@@ -15,6 +20,8 @@ tests/test_reproducible.py``, paste the printed numbers here and say so in the c
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +112,27 @@ def test_source_pretraining_losses_are_pinned(tmp_path, one_thread):
 
 def test_conversion_losses_are_pinned(tmp_path, one_thread):
     _check("CONVERT_LOSSES", convert_losses(tmp_path), CONVERT_LOSSES)
+
+
+_EXACT = """
+import json, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[1])
+import test_reproducible as t
+torch.set_num_threads(1)
+tmp = Path(sys.argv[2])
+print(json.dumps({"source": t.source_losses(tmp / "s"), "convert": t.convert_losses(tmp / "c")}))
+"""
+
+
+def test_pinned_losses_are_bit_exact_with_avx2_kernels(tmp_path):
+    """The pins, with rtol 0, under ``ATEN_CPU_CAPABILITY=avx2`` (what they were measured with; see the docstring)."""
+    if "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("needs a CPU with AVX2 (the kernels the pins were measured with)")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", _EXACT, str(Path(__file__).parent), str(tmp_path)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert {int(k): v for k, v in got["source"].items()} == SOURCE_LOSSES
+    assert {int(k): v for k, v in got["convert"].items()} == CONVERT_LOSSES
