@@ -62,6 +62,15 @@ def test_verdicts_check_every_family_and_report_the_gap():
     assert not bad["accuracy"]["met"] and bad["accuracy"]["value_points"] == pytest.approx(-2.0)
     assert [k for k, v in bad.items() if not v["met"]] == ["accuracy", "tokens_per_forward", "speedup_batch1",
                                                           "speedup_batch8"]
+    # the same targets for another decoding mode of the converted weights, read from its own measurements
+    measured = _measured(0.95, 0.80, {"a": 0.9, "b": 1.0}, {"a": 0.7, "b": 0.9}, 2.0, 1.1, 0.9)
+    assert verdicts(measured, s, mode="speculative") == {}  # not measured
+    measured["modes"] = {"speculative": {"1": {"accuracy": 0.95, "per_family": {"a": 0.895, "b": 1.0},
+                                               "tokens_per_forward": 3.1, "speedup": 2.6},
+                                         "8": {"speedup": 1.2}}}
+    spec = verdicts(measured, s, mode="speculative")
+    assert [k for k, v in spec.items() if not v["met"]] == ["speedup_batch8"]
+    assert spec["accuracy"]["value_points"] == pytest.approx(-0.5) and spec["speedup_batch1"]["value"] == 2.6
 
 
 def test_mode_verdicts_compare_the_ar_mode_with_the_source_per_family():
@@ -129,6 +138,10 @@ def test_headline_pipeline_on_a_tiny_model_then_ship_and_demo(tmp_path):
         # against the AR source decoded beside it (interleaved), not the earlier measurement of the main table
         assert spec["speedup"] == pytest.approx(spec["tokens_per_s"] / spec["ar_reference_tokens_per_s"])
         assert spec["ar_reference_tokens_per_s"] != saved["by_batch"][batch]["ar"]["tokens_per_s"]
+    spec_targets = saved["speculative_targets"]  # the headline's targets, for the speculative mode too
+    assert set(spec_targets) == set(saved["targets"])
+    assert spec_targets["speedup_batch1"]["value"] == saved["modes"]["speculative"]["1"]["speedup"]
+    assert spec_targets["tokens_per_forward"]["value"] == saved["modes"]["speculative"]["1"]["tokens_per_forward"]
     assert set(saved["mode_targets"]) == {"ar_mode_accuracy", "speculative_tokens_per_forward",
                                           "speculative_speedup_batch1"}
     report = (tmp_path / "report" / "report.md").read_text()

@@ -100,9 +100,12 @@ def roofline(forward_s: dict[int, float], tokens_per_forward: float, block: int,
 
 
 def forward_overhead(dlm, prompt_len: int, block: int, repeats: int = 10) -> dict[str, float]:
-    """Decoder time per forward vs a bare model forward of the same shape (block tokens on a prompt-sized cache).
+    """Decoder time per forward (one token per forward, 4 blocks) vs a bare model forward of ``block`` tokens on a
+    prompt-sized cache.
 
-    The difference is Python and bookkeeping overhead of the decoder (mask building, commit policy, cache crop).
+    The difference is the decoder's Python and bookkeeping work (mask building, commit policy, cache crop) plus its
+    wider forwards: the prompt's prefill fused with the first step, and each finished block re-encoded in the
+    next block's first forward (``scripts/profile_decode.py`` splits the two).
     """
     from edlm.decode import generate
 

@@ -399,9 +399,10 @@ def cmd_headline(args: argparse.Namespace) -> int:
 
         print(f"shipped the source and the dLM into {ship_miniature(cfg, args.config)}")
     print()
-    for name, t in result["targets"].items():
-        value = t.get("value", t.get("value_points"))
-        bar = t.get("bar", t.get("bar_points"))
-        print(f"{name:<20} {value:8.2f}  (bar {bar:g})  {'met' if t['met'] else 'NOT met'}")
+    for system, targets in (("diffusion", result["targets"]), ("speculative", result.get("speculative_targets"))):
+        for name, t in (targets or {}).items():
+            value = t.get("value", t.get("value_points"))
+            bar = t.get("bar", t.get("bar_points"))
+            print(f"{system:<12} {name:<20} {value:8.2f}  (bar {bar:g})  {'met' if t['met'] else 'NOT met'}")
     print(f"report: {Path(cfg.study.report_dir) / 'report.md'}")
     return 0
