@@ -162,6 +162,9 @@ def test_study_runs_skips_and_resumes(tmp_path, monkeypatch):
     report = write_report(again, cfg.report_dir, command="edlm study --config x.yaml")
     text = report.read_text()
     assert "weight drift" in text.lower() and "## Verdicts" in text and "edlm study --config x.yaml" in text
+    # provenance: the CPU and the kernels it trained with (they decide which model a seed gives)
+    kernels = again["machine"]["cpu_kernels"]
+    assert kernels and f"ATen kernels {kernels}" in text and f"ATEN_CPU_CAPABILITY={kernels.lower()}" in text
     for png in ("attention.png", "weight_drift.png", "masking_pareto.png", "lora.png", "loss_by_position.png"):
         assert (report.parent / png).stat().st_size > 1000 and f"({png})" in text
     for verdict_word in ("reproduced", "inconclusive", "not reproduced"):

@@ -26,10 +26,20 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     info = {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version(), "cpu_kernels": _cpu_kernels()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _cpu_kernels() -> str | None:
+    """The vector kernels ATen dispatches to (``AVX512``, ``AVX2``, ...; ``ATEN_CPU_CAPABILITY`` overrides it).
+    Training on two CPUs whose kernels differ gives different models from the same seed (docs/headline/analysis.md,
+    "Reproducibility"): a report names them so that its numbers can be re-made under the same kernels."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return None
 
 
 PROVENANCE_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "datasets", "numpy", "peft",

@@ -28,6 +28,7 @@ import yaml
 
 from edlm.config import DecodeConfig, TrainConfig, from_dict, load_yaml
 from edlm.errors import ConfigError, EdlmError
+from edlm.results import provenance
 from edlm.studies.task import TaskConfig
 
 logger = logging.getLogger(__name__)
@@ -301,4 +302,5 @@ def collect(cfg: StudyConfig) -> dict[str, Any]:
     return {"source": json.loads(source_eval.read_text()) if source_eval.is_file() else None,
             "comparisons": comparisons, "missing": sorted(set(missing)),
             "config": json.loads((out / "study_config.json").read_text())
-            if (out / "study_config.json").is_file() else None}
+            if (out / "study_config.json").is_file() else None,
+            "machine": provenance()}

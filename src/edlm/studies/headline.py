@@ -512,7 +512,8 @@ def render_report(result: dict[str, Any], study: StudyConfig) -> str:
         "# The headline in miniature: AR source vs its converted dLM",
         "",
         f"Command: `edlm headline --config {m.get('config', 'configs/headline.yaml')}` "
-        f"(commit {m.get('commit', '?')}). Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), "
+        f"(commit {m.get('commit', '?')}). Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}"
+        f"{'; ATen kernels ' + m['cpu_kernels'] if m.get('cpu_kernels') else ''}), "
         f"{m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}, torch {m['torch']}, "
         f"transformers {m['packages'].get('transformers')}.",
         f"{result['n_problems']} held-out problems ({len(fams)} families: {', '.join(fams)}), greedy, one process.",

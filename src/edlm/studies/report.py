@@ -173,6 +173,15 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
               "held-out problems (never seen in training), decoding one problem at a time with the KV cache. "
               f"Accuracies below are at decoding threshold {thr:g} unless a table says otherwise; `a ± s (n=k)` is "
               "the mean and standard deviation over k conversion seeds (data order and noise).", ""]
+    m = results.get("machine")
+    if m:
+        intro += [f"Written at commit {m.get('commit') or '?'} on {m.get('cpu') or 'an unnamed CPU'} "
+                  f"({', '.join(m.get('cpu_flags') or [])}; ATen kernels {m.get('cpu_kernels') or '?'}), "
+                  f"torch {m.get('torch')}, transformers {(m.get('packages') or {}).get('transformers')}. "
+                  "Training from the same seed on CPUs with other kernels gives another model: on another x86 "
+                  "CPU, re-make these numbers under the same kernels"
+                  + (f" (`ATEN_CPU_CAPABILITY={m['cpu_kernels'].lower()}` before the command)."
+                     if m.get("cpu_kernels") else "."), ""]
     conv = cfg.get("conversion") or {}
     if conv:
         tokens = conv.get("max_steps", 0) * conv.get("micro_batch_size", 0) * conv.get("grad_accum", 1) * \
