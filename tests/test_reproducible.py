@@ -7,10 +7,12 @@ threads changed nothing. ``RTOL`` is 100x the former; a small real change moves 
 3.03e-3 by 1.3e-3, another seed by 1e-2 to 3e-2, weight decay 0.1 -> 0 by 1.2e-4 (the weakest seen: it barely acts
 during warm-up).
 
-Across CPUs: on an AVX-512 EPYC, PyTorch's AVX-512 kernels (its default there) move CONVERT_LOSSES[4] by 1e-7
-(relative); with ``ATEN_CPU_CAPABILITY=avx2`` every pin below comes back bit for bit (MKL's own instruction set,
-``MKL_ENABLE_INSTRUCTIONS=AVX2``, changed nothing). So the exact test forces AVX2 kernels in a child process: on both
-CPUs a change to what is trained fails it however small, and a run made with that variable set reproduces across them.
+Across CPUs the pins hold to a couple of float32 ulps, not to the bit: on the AVX-512 EPYC, PyTorch's default
+AVX-512 kernels move CONVERT_LOSSES[4] by 1 ulp and ``ATEN_CPU_CAPABILITY=avx2`` gives every pin bit for bit; on an
+Intel Xeon with AMX, the default kernels are 0-2 ulps off (SOURCE_LOSSES[1], [5], CONVERT_LOSSES[3]) and
+``ATEN_CPU_CAPABILITY=avx2`` 1 ulp (SOURCE_LOSSES[5]; MKL_CBWR and ONEDNN_MAX_CPU_ISA move which step differs, not
+whether one does: the loss's reductions run in another order). So the tight test forces AVX2 kernels in a child
+process and allows ``ULPS`` units in the last place: any change to what is trained moves a loss by thousands.
 
 If a change is *meant* to alter training, rerun with ``EDLM_PRINT_PINNED=1 python -m pytest -s -q
 tests/test_reproducible.py``, paste the printed numbers here and say so in the commit: runs trained before it
@@ -19,6 +21,7 @@ tests/test_reproducible.py``, paste the printed numbers here and say so in the c
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -126,13 +129,23 @@ print(json.dumps({"source": t.source_losses(tmp / "s"), "convert": t.convert_los
 """
 
 
-def test_pinned_losses_are_bit_exact_with_avx2_kernels(tmp_path):
-    """The pins, with rtol 0, under ``ATEN_CPU_CAPABILITY=avx2`` (what they were measured with; see the docstring)."""
+ULPS = 2
+
+
+def _ulps_off(got: dict[int, float], pinned: dict[int, float]) -> dict[int, float]:
+    """Each loss's distance from its pin in float32 units in the last place (``math.ulp`` of the pin in float32)."""
+    return {k: abs(got[k] - v) / (math.ulp(v) * 2.0 ** 29) for k, v in pinned.items()}
+
+
+def test_pinned_losses_within_two_ulps_with_avx2_kernels(tmp_path):
+    """The pins to ``ULPS`` float32 ulps under ``ATEN_CPU_CAPABILITY=avx2`` (what they were measured with; exact on
+    the AMD EPYCs, 1 ulp off on an Intel Xeon: see the docstring)."""
     if "avx2" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("needs a CPU with AVX2 (the kernels the pins were measured with)")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
     out = subprocess.run([sys.executable, "-c", _EXACT, str(Path(__file__).parent), str(tmp_path)], env=env,
                          capture_output=True, text=True, check=True).stdout
     got = json.loads(out.strip().splitlines()[-1])
-    assert {int(k): v for k, v in got["source"].items()} == SOURCE_LOSSES
-    assert {int(k): v for k, v in got["convert"].items()} == CONVERT_LOSSES
+    for name, pinned in (("source", SOURCE_LOSSES), ("convert", CONVERT_LOSSES)):
+        off = _ulps_off({int(k): v for k, v in got[name].items()}, pinned)
+        assert set(off) == set(pinned) and max(off.values()) <= ULPS, f"{name} losses off by {off} float32 ulps"
