@@ -31,7 +31,7 @@ def main() -> None:
     cfg = DecodeConfig(max_new_tokens=32, threshold=threshold)
     with torch.no_grad():
         r = decode_problems(lambda rows: generate(dlm, rows, cfg), dlm.tokenizer, problems, 8)
-    wrong = [(p, a) for p, a in zip(problems, r["answers"]) if a.strip() != p.answer.strip()]
+    wrong = [(p, a) for p, a in zip(problems, r["answers"]) if a != p.answer]  # the scorer's test (headline._scored)
     print(f"{family}: accuracy {r['accuracy']:.3f} at threshold {threshold:g}, {len(wrong)} of {len(problems)} wrong")
     for p, a in wrong[:show]:
         print(f"  {p.question!r}: gold {p.answer!r}, got {a!r}")

@@ -147,5 +147,7 @@ def test_pinned_losses_within_two_ulps_with_avx2_kernels(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     got = json.loads(out.strip().splitlines()[-1])
     for name, pinned in (("source", SOURCE_LOSSES), ("convert", CONVERT_LOSSES)):
-        off = _ulps_off({int(k): v for k, v in got[name].items()}, pinned)
-        assert set(off) == set(pinned) and max(off.values()) <= ULPS, f"{name} losses off by {off} float32 ulps"
+        losses = {int(k): v for k, v in got[name].items()}
+        assert set(losses) == set(pinned), f"{name} losses logged at steps {sorted(losses)}, pinned {sorted(pinned)}"
+        off = _ulps_off(losses, pinned)
+        assert max(off.values()) <= ULPS, f"{name} losses off by {off} float32 ulps"
