@@ -1,7 +1,9 @@
 """Helpers of the server tests (their fixtures are in conftest.py): start a server on a loopback port, ask it for
 /health, and the library decoder's output to compare against."""
 
+import threading
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -39,6 +41,43 @@ def wait_for(srv, predicate, timeout=30.0) -> dict:
             return h
         time.sleep(0.02)
     raise AssertionError(f"server never reached the expected state; last /health: {h}")
+
+
+def hold_first_request(engine, until: Callable[[list], bool]) -> list[int]:
+    """Test-only hook that takes the machine's speed out of a scheduling test: before each block of the first
+    request submitted, the worker waits (60 s at most) until ``until(jobs)`` holds, ``jobs`` being the engine's jobs
+    in submission order. Otherwise a fast machine can finish a "long" request before the test's next request is
+    even sent. Returns the trace: the index in ``jobs`` of the first row of each cohort advanced, in order."""
+    jobs, trace = [], []
+    changed = threading.Condition()
+    submit, cancel, advance = engine.submit, engine.cancel, engine._advance
+
+    def submit_(job) -> None:
+        with changed:
+            jobs.append(job)  # before the worker can see it
+        try:
+            submit(job)
+        except Exception:  # refused (queue full): never a job of the engine's
+            with changed:
+                jobs.remove(job)
+            raise
+        with changed:
+            changed.notify_all()
+
+    def cancel_(job, reason: str) -> None:
+        cancel(job, reason)
+        with changed:
+            changed.notify_all()
+
+    def advance_(cohort) -> bool:
+        if cohort.jobs[0] is jobs[0]:
+            with changed:
+                changed.wait_for(lambda: until(jobs), timeout=60)
+        trace.append(next(i for i, job in enumerate(jobs) if job is cohort.jobs[0]))
+        return advance(cohort)
+
+    engine.submit, engine.cancel, engine._advance = submit_, cancel_, advance_
+    return trace
 
 
 def stream_text(chunks) -> tuple[str, list[str], str | None]:
