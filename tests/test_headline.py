@@ -156,8 +156,28 @@ def test_headline_pipeline_on_a_tiny_model_then_ship_and_demo(tmp_path):
     demo = run_miniature_demo(str(tmp_path / "demo"), per_family=2, batch_sizes=(1,), sweep=(0.9,), root=shipped)
     assert demo["n_problems"] == 4 and (tmp_path / "demo" / "pareto.png").is_file()
     assert set(demo["modes"]) == {"speculative"}  # the lossless mode only: the demo stays short
+    # pareto.png holds every system the demo prints: AR, dLM (diffusion), dLM spec
+    assert {s.split(" (")[0] for s in demo["plot_series"]} == {
+        "dLM, block 8", "dLM, diffusion at threshold 0.9", "dLM, speculative mode", "AR source"}
     assert set(demo["by_batch"]["1"]["dlm"]["per_family"]) == {"count", "seq"} == set(result["samples"])
     assert json.loads((shipped / "source" / "config.json").read_text())["dtype"] == "float16"  # half the bytes
+
+
+def test_pareto_plot_has_a_series_for_every_decoding_mode(tmp_path):
+    from edlm.studies.headline import plot_pareto
+
+    def point(acc, tps, **more):
+        return {"accuracy": acc, "tokens_per_s": tps, "tokens_per_forward": 2.0, "dtype": "bf16", **more}
+
+    result = {"threshold": 0.8, "curve": [point(0.9, 300, block_size=8, threshold=t) for t in (0.9, 0.5)],
+              "by_batch": {"1": {"dlm": point(0.92, 280), "ar": {"all_dtypes": {"fp32": point(0.99, 100),
+                                                                                 "bf16": point(0.99, 120)}}}},
+              "modes": {"speculative": {"1": point(0.99, 250), "8": point(0.99, 900)}, "ar": {"1": point(0.98, 90)},
+                        "speculative_separate_draft": {"8": point(0.99, 800)}}}  # no batch-1 point: not plotted
+    labels = plot_pareto(result, tmp_path / "pareto.png")
+    assert labels == ["dLM, block 8 (bf16)", "dLM, diffusion at threshold 0.8 (bf16)",
+                      "dLM, speculative mode (bf16)", "dLM, ar mode (bf16)", "AR source (fp32)", "AR source (bf16)"]
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
 
 
 def test_demo_cli_runs_the_shipped_miniature_and_writes_the_documented_json(tmp_path, capsys):

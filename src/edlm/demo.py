@@ -124,7 +124,7 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
               **measured}
     out.mkdir(parents=True, exist_ok=True)
     result["plot"] = str(out / "pareto.png")
-    plot_pareto(result, out / "pareto.png")
+    result["plot_series"] = plot_pareto(result, out / "pareto.png")
     return result
 
 

@@ -441,8 +441,10 @@ def _run_eval(studied: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- report
 
 
-def plot_pareto(result: dict[str, Any], path: Path) -> None:
-    """Accuracy vs tokens/s at batch 1: one line per dLM decoding block across thresholds, and the AR points."""
+def plot_pareto(result: dict[str, Any], path: Path) -> list[str]:
+    """Accuracy vs tokens/s at batch 1: one line per dLM decoding block across thresholds, the headline dLM point,
+    a point per other decoding mode of the same weights (``result["modes"]``) and the AR points. Returns the
+    legend's labels, one per series plotted."""
     from edlm.results import new_figure, save_figure
 
     fig, ax = new_figure()
@@ -455,13 +457,25 @@ def plot_pareto(result: dict[str, Any], path: Path) -> None:
             ax.annotate(f"{p['threshold']:g}: {p['tokens_per_forward']:.1f}/fwd",
                         (p["tokens_per_s"], 100 * p["accuracy"]), fontsize=6, xytext=(3, -8),
                         textcoords="offset points")
-    for d, r in result["by_batch"]["1"]["ar"]["all_dtypes"].items():
+    one = result["by_batch"]["1"]
+    dlm = one["dlm"]  # the headline setting (also on the curve when the sweep holds its threshold)
+    ax.plot([dlm["tokens_per_s"]], [100 * dlm["accuracy"]], "*", markersize=12, color="tab:red",
+            label=f"dLM, diffusion at threshold {result['threshold']:g} ({dlm['dtype']})")
+    for name, runs in (result.get("modes") or {}).items():
+        if "1" in runs:
+            r = runs["1"]
+            marker = {"speculative": "D", "ar": "^", "speculative_separate_draft": "v"}.get(name, "P")
+            ax.plot([r["tokens_per_s"]], [100 * r["accuracy"]], marker, markersize=8,
+                    label=f"dLM, {name} mode ({r['dtype']})")
+    for d, r in one["ar"]["all_dtypes"].items():
         ax.plot([r["tokens_per_s"]], [100 * r["accuracy"]], "s", color="black" if d == "fp32" else "gray",
                 label=f"AR source ({d})")
     ax.set_xlabel("tokens/s (batch 1, greedy)")
     ax.set_ylabel("exact match on held-out problems (%)")
     ax.set_title("accuracy vs speed: AR source and its dLM (thresholds annotated)")
+    labels = ax.get_legend_handles_labels()[1]
     save_figure(fig, ax, path)
+    return labels
 
 
 def _target_cells(v: dict[str, Any]) -> str:
