@@ -133,11 +133,20 @@ class LoraConfig:
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters; ``all-linear`` is every attention and MLP linear (the paper's choice)."""
     train_embeddings: bool = True
-    """Also train embeddings, norms and the LM head fully (the paper's setting; the mask embedding must learn)."""
+    """Also train embeddings, norms and the LM head fully (the paper's setting; the mask embedding must learn).
+    Ignored with ``gated``, which trains the mask token's embedding only."""
+    gated: bool = False
+    """Gated adapters over a frozen source (:mod:`edlm.adapter`): they act only on the noisy columns, so the
+    prompt, the clean copy and every committed token run the source's own weights, and speculative decoding is
+    lossless against the unmodified source. Saved unmerged, a few MB, as an adapter folder that names its source."""
+    layers: list[int] | None = None
+    """Gated adapters only: decoder layer indices that get adapters (negative counts from the top); None: all."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, f"lora.r must be >= 1, got {self.r}")
         _check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.layers is None or self.gated, "lora.layers is supported for gated adapters only")
+        _check(not self.gated or self.dropout == 0.0, "gated adapters have no dropout: set lora.dropout: 0")
 
 
 @dataclass
@@ -201,6 +210,12 @@ class TrainConfig:
                f"attn_implementation must be auto, sdpa, eager or flex_attention, got {self.attn_implementation!r}")
         _check(self.log_every >= 1 and self.save_every >= 0 and self.keep_checkpoints >= 1,
                "log_every and keep_checkpoints must be >= 1 and save_every >= 0")
+        if self.lora is not None and self.lora.gated:
+            d = self.diffusion
+            _check(d.pattern == "block_causal_clean" and d.clean_causal and d.ar_weight == 0,
+                   "a gated adapter drafts over the frozen source's causal context: set diffusion.pattern: "
+                   "block_causal_clean, diffusion.clean_causal: true and diffusion.ar_weight: 0 (the source is not "
+                   f"trained), got {d.pattern!r}, clean_causal {d.clean_causal}, ar_weight {d.ar_weight}")
         _check(self.data.seq_len % self.diffusion.block_size == 0,
                f"data.seq_len ({self.data.seq_len}) is not a multiple of diffusion.block_size "
                f"({self.diffusion.block_size}); blocks must tile the sequence: pick e.g. seq_len="

@@ -166,7 +166,8 @@ class FullStepper:
         start - 1 is the edge a shifted model predicts the block's first token from)."""
         lay, stop = self.layout, start + self.layout.block
         attn = lay.attention(self.dlm, 0, stop, noisy_start=start)
-        logits = self.dlm.run(lay.tokens[:, :stop], lay.positions(0, stop), attn, keep=cols).logits
+        logits = self.dlm.run(lay.tokens[:, :stop], lay.positions(0, stop), attn, keep=cols,
+                              noisy=slice(start, stop)).logits
         self.forwards += 1
         return logits
 
@@ -195,7 +196,7 @@ class CachedStepper:
             cols = cols[1:]
         attn = lay.attention(self.dlm, q_start, stop, noisy_start=start)
         out = self.dlm.run(lay.tokens[:, q_start:stop], lay.positions(q_start, stop), attn, keep=cols - q_start,
-                           past_key_values=self.cache, use_cache=True)
+                           past_key_values=self.cache, use_cache=True, noisy=slice(start - q_start, stop - q_start))
         self.forwards += 1
         self.cache.crop(-(stop - start))  # drop the block's (noisy) keys/values; keep the clean prefix
         self.cached = start

@@ -49,6 +49,29 @@ def block_causal_clean(n: int, block: int, clean_causal: bool = False) -> MaskMo
     return mask_mod
 
 
+def noisy_over_clean(n: int, block: int) -> MaskMod:
+    """The noisy rows of :func:`block_causal_clean` with the clean keys first: queries are the n noisy tokens, keys
+    ``[x0 ; xt]`` (index ``kv < n`` the clean token at ``kv``, ``kv >= n`` the noisy one at ``kv - n``). A gated
+    model's training computes the clean copy beforehand (frozen, no backward) and passes it as a KV cache.
+
+    Example, n=4, block=2::
+
+                  clean     noisy
+                 0 1 2 3 | 0 1 2 3
+        noisy 0  . . . . | x x . .
+        noisy 1  . . . . | x x . .
+        noisy 2  x x . . | . . x x
+        noisy 3  x x . . | . . x x
+    """
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        kv_clean = kv < n
+        q_blk, kv_blk = q // block, (kv % n) // block
+        return (kv_clean & (kv_blk < q_blk)) | (~kv_clean & (kv_blk == q_blk))
+
+    return mask_mod
+
+
 def block_causal_noisy(n: int, block: int, clean_causal: bool = False) -> MaskMod:
     """Block-causal over the noisy sequence alone (no clean copy); n=4, block=2::
 

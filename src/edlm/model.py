@@ -21,14 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edlm.adapter import Columns, adapter_state, attach, find_gate, load_adapter_state
 from edlm.config import DiffusionConfig, from_dict
 from edlm.errors import EdlmError
-from edlm.masks import PATTERNS, MaskMod, dense_mask, flex_block_mask, to_attention_mask
+from edlm.masks import PATTERNS, MaskMod, causal, dense_mask, flex_block_mask, noisy_over_clean, to_attention_mask
 from edlm.noising import Noised
 
 logger = logging.getLogger(__name__)
 
 EDLM_CONFIG_NAME = "edlm_config.json"
+ADAPTER_CONFIG_NAME = "edlm_adapter.json"
+"""In a gated adapter folder: the adapter's settings and the source it belongs to (see :mod:`edlm.adapter`)."""
+ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
 
 
 def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
@@ -113,6 +117,10 @@ class DiffusionLM(nn.Module):
         self._no_split_modules = getattr(model, "_no_split_modules", None)
         self._mask_cache: dict[tuple, Any] = {}
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(self._base_forward()).parameters
+        self.gate = find_gate(model)
+        """The adapters' gate of a gated model (None: every weight acts on every column)."""
+        self.adapter: dict[str, Any] | None = None
+        """A gated model's adapter settings and source reference (what ``edlm_adapter.json`` holds)."""
 
     # ------------------------------------------------------------------------------------------- construction
 
@@ -123,10 +131,32 @@ class DiffusionLM(nn.Module):
         add_mask_token(model, tokenizer, config.mask_token)
         return cls(model, tokenizer, config)
 
+    def add_gated_adapter(self, r: int, alpha: float, target_modules: str | list[str] = "all-linear",
+                          layers: list[int] | None = None, source: dict[str, Any] | None = None) -> None:
+        """Freeze the model and give it gated adapters (see :mod:`edlm.adapter`), in place.
+
+        ``source`` (``{"model": spec, "seed": int}``) is what :meth:`from_pretrained` loads the source from later.
+        """
+        if self.gate is not None:
+            raise EdlmError("the model already has gated adapters")
+        if not (self.pattern.clean_copy and self.config.clean_causal):
+            raise EdlmError("a gated adapter drafts over the source's own causal context: set diffusion.pattern "
+                            "block_causal_clean and diffusion.clean_causal: true")
+        check = _source_check(self.model)
+        self.gate = attach(self.model, self.mask_id, r, alpha, target_modules, layers,
+                           seed=(source or {}).get("seed", 0))
+        self.adapter = {"format": 1, "r": r, "alpha": alpha, "target_modules": target_modules, "layers": layers,
+                        "source": source or {"model": "embedded", "seed": 0}, "source_check": check}
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", attn_implementation: str = "sdpa") -> DiffusionLM:
-        """Load a converted model folder written by :meth:`save_pretrained` (or by ``edlm convert``)."""
+                        device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
+                        source: str | None = None) -> DiffusionLM:
+        """Load a converted model folder written by :meth:`save_pretrained` (or by ``edlm convert``).
+
+        A gated adapter folder (``edlm_adapter.json``) loads its source (the model it names, or ``source``: a
+        Hugging Face folder, ``embedded`` or a tiny spec) and puts the adapter on it.
+        """
         from edlm.assets import load_hf
 
         path = Path(path)
@@ -134,6 +164,8 @@ class DiffusionLM(nn.Module):
         if not path.is_dir():
             raise EdlmError(f"converted model folder {str(path)!r} does not exist; give the output folder of edlm "
                             "convert (e.g. runs/demo after edlm demo --model embedded)")
+        if (path / ADAPTER_CONFIG_NAME).is_file():
+            return _load_gated(path, dtype, device, attn_implementation, source)
         if (path / "config.json").is_file() and (path / "config.json").is_file() and not cfg_file.is_file():
             raise EdlmError(
                 f"{str(path)!r} is a Hugging Face model but not a converted edlm model (no {EDLM_CONFIG_NAME}); "
@@ -155,6 +187,18 @@ class DiffusionLM(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / f".tmp-save-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        if self.gate is not None:  # a gated adapter: its few tensors and the source's reference, unmerged
+            tmp.mkdir()
+            from safetensors.torch import save_file
+
+            save_file({k: v.float().contiguous() for k, v in adapter_state(self.model).items()},
+                      tmp / ADAPTER_WEIGHTS_NAME)
+            (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(self.adapter, indent=2) + "\n")
+            (tmp / EDLM_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+            for item in sorted(tmp.iterdir()):
+                os.replace(item, path / item.name)
+            tmp.rmdir()
+            return
         model = self.model
         if state_dict is not None:
             state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
@@ -206,8 +250,19 @@ class DiffusionLM(nn.Module):
         return self._mask_cache[full_key]
 
     def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: Any,
-            keep: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool = False):
-        """One forward of the underlying model; returns its output (``.logits`` only at ``keep`` positions)."""
+            keep: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool = False,
+            noisy: Columns = None):
+        """One forward of the underlying model; returns its output (``.logits`` only at ``keep`` positions).
+
+        ``noisy``: the columns being drafted (a slice of the sequence dimension); a gated model's adapters act on
+        those alone, every other column runs the source. Models without gated adapters ignore it.
+        """
+        if self.gate is not None:
+            with self.gate.open(noisy):
+                return self._run(input_ids, position_ids, attention_mask, keep, past_key_values, use_cache)
+        return self._run(input_ids, position_ids, attention_mask, keep, past_key_values, use_cache)
+
+    def _run(self, input_ids, position_ids, attention_mask, keep, past_key_values, use_cache):
         kwargs: dict[str, Any] = {}
         if keep is not None and self._accepts_logits_to_keep:
             kwargs["logits_to_keep"] = keep
@@ -249,6 +304,8 @@ class DiffusionLM(nn.Module):
                           with_ar: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(noisy-half logits (B, L, V), clean-half logits at positions 0..L-2 (B, L - 1, V) when ``with_ar``):
         one forward serves the diffusion loss and, on a causal clean copy, the AR next-token loss."""
+        if self.gate is not None:
+            return self._gated_training_forward(xt, x0), None
         batch, length = xt.shape
         cfg = self.config
         if self.pattern.clean_copy:
@@ -268,6 +325,36 @@ class DiffusionLM(nn.Module):
         if with_ar:
             return logits[:, :length], logits[:, length:]
         return logits, None
+
+    def _gated_training_forward(self, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Noisy-half logits (B, L, V) of a gated model, in two forwards instead of one over ``[xt ; x0]``.
+
+        The clean copy is the frozen source (its columns' gates are closed): it runs once causally without autograd
+        and hands its keys/values to the noisy stream, the only part with a backward. The noisy stream attends to
+        them as in the joint forward (:func:`edlm.masks.noisy_over_clean`). With token shift a block's first token
+        is predicted by the clean state before it: the source's own next-token logits, which no parameter moves.
+        """
+        from transformers import DynamicCache
+
+        batch, length = xt.shape
+        cfg = self.config
+        positions = torch.arange(length, device=xt.device)[None].expand(batch, -1)  # (B, L)
+        starts = torch.arange(cfg.block_size, length, cfg.block_size, device=xt.device)  # blocks after the first
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            clean_attn = self.attention_mask(causal(length, cfg.block_size), length, length,
+                                             key=("train-clean", length))
+            clean_keep = starts - 1 if cfg.token_shift and len(starts) else torch.tensor([length - 1])
+            clean = self.run(x0, positions, clean_attn, keep=clean_keep.to(xt.device), past_key_values=cache,
+                             use_cache=True).logits  # (B, n, V)
+        attn = self.attention_mask(noisy_over_clean(length, cfg.block_size), length, 2 * length,
+                                   key=("train-noisy", cfg.block_size, length))
+        keep = (positions[0] - 1).clamp_min(0) if cfg.token_shift else positions[0]
+        logits = self.run(xt, positions, attn, keep=keep, past_key_values=cache, use_cache=True,
+                          noisy=slice(0, length)).logits  # (B, L, V)
+        if cfg.token_shift and len(starts):
+            logits = logits.index_copy(1, starts, clean.to(logits.dtype))
+        return logits
 
     def loss(self, noised: Noised) -> LossOutput:
         """``diffusion_weight`` x the masked-token cross-entropy on the noisy half (1/t-weighted per
@@ -353,6 +440,59 @@ def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]], chat: bool
     else:
         text = "\n".join(m["content"] for m in messages)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _source_check(model: nn.Module) -> dict[str, Any]:
+    """What identifies a source model well enough to refuse an adapter trained on another: its shape and the L1
+    norm of its input embeddings (dtype-tolerant)."""
+    cfg = model.config
+    emb = model.get_input_embeddings().weight
+    return {"model_type": getattr(cfg, "model_type", None),
+            "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
+            "hidden_size": getattr(cfg, "hidden_size", None), "vocab_rows": int(emb.shape[0]),
+            "embedding_l1": float(emb.detach().double().abs().sum())}
+
+
+def _source_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_rows"):
+        if saved.get(key) != now.get(key):
+            return f"{key} is {now.get(key)!r}, the adapter was trained on {saved.get(key)!r}"
+    a, b = saved.get("embedding_l1", 0.0), now.get("embedding_l1", 0.0)
+    if abs(a - b) > 1e-2 * max(abs(a), 1e-12):
+        return f"its embeddings differ (L1 norm {b:.6g} vs {a:.6g})"
+    return None
+
+
+def _load_gated(path: Path, dtype: torch.dtype, device: str | torch.device, attn_implementation: str,
+                source: str | None) -> DiffusionLM:
+    """A gated adapter folder on its source (see :meth:`DiffusionLM.from_pretrained`)."""
+    from safetensors.torch import load_file
+
+    from edlm.assets import resolve_model
+
+    try:
+        spec = json.loads((path / ADAPTER_CONFIG_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise EdlmError(f"{path / ADAPTER_CONFIG_NAME} is not valid JSON ({e}); re-save the adapter") from None
+    weights = path / ADAPTER_WEIGHTS_NAME
+    if not weights.is_file():
+        raise EdlmError(f"{str(path)!r} has {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME}: the adapter folder "
+                        "is incomplete; re-run edlm convert or copy the whole folder")
+    model_spec = source or spec["source"].get("model") or "embedded"
+    if not model_spec.startswith(("tiny", "embedded")) and not Path(model_spec).exists() \
+            and (path / model_spec).exists():
+        model_spec = str(path / model_spec)  # a source path written relative to the adapter folder
+    model, tokenizer = resolve_model(model_spec, dtype=torch.float32, attn_implementation=attn_implementation,
+                                     seed=spec["source"].get("seed", 0))
+    dlm = DiffusionLM.from_ar(model, tokenizer, read_diffusion_config(path))
+    problem = _source_mismatch(spec.get("source_check", {}), _source_check(dlm.model))
+    if problem:
+        raise EdlmError(f"the adapter in {str(path)!r} does not belong to the source {model_spec!r}: {problem}; "
+                        "give the model it was trained on (--source / source=)")
+    dlm.add_gated_adapter(spec["r"], spec["alpha"], spec["target_modules"], spec.get("layers"),
+                          source=spec["source"])
+    load_adapter_state(dlm.model, load_file(str(weights)))
+    return dlm.to(device=device, dtype=dtype)
 
 
 def _merged_copy(peft_model: nn.Module) -> nn.Module:

@@ -207,8 +207,8 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
         ids, pos, attn, starts = _step_inputs(rows, hyps, block, dlm.mask_id, pad_id, dlm.pattern.causal_in_block,
                                               col_pos, device)
         width = ids.shape[1] - block * max(len(h) for h in hyps)  # clean columns
-        logits = dlm.run(ids, pos, to_attention_mask(attn, dtype, dlm.attn_implementation),
-                         past_key_values=cache, use_cache=True).logits  # (R, W + H*B, V)
+        logits = dlm.run(ids, pos, to_attention_mask(attn, dtype, dlm.attn_implementation), past_key_values=cache,
+                         use_cache=True, noisy=slice(width, ids.shape[1])).logits  # (R, W + H*B, V)
         logits[..., dlm.mask_id] = float("-inf")
         stats.forwards += 1
         if ids.shape[1] > width:

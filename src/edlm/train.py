@@ -222,7 +222,10 @@ class DiffusionObjective:
         from edlm.model import DiffusionLM
 
         dlm = DiffusionLM.from_ar(model, tokenizer, cfg.diffusion)
-        if cfg.lora is not None:
+        if cfg.lora is not None and cfg.lora.gated:
+            dlm.add_gated_adapter(cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.layers,
+                                  source={"model": cfg.model or "embedded", "seed": cfg.seed})
+        elif cfg.lora is not None:
             dlm.model = _apply_lora(dlm.model, cfg.lora)
         return dlm
 
@@ -338,10 +341,13 @@ def train(cfg: TrainConfig, objective: str = "diffusion", resume: bool = False,
     module, optimizer = accelerator.prepare(module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     raw = accelerator.unwrap_model(module)
+    frozen_source = getattr(raw, "gate", None) is not None
+    if frozen_source:  # checkpoints hold what is trained (a few MB), not the frozen source it sits on
+        accelerator.register_save_state_pre_hook(_trainable_only)
 
     start = 0
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
+        accelerator.load_state(str(ckpt), **({"strict": False} if frozen_source else {}))
         start = json.loads((ckpt / STATE_FILE).read_text())["step"]
         logger.info("resumed from %s at step %d", ckpt, start)
     if main:
@@ -413,6 +419,14 @@ def train(cfg: TrainConfig, objective: str = "diffusion", resume: bool = False,
         logger.info("saved the trained model (%s objective) to %s", objective, out)
     accelerator.wait_for_everyone()
     return out
+
+
+def _trainable_only(models: list[torch.nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+    """accelerate's save-state hook: keep only the trainable tensors of each model's state dict."""
+    for model, state in zip(models, weights):
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        for name in [k for k in state if k not in trained]:
+            del state[name]
 
 
 def _mean_across(accelerator, value: float) -> float:
