@@ -125,7 +125,7 @@ def test_eager_attention_decodes_like_sdpa():
 
 
 def _reference_decode(dlm, prompt: list[int], max_new: int, block: int, threshold: float) -> list[int]:
-    """Greedy threshold decoding by full recomputation, written from DESIGN.md's rules and nothing in decode.py:
+    """Greedy threshold decoding by full recomputation, written from docs/method.md's rules and nothing in decode.py:
     a query sees every key of its own and earlier blocks; positions past the budget stay mask tokens forever."""
     from edlm.masks import to_attention_mask
 

