@@ -1,0 +1,113 @@
+"""Self-distillation data and the gated-drafter recipe end to end on a tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from edlm.assets import tiny_model
+from edlm.assets.prompts import DEMO_PROMPTS, distillation_prompts
+from edlm.baseline import ar_generate
+from edlm.config import DecodeConfig
+from edlm.distill import DistillConfig, distill, distilled_tokens, read_prompts
+from edlm.errors import EdlmError
+from edlm.model import encode_prompt
+
+
+def test_builtin_prompts_mix_domains_never_hold_a_demo_prompt_and_are_stable():
+    prompts = distillation_prompts(600, seed=0)
+    assert len({p for _, p in prompts}) == 600
+    assert {d for d, _ in prompts} == {"chat", "math", "code"}
+    assert not {p for _, p in DEMO_PROMPTS} & {p for _, p in prompts}
+    assert distillation_prompts(600, seed=0)[:50] == distillation_prompts(50, seed=0)  # a prefix, whatever n
+
+
+def test_distill_writes_the_sources_greedy_answers_and_resumes(tmp_path):
+    model, tok = tiny_model("llama", seed=0)
+    model.eval()
+    cfg = DistillConfig(num_prompts=7, max_new_tokens=6, batch_size=3)
+    out = tmp_path / "d.jsonl"
+    distill(model, tok, cfg, out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == list(range(7))
+    prompts = read_prompts(cfg)
+    for r in records:  # each answer is what the source says greedily, alone
+        ids = encode_prompt(tok, prompts[r["id"]][1])
+        want = ar_generate(model, [ids], DecodeConfig(max_new_tokens=6), tok.eos_token_id).sequences[0]
+        assert r["tokens"] == len(want) and r["prompt"] == prompts[r["id"]][1]
+        assert r["text"].endswith(tok.decode(want, skip_special_tokens=False))
+    # A cut-off last line and missing ids are redone; whole records are kept.
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])
+    distill(model, tok, cfg, out)
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert again[:4] == records[:4] and sorted(r["id"] for r in again) == list(range(7))
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
+    assert read_prompts(DistillConfig(prompts=str(tmp_path / "p.txt"))) == [("file", "first prompt"),
+                                                                             ("file", "second prompt")]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a", "domain": "chat"}\n{"text": "b"}\n')
+    with pytest.raises(EdlmError, match="p.jsonl:2"):
+        read_prompts(DistillConfig(prompts=str(tmp_path / "p.jsonl")))
+    with pytest.raises(EdlmError, match="does not exist"):
+        read_prompts(DistillConfig(prompts=str(tmp_path / "missing.txt")))
+
+
+def test_drafter_recipe_end_to_end_on_a_tiny_model(tmp_path):
+    from edlm.studies.drafter import load_drafter_config, run_drafter
+
+    cfg_file = tmp_path / "drafter.yaml"
+    cfg_file.write_text(f"""
+output_dir: {tmp_path / 'run'}
+distill: {{num_prompts: 6, max_new_tokens: 12, batch_size: 3}}
+convert:
+  model: tiny
+  diffusion: {{block_size: 4, token_shift: true, clean_causal: true}}
+  data: {{seq_len: 32, align_documents: true}}
+  lora: {{gated: true, r: 4, alpha: 8}}
+  max_steps: 3
+  lr: 1.0e-3
+  save_every: 2
+measure: {{prompts_per_domain: 1, max_new_tokens: 8, batch_sizes: [1, 2]}}
+""")
+    cfg = load_drafter_config(cfg_file)
+    assert cfg.convert.data.corpus == [str(tmp_path / "run" / "distill.jsonl")]
+    result = run_drafter(cfg)
+    assert distilled_tokens(tmp_path / "run" / "distill.jsonl")[0] == 6
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").is_file()
+    for batch in ("1", "2"):
+        row = result["by_batch"][batch]
+        assert row["identical"] == 1.0  # speculative text == the source's, prompt by prompt
+        assert row["speculative"]["texts"] == row["ar"]["texts"] and len(row["ar"]["texts"]) == 3
+        assert row["ar"]["tokens_per_forward"] == pytest.approx(1.0, abs=0.2)  # + the prefill forward
+    curve = result["budget_curve"]  # the checkpoint at step 2 of 3 (50%) and the end
+    assert [p["step"] for p in curve] == [2, 3] and all(p["tokens_per_forward"] >= 1.0 for p in curve)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["distilled"]["records"] == 6 and "machine" in saved
+    # A second run reuses every stage's output.
+    before = (tmp_path / "run" / "adapter" / "adapter.safetensors").stat().st_mtime
+    run_drafter(cfg)
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").stat().st_mtime == before
+    torch.set_num_threads(2)
+
+
+def test_embedded_demo_cli_with_an_adapter_writes_the_documented_json(tmp_path, capsys):
+    from test_adapter import gated
+
+    from edlm.cli import main
+
+    dlm, _ = gated(random_head=False)
+    dlm.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "8", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert set(saved) >= {"model", "prompts", "ar", "speculative", "diffusion", "machine"}
+    assert set(saved["ar"]) == {"tokens_per_s", "dtype"}
+    assert set(saved["speculative"]) == {"tokens_per_forward", "tokens_per_s", "speedup", "identical"}
+    assert set(saved["diffusion"]) == {"tokens_per_forward", "tokens_per_s", "speedup"}
+    assert saved["speculative"]["identical"] == 1.0 and len(saved["prompts"]) == 4
+    assert all(p["speculative"]["text"] == p["ar"]["text"] for p in saved["prompts"])
+    printed = capsys.readouterr().out
+    assert printed.count("identical to the source") == 4 and "all prompts: AR" in printed
