@@ -64,17 +64,6 @@ def test_decode_config_validation():
     assert DecodeConfig(threshold=1.0).threshold == 1.0
 
 
-def test_demo_recipe_is_the_cpu_preset():
-    from edlm.config import to_dict
-    from edlm.demo import demo_config
-
-    preset = to_dict(load_train_config(REPO / "configs/smollm2-135m.yaml"))
-    demo = to_dict(demo_config(preset["output_dir"], preset["max_steps"]))
-    for key in ("model", "diffusion", "data", "micro_batch_size", "grad_accum", "lr", "min_lr", "lr_schedule",
-                "warmup_steps", "max_steps"):
-        assert demo[key] == preset[key], key
-
-
 def test_headline_decoding_is_one_decode_config_and_the_old_keys_still_load(tmp_path):
     from edlm.studies.grid import StudyConfig
     from edlm.studies.headline import HeadlineSettings, load_headline_config

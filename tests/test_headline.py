@@ -186,7 +186,8 @@ def test_demo_cli_runs_the_shipped_miniature_and_writes_the_documented_json(tmp_
 
     assert (miniature_dir() / "source" / "model.safetensors").is_file(), "the miniature must ship in the package"
     out = tmp_path / "demo.json"
-    assert main(["demo", "--problems", "2", "--output-dir", str(tmp_path / "demo"), "--json", str(out)]) == 0
+    assert main(["demo", "--model", "miniature", "--problems", "2", "--output-dir", str(tmp_path / "demo"),
+                 "--json", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert set(saved["ar"]) >= {"accuracy", "tokens_per_s"} and saved["n_problems"] == 6
     assert set(saved["dlm"]) >= {"accuracy", "tokens_per_s", "tokens_per_forward"}
@@ -209,8 +210,12 @@ def test_edlm_study_on_a_headline_config_names_the_right_command():
         load_study_config(Path(__file__).parents[1] / "configs" / "headline.yaml")
 
 
-def test_miniature_only_demo_flags_with_the_embedded_model_are_a_message(capsys):
+def test_demo_flags_of_the_other_model_are_a_message(capsys, tmp_path):
     from edlm.cli import main
 
-    assert main(["demo", "--model", "embedded", "--json", "out.json"]) != 0
-    assert "--json and --convert belong to the miniature demo" in capsys.readouterr().err
+    assert main(["demo", "--convert"]) != 0
+    assert "--convert and --steps belong to the miniature demo" in capsys.readouterr().err
+    assert main(["demo", "--model", "miniature", "--adapter", str(tmp_path)]) != 0
+    assert "--adapter and --prompt belong to the embedded demo" in capsys.readouterr().err
+    assert main(["demo", "--adapter", str(tmp_path)]) != 0  # a folder without an adapter: the fix is named
+    assert "edlm drafter --config configs/smollm2-135m-drafter.yaml" in capsys.readouterr().err

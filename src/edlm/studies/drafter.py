@@ -1,0 +1,327 @@
+"""The gated-drafter recipe: a real model made faster with exactly its own answers.
+
+``edlm drafter --config configs/smollm2-135m-drafter.yaml`` runs three resumable stages in one output folder::
+
+    OUT/distill.jsonl     the source's own greedy answers to the built-in prompt set   (edlm distill)
+    OUT/adapter/          a gated adapter trained on them over the frozen source      (edlm convert, lora.gated)
+    OUT/results.json      source AR vs speculative vs diffusion on held-out prompts   (measure_drafter)
+
+A stage whose output is complete is skipped; an interrupted one resumes (distillation skips prompts already
+written, conversion continues from its last checkpoint). Measurement decodes every held-out prompt with the
+unmodified source (AR, KV cache), with the adapter drafting and the source verifying (``speculative``: greedy text
+identical to the source's by construction, checked per prompt) and with the paper's threshold decoder
+(``diffusion``), interleaved prompt batch by prompt batch so that a slow spell of the machine hits all alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edlm.config import DecodeConfig, TrainConfig, from_dict, load_yaml
+from edlm.distill import DistillConfig
+from edlm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MeasureConfig:
+    """How the finished adapter is measured against its source."""
+
+    prompts_per_domain: int = 4
+    """Held-out built-in prompts per domain (chat, math, code), never in the distillation set."""
+    max_new_tokens: int = 96
+    """Tokens generated per prompt (greedy; EOS ends a row earlier)."""
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    """Batch sizes to measure (each system decodes the same prompts at each)."""
+    dtype: str = "fp32"
+    """Weights of both the source and the drafter (``fp32``, ``bf16``, ``int8``)."""
+    threshold: float = 0.9
+    """Diffusion mode's commit threshold."""
+    draft_hypotheses: int = 1
+    """Speculative mode: acceptance lengths drafted for per forward."""
+    block_size: int | None = None
+    """Decoding block size (None: the training block)."""
+    seed: int = 1
+    """Seeds the held-out prompt set (the distillation set is excluded)."""
+
+
+@dataclass
+class DrafterConfig:
+    """The whole recipe: distillation, gated conversion, measurement."""
+
+    output_dir: str = "runs/drafter"
+    """Folder of every stage's output."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The self-distillation data (``OUTPUT_DIR/distill.jsonl``)."""
+    convert: TrainConfig = field(default_factory=TrainConfig)
+    """The gated conversion; ``output_dir`` is set to ``OUTPUT_DIR/adapter`` and an empty ``data.corpus`` to the
+    distilled file."""
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    """The final measurement."""
+
+    def __post_init__(self) -> None:
+        if self.convert.lora is None or not self.convert.lora.gated:
+            raise ConfigError("the drafter recipe trains a gated adapter: set convert.lora.gated: true")
+
+
+def load_drafter_config(path: str | Path, overrides: list[str] | None = None,
+                        output_dir: str | None = None) -> DrafterConfig:
+    """Read a drafter YAML (first line: the command that runs it), apply ``key=value`` overrides."""
+    from edlm.config import apply_overrides
+
+    data = apply_overrides(load_yaml(path), overrides or [])
+    if output_dir:
+        data["output_dir"] = output_dir
+    cfg = from_dict(DrafterConfig, data, where=f"{path}: ")
+    out = Path(cfg.output_dir)
+    corpus = cfg.convert.data.corpus if data.get("convert", {}).get("data", {}).get("corpus") else \
+        [str(out / "distill.jsonl")]
+    convert = dataclasses.replace(cfg.convert, output_dir=str(out / "adapter"),
+                                  data=dataclasses.replace(cfg.convert.data, corpus=corpus))
+    return dataclasses.replace(cfg, convert=convert)
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+
+@dataclass
+class Run:
+    """One system decoding a prompt set at one batch size."""
+
+    system: str
+    dtype: str
+    batch: int
+    texts: list[str]
+    tokens: int = 0
+    forwards: int = 0
+    seconds: float = 0.0
+    chunks: list[tuple[int, int, float]] = field(default_factory=list)
+    """(tokens, forwards, seconds) of each batch of prompts, in order (at batch 1: of each prompt)."""
+
+    row_forwards: int = 0
+    """Forwards times the rows each decoded (a batched forward counts once per row)."""
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens per forward per row."""
+        return self.tokens / max(self.row_forwards, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@dataclass
+class Measurement:
+    """Source AR vs the adapter's two modes on the same prompts, per batch size."""
+
+    prompts: list[str]
+    domains: list[str]
+    runs: dict[str, dict[int, Run]]
+    """System name (``ar``, ``speculative``, ``diffusion``) -> batch size -> run."""
+
+    def speedup(self, system: str, batch: int) -> float:
+        return self.runs[system][batch].tokens_per_s / max(self.runs["ar"][batch].tokens_per_s, 1e-9)
+
+    def identical(self, batch: int) -> float:
+        """Share of prompts whose speculative text equals the source's."""
+        pairs = zip(self.runs["speculative"][batch].texts, self.runs["ar"][batch].texts)
+        return sum(a == b for a, b in pairs) / max(len(self.prompts), 1)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompts": self.prompts, "domains": self.domains, "by_batch": {}}
+        for batch in self.runs["ar"]:
+            row = {}
+            for name, runs in self.runs.items():
+                r = runs[batch]
+                row[name] = {"dtype": r.dtype, "tokens": r.tokens, "forwards": r.forwards, "seconds": r.seconds,
+                             "tokens_per_forward": r.tokens_per_forward, "tokens_per_s": r.tokens_per_s,
+                             "speedup": self.speedup(name, batch), "texts": r.texts}
+            row["identical"] = self.identical(batch)
+            out["by_batch"][str(batch)] = row
+        return out
+
+
+def heldout_prompts(per_domain: int, distill: DistillConfig, seed: int) -> list[tuple[str, str]]:
+    """``per_domain`` built-in prompts of each domain that the distillation set does not hold."""
+    from edlm.assets.prompts import DOMAINS, distillation_prompts
+
+    train = {p for _, p in distillation_prompts(distill.num_prompts, seed=distill.seed)} \
+        if distill.prompts == "builtin" else set()
+    pool = distillation_prompts(len(train) + 40 * per_domain * len(DOMAINS), seed=seed + 7919)
+    out: list[tuple[str, str]] = []
+    for domain in DOMAINS:
+        out += [(d, p) for d, p in pool if d == domain and p not in train][:per_domain]
+    return out
+
+
+def measure_drafter(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tuple[str, str]],
+                    say=None) -> Measurement:
+    """Decode ``prompts`` with the unmodified source (AR), the adapter speculatively and by diffusion, interleaved
+    per batch of prompts; all greedy, at ``cfg.dtype``."""
+    import torch
+
+    from edlm.baseline import iter_ar
+    from edlm.decode import iter_blocks
+    from edlm.model import encode_prompt
+    from edlm.quant import load, load_ar
+
+    dlm = load(adapter_dir, cfg.dtype)
+    source, tok = load_ar(dlm.adapter["source"]["model"], cfg.dtype)
+    source.eval()
+    ids = [encode_prompt(tok, p) for _, p in prompts]
+    eos = tok.eos_token_id
+    common = dict(max_new_tokens=cfg.max_new_tokens, block_size=cfg.block_size)
+    modes = {"speculative": DecodeConfig(mode="speculative", draft_hypotheses=cfg.draft_hypotheses, **common),
+             "diffusion": DecodeConfig(mode="diffusion", threshold=cfg.threshold, **common)}
+    ar_cfg = DecodeConfig(mode="ar", max_new_tokens=cfg.max_new_tokens)
+
+    def decode(system: str, batch_ids: list[list[int]]):
+        t0 = time.perf_counter()
+        rows: list[list[int]] = [[] for _ in batch_ids]
+        stats = None
+        with torch.no_grad():
+            steps = iter_ar(source, batch_ids, ar_cfg, eos, pad_id=tok.pad_token_id) if system == "ar" else \
+                iter_blocks(dlm, batch_ids, modes[system])
+            for new, stats in steps:  # noqa: B007 (the last stats are the call's)
+                for row, part in zip(rows, new):
+                    row.extend(part)
+        texts = [tok.decode(r, skip_special_tokens=True) for r in rows]
+        return texts, sum(len(r) for r in rows), stats.forwards, time.perf_counter() - t0
+
+    runs: dict[str, dict[int, Run]] = {name: {} for name in ("ar", *modes)}
+    for batch in cfg.batch_sizes:
+        for name in runs:
+            runs[name][batch] = Run(name, cfg.dtype, batch, [])
+        decode("ar", ids[:batch])  # warm-up, not counted
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            for name in runs:  # interleaved: a slow spell of the machine hits every system alike
+                texts, tokens, forwards, seconds = decode(name, chunk)
+                r = runs[name][batch]
+                r.texts += texts
+                r.tokens += tokens
+                r.forwards += forwards
+                r.row_forwards += forwards * len(chunk)
+                r.seconds += seconds
+                r.chunks.append((tokens, forwards, seconds))
+            if say:
+                say(f"batch {batch}: {min(start + batch, len(ids))}/{len(ids)} prompts")
+    return Measurement(prompts=[p for _, p in prompts], domains=[d for d, _ in prompts], runs=runs)
+
+
+def budget_curve(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tuple[str, str]],
+                 fractions: tuple[float, ...] = (0.25, 0.5)) -> list[dict[str, float]]:
+    """Speculative tokens per forward (batch 1, greedy) of the adapter as it was after each fraction of its
+    conversion run (from the run's checkpoints) and at the end: what more compute buys."""
+    import torch
+    import yaml
+
+    from edlm.adapter import load_adapter_state
+    from edlm.decode import generate
+    from edlm.model import encode_prompt
+    from edlm.quant import load
+    from edlm.train import CHECKPOINT_PREFIX, STATE_FILE
+
+    dlm = load(adapter_dir, "fp32")
+    final = {k: v.clone() for k, v in dlm.model.state_dict().items() if k.endswith(("lora_A", "lora_B", "mask_delta"))}
+    ids = [encode_prompt(dlm.tokenizer, p) for _, p in prompts]
+    decode = DecodeConfig(mode="speculative", max_new_tokens=cfg.max_new_tokens, block_size=cfg.block_size,
+                          draft_hypotheses=cfg.draft_hypotheses)
+    ckpts = {int(p.name[len(CHECKPOINT_PREFIX):]): p for p in Path(adapter_dir).glob(f"{CHECKPOINT_PREFIX}*")
+             if (p / STATE_FILE).is_file()}
+    run_cfg = Path(adapter_dir) / "train_config.yaml"
+    steps = yaml.safe_load(run_cfg.read_text())["max_steps"] if run_cfg.is_file() else max(ckpts, default=0)
+    points = []
+    for fraction in (*fractions, 1.0):
+        step = round(fraction * steps)
+        if fraction < 1.0:
+            if step not in ckpts:
+                continue
+            state = torch.load(ckpts[step] / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            load_adapter_state(dlm.model, {k.removeprefix("model."): v for k, v in state.items()})
+        else:
+            load_adapter_state(dlm.model, final)
+        tokens = forwards = 0
+        for one in ids:
+            out = generate(dlm, [one], decode)
+            tokens, forwards = tokens + out.stats.tokens, forwards + out.stats.forwards
+        points.append({"fraction": fraction, "step": step, "tokens_per_forward": tokens / max(forwards, 1)})
+    return points
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+
+
+def run_drafter(cfg: DrafterConfig, progress=None, say=None) -> dict[str, Any]:
+    """Distil, convert, measure (each stage skipped when its output is complete); returns the results dict also
+    written to ``OUTPUT_DIR/results.json``."""
+    from edlm.assets import resolve_model
+    from edlm.distill import distill, distilled_tokens, read_prompts
+    from edlm.model import ADAPTER_CONFIG_NAME
+    from edlm.results import provenance, write_json
+    from edlm.train import convert, latest_checkpoint
+
+    out = Path(cfg.output_dir)
+    data = out / "distill.jsonl"
+    distilled = distilled_tokens(data)[0] if data.is_file() else 0
+    if distilled < len(read_prompts(cfg.distill)):
+        if say:
+            say(f"distilling the source's answers to {len(read_prompts(cfg.distill))} prompts -> {data}")
+        model, tok = resolve_model(cfg.convert.model)
+        distill(model, tok, cfg.distill, data)
+        del model
+    adapter = Path(cfg.convert.output_dir)
+    if not (adapter / ADAPTER_CONFIG_NAME).is_file():
+        if say:
+            say(f"training the gated adapter ({cfg.convert.max_steps} steps) -> {adapter}")
+        convert(cfg.convert, resume=latest_checkpoint(adapter) is not None, progress=progress)
+    prompts = heldout_prompts(cfg.measure.prompts_per_domain, cfg.distill, cfg.measure.seed)
+    if say:
+        say(f"measuring on {len(prompts)} held-out prompts")
+    measured = measure_drafter(adapter, cfg.measure, prompts, say=say)
+    if say:
+        say("budget curve: speculative tokens per forward along the run, on the held-out chat prompts")
+    curve = budget_curve(adapter, cfg.measure, [p for p in prompts if p[0] == "chat"])
+    records, tokens = distilled_tokens(data)
+    result = {"adapter": str(adapter), "distilled": {"records": records, "tokens": tokens},
+              "settings": dataclasses.asdict(cfg.measure), "machine": provenance(), "budget_curve": curve,
+              **measured.to_json()}
+    write_json(result, out / "results.json")
+    return result
+
+
+def ship_drafter(adapter_dir: str | Path, dest: str | Path, config_path: str | Path) -> Path:
+    """Copy a trained adapter folder into ``dest`` (the package's shipped drafter) with its weights in fp16, and a
+    README naming the command that rebuilds it; written to a temporary sibling and renamed into place."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from edlm.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, EDLM_CONFIG_NAME
+
+    src, dest = Path(adapter_dir), Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.half() for k, v in load_file(str(src / ADAPTER_WEIGHTS_NAME)).items()}, tmp / ADAPTER_WEIGHTS_NAME)
+    for name in (ADAPTER_CONFIG_NAME, EDLM_CONFIG_NAME):
+        shutil.copy(src / name, tmp / name)
+    spec = json.loads((src / ADAPTER_CONFIG_NAME).read_text())
+    (tmp / "README.md").write_text(
+        "# The gated drafter adapter shipped with edlm\n\n"
+        f"A gated LoRA adapter (rank {spec['r']}, {spec['target_modules']}) over the embedded SmolLM2-135M-Instruct, "
+        "stored in fp16. `edlm demo` uses it. Rebuild it (distillation, conversion and measurement, resumable) with\n\n"
+        f"    edlm drafter --config {config_path} --ship\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
