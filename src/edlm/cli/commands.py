@@ -230,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _set_threads(args)
     result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples,
                       decode=decode_config(args), max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                      dtype=args.dtype)
+                      dtype=args.dtype, allow_unsandboxed_code=args.allow_unsandboxed_code)
     if args.json:
         write_json(result, args.json)
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k not in ("model",)}
@@ -247,7 +247,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _set_threads(args)
     result = sweep(args.model, args.task, thresholds=tuple(args.thresholds),
                    block_sizes=tuple(args.block_sizes) if args.block_sizes else (None,), limit=args.limit,
-                   max_new_tokens=args.max_new_tokens, chat=not args.no_chat)
+                   max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                   allow_unsandboxed_code=args.allow_unsandboxed_code)
     write_json(result, args.json)
     plot = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
     plot_pareto(result, plot)

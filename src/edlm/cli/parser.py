@@ -52,6 +52,12 @@ def _study_arguments(p: argparse.ArgumentParser, kind: str, example: str) -> Non
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
 
 
+def _unsandboxed_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-unsandboxed-code", action="store_true",
+                   help="humaneval, mbpp: run the model's code even where it cannot be isolated (no Linux namespaces "
+                        "or bwrap); it can then do anything your user can. Same as EDLM_ALLOW_CODE_EVAL=1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     about = ("Turn an AR language model into an efficient block-diffusion LM (convert), decode with it (generate, "
              "serve) and measure it (eval, bench, demo, study, headline).")
@@ -95,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="write the result here")
+    _unsandboxed_flag(p)
 
     p = sub.add_parser("sweep", help="accuracy vs tokens/s across thresholds and block sizes (JSON + Pareto PNG)")
     p.add_argument("--model", required=True)
@@ -107,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", required=True)
     p.add_argument("--plot", help="PNG path (default: JSON path with .png)")
+    _unsandboxed_flag(p)
 
     p = sub.add_parser("table", help="markdown table of edlm eval JSON results")
     p.add_argument("results", nargs="+", help="JSON files written by edlm eval --json")

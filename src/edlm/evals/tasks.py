@@ -199,9 +199,14 @@ def default_max_new_tokens(task: str) -> int | None:
 _HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
 
 
-def generation_task(task: str, dlm, limit: int | None, chat: bool
+def generation_task(task: str, dlm, limit: int | None, chat: bool, allow_unsandboxed_code: bool = False
                     ) -> tuple[list[list[int]], Callable[[list[str]], dict[str, Any]], list[dict[str, Any]]]:
-    """(prompt ids, scoring function texts -> metrics, example records) of a generation task."""
+    """(prompt ids, scoring function texts -> metrics, example records) of a generation task.
+
+    Code tasks (``humaneval``, ``mbpp``) check first that generated code can run isolated, or that
+    ``allow_unsandboxed_code`` opts out (see :func:`edlm.evals.sandbox.resolve_sandbox`), so a refusal comes before
+    any generation; their metrics name the isolation used (``sandbox``).
+    """
     from edlm.evals import sandbox
 
     tok = dlm.tokenizer
@@ -231,6 +236,7 @@ def generation_task(task: str, dlm, limit: int | None, chat: bool
 
         return ([dlm.encode(d.prompt, chat) for d in docs], score,
                 [{"prompt": d.prompt, "answer": d.answer} for d in docs])
+    sandbox.resolve_sandbox(allow_unsandboxed_code)  # code tasks only from here on
     if task == "humaneval":  # plain code completion of the function signature and docstring
         problems = sandbox.load_humaneval(limit)
         prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
@@ -243,8 +249,8 @@ def generation_task(task: str, dlm, limit: int | None, chat: bool
         cut = sandbox.extract_code
 
     def score_code(texts: list[str]) -> dict[str, Any]:
-        scored = sandbox.score_code(problems, [cut(t) for t in texts])
-        return {k: scored[k] for k in ("acc", "pass@1", "counts")}
+        scored = sandbox.score_code(problems, [cut(t) for t in texts], allow_unsandboxed=allow_unsandboxed_code)
+        return {k: scored[k] for k in ("acc", "pass@1", "counts", "sandbox")}
 
     return prompts, score_code, [{"task_id": p.task_id} for p in problems]
 
