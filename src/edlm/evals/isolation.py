@@ -98,7 +98,7 @@ _TMP_SIZE = b"64m"
 _DEVICES = (b"null", b"zero", b"full", b"random", b"urandom", b"tty")
 _DEV_LINKS = ((b"fd", b"/proc/self/fd"), (b"stdin", b"/proc/self/fd/0"), (b"stdout", b"/proc/self/fd/1"),
               (b"stderr", b"/proc/self/fd/2"))
-_INIT = Path(__file__).with_name("isolation_init.py")  # run as a script, so by path
+_INIT = Path(__file__).with_name("isolation_init.py")  # its source is passed with -c: a file under /tmp is hidden
 _ESCAPE = re.compile(rb"\\([0-7]{3})")  # mountinfo writes space, tab, newline and backslash as \040 ...
 # statvfs reports mount flags with its own numbers (ST_RELATIME is 4096, which is MS_BIND)
 _ST_TO_MS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
@@ -200,12 +200,18 @@ def _namespaces_preexec(plan: _Plan, before_exec: Callable[[], None] | None) -> 
     return child
 
 
-def _init_command(argv: list[str], unprivileged: bool) -> list[str]:
+@functools.cache
+def _init_source() -> tuple[str, int]:
     try:
         cap_last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     except (OSError, ValueError):
         cap_last = 63
-    return [sys.executable, "-I", "-S", str(_INIT), str(cap_last), "1" if unprivileged else "0", "--", *argv]
+    return _INIT.read_text(), cap_last
+
+
+def _init_command(argv: list[str], unprivileged: bool) -> list[str]:
+    source, cap_last = _init_source()
+    return [sys.executable, "-I", "-S", "-c", source, str(cap_last), "1" if unprivileged else "0", "--", *argv]
 
 
 # ---------------------------------------------------------------------------------------------------------------

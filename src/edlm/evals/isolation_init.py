@@ -1,6 +1,7 @@
-"""Stage two of the namespaces isolation (:mod:`edlm.evals.isolation`), run as a script::
+"""Stage two of the namespaces isolation (:mod:`edlm.evals.isolation`), run as a script (its source passed with
+``-c``, so that it runs wherever edlm is installed, /tmp included, which the isolation hides)::
 
-    python -I -S isolation_init.py CAP_LAST PROC_FALLBACK -- COMMAND [ARG ...]
+    python -I -S -c "$(cat isolation_init.py)" CAP_LAST PROC_FALLBACK -- COMMAND [ARG ...]
 
 The confined child execs it once it has made its namespaces and mounts; forking that child instead would copy the
 page tables of the evaluation process, a loaded model among them, twice per program. Here, in a small interpreter
