@@ -16,6 +16,8 @@ from edlm.cli.commands import (
     cmd_bench_train,
     cmd_convert,
     cmd_demo,
+    cmd_distill,
+    cmd_drafter,
     cmd_eval,
     cmd_generate,
     cmd_headline,
@@ -33,7 +35,8 @@ from edlm.errors import EdlmError
 __all__ = ["ALIASES", "COMMANDS", "Logs", "TrainingBar", "decode_config", "build_parser", "canonical_argv", "main"]
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "convert": cmd_convert, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_sweep, "table": cmd_table,
+    "convert": cmd_convert, "distill": cmd_distill, "drafter": cmd_drafter, "generate": cmd_generate,
+    "eval": cmd_eval, "sweep": cmd_sweep, "table": cmd_table,
     "demo": cmd_demo, "study": cmd_study, "headline": cmd_headline, "serve": cmd_serve,
     "bench decode": cmd_bench, "bench train": cmd_bench_train, "bench masks": cmd_bench_masks,
     "bench load": cmd_serve_bench}

@@ -65,6 +65,60 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from edlm.assets import resolve_model
+    from edlm.distill import DistillConfig, distill, distilled_tokens
+
+    _set_threads(args)
+    cfg = DistillConfig(prompts=args.prompts, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.batch_size, temperature=args.temperature, seed=args.seed,
+                        chat=not args.no_chat)
+    from tqdm import tqdm
+
+    model, tok = resolve_model(args.model)
+    bar = tqdm(desc="distill", unit="prompt", dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    out = distill(model, tok, cfg, args.output, progress=progress)
+    bar.close()
+    records, tokens = distilled_tokens(out)
+    print(f"{records} answers, {tokens} generated tokens in {out}")
+    return 0
+
+
+def cmd_drafter(args: argparse.Namespace) -> int:
+    from edlm.studies.drafter import load_drafter_config, run_drafter
+
+    cfg = load_drafter_config(args.config, args.set, output_dir=args.output_dir)
+    args.logs.to_folder(cfg.output_dir)
+    _set_threads(args)
+    bar = TrainingBar("convert")
+    result = run_drafter(cfg, progress=bar, say=lambda msg: print(msg, flush=True))
+    bar.close()
+    print(drafter_table(result))
+    if args.ship:
+        from edlm.demo import drafter_dir
+        from edlm.studies.drafter import ship_drafter
+
+        print(f"shipped the adapter to {ship_drafter(result['adapter'], drafter_dir(), args.config)}")
+    return 0
+
+
+def drafter_table(result: dict) -> str:
+    """The drafter's results as the CLI prints them: one row per system and batch size."""
+    lines = [f"{'batch':>5} {'system':<12} {'dtype':<5} {'tok/fwd':>7} {'tokens/s':>9} {'speed-up':>8}  identical"]
+    for batch, row in result["by_batch"].items():
+        for name in ("ar", "speculative", "diffusion"):
+            r = row[name]
+            same = f"{100 * row['identical']:.0f}%" if name == "speculative" else ""
+            lines.append(f"{batch:>5} {name:<12} {r['dtype']:<5} {r['tokens_per_forward']:7.2f} "
+                         f"{r['tokens_per_s']:9.1f} {r['speedup']:7.2f}x  {same}")
+    return "\n".join(lines)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     _set_threads(args)
     cfg = decode_config(args)
@@ -276,6 +330,9 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.model == "embedded":
         return _embedded_demo(args)
+    if args.adapter or args.prompt:
+        raise EdlmError("--adapter and --prompt belong to the embedded demo (edlm demo); the miniature decodes its "
+                        "held-out problems")
     from edlm.config import DecodeConfig
     from edlm.demo import run_miniature_demo
     from edlm.results import write_json
@@ -315,7 +372,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for s in rows[:1]:
             print(f"  {s['question']}\n    expected {s['answer']}\n    AR       {s['ar']}\n    dLM      {s['dlm']}")
     print(f"\nplot: {result['plot']}   dLM: {result['dlm_dir']}   (the whole experiment: edlm headline; "
-          "the embedded SmolLM2-135M: edlm demo --model embedded)")
+          "the real SmolLM2-135M: edlm demo)")
     if args.json:
         out = {k: result[k] for k in ("ar", "dlm", "speedup", "n_problems", "machine", "by_batch", "curve",
                                       "threshold", "dlm_block_size")}
@@ -329,25 +386,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _embedded_demo(args: argparse.Namespace) -> int:
     import textwrap
 
-    from edlm.demo import run_embedded_demo
+    from edlm.demo import run_drafter_demo
+    from edlm.results import write_json
 
-    if args.json or args.convert:
-        raise EdlmError("--json and --convert belong to the miniature demo; drop them with --model embedded "
-                        "(its conversion length is --steps)")
-    out = args.output_dir or "runs/demo"
-    args.logs.to_folder(out)
-    bar = TrainingBar()
-    result = run_embedded_demo(out, steps=args.steps or 30, prompts=args.prompt, decode=decode_config(args),
-                               progress=bar)
-    bar.close()
-    print(f"\n{'system':<10} {'tokens/s':>9} {'tok/fwd':>8}  text")
-    for row in result["rows"]:
-        text = " ".join(row["text"].split())[:70] or "(whitespace only)"
-        print(f"{row['system']:<10} {row['tokens_per_s']:9.1f} {row['tokens_per_forward']:8.2f}  {text}")
-    print()
-    print(textwrap.fill(result["note"], width=110))
-    print(f"\nconverted model: {result['output_dir']}  (try: edlm generate --model {result['output_dir']} "
-          "--prompt ... --stats)")
+    if args.convert or args.steps:
+        raise EdlmError("--convert and --steps belong to the miniature demo (edlm demo --model miniature); the "
+                        "embedded demo uses a trained adapter: --adapter FOLDER (edlm drafter trains one)")
+    _set_threads(args)
+    prompts = [("prompt", p) for p in args.prompt] if args.prompt else None
+    result = run_drafter_demo(args.adapter, prompts, max_new_tokens=args.max_new_tokens or 96, dtype=args.dtype,
+                              threshold=args.threshold or 0.9)
+    print(f"\n{result['model']}, {args.dtype}, greedy, at most {result['settings']['max_new_tokens']} new tokens, "
+          "batch 1\n")
+    for row in result["prompts"]:
+        print(f"[{row['domain']}] {row['prompt']}")
+        ar = row["ar"]
+        print(f"  {'AR (source)':<12} {ar['tokens_per_s']:6.1f} tok/s {'':>12} {'':>6}  "
+              + textwrap.shorten(ar["text"], 70, placeholder=" ..."))
+        for name in ("speculative", "diffusion"):
+            r = row[name]
+            text = ("identical to the source" if r["identical"] else "DIFFERS from the source") \
+                if name == "speculative" else textwrap.shorten(r["text"], 70, placeholder=" ...")
+            print(f"  {name:<12} {r['tokens_per_s']:6.1f} tok/s {r['tokens_per_forward']:5.2f} tok/fwd "
+                  f"{r['speedup']:5.2f}x  {text}")
+        print()
+    spec, diff = result["speculative"], result["diffusion"]
+    print(f"all prompts: AR {result['ar']['tokens_per_s']:.1f} tok/s; speculative {spec['tokens_per_s']:.1f} tok/s "
+          f"({spec['tokens_per_forward']:.2f} tok/fwd, {spec['speedup']:.2f}x, identical on "
+          f"{100 * spec['identical']:.0f}% of prompts); diffusion {diff['tokens_per_s']:.1f} tok/s "
+          f"({diff['tokens_per_forward']:.2f} tok/fwd, {diff['speedup']:.2f}x)")
+    print("(speculative: the adapter drafts a block, the unmodified source verifies it, so its text is the "
+          "source's; diffusion: the paper's threshold decoder, its text may differ)")
+    if args.json:
+        write_json(result, args.json)
     return 0
 
 

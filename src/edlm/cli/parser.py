@@ -76,6 +76,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set diffusion.block_size=8 --set lr=1e-4")
 
+    p = sub.add_parser("distill", help="write a source model's own answers to a prompt set as jsonl (resumable): "
+                                       "the training data of a gated drafter")
+    p.add_argument("--output", required=True, help="jsonl file; prompts already in it are skipped")
+    p.add_argument("--model", help="source model folder or 'tiny[:family]'; default: embedded SmolLM2-135M")
+    p.add_argument("--prompts", default="builtin",
+                   help="'builtin' (chat, maths and code requests; never a demo prompt), a .jsonl file with a "
+                        "'prompt' field per line, or a text file with one prompt per line (default: builtin)")
+    p.add_argument("--num-prompts", type=int, default=1200, help="built-in prompts to answer (default: 1200)")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="longest answer (default: 160)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default: 16)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy answers (default); > 0 samples")
+    p.add_argument("--seed", type=int, default=0, help="seeds the built-in prompt set and sampling (default: 0)")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+
+    about = ("the gated-drafter recipe in one command: distil the source's answers, train a gated adapter over the "
+             "frozen source, measure source AR vs speculative vs diffusion on held-out prompts (results.json). "
+             "Re-running skips what is finished and resumes what was interrupted.")
+    p = sub.add_parser("drafter", help=about, description=about)
+    p.add_argument("--config", default="configs/smollm2-135m-drafter.yaml",
+                   help="drafter YAML (default: configs/smollm2-135m-drafter.yaml)")
+    p.add_argument("--output-dir", help="runs folder (overrides output_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set convert.max_steps=100 --set measure.batch_sizes=[1]")
+    p.add_argument("--ship", action="store_true",
+                   help="then copy the adapter (fp16) into the package, where edlm demo finds it")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+
     p = sub.add_parser("generate", help="generate text with a converted model")
     p.add_argument("--model", required=True, help="converted model folder (output of edlm convert)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
@@ -120,21 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", help="JSON files written by edlm eval --json")
     p.add_argument("--output", help="also write the table here")
 
-    about = ("AR vs dLM side by side. Default (miniature): the headline miniature shipped in the package (an AR "
-             "source pretrained here on three task families and its converted dLM) on held-out problems: accuracy, "
-             "tokens per forward, tokens/s, speed-up. --model embedded: convert SmolLM2-135M briefly and compare.")
+    about = ("AR vs dLM side by side. Default (embedded): the real SmolLM2-135M-Instruct as it is, then with the "
+             "gated drafter adapter shipped in the package: speculative (its own text, faster) and diffusion, per "
+             "prompt. --model miniature: the headline miniature (a 2.4M-parameter source pretrained here and its "
+             "converted dLM) on held-out problems: accuracy, tokens per forward, tokens/s, speed-up.")
     p = sub.add_parser("demo", help=about, description=about)
-    p.add_argument("--model", choices=["miniature", "embedded"], default="miniature")
-    p.add_argument("--output-dir", default=None, help="default: runs/demo-miniature (miniature), runs/demo (embedded)")
+    p.add_argument("--model", choices=["embedded", "miniature"], default="embedded")
+    p.add_argument("--output-dir", default=None, help="miniature: default runs/demo-miniature")
+    p.add_argument("--adapter", default=None,
+                   help="embedded: a gated adapter folder (default: the one shipped in the package)")
+    p.add_argument("--prompt", action="append", help="embedded: prompt text (repeat); default: four built-in prompts")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="embedded: weights of both systems")
     p.add_argument("--problems", type=int, default=40, help="miniature: held-out problems per task family")
     p.add_argument("--convert", action="store_true",
                    help="miniature: convert the shipped source again (the headline's settings) instead of using the "
                         "shipped dLM")
-    p.add_argument("--steps", type=int, default=None,
-                   help="conversion steps (embedded: default 30, about 10 s each; miniature --convert: default 600)")
-    p.add_argument("--json", help="miniature: write the comparison as JSON to this file")
-    p.add_argument("--prompt", action="append", help="embedded: prompt text (repeat); default: two built-in prompts")
-    decode_flags(p, only=("max_new_tokens", "threshold"), max_new_tokens=48)
+    p.add_argument("--steps", type=int, default=None, help="miniature --convert: conversion steps (default 600)")
+    p.add_argument("--json", help="write the comparison as JSON to this file")
+    decode_flags(p, only=("max_new_tokens", "threshold"), max_new_tokens=96)
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
 
     about = ("grid of conversion runs from one AR source model, each evaluated on held-out problems; writes a "
