@@ -89,7 +89,9 @@ def test_syntax_error_is_error():
 def test_infinite_loop_is_killed_and_counts_as_failure():
     start = time.monotonic()
     result = run_program("while True:\n    pass\n", timeout_s=1.0)
-    assert time.monotonic() - start < 1.0 + 2.0
+    # the status says the timer stopped it; the bound only rules out "ran until something else stopped it", with
+    # room for a loaded machine (a speed-dependent bound would fail CI on slow hosts)
+    assert time.monotonic() - start < 1.0 + 20.0
     assert (result.passed, result.status) == (False, "timeout")
     scored = score_code([CodeProblem("loop", "", "")], ["while True:\n    pass\n"], timeout_s=1.0)
     assert scored["pass@1"] == 0.0 and scored["counts"]["timeout"] == 1
@@ -108,7 +110,7 @@ def test_forked_children_do_not_survive(how, sandbox_kind):
               + "time.sleep(0.3)\nprint(pid, flush=True)\n" + parent_end)
     start = time.monotonic()
     result = run_program(source, timeout_s=1.5, sandbox=None if sandbox_kind == "default" else "none")
-    assert time.monotonic() - start < 1.5 + 2.0
+    assert time.monotonic() - start < 1.5 + 20.0  # generous: see test_infinite_loop_is_killed...
     assert result.status == ("timeout" if how == "timeout" else "passed"), result.detail
     assert _running_with(token) == [], "a forked child outlived its program"
 
@@ -136,7 +138,7 @@ def test_memory_hog_is_stopped():
     start = time.monotonic()
     once = run_program("x = bytearray(2 * 2**30)\n", memory_mb=256)
     growing = run_program("a = []\nwhile True:\n    a.append(bytearray(16 * 2**20))\n", memory_mb=256, timeout_s=5.0)
-    assert time.monotonic() - start < 5.0
+    assert time.monotonic() - start < 30.0  # MemoryError, not the 5 s timeout, stopped them (status below)
     for result in (once, growing):
         assert (result.passed, result.status, result.detail) == (False, "failed", "MemoryError")
 
