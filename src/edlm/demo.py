@@ -32,7 +32,7 @@ def drafter_dir() -> Path:
 
 
 def run_drafter_demo(adapter_dir: str | Path | None = None, prompts: list[tuple[str, str]] | None = None,
-                     max_new_tokens: int = 96, dtype: str = "fp32", threshold: float = 0.9,
+                     max_new_tokens: int = 64, dtype: str = "fp32", threshold: float = 0.9,
                      say=None) -> dict[str, Any]:
     """The real model: the embedded SmolLM2-135M-Instruct (AR, unmodified) against the gated drafter adapter over it,
     speculative (the adapter drafts, the source verifies: the source's own text) and diffusion, prompt by prompt at

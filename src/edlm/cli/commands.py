@@ -394,7 +394,7 @@ def _embedded_demo(args: argparse.Namespace) -> int:
                         "embedded demo uses a trained adapter: --adapter FOLDER (edlm drafter trains one)")
     _set_threads(args)
     prompts = [("prompt", p) for p in args.prompt] if args.prompt else None
-    result = run_drafter_demo(args.adapter, prompts, max_new_tokens=args.max_new_tokens or 96, dtype=args.dtype,
+    result = run_drafter_demo(args.adapter, prompts, max_new_tokens=args.max_new_tokens or 64, dtype=args.dtype,
                               threshold=args.threshold or 0.9)
     print(f"\n{result['model']}, {args.dtype}, greedy, at most {result['settings']['max_new_tokens']} new tokens, "
           "batch 1\n")

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "shipped dLM")
     p.add_argument("--steps", type=int, default=None, help="miniature --convert: conversion steps (default 600)")
     p.add_argument("--json", help="write the comparison as JSON to this file")
-    decode_flags(p, only=("max_new_tokens", "threshold"), max_new_tokens=96)
+    decode_flags(p, only=("max_new_tokens", "threshold"), max_new_tokens=64)
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
 
     about = ("grid of conversion runs from one AR source model, each evaluated on held-out problems; writes a "

@@ -282,6 +282,16 @@ def run_drafter(cfg: DrafterConfig, progress=None, say=None) -> dict[str, Any]:
         if say:
             say(f"training the gated adapter ({cfg.convert.max_steps} steps) -> {adapter}")
         convert(cfg.convert, resume=latest_checkpoint(adapter) is not None, progress=progress)
+    results = out / "results.json"
+    stamp = _adapter_stamp(adapter)
+    if results.is_file():  # measured already, for this adapter and these settings: reuse
+        import json
+
+        done = json.loads(results.read_text())
+        if done.get("adapter_stamp") == stamp and done.get("settings") == dataclasses.asdict(cfg.measure):
+            if say:
+                say(f"reusing the measurement in {results} (delete it to measure again)")
+            return done
     prompts = heldout_prompts(cfg.measure.prompts_per_domain, cfg.distill, cfg.measure.seed)
     if say:
         say(f"measuring on {len(prompts)} held-out prompts")
@@ -290,11 +300,19 @@ def run_drafter(cfg: DrafterConfig, progress=None, say=None) -> dict[str, Any]:
         say("budget curve: speculative tokens per forward along the run, on the held-out chat prompts")
     curve = budget_curve(adapter, cfg.measure, [p for p in prompts if p[0] == "chat"])
     records, tokens = distilled_tokens(data)
-    result = {"adapter": str(adapter), "distilled": {"records": records, "tokens": tokens},
+    result = {"adapter": str(adapter), "adapter_stamp": stamp, "distilled": {"records": records, "tokens": tokens},
               "settings": dataclasses.asdict(cfg.measure), "machine": provenance(), "budget_curve": curve,
               **measured.to_json()}
-    write_json(result, out / "results.json")
+    write_json(result, results)
     return result
+
+
+def _adapter_stamp(adapter: Path) -> str:
+    """Identifies the trained adapter a measurement belongs to: its weights' size and modification time."""
+    from edlm.model import ADAPTER_WEIGHTS_NAME
+
+    info = (adapter / ADAPTER_WEIGHTS_NAME).stat()
+    return f"{info.st_size}:{info.st_mtime_ns}"
 
 
 def ship_drafter(adapter_dir: str | Path, dest: str | Path, config_path: str | Path) -> Path:
@@ -321,6 +339,8 @@ def ship_drafter(adapter_dir: str | Path, dest: str | Path, config_path: str | P
         f"A gated LoRA adapter (rank {spec['r']}, {spec['target_modules']}) over the embedded SmolLM2-135M-Instruct, "
         "stored in fp16. `edlm demo` uses it. Rebuild it (distillation, conversion and measurement, resumable) with\n\n"
         f"    edlm drafter --config {config_path} --ship\n")
+    for item in tmp.iterdir():
+        item.chmod(0o644)  # safetensors writes 0600; a package's data must be readable by whoever installs it
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
