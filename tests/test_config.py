@@ -38,6 +38,10 @@ def test_presets_load_and_overrides_apply():
                 assert isinstance(source_config(study, ["x.jsonl"]), TrainConfig)
             for run in unique_runs(expand(study)):
                 assert isinstance(run_config(study, run, REPO / "src", ["x.jsonl"]), TrainConfig)
+        elif "drafter" in preset.name:  # the drafter recipe: its convert section is a gated TrainConfig
+            from edlm.studies.drafter import load_drafter_config
+
+            assert load_drafter_config(preset).convert.lora.gated
         else:
             assert isinstance(load_train_config(preset), TrainConfig)
         first = preset.read_text().splitlines()[0]
