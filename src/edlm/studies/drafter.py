@@ -223,14 +223,14 @@ def budget_curve(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tupl
     import torch
     import yaml
 
-    from edlm.adapter import load_adapter_state
+    from edlm.adapter import adapter_state, load_adapter_state
     from edlm.decode import generate
     from edlm.model import encode_prompt
     from edlm.quant import load
     from edlm.train import CHECKPOINT_PREFIX, STATE_FILE
 
     dlm = load(adapter_dir, "fp32")
-    final = {k: v.clone() for k, v in dlm.model.state_dict().items() if k.endswith(("lora_A", "lora_B", "mask_delta"))}
+    final = {k: v.clone() for k, v in adapter_state(dlm.model).items()}
     ids = [encode_prompt(dlm.tokenizer, p) for _, p in prompts]
     decode = DecodeConfig(mode="speculative", max_new_tokens=cfg.max_new_tokens, block_size=cfg.block_size,
                           draft_hypotheses=cfg.draft_hypotheses)
