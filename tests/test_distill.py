@@ -69,7 +69,7 @@ convert:
   max_steps: 3
   lr: 1.0e-3
   save_every: 2
-measure: {{prompts_per_domain: 1, max_new_tokens: 8, batch_sizes: [1, 2]}}
+measure: {{prompts_per_domain: 1, max_new_tokens: 8, batch_sizes: [1, 2], exact_problems: 3}}
 """)
     cfg = load_drafter_config(cfg_file)
     assert cfg.convert.data.corpus == [str(tmp_path / "run" / "distill.jsonl")]
@@ -83,6 +83,9 @@ measure: {{prompts_per_domain: 1, max_new_tokens: 8, batch_sizes: [1, 2]}}
         assert row["ar"]["tokens_per_forward"] == pytest.approx(1.0, abs=0.2)  # + the prefill forward
     curve = result["budget_curve"]  # the checkpoint at step 2 of 3 (50%) and the end
     assert [p["step"] for p in curve] == [2, 3] and all(p["tokens_per_forward"] >= 1.0 for p in curve)
+    exact = result["exact_answers"]
+    assert exact["n_per_family"] == 3 and set(exact["families"]) == {"sequence", "addition"}
+    assert all(0.0 <= v <= 1.0 for row in exact["families"].values() for v in row.values())
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["distilled"]["records"] == 6 and "machine" in saved
     # A second run reuses every stage's output.
@@ -110,3 +113,18 @@ def test_embedded_demo_cli_with_an_adapter_writes_the_documented_json(tmp_path, 
     assert all(p["speculative"]["text"] == p["ar"]["text"] for p in saved["prompts"])
     printed = capsys.readouterr().out
     assert printed.count("identical to the source") == 4 and "all prompts: AR" in printed
+
+
+def test_exact_problems_are_deterministic_with_checkable_answers():
+    from edlm.studies.drafter import _solved, exact_problems
+
+    problems = exact_problems(50)
+    assert problems == exact_problems(50) and len(problems) == 100
+    for family, prompt, answer in problems:
+        numbers = [int(x) for x in prompt.replace("=", ",").replace("+", ",").replace("\n", ",").split(",") if x.strip()]
+        if family == "sequence":  # an arithmetic progression whose next two terms are the answer
+            d = numbers[1] - numbers[0]
+            assert d > 0 and numbers + answer == [numbers[0] + i * d for i in range(7)]
+        else:  # the sum of the last two numbers, after three worked examples
+            assert prompt.count("\n") == 3 and answer == [numbers[-2] + numbers[-1]]
+    assert _solved(" 63, 70, 77", [63, 70]) and not _solved(" 63, 71", [63, 70]) and not _solved("none", [5])

@@ -50,10 +50,10 @@ def test_greedy_speculative_equals_ar_mode_token_for_token(monkeypatch, family, 
         for wrong_every in (None, 0, 3):  # None: the model's own drafts
             if wrong_every is not None:
                 oracle_drafts(monkeypatch, {tuple(p): s for p, s in zip(PROMPTS, ar.sequences)}, wrong_every)
-            for fused in (True, False):
-                cfg = DecodeConfig(max_new_tokens=budget, mode="speculative", fused_draft=fused)
+            for fused, aligned in ((True, True), (False, True), (True, False)):
+                cfg = DecodeConfig(max_new_tokens=budget, mode="speculative", fused_draft=fused, aligned_draft=aligned)
                 batched = generate(dlm, PROMPTS, cfg)
-                assert batched.sequences == ar.sequences, (budget, wrong_every, fused)
+                assert batched.sequences == ar.sequences, (budget, wrong_every, fused, aligned)
                 if wrong_every == 3:  # rows accept different lengths: each row must still equal its lone run
                     assert [generate(dlm, [p], cfg).sequences[0] for p in PROMPTS] == ar.sequences
                 if wrong_every == 0 and budget == 19:  # perfect drafts: several tokens per forward
@@ -71,6 +71,20 @@ def test_perfect_drafts_fill_each_block_in_one_forward(monkeypatch):
     steps = [new[0] for new, _ in iter_blocks(dlm, prompt, DecodeConfig(max_new_tokens=17, mode="speculative"))]
     assert [len(s) for s in steps] == [1, 4, 4, 4, 4]
     assert sum(steps, []) == ar[0]
+
+
+def test_unaligned_drafts_always_guess_a_whole_block_minus_one(monkeypatch):
+    """Generation starting mid-block (5-token prompt, block 4), perfect drafts: aligned drafting guesses only to the
+    end of the aligned block (2 guesses after the prefill), unaligned drafting always guesses 3."""
+    dlm = varied_dlm()
+    prompt = [PROMPTS[1][:5]]
+    ar = generate(dlm, prompt, DecodeConfig(max_new_tokens=17, mode="ar")).sequences
+    oracle_drafts(monkeypatch, {tuple(prompt[0]): ar[0]}, 0)
+    for aligned, want in ((True, [1, 3, 4, 4, 4, 1]), (False, [1, 4, 4, 4, 4])):
+        cfg = DecodeConfig(max_new_tokens=17, mode="speculative", aligned_draft=aligned)
+        steps = [new[0] for new, _ in iter_blocks(dlm, prompt, cfg)]
+        assert [len(s) for s in steps] == want, aligned
+        assert sum(steps, []) == ar[0]
 
 
 def test_eos_stops_speculative_exactly_where_ar_stops(monkeypatch):

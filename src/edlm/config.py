@@ -243,6 +243,11 @@ class DecodeConfig:
     """``speculative``: how many acceptance lengths of the current draft the next block is drafted for, in one
     forward (the whole draft, then 0, 1, ...): a rejected draft then still leaves a draft made from verified tokens.
     Each costs a block of extra tokens in the forward."""
+    aligned_draft: bool = True
+    """``speculative``: draft the aligned block (0, B, 2B, ...) holding the next open position, as training and the
+    diffusion decoder place blocks, so a draft ends at the block's end (and is empty at its last position). False:
+    the drafted block starts at the next open position, so every draft has ``block_size - 1`` guesses (with token
+    shift) whatever the position; a drafted block then sees the same clean context as a training block does."""
     block_size: int | None = None
     """Decoding block size; None uses the model's training block size. Must be a multiple or divisor of it."""
     policy: str = "threshold"

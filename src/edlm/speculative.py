@@ -70,7 +70,7 @@ def _hypotheses(row: _Row, count: int) -> list[int]:
 
 
 def _step_inputs(rows: list[_Row], hyps: list[list[int]], block: int, mask_id: int, pad_id: int,
-                 causal_in_block: bool, col_pos: torch.Tensor, device,
+                 causal_in_block: bool, col_pos: torch.Tensor, device, aligned: bool = True,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
     """Token ids (R, W + H*B), position ids (R, W + H*B) and the bool attention (R, W + H*B, K + W + H*B) of one
     step, where K = cached columns, W = the widest clean part and H = the most hypotheses of a row (``hyps[r]``:
@@ -100,7 +100,7 @@ def _step_inputs(rows: list[_Row], hyps: list[list[int]], block: int, mask_id: i
         filled = row.seq + row.draft
         for j, accepted in enumerate(hyps[i]):
             end = len(row.seq) + accepted  # the first position this hypothesis leaves open (the AR token's)
-            start = end // block * block
+            start = end // block * block if aligned else end
             starts[i].append(start)
             cols = slice(width + j * block, width + (j + 1) * block)
             known = filled[start:end]
@@ -205,7 +205,7 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
         with_noisy = cfg.fused_draft or not any(r.draft for r in rows if not r.done)
         hyps = [_hypotheses(r, cfg.draft_hypotheses if with_noisy else 0) for r in rows]
         ids, pos, attn, starts = _step_inputs(rows, hyps, block, dlm.mask_id, pad_id, dlm.pattern.causal_in_block,
-                                              col_pos, device)
+                                              col_pos, device, aligned=cfg.aligned_draft)
         width = ids.shape[1] - block * max(len(h) for h in hyps)  # clean columns
         logits = dlm.run(ids, pos, to_attention_mask(attn, dtype, dlm.attn_implementation), past_key_values=cache,
                          use_cache=True, noisy=slice(width, ids.shape[1])).logits  # (R, W + H*B, V)

@@ -45,10 +45,14 @@ class MeasureConfig:
     """Diffusion mode's commit threshold."""
     draft_hypotheses: int = 1
     """Speculative mode: acceptance lengths drafted for per forward."""
+    aligned_draft: bool = True
+    """Speculative mode: draft the aligned block holding the next position (False: a block starting there)."""
     block_size: int | None = None
     """Decoding block size (None: the training block)."""
     seed: int = 1
     """Seeds the held-out prompt set (the distillation set is excluded)."""
+    exact_problems: int = 200
+    """Problems per family of the exact-answer accuracy check (:func:`exact_accuracy`; 0 skips it)."""
 
 
 @dataclass
@@ -178,7 +182,8 @@ def measure_drafter(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[t
     ids = [encode_prompt(tok, p) for _, p in prompts]
     eos = tok.eos_token_id
     common = dict(max_new_tokens=cfg.max_new_tokens, block_size=cfg.block_size)
-    modes = {"speculative": DecodeConfig(mode="speculative", draft_hypotheses=cfg.draft_hypotheses, **common),
+    modes = {"speculative": DecodeConfig(mode="speculative", draft_hypotheses=cfg.draft_hypotheses,
+                                         aligned_draft=cfg.aligned_draft, **common),
              "diffusion": DecodeConfig(mode="diffusion", threshold=cfg.threshold, **common)}
     ar_cfg = DecodeConfig(mode="ar", max_new_tokens=cfg.max_new_tokens)
 
@@ -233,7 +238,7 @@ def budget_curve(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tupl
     final = {k: v.clone() for k, v in adapter_state(dlm.model).items()}
     ids = [encode_prompt(dlm.tokenizer, p) for _, p in prompts]
     decode = DecodeConfig(mode="speculative", max_new_tokens=cfg.max_new_tokens, block_size=cfg.block_size,
-                          draft_hypotheses=cfg.draft_hypotheses)
+                          draft_hypotheses=cfg.draft_hypotheses, aligned_draft=cfg.aligned_draft)
     ckpts = {int(p.name[len(CHECKPOINT_PREFIX):]): p for p in Path(adapter_dir).glob(f"{CHECKPOINT_PREFIX}*")
              if (p / STATE_FILE).is_file()}
     run_cfg = Path(adapter_dir) / "train_config.yaml"
@@ -254,6 +259,87 @@ def budget_curve(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tupl
             tokens, forwards = tokens + out.stats.tokens, forwards + out.stats.forwards
         points.append({"fraction": fraction, "step": step, "tokens_per_forward": tokens / max(forwards, 1)})
     return points
+
+
+# ------------------------------------------------------------------------------------------- exact answers
+
+_ADDITION_SHOTS = "12 + 5 = 17\n31 + 8 = 39\n24 + 13 = 37\n"
+
+
+def exact_problems(n: int, seed: int = 0) -> list[tuple[str, str, list[int]]]:
+    """``n`` problems of each of two arithmetic families with exact answers, as raw text (no chat template; the
+    drafter never saw this format): (family, prompt, answer numbers).
+
+    - ``sequence``: five terms of an arithmetic progression; the answer is the next two terms;
+    - ``addition``: two-digit addition after three worked examples; the answer is the sum.
+
+    SmolLM2-135M-Instruct solves both greedily about half of the time or more, which leaves room to see a drop; it
+    solves almost none of the same sums asked as chat questions."""
+    import random
+
+    rng = random.Random(seed)
+    out: list[tuple[str, str, list[int]]] = []
+    for _ in range(n):
+        a, d = rng.randint(1, 30), rng.randint(1, 9)
+        terms = [a + i * d for i in range(7)]
+        out.append(("sequence", ", ".join(map(str, terms[:5])) + ",", terms[5:7]))
+    for _ in range(n):
+        a, b = rng.randint(10, 60), rng.randint(1, 30)
+        out.append(("addition", f"{_ADDITION_SHOTS}{a} + {b} =", [a + b]))
+    return out
+
+
+def _solved(text: str, answer: list[int]) -> bool:
+    """The first ``len(answer)`` integers of ``text`` are the answer."""
+    import re
+
+    found = [int(x) for x in re.findall(r"-?\d+", text)[:len(answer)]]
+    return found == answer
+
+
+def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", threshold: float = 0.9,
+                   batch: int = 16, max_new_tokens: int = 8, say=None) -> dict[str, Any]:
+    """Greedy accuracy of the unmodified source (AR) and of the adapter's diffusion decoder on
+    :func:`exact_problems`, per family (the speculative mode's text is the source's: tested, not re-measured)."""
+    import torch
+
+    from edlm.baseline import iter_ar
+    from edlm.decode import iter_blocks
+    from edlm.quant import load, load_ar
+
+    dlm = load(adapter_dir, dtype)
+    source, tok = load_ar(dlm.adapter["source"]["model"], dtype)
+    problems = exact_problems(n)
+    ids = [tok(prompt, add_special_tokens=False)["input_ids"] for _, prompt, _ in problems]
+    systems = {"ar": DecodeConfig(mode="ar", max_new_tokens=max_new_tokens),
+               "diffusion": DecodeConfig(mode="diffusion", max_new_tokens=max_new_tokens, threshold=threshold)}
+    texts: dict[str, list[str]] = {name: [] for name in systems}
+    forwards = {name: 0 for name in systems}
+    tokens = {name: 0 for name in systems}
+    with torch.no_grad():
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            for name, cfg in systems.items():
+                rows: list[list[int]] = [[] for _ in chunk]
+                steps = iter_ar(source, chunk, cfg, tok.eos_token_id, pad_id=tok.pad_token_id) if name == "ar" \
+                    else iter_blocks(dlm, chunk, cfg)
+                for new, stats in steps:
+                    for row, part in zip(rows, new):
+                        row.extend(part)
+                forwards[name] += stats.forwards * len(chunk)
+                tokens[name] += sum(len(r) for r in rows)
+                texts[name] += [tok.decode(r, skip_special_tokens=True) for r in rows]
+            if say:
+                say(f"exact answers: {min(start + batch, len(ids))}/{len(ids)} problems")
+    out: dict[str, Any] = {"n_per_family": n, "threshold": threshold, "dtype": dtype, "families": {}}
+    for family in dict.fromkeys(f for f, _, _ in problems):
+        idx = [i for i, (f, _, _) in enumerate(problems) if f == family]
+        row = {name: sum(_solved(texts[name][i], problems[i][2]) for i in idx) / len(idx) for name in systems}
+        out["families"][family] = row
+    out["diffusion_tokens_per_forward"] = tokens["diffusion"] / max(forwards["diffusion"], 1)
+    out["examples"] = [{"prompt": problems[i][1], "answer": problems[i][2],
+                        **{name: texts[name][i] for name in systems}} for i in (0, n)]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
@@ -299,10 +385,12 @@ def run_drafter(cfg: DrafterConfig, progress=None, say=None) -> dict[str, Any]:
     if say:
         say("budget curve: speculative tokens per forward along the run, on the held-out chat prompts")
     curve = budget_curve(adapter, cfg.measure, [p for p in prompts if p[0] == "chat"])
+    exact = exact_accuracy(adapter, cfg.measure.exact_problems, cfg.measure.dtype, cfg.measure.threshold, say=say) \
+        if cfg.measure.exact_problems else None
     records, tokens = distilled_tokens(data)
     result = {"adapter": str(adapter), "adapter_stamp": stamp, "distilled": {"records": records, "tokens": tokens},
               "settings": dataclasses.asdict(cfg.measure), "machine": provenance(), "budget_curve": curve,
-              **measured.to_json()}
+              "exact_answers": exact, **measured.to_json()}
     write_json(result, results)
     return result
 
