@@ -86,6 +86,10 @@ measure: {{prompts_per_domain: 1, max_new_tokens: 8, batch_sizes: [1, 2], exact_
     exact = result["exact_answers"]
     assert exact["n_per_family"] == 3 and set(exact["families"]) == {"sequence", "addition"}
     assert all(0.0 <= v <= 1.0 for row in exact["families"].values() for v in row.values())
+    from edlm.cli.commands import drafter_table
+
+    table = drafter_table(result)
+    assert "budget curve" in table and "50% " in table and "exact answers, addition (n=3)" in table
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["distilled"]["records"] == 6 and "machine" in saved
     # A second run reuses every stage's output.

@@ -116,6 +116,14 @@ def drafter_table(result: dict) -> str:
             same = f"{100 * row['identical']:.0f}%" if name == "speculative" else ""
             lines.append(f"{batch:>5} {name:<12} {r['dtype']:<5} {r['tokens_per_forward']:7.2f} "
                          f"{r['tokens_per_s']:9.1f} {r['speedup']:7.2f}x  {same}")
+    if result.get("budget_curve"):
+        lines.append("budget curve (speculative tokens/forward, held-out chat, batch 1): " + ", ".join(
+            f"{100 * p['fraction']:.0f}% {p['tokens_per_forward']:.2f}" for p in result["budget_curve"]))
+    exact = result.get("exact_answers")
+    if exact:
+        for family, row in exact["families"].items():
+            lines.append(f"exact answers, {family} (n={exact['n_per_family']}): source AR {100 * row['ar']:.1f}%, "
+                         f"diffusion {100 * row['diffusion']:.1f}%")
     return "\n".join(lines)
 
 

@@ -1,0 +1,72 @@
+"""Teacher-forced draft quality of a gated drafter, on its training answers and on held-out ones (issue 25).
+
+Usage: python scripts/drafter_probe.py ADAPTER HELDOUT_JSONL [CHECKPOINT ...]
+
+HELDOUT_JSONL is ``edlm distill`` output for prompts the adapter never saw, e.g. the drafter recipe's held-out chat
+prompts written to a file and answered with ``edlm distill --prompts FILE --max-new-tokens 96 --output OUT``. The
+training answers are ``runs/drafter/distill.jsonl``. For 24 chat answers of each set, every block lying wholly
+inside the answer is masked at once (one training-style forward per answer: each block sees the source's clean
+keys/values before it, as a speculative draft made from verified tokens does). Prints per set the accuracy at each
+in-block offset (offset 0 is the source's own next token, the rest are the adapter's guesses) and the mean run of
+right guesses from offset 1: what a fused speculative step can accept beyond the source's token. CHECKPOINT folders
+(``ADAPTER/checkpoint-N``) are probed too, for the curve along the run.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from edlm.adapter import load_adapter_state
+from edlm.model import DiffusionLM
+
+
+def answers(tok, path: str, n: int = 24) -> list[tuple[list[int], int]]:
+    """(prompt + answer token ids, where the answer starts) of the first n chat records."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    out = []
+    for r in [r for r in rows if r["domain"] == "chat"][:n]:
+        ids = tok(r["text"], add_special_tokens=False)["input_ids"]
+        out.append((ids, len(ids) - r["tokens"]))
+    return out
+
+
+def probe(dlm, records) -> dict:
+    tok, block = dlm.tokenizer, dlm.config.block_size
+    hit, blocks, chain = torch.zeros(block), 0, 0
+    for ids, start in records:
+        x0 = torch.tensor([ids + [tok.eos_token_id] * (-len(ids) % block)])
+        xt = x0.clone()
+        first = -(-start // block) * block
+        xt[0, first:len(ids)] = dlm.mask_id
+        with torch.no_grad():
+            logits = dlm.training_logits(xt, x0)[0]
+        logits[:, dlm.mask_id] = float("-inf")
+        right = logits.argmax(-1) == x0[0]
+        for b in range(first, len(ids) - block + 1, block):
+            ok = right[b:b + block]
+            hit += ok.float()
+            blocks += 1
+            run = 0
+            while run + 1 < block and ok[run + 1]:
+                run += 1
+            chain += run
+    return {"acc_by_offset": [round(float(x), 3) for x in hit / max(blocks, 1)],
+            "mean_run_from_offset_1": round(chain / max(blocks, 1), 3), "blocks": blocks}
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    adapter, heldout, checkpoints = sys.argv[1], sys.argv[2], sys.argv[3:]
+    dlm = DiffusionLM.from_pretrained(adapter).eval()
+    sets = {"train": answers(dlm.tokenizer, "runs/drafter/distill.jsonl"), "heldout": answers(dlm.tokenizer, heldout)}
+    print("final", json.dumps({name: probe(dlm, recs) for name, recs in sets.items()}), flush=True)
+    for ckpt in checkpoints:
+        state = torch.load(Path(ckpt) / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        load_adapter_state(dlm.model, {k.removeprefix("model."): v for k, v in state.items()})
+        print(ckpt, json.dumps({name: probe(dlm, recs) for name, recs in sets.items()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
