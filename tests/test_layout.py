@@ -8,7 +8,7 @@ import edlm
 
 ROOT = Path(edlm.__file__).parent
 CORE = {"adapter", "distill", "config", "masks", "schedules", "noising", "data", "decode", "baseline", "errors",
-        "model", "train", "generation", "speculative", "quant", "text", "results", "assets"}
+        "model", "train", "generation", "speculative", "quant", "text", "results", "assets", "engine"}
 OUTER = {"cli", "serve", "evals", "bench", "studies", "demo", "lm_eval_adapter"}
 MAX_LINES = 600
 

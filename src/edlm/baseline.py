@@ -33,9 +33,7 @@ def iter_ar(model, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int | No
         should_stop: asked before every forward; a row for which it returns True is finished.
         seeds: one sampling seed per row (default ``cfg.seed``): each row draws from its own generator.
     """
-    from transformers import DynamicCache
-
-    from edlm.model import cache_kwargs
+    from edlm.model import cache_kwargs, new_cache
 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EdlmError("every prompt needs at least one token")
@@ -50,7 +48,7 @@ def iter_ar(model, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int | No
         attn[r, width - len(p):] = 1
     positions = (attn.cumsum(-1) - 1).clamp_min(0)  # (R, T)
     generators = row_generators(seeds, cfg, rows, device)
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model, rows)
     produced = [0] * rows
     done = [False] * rows
     stats = DecodeStats(rows=rows)

@@ -177,10 +177,10 @@ class CachedStepper:
     next block's first step."""
 
     def __init__(self, dlm, layout: Layout):
-        from transformers import DynamicCache
+        from edlm.model import new_cache
 
         self.dlm, self.layout = dlm, layout
-        self.cache = DynamicCache(config=dlm.model.config)
+        self.cache = new_cache(dlm.model, layout.tokens.shape[0])
         self.forwards = 0
         self.cached = 0  # columns whose keys/values are in the cache
         self.edge: tuple[int, torch.Tensor] | None = None  # (column, logits (R, V)) of the last block's edge

@@ -41,6 +41,16 @@ def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
     return {_cache_keyword(type(model)): cache}
 
 
+def new_cache(model: nn.Module, rows: int) -> Any:
+    """An empty KV cache for ``rows`` rows of ``model``: the compiled engine's static cache for an
+    :class:`edlm.engine.Engine`, else a ``DynamicCache``."""
+    if hasattr(model, "new_cache"):
+        return model.new_cache(rows)
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
 @functools.cache
 def _cache_keyword(cls: type) -> str:
     forward = inspect.unwrap(cls.forward)

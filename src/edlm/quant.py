@@ -42,10 +42,16 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
 TORCHAO = "pip install torchao"
 
 
-def check_dtype(name: str) -> str:
-    """``name`` if it is a known weight dtype, else a clear error."""
-    if name not in DTYPES:
-        raise EdlmError(f"unknown weight dtype {name!r}; choose one of {', '.join(DTYPES)}")
+ENGINE_ONLY = ("int4",)
+"""Weight dtypes only the compiled engine runs (:mod:`edlm.engine`): ``--compile`` is needed for them."""
+
+
+def check_dtype(name: str, compiled: bool = False) -> str:
+    """``name`` if it is a known weight dtype (``int4`` only with ``compiled``), else a clear error."""
+    if name in ENGINE_ONLY and not compiled:
+        raise EdlmError(f"weight dtype {name!r} runs on the compiled engine only: add --compile")
+    if name not in DTYPES and name not in ENGINE_ONLY:
+        raise EdlmError(f"unknown weight dtype {name!r}; choose one of {', '.join((*DTYPES, *ENGINE_ONLY))}")
     return name
 
 
@@ -141,7 +147,10 @@ def cast(dlm: Any, dtype: str) -> Any:
 
 
 def weight_dtype(model: nn.Module) -> str:
-    """The dtype name of a model's weights: ``int8`` when any Linear layer is quantized, else its float dtype."""
+    """The dtype name of a model's weights: ``int8`` when any Linear layer is quantized, else its float dtype (the
+    compiled engine's own dtype for an :class:`edlm.engine.Engine`)."""
+    if hasattr(model, "dtype_name"):
+        return model.dtype_name
     for module in model.modules():
         if isinstance(module, DynamicInt8Linear):
             return "int8"
@@ -159,10 +168,16 @@ def load_dtype(dtype: str) -> torch.dtype:
 
 
 def load(path: str | os.PathLike, dtype: str = "fp32", device: str | torch.device = "cpu",
-         attn_implementation: str = "sdpa") -> Any:
-    """Load a converted model folder as a ``DiffusionLM`` with weights in ``dtype`` (eval mode)."""
+         attn_implementation: str = "sdpa", compile: bool = False) -> Any:
+    """Load a converted model folder as a ``DiffusionLM`` with weights in ``dtype`` (eval mode); with ``compile``
+    its forwards run on the compiled engine (:mod:`edlm.engine`, CPU, Llama-family models)."""
     from edlm.model import DiffusionLM
 
+    if compile:
+        from edlm.engine import compile_dlm
+
+        check_dtype(dtype, compiled=True)
+        return compile_dlm(DiffusionLM.from_pretrained(path, dtype=torch.float32, device="cpu").eval(), dtype)
     dlm = DiffusionLM.from_pretrained(path, dtype=load_dtype(dtype), device=device,
                                       attn_implementation=attn_implementation)
     if dtype == "int8":
@@ -171,9 +186,17 @@ def load(path: str | os.PathLike, dtype: str = "fp32", device: str | torch.devic
     return dlm.eval()
 
 
-def load_ar(spec: str | None, dtype: str = "fp32", device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """(AR model in ``dtype``, tokenizer) for a model spec as :func:`edlm.assets.resolve_model` reads it."""
+def load_ar(spec: str | None, dtype: str = "fp32", device: str | torch.device = "cpu",
+            compile: bool = False) -> tuple[nn.Module, Any]:
+    """(AR model in ``dtype``, tokenizer) for a model spec as :func:`edlm.assets.resolve_model` reads it; with
+    ``compile`` the model is the compiled engine over the fp32 weights (:mod:`edlm.engine`)."""
     from edlm.assets import resolve_model
 
+    if compile:
+        from edlm.engine import compile_model
+
+        check_dtype(dtype, compiled=True)
+        model, tokenizer = resolve_model(spec, dtype=torch.float32)
+        return compile_model(model.eval(), dtype), tokenizer
     model, tokenizer = resolve_model(spec, dtype=load_dtype(dtype))
     return cast_model(model.to(device), dtype).eval(), tokenizer

@@ -177,7 +177,7 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
                      ) -> Iterator[tuple[list[list[int]], DecodeStats]]:
     """Self-speculative decoding (see module docstring), yielding after every forward: (new tokens per row, running
     stats), with the contract of :func:`edlm.decode.iter_blocks`."""
-    from transformers import DynamicCache
+    from edlm.model import new_cache
 
     block = validate_prompts(dlm, prompts, cfg)
     if not dlm.config.clean_causal and not getattr(dlm, "_warned_untrained_ar", False):
@@ -190,7 +190,7 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
     pad_id = pad_token_id(tok)
     generators = row_generators(seeds, cfg, len(prompts), device)
     rows = [_Row(seq=list(p), prompt_len=len(p)) for p in prompts]
-    cache = DynamicCache(config=dlm.model.config)
+    cache = new_cache(dlm.model, len(prompts))
     col_pos = torch.empty((len(rows), 0), dtype=torch.long)  # position of each cache column per row, -1: none
     dtype = dlm.model.get_input_embeddings().weight.dtype
     stats = DecodeStats(rows=len(rows))

@@ -58,15 +58,13 @@ def forward_times(model, cache_len: int, widths: tuple[int, ...], batch: int = 1
 
     Every logit of the new tokens is computed, as a dLM step needs them all.
     """
-    from transformers import DynamicCache
-
-    from edlm.model import cache_kwargs
+    from edlm.model import cache_kwargs, new_cache
 
     emb = model.get_input_embeddings().weight  # (V, D)
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, min(1000, emb.shape[0]), (batch, cache_len), generator=g).to(emb.device)
     device = emb.device
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model, batch)
     model(input_ids=prefix, use_cache=True, **cache_kwargs(model, cache))
     out = {}
     for w in widths:
@@ -155,7 +153,8 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
                      dtypes: tuple[str, ...] = ("fp32", "bf16", "int8"), repeats: int = 1, chat: bool = True,
                      ar_source: str | None = "auto", ceiling_tpf: tuple[int, ...] = (1, 2, 4, 8),
                      ceiling_block: int = 8, llama_cpp: bool = True,
-                     gguf: str | os.PathLike | None = None) -> dict[str, Any]:
+                     gguf: str | os.PathLike | None = None, compile: bool = False,
+                     engine_dtypes: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")) -> dict[str, Any]:
     """AR decoding vs dLM decoding of the same prompts, same process, after warm-up.
 
     At batch size n every prompt is decoded, n at a time (prompts are cycled when n exceeds their number), and the
@@ -178,6 +177,10 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     ``result["llama_cpp"]`` (with ``llama_cpp``): llama.cpp's greedy AR on the source's GGUF (``gguf``, else found
     from the source: :func:`edlm.bench.llamacpp.source_gguf`) at batch 1, the AR a CPU user would pick first, and the
     dLM's speed-up over it; ``{"skipped": reason}`` when llama-cpp-python or the GGUF is missing.
+
+    ``result["engine"]`` (with ``compile``): :func:`edlm.bench.engine.engine_benchmark` at ``engine_dtypes``, whose
+    headline fields (``ar_best_tokens_per_s``, ``ar_best``, ``llamacpp_tokens_per_s``,
+    ``bandwidth_bound_tokens_per_s``) are also copied to the top level.
     """
     from edlm.assets import best_device, default_chat_prompts
     from edlm.baseline import ar_generate
@@ -246,6 +249,12 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
                                             one["dlm"]["tokens_per_s"] if one else None, results.get("ceiling"), gguf)
         if "skipped" not in results["llama_cpp"]:
             results["llama_cpp"]["ar_reference_dtype"] = ref_dtype
+    if compile:
+        from edlm.bench.engine import HEADLINE, engine_benchmark
+
+        results["engine"] = engine_benchmark(model_dir, ids, max_new_tokens, dtypes=engine_dtypes, repeats=repeats,
+                                             block=ceiling_block, ar_source=spec, gguf=gguf, llama_cpp=llama_cpp)
+        results.update({k: results["engine"][k] for k in HEADLINE})
     results["overhead"] = forward_overhead(best, prompt_len=max(len(i) for i in ids), block=best.config.block_size)
     samples = outputs.get(decode.threshold) or _in_batches(lambda r: generate(best, r, decode), ids, 1)
     results["samples"] = [{"prompt": t, "dlm": dlm32.tokenizer.decode(s, skip_special_tokens=True),
@@ -257,7 +266,8 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
                            "dtypes": list(dtypes), "repeats": repeats, "chat_template": chat,
                            "greedy": decode.temperature == 0, "decode": to_dict(decode),
                            "ceiling_tpf": list(ceiling_tpf), "ceiling_block": ceiling_block,
-                           "llama_cpp": llama_cpp, "gguf": None if gguf is None else str(gguf)}
+                           "llama_cpp": llama_cpp, "gguf": None if gguf is None else str(gguf),
+                           "compile": compile, "engine_dtypes": list(engine_dtypes)}
     results["machine"] = machine_info()
     return results
 

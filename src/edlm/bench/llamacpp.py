@@ -57,6 +57,39 @@ def skip_reason(gguf: Path | None) -> str | None:
     return None
 
 
+def q8_0_gguf(gguf: Path) -> Path:
+    """``gguf`` requantized to Q8_0 (8.5 bits per weight, int8's bytes) by llama.cpp's own quantizer, cached beside
+    the edlm cache under the source file's name; written atomically (a temporary file, then a rename)."""
+    import ctypes
+
+    import llama_cpp
+
+    from edlm.assets import cache_dir
+
+    out = cache_dir() / "gguf" / f"{gguf.stem}.Q8_0.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True  # the embedded source ships as Q4_1
+    params.nthread = max(1, os.cpu_count() or 1)
+    saved = os.dup(2)  # llama.cpp prints a line per tensor on the C stderr: keep it off the terminal
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            failed = llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), ctypes.byref(params))
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    if failed:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama.cpp could not requantize {gguf} to Q8_0")
+    os.replace(tmp, out)
+    return out
+
+
 def load(gguf: Path, threads: int, n_ctx: int = 2048):
     """A quiet ``llama_cpp.Llama`` on ``threads`` CPU threads."""
     from llama_cpp import Llama

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from edlm.cli.commands import (
     cmd_bench,
     cmd_bench_masks,
+    cmd_bench_engine,
     cmd_bench_train,
     cmd_convert,
     cmd_demo,
@@ -38,12 +39,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert": cmd_convert, "distill": cmd_distill, "drafter": cmd_drafter, "generate": cmd_generate,
     "eval": cmd_eval, "sweep": cmd_sweep, "table": cmd_table,
     "demo": cmd_demo, "study": cmd_study, "headline": cmd_headline, "serve": cmd_serve,
-    "bench decode": cmd_bench, "bench train": cmd_bench_train, "bench masks": cmd_bench_masks,
-    "bench load": cmd_serve_bench}
+    "bench decode": cmd_bench, "bench engine": cmd_bench_engine, "bench train": cmd_bench_train,
+    "bench masks": cmd_bench_masks, "bench load": cmd_serve_bench}
 
 # Earlier command names, still accepted: the words they stand for now.
 ALIASES = {"bench-train": ["bench", "train"], "bench-masks": ["bench", "masks"], "serve-bench": ["bench", "load"]}
-BENCH_COMMANDS = ("decode", "train", "masks", "load")
+BENCH_COMMANDS = ("decode", "engine", "train", "masks", "load")
 
 
 def canonical_argv(argv: list[str]) -> list[str]:

@@ -136,7 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from edlm.assets import best_device
     from edlm.quant import load
 
-    dlm = load(args.model, args.dtype, device=best_device())
+    dlm = load(args.model, args.dtype, device=best_device(), compile=args.compile)
     texts, stats = dlm.generate(prompts, cfg, chat=not args.no_chat)
     for prompt, text in zip(prompts, texts):
         if len(prompts) > 1:
@@ -145,6 +145,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stats:
         print(f"[{stats.tokens} tokens, {stats.forwards} forwards, {stats.tokens_per_forward:.2f} tokens/forward, "
               f"{stats.tokens_per_s:.1f} tokens/s, {stats.seconds:.2f} s]", file=sys.stderr)
+        compiled = getattr(dlm.model, "compile_s", None)
+        if compiled:
+            print(f"[of which compiling {len(compiled)} forward shapes: {sum(compiled.values()):.1f} s; later calls "
+                  "of the same shapes reuse them]", file=sys.stderr)
     return 0
 
 
@@ -179,7 +183,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               sweep=tuple(args.sweep), dtypes=parse_dtypes(args.dtypes), repeats=args.repeats,
                               chat=not args.no_chat, ar_source=None if args.ar_model == "self" else args.ar_model,
                               ceiling_tpf=tuple(args.ceiling_tpf), ceiling_block=args.ceiling_block,
-                              llama_cpp=not args.no_llama_cpp, gguf=args.gguf)
+                              llama_cpp=not args.no_llama_cpp, gguf=args.gguf, compile=args.compile,
+                              engine_dtypes=tuple(args.engine_dtypes.split(",")))
     write_json(result, args.json)
     plot = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
     plot_sweep(result, plot)
@@ -214,10 +219,93 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"tokens/s; dLM {lc.get('dlm_speedup', float('nan')):.2f}x of it"
               + (f", best forced TPF {best[0]} {best[1]:.2f}x" if best else "")
               + f"; agreement with the PyTorch AR ({lc['ar_reference_dtype']}) {lc['agreement_with_ar']:.2f}")
+    if "engine" in result:
+        print(engine_table(result["engine"]))
     ov = result["overhead"]
     print(f"decoder overhead per forward: {100 * ov['overhead_fraction']:.0f}% "
           f"({ov['decoder_s_per_forward'] * 1e3:.1f} ms vs bare {ov['bare_forward_s'] * 1e3:.1f} ms)")
     print(f"-> {args.json}, {', '.join(plots)}")
+    return 0
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def engine_table(e: dict) -> str:
+    """The printout of :func:`edlm.bench.engine.engine_benchmark`'s result."""
+    s = e["settings"]
+    lines = [f"batch-1 AR, {s['max_new_tokens']} tokens x {s['prompts']} prompts, {s['threads']} threads; memory "
+             f"bandwidth {e['memory_bandwidth_gb_s']:.1f} GB/s",
+             f"{'backend':<10} {'dtype':<6} {'tokens/s':>9} {'bw bound':>9} {'compile s':>9}"]
+    for r in e["ar"]:
+        lines.append(f"{r['backend']:<10} {r['dtype']:<6} {r['tokens_per_s']:9.1f} "
+                     f"{_num(r.get('bandwidth_bound_tokens_per_s'), '9.0f'):>9} {_num(r.get('compile_s'), '9.0f'):>9}")
+    if "skipped" in e["llamacpp"]:
+        lines.append(e["llamacpp"]["skipped"])
+    lines.append(f"compiled forward ms, {e['forward_cache_len']}-token cache, by new columns:")
+    for d, f in e["forward_ms"].items():
+        lines.append(f"  {d:<5} " + "  ".join(f"{w:>2}: {ms:6.1f}" for w, ms in f.items()))
+    for r in e["dlm"]:
+        lines.append(f"dLM on the engine ({r['dtype']}), forced TPF {r['tpf_forced']}: {r['tokens_per_s']:.1f} "
+                     f"tokens/s, {r['tokens_per_forward']:.2f} tokens/forward, {r['speedup_vs_best_ar']:.2f}x the "
+                     "best AR")
+    t = e["targets"]
+    q8 = t["best_ar_over_llamacpp_q8"]
+    lines.append(f"best AR: {e['ar_best'][0]} {e['ar_best'][1]}, {e['ar_best_tokens_per_s']:.1f} tokens/s; "
+                 f"llama.cpp Q8_0 / best AR {_num(None if q8 is None else 1 / q8, '.2f')}; width-8 step / AR step "
+                 f"{_num(t['width8_over_ar_step'], '.2f')}; forced TPF 4 / best AR {_num(t['tpf4_over_best_ar'], '.2f')}")
+    return "\n".join(lines)
+
+
+def profile_table(p: dict) -> str:
+    """The printout of :func:`edlm.bench.engine.profile_engine`'s result: ms per forward by category."""
+    cats = sorted({c for path in ("eager", "compiled", "engine") for d in p.get(path, {}).values()
+                   for w in d.values() for c in w["by_category_ms"]})
+    short = {c: c.split(" ")[0][:9] for c in cats}
+    lines = [f"ms per forward on a {p['settings']['cache_len']}-token cache ({p['settings']['threads']} threads)",
+             f"{'path':<9} {'dtype':<5} {'width':>5} {'wall':>7} " + " ".join(f"{short[c]:>9}" for c in cats)
+             + f" {'outside':>8}"]
+    for path in ("eager", "compiled", "engine"):
+        for d, by_width in p.get(path, {}).items():
+            for w, r in by_width.items():
+                lines.append(f"{path:<9} {d:<5} {w:>5} {r['wall_ms']:7.1f} "
+                             + " ".join(f"{r['by_category_ms'].get(c, 0.0):9.1f}" for c in cats)
+                             + f" {r['outside_ops_ms']:8.1f}")
+    lines.append("categories: " + "; ".join(f"{short[c]} = {c}" for c in cats) + "; outside = wall - profiled ops")
+    return "\n".join(lines)
+
+
+def cmd_bench_engine(args: argparse.Namespace) -> int:
+    from edlm.assets import default_chat_prompts
+    from edlm.bench.engine import engine_benchmark
+    from edlm.quant import load
+    from edlm.results import machine_info, write_json
+
+    _set_threads(args)
+    if args.profile:
+        from edlm.bench.engine import profile_engine
+
+        result = profile_engine(args.model, dtypes=tuple(args.dtypes.split(",")),
+                                eager_dtypes=tuple(args.eager_dtypes.split(",")),
+                                widths=(1, args.block, 2 * args.block))
+        result["machine"] = machine_info()
+        write_json(result, args.json)
+        print(profile_table(result))
+        print(f"-> {args.json}")
+        return 0
+    texts = args.prompt or default_chat_prompts()
+    tokenizer = load(args.model, "fp32")
+    ids = [tokenizer.encode(t, not args.no_chat) for t in texts]
+    result = engine_benchmark(args.model, ids, args.max_new_tokens, dtypes=tuple(args.dtypes.split(",")),
+                              eager_dtypes=tuple(args.eager_dtypes.split(",")), repeats=args.repeats,
+                              block=args.block, tpfs=tuple(args.tpf), gguf=args.gguf,
+                              llama_cpp=not args.no_llama_cpp)
+    result["settings"].update(model=str(args.model), prompts_text=texts, chat_template=not args.no_chat)
+    result["machine"] = machine_info()
+    write_json(result, args.json)
+    print(engine_table(result))
+    print(f"-> {args.json}")
     return 0
 
 
@@ -230,7 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _set_threads(args)
     settings = load_serve_settings(args.model, args.set, host=args.host, port=args.port, api_key=args.api_key,
                                    model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue,
-                                   dtype=args.dtype)
+                                   dtype=args.dtype, compile=args.compile or None)
     settings = dataclasses.replace(settings, decode=dataclasses.replace(settings.decode, **decode_given(args)))
     serve(args.model, settings)
     return 0
@@ -292,7 +380,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _set_threads(args)
     result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples,
                       decode=decode_config(args), max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                      dtype=args.dtype, allow_unsandboxed_code=args.allow_unsandboxed_code)
+                      dtype=args.dtype, allow_unsandboxed_code=args.allow_unsandboxed_code, compile=args.compile)
     if args.json:
         write_json(result, args.json)
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k not in ("model",)}

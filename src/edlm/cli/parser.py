@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-DTYPE_NAMES = ["fp32", "bf16", "int8"]  # edlm.quant.DTYPES, named here so building the parser imports no torch
+DTYPE_NAMES = ["fp32", "bf16", "int8", "int4"]  # edlm.quant.DTYPES, named here so building the parser imports no torch
 
 
 def decode_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
@@ -56,6 +56,12 @@ def _unsandboxed_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-unsandboxed-code", action="store_true",
                    help="humaneval, mbpp: run the model's code even where it cannot be isolated (no Linux namespaces "
                         "or bwrap); it can then do anything your user can. Same as EDLM_ALLOW_CODE_EVAL=1")
+
+
+def _compile_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="run forwards on the compiled engine (torch.compile, static KV cache; CPU, Llama-family "
+                        "models). The first forward of each width compiles (tens of seconds); later ones are fast")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--stats", action="store_true", help="print tokens/s and tokens per forward")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
-                   help="weights: fp32, bf16 or int8 (quantized Linear layers); edlm bench measures which is fastest")
+                   help="weights: fp32, bf16 or int8 (quantized Linear layers), int4 (--compile only); edlm bench "
+                        "measures which is fastest")
+    _compile_flag(p)
 
     p = sub.add_parser("eval", help="task accuracy / likelihood of a converted model or (--ar) its AR source")
     p.add_argument("--model", required=True, help="converted model folder")
@@ -124,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="Monte-Carlo samples of the dLM's ELBO")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                    help="weights: fp32, bf16 or int8 (quantized Linear layers); edlm bench measures which is fastest")
+    _compile_flag(p)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task (16 arithmetic, 256 code)")
     decode_flags(p, skip=("stop", "max_new_tokens"))
     p.add_argument("--no-chat", action="store_true")
@@ -191,17 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, help="most requests decoded in one batched call (default 16)")
     p.add_argument("--max-queue", type=int, help="requests that may wait; more get HTTP 429 (default 64)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                   help="weights: fp32 (default), bf16 or int8; same as --set dtype=...")
+                   help="weights: fp32 (default), bf16 or int8, int4 (--compile only); same as --set dtype=...")
+    _compile_flag(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any ServeSettings field, e.g. --set max_tokens_limit=1024 --set threshold=0.8")
     decode_flags(p, skip=("seed",))  # the server's defaults for requests; a request's own fields win
 
     about = ("benchmarks that write JSON, each measured side by side with its baseline in one process: decode (the "
-             "default: dLM vs AR decoding), train, masks, load (the server). Old names: bench-train, bench-masks, "
+             "default: dLM vs AR decoding), engine (AR backends and the compiled engine), train, masks, load (the "
+             "server). Old names: bench-train, bench-masks, "
              "serve-bench.")
     p = sub.add_parser("bench", help=about, description=about)
-    bench = p.add_subparsers(dest="bench_command", required=True, metavar="{decode,train,masks,load}")
+    bench = p.add_subparsers(dest="bench_command", required=True, metavar="{decode,engine,train,masks,load}")
 
     p = bench.add_parser("decode", help="dLM decoding vs AR decoding of the same prompts (JSON + PNG sweep)")
     p.add_argument("--model", required=True, help="converted model folder")
@@ -220,10 +231,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", default=None,
                    help="GGUF of the AR source for the llama.cpp row (default: the embedded model's, or the one "
                         "*.gguf in the source folder)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure AR on the compiled engine (edlm.engine) at each of --engine-dtypes")
+    p.add_argument("--engine-dtypes", default="fp32,bf16,int8,int4",
+                   help="weight dtypes of the compiled engine's AR rows (with --compile)")
     p.add_argument("--no-llama-cpp", action="store_true",
                    help="skip the llama.cpp AR row (it runs when llama-cpp-python is installed and a GGUF is found)")
     p.add_argument("--ar-model", default="auto",
                    help="AR baseline: 'auto' (the source in train_config.yaml), a folder, or 'self'")
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+
+    p = bench.add_parser("engine", help="batch-1 AR on every backend and dtype (eager, compiled, llama.cpp), the "
+                                        "compiled engine's step cost by width, and forced-TPF decoding on it (JSON)")
+    p.add_argument("--model", required=True, help="converted model folder")
+    p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat); default: a few built-in prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtypes", default="fp32,bf16,int8,int4", help="the compiled engine's weight dtypes")
+    p.add_argument("--eager-dtypes", default="fp32,int8", help="the eager PyTorch AR rows' weight dtypes")
+    p.add_argument("--tpf", type=int, nargs="*", default=[1, 4], help="forced tokens per forward of the dLM rows")
+    p.add_argument("--block", type=int, default=8, help="decoding block of the dLM rows")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (median reported)")
+    p.add_argument("--gguf", default=None, help="GGUF of the AR source for the llama.cpp rows")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: where a forward's time goes (torch.profiler by op category, and the time outside "
+                        "any op), eager and compiled, per dtype and width 1 / block / 2 x block")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--threads", type=int, default=None)
 

@@ -41,13 +41,18 @@ def load_ar_source(model_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
     return model.to(device).eval()
 
 
-def load_for_eval(model_dir: str, ar: bool = False, dtype: str = "fp32"):
-    """(DiffusionLM, AR source model or None) of a converted folder, weights in ``dtype`` (see :mod:`edlm.quant`)."""
+def load_for_eval(model_dir: str, ar: bool = False, dtype: str = "fp32", compile: bool = False):
+    """(DiffusionLM, AR source model or None) of a converted folder, weights in ``dtype`` (see :mod:`edlm.quant`);
+    with ``compile`` both run on the compiled engine (:mod:`edlm.engine`)."""
     from edlm.assets import best_device
     from edlm.quant import cast_model, load, load_dtype
 
     device = best_device()
-    dlm = load(model_dir, dtype, device=device)
+    dlm = load(model_dir, dtype, device=device, compile=compile)
+    if compile:
+        from edlm.engine import compile_model
+
+        return dlm, compile_model(load_ar_source(model_dir), dtype) if ar else None
     ar_model = cast_model(load_ar_source(model_dir, load_dtype(dtype), device=device), dtype).eval() if ar else None
     return dlm, ar_model
 

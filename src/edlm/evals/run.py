@@ -28,8 +28,8 @@ from edlm.evals.tasks import (
 
 def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = False, n_samples: int = 8,
              decode: DecodeConfig | None = None, max_new_tokens: int | None = None, chat: bool = True,
-             loaded: tuple | None = None, dtype: str = "fp32", allow_unsandboxed_code: bool = False
-             ) -> dict[str, Any]:
+             loaded: tuple | None = None, dtype: str = "fp32", allow_unsandboxed_code: bool = False,
+             compile: bool = False) -> dict[str, Any]:
     """Evaluate a converted model (or, with ``ar``, its AR source) on a task; returns a JSON-able result.
 
     Args:
@@ -48,7 +48,8 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
             not used).
         chat: Wrap prompts of chat-style tasks in the tokenizer's chat template.
         loaded: The output of :func:`load_for_eval`, reused (sweeps load once).
-        dtype: Weights as ``fp32``, ``bf16`` or ``int8`` (ignored with ``loaded``).
+        dtype: Weights as ``fp32``, ``bf16`` or ``int8`` (ignored with ``loaded``); ``int4`` with ``compile``.
+        compile: Run the models on the compiled engine (:mod:`edlm.engine`; ignored with ``loaded``).
         allow_unsandboxed_code: Code tasks: run the generated code even where it cannot be isolated (see
             :func:`edlm.evals.sandbox.resolve_sandbox`); the result's ``sandbox`` says which isolation was used.
     """
@@ -56,7 +57,7 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
     from edlm.results import machine_info
 
     decode = decode or DecodeConfig()
-    dlm, ar_model = loaded or load_for_eval(model_dir, ar, dtype)
+    dlm, ar_model = loaded or load_for_eval(model_dir, ar, dtype, compile=compile)
     if ar and ar_model is None:
         raise EdlmError("ar=True needs the AR source model; load it with load_for_eval(model_dir, ar=True)")
     if not ar:

@@ -132,7 +132,7 @@ class Engine:
         """Load a converted model folder, weights in ``settings.dtype``, and wrap it."""
         from edlm.quant import load
 
-        return cls(load(model_dir, settings.dtype, device=device), settings)
+        return cls(load(model_dir, settings.dtype, device=device, compile=settings.compile), settings)
 
     # ------------------------------------------------------------------------------------ handler side
 

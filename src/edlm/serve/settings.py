@@ -10,7 +10,7 @@ from typing import Any
 
 from edlm.config import DecodeConfig, apply_overrides, from_dict
 from edlm.errors import ConfigError
-from edlm.quant import DTYPES
+from edlm.quant import DTYPES, ENGINE_ONLY
 
 # Flat keys of the old settings, still accepted by ``--set`` and load_serve_settings (``threshold=0.8`` is
 # ``decode.threshold=0.8``).
@@ -56,7 +56,9 @@ class ServeSettings:
     """Seed of a sampled request that gives none; None draws a fresh one per request (as OpenAI does)."""
     dtype: str = "fp32"
     """Weights of the served model: ``fp32``, ``bf16`` or ``int8`` (see :mod:`edlm.quant`; measure which is fastest
-    here with ``edlm bench``)."""
+    here with ``edlm bench``); ``int4`` with ``compile``."""
+    compile: bool = False
+    """Run the model's forwards on the compiled engine (:mod:`edlm.engine`: CPU, Llama-family models)."""
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -75,7 +77,9 @@ class ServeSettings:
               f"max_tokens_limit ({self.max_tokens_limit})")
         check(self.batch_window_ms >= 0 and self.batch_gap_ms >= 0,
               f"batch_window_ms and batch_gap_ms must be >= 0, got {self.batch_window_ms}, {self.batch_gap_ms}")
-        check(self.dtype in DTYPES, f"unknown weight dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        allowed = (*DTYPES, *ENGINE_ONLY) if self.compile else tuple(DTYPES)
+        check(self.dtype in allowed, f"unknown weight dtype {self.dtype!r} (int4 needs compile); choose one of "
+                                     f"{', '.join(allowed)}")
 
     def decode_config(self, **fields: Any) -> DecodeConfig:
         """The server's decoding defaults with ``fields`` (None values ignored) replacing them."""

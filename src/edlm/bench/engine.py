@@ -1,0 +1,229 @@
+"""``edlm bench decode --compile``: batch-1 AR on every backend and dtype in one run (PyTorch eager, the compiled
+engine, llama.cpp at Q8_0 and at the GGUF's own quantization), each against the bandwidth bound (weight bytes over
+measured memory bandwidth); the engine's step cost by forward width; and the dLM's forced-TPF decoding on the
+engine, against the best AR.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edlm.config import DecodeConfig
+
+
+HEADLINE = ("ar_best_tokens_per_s", "ar_best", "llamacpp_tokens_per_s", "bandwidth_bound_tokens_per_s")
+"""The fields ``edlm bench decode --compile`` also copies to its JSON's top level."""
+
+
+def memory_bandwidth(mb: int = 512, repeats: int = 5) -> float:
+    """Bytes per second a reduction over an ``mb`` MB fp32 tensor reads at the current thread count (median).
+
+    Random contents: a freshly filled constant tensor measured several times faster than DRAM here."""
+    x = torch.randn(mb * 1024 * 1024 // 4, generator=torch.Generator().manual_seed(0))
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / sorted(times)[repeats // 2]
+
+
+def _ar_row(model, ids, max_new_tokens: int, repeats: int, eos: int | None = None) -> tuple[dict[str, Any], Any]:
+    from edlm.baseline import ar_generate
+    from edlm.bench.decode import _in_batches, _summary, _timed
+
+    cfg = DecodeConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    out = _timed(lambda: _in_batches(lambda r: ar_generate(model, r, cfg, eos_id=None), ids, 1), repeats)
+    return {**_summary(out), "wall_s": time.perf_counter() - t0}, out
+
+
+def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new_tokens: int,
+                     dtypes: tuple[str, ...] = ("fp32", "bf16", "int8", "int4"),
+                     eager_dtypes: tuple[str, ...] = ("fp32", "int8"), repeats: int = 1, block: int = 8,
+                     tpfs: tuple[int, ...] = (1, 4), ar_source: str | None = "auto",
+                     gguf: str | os.PathLike | None = None, llama_cpp: bool = True,
+                     compile: bool = True) -> dict[str, Any]:
+    """Batch-1 AR tokens/s of the source on each backend and dtype, EOS ignored (every run makes
+    ``max_new_tokens`` per prompt), and the dLM at forced tokens per forward on the engine's fastest dtype.
+
+    Returns a JSON-ready dict: ``ar`` (one row per backend and dtype: tokens/s, weight bytes, bandwidth bound,
+    compile seconds for the engine), ``ar_best_tokens_per_s`` and ``ar_best`` (backend, dtype),
+    ``llamacpp_tokens_per_s`` (Q8_0, None when skipped), ``bandwidth_bound_tokens_per_s`` (of the fastest row's
+    weights), ``memory_bandwidth_gb_s``, ``forward_ms`` (engine, by dtype and width 1 / block / 2 x block on a
+    typical cache), ``dlm`` (forced-TPF rows on the engine), and ``targets`` (the engine issue's ratios).
+    ``compile=False`` runs the engine's function eagerly (backend ``engine``: tests, and the compile's share).
+    """
+    from edlm.bench.decode import _in_batches, _summary, _timed, forward_times
+    from edlm.decode import generate
+    from edlm.engine import compile_dlm, compile_model
+    from edlm.model import source_spec
+    from edlm.quant import cast_model, load, load_ar
+
+    bandwidth = memory_bandwidth()
+    spec = source_spec(model_dir) if ar_source == "auto" else ar_source
+    source, _ = load_ar(spec, "fp32")
+    cache_len = sorted(len(i) for i in ids)[len(ids) // 2] + max_new_tokens // 2
+    rows: list[dict[str, Any]] = []
+    for d in eager_dtypes:
+        model = source if d == "fp32" else cast_model(source, d, copy=True)
+        row, _ = _ar_row(model, ids, max_new_tokens, repeats)
+        rows.append({"backend": "eager", "dtype": d, **row})
+    forward_ms: dict[str, dict[str, float]] = {}
+    backend = "compiled" if compile else "engine"
+    engines = {}
+    for d in dtypes:
+        engine = engines[d] = compile_model(source, d, compile=compile)
+        row, _ = _ar_row(engine, ids, max_new_tokens, repeats)
+        weight_bytes = engine.weight_bytes()
+        widths = (1, block, 2 * block)
+        t0 = time.perf_counter()
+        fwd = forward_times(engine, cache_len, widths, repeats=5)
+        forward_ms[d] = {str(w): 1e3 * t for w, t in fwd.items()}
+        rows.append({"backend": backend, "dtype": d, **row, "weight_bytes": weight_bytes,
+                     "bandwidth_bound_tokens_per_s": bandwidth / weight_bytes,
+                     "compile_s": sum(engine.compile_s.values()), "forward_bench_s": time.perf_counter() - t0})
+    lc = llamacpp_rows(model_dir, ids, max_new_tokens, repeats, gguf) if llama_cpp else {"skipped": "--no-llama-cpp"}
+    if "rows" in lc:
+        for r in lc["rows"]:
+            r["bandwidth_bound_tokens_per_s"] = bandwidth / r["file_bytes"]
+        rows += lc["rows"]
+    best = max(rows, key=lambda r: r["tokens_per_s"] if r["backend"] != "llama.cpp" else -1.0)
+    engine_best = max((r for r in rows if r["backend"] == backend), key=lambda r: r["tokens_per_s"])
+    d = engine_best["dtype"]
+    dlm = compile_dlm(load(model_dir, "fp32"), d, compile=compile)
+    dlm_rows = []
+    for k in tpfs:
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, block_size=block, policy="fixed", tokens_per_step=k,
+                           ignore_eos=True)
+        t0 = time.perf_counter()
+        s = _summary(_timed(lambda c=cfg: _in_batches(lambda r: generate(dlm, r, c), ids, 1), repeats))
+        dlm_rows.append({"dtype": d, "tpf_forced": k, **s, "wall_s": time.perf_counter() - t0,
+                         "speedup_vs_best_ar": s["tokens_per_s"] / best["tokens_per_s"]})
+    q8 = next((r["tokens_per_s"] for r in rows if r["backend"] == "llama.cpp" and r["quant"] == "Q8_0"), None)
+    fwd = forward_ms[d]
+    tpf4 = next((r for r in dlm_rows if r["tpf_forced"] == 4), None)
+    return {
+        "ar": rows, "ar_best_tokens_per_s": best["tokens_per_s"], "ar_best": [best["backend"], best["dtype"]],
+        "llamacpp_tokens_per_s": q8, "llamacpp": {k: v for k, v in lc.items() if k != "rows"},
+        "bandwidth_bound_tokens_per_s": bandwidth / engine_best["weight_bytes"],
+        "memory_bandwidth_gb_s": bandwidth / 1e9, "forward_ms": forward_ms, "forward_cache_len": cache_len,
+        "dlm": dlm_rows, "dlm_engine_compile_s": sum(dlm.model.compile_s.values()),
+        "targets": {
+            "best_ar_over_llamacpp_q8": None if q8 is None else best["tokens_per_s"] / q8,
+            "width8_over_ar_step": fwd[str(block)] / fwd["1"],
+            "tpf4_over_best_ar": None if tpf4 is None else tpf4["speedup_vs_best_ar"]},
+        "settings": {"block": block, "tpfs": list(tpfs), "dtypes": list(dtypes), "eager_dtypes": list(eager_dtypes),
+                     "max_new_tokens": max_new_tokens, "prompts": len(ids), "repeats": repeats,
+                     "threads": torch.get_num_threads()},
+    }
+
+
+def llamacpp_rows(model_dir, ids: list[list[int]], max_new_tokens: int, repeats: int,
+                  gguf: str | os.PathLike | None = None) -> dict[str, Any]:
+    """llama.cpp's greedy AR at batch 1 on the source's GGUF as shipped and requantized to Q8_0 (int8's bytes per
+    weight); ``{"skipped": reason}`` when it cannot run here."""
+    import torch
+
+    from edlm.bench.llamacpp import llamacpp_ar, q8_0_gguf, skip_reason, source_gguf
+
+    path = source_gguf(model_dir, gguf)
+    reason = skip_reason(path)
+    if reason is not None:
+        return {"skipped": reason}
+    rows = []
+    for quant, file in (("default", path), ("Q8_0", q8_0_gguf(path))):
+        run = llamacpp_ar(file, ids, max_new_tokens, threads=torch.get_num_threads(), repeats=repeats)
+        run.pop("sequences")
+        rows.append({"backend": "llama.cpp", "dtype": quant if quant == "Q8_0" else Path(file).stem.split(".")[-1],
+                     "quant": quant, "tokens_per_s": run["tokens_per_s"], "latency_s": run["seconds"],
+                     "tokens": run["tokens"], "file_bytes": Path(file).stat().st_size, "gguf": str(file),
+                     "llama_cpp": run["llama_cpp"]})
+    return {"rows": rows}
+
+
+# Op categories of a forward's profile (torch.profiler event names), first match wins: a substring of the name, or
+# for the bookkeeping ops the exact op name after "aten::".
+_CATEGORIES = (
+    ("attention", ("scaled_dot_product", "softmax", "bmm")),
+    ("gemm", ("mm", "linear", "matmul", "_weight_int", "quantized::", "edlm::int8", "mkl")),
+    ("compiled kernels", ("CompiledFxGraph", "Torch-Compiled Region")),
+    ("compiler runtime", ("TorchDynamo", "AOTDispatcher", "Pregraph", "Postgraph")),
+)
+_BOOKKEEPING = {"empty", "empty_like", "empty_strided", "view", "transpose", "as_strided", "expand", "reshape",
+                "slice", "select", "unsqueeze", "squeeze", "contiguous", "detach", "alias", "t", "permute",
+                "_to_copy", "to", "copy_", "clone", "arange", "index_copy_", "fill_", "zero_", "resize_",
+                "_unsafe_view", "lift_fresh"}
+
+
+def _category(name: str) -> str:
+    for category, keys in _CATEGORIES:
+        if any(k in name for k in keys):
+            return category
+    if name.split("::")[-1] in _BOOKKEEPING:
+        return "tensor bookkeeping"
+    return "other ops (norms, rope, activations)"
+
+
+@torch.no_grad()
+def profile_forward(model, cache_len: int, width: int, repeats: int = 5) -> dict[str, Any]:
+    """Where a forward of ``width`` new columns on a ``cache_len``-token cache spends its time: wall ms (median,
+    unprofiled), then ms per forward by op category from ``torch.profiler`` (op self times), and the rest, wall
+    minus every op's self time: Python, module calls and dispatch outside any op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from edlm.bench.decode import forward_times
+    from edlm.model import cache_kwargs, new_cache
+
+    wall = forward_times(model, cache_len, (width,), repeats=repeats)[width]
+    cache = new_cache(model, 1)
+    prefix = torch.randint(0, 1000, (1, cache_len), generator=torch.Generator().manual_seed(0))
+    model(input_ids=prefix, use_cache=True, **cache_kwargs(model, cache))
+    ids = torch.zeros((1, width), dtype=torch.long)
+    pos = torch.arange(cache_len, cache_len + width)[None]
+
+    def step():
+        model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
+        cache.crop(-width)
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step()
+    ms: dict[str, float] = {}
+    for event in prof.key_averages():
+        category = _category(event.key)
+        ms[category] = ms.get(category, 0.0) + event.self_cpu_time_total / 1e3 / repeats
+    profiled = sum(ms.values())
+    return {"wall_ms": 1e3 * wall, "profiled_ms": profiled, "by_category_ms": dict(sorted(ms.items())),
+            "outside_ops_ms": max(0.0, 1e3 * wall - profiled)}
+
+
+def profile_engine(model_dir: str | os.PathLike, dtypes: tuple[str, ...] = ("fp32", "bf16", "int8", "int4"),
+                   eager_dtypes: tuple[str, ...] = ("fp32", "bf16", "int8"), widths: tuple[int, ...] = (1, 8, 16),
+                   cache_len: int = 100, ar_source: str | None = "auto", compile: bool = True) -> dict[str, Any]:
+    """:func:`profile_forward` of the source's forward on the eager Hugging Face path and on the compiled engine,
+    per dtype and width: ``{"eager": {dtype: {width: ...}}, "compiled": {...}, "settings": ...}``."""
+    from edlm.engine import compile_model
+    from edlm.model import source_spec
+    from edlm.quant import cast_model, load_ar
+
+    spec = source_spec(model_dir) if ar_source == "auto" else ar_source
+    source, _ = load_ar(spec, "fp32")
+    out: dict[str, Any] = {"eager": {}, "compiled" if compile else "engine": {}}
+    for d in eager_dtypes:
+        model = source if d == "fp32" else cast_model(source, d, copy=True)
+        out["eager"][d] = {str(w): profile_forward(model, cache_len, w) for w in widths}
+    for d in dtypes:
+        engine = compile_model(source, d, compile=compile)
+        out["compiled" if compile else "engine"][d] = {str(w): profile_forward(engine, cache_len, w)
+                                                       for w in widths}
+    out["settings"] = {"cache_len": cache_len, "widths": list(widths), "threads": torch.get_num_threads(),
+                       "model": str(model_dir)}
+    return out

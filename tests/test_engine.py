@@ -1,0 +1,129 @@
+"""The compiled engine (edlm.engine): the same tokens as the eager Hugging Face path in every mode, its cache and
+padding rules, its quantized weights, and its errors."""
+
+import pytest
+import torch
+
+from conftest import make_dlm
+from edlm.assets import tiny_model
+from edlm.config import DecodeConfig
+from edlm.decode import generate
+from edlm.engine import Engine, _bucket, compile_dlm, compile_model
+from edlm.errors import EdlmError
+from edlm.model import new_cache
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]
+
+
+def _modes(max_new_tokens=20):
+    return [DecodeConfig(max_new_tokens=max_new_tokens, mode="ar", ignore_eos=True),
+            DecodeConfig(max_new_tokens=max_new_tokens, mode="diffusion", ignore_eos=True),
+            DecodeConfig(max_new_tokens=max_new_tokens, mode="diffusion", ignore_eos=True, use_cache=False),
+            DecodeConfig(max_new_tokens=max_new_tokens, mode="speculative", ignore_eos=True),
+            DecodeConfig(max_new_tokens=max_new_tokens, mode="speculative", ignore_eos=True, aligned_draft=False)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_eager_engine_decodes_as_the_hf_model_in_every_mode(family):
+    dlm = make_dlm(family, peaked=4.0)
+    eng = compile_dlm(dlm, "fp32", compile=False)
+    for cfg in _modes():
+        ref = generate(dlm, PROMPTS, cfg).sequences
+        assert generate(eng, PROMPTS, cfg).sequences == ref, (family, cfg.mode)
+        assert all(len(s) == 20 for s in ref)
+
+
+def test_engine_logits_match_hf_with_padding_widths():
+    model, _ = tiny_model("llama")
+    eng = compile_model(model, "fp32", compile=False)
+    ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    ref = model(input_ids=ids).logits
+    for width in (1, 2, 3, 5):  # 3 and 5 run padded to 4 and 8
+        cache = eng.new_cache(2, capacity=4)  # too small: grows
+        out = [eng(input_ids=ids[:, i:i + width], cache=cache).logits for i in range(0, 5, width)]
+        assert cache.get_seq_length() == 5 and cache.capacity >= 5
+        torch.testing.assert_close(torch.cat(out, dim=1), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_static_cache_crop_follows_dynamic_cache_semantics():
+    model, _ = tiny_model("llama")
+    cache = new_cache(compile_model(model, compile=False), rows=1)
+    cache.length = 10
+    cache.crop(-3)
+    assert cache.get_seq_length() == 7
+    cache.crop(4)
+    assert cache.get_seq_length() == 4
+    with pytest.raises(ValueError):
+        cache.crop(-5)
+
+
+def test_bucket_widths():
+    assert [_bucket(w) for w in (1, 2, 3, 5, 8, 9, 17, 64, 65, 130)] == [1, 2, 4, 8, 8, 16, 24, 64, 128, 192]
+
+
+@pytest.mark.parametrize("dtype, tol", [("bf16", 0.15), ("int8", 0.15), ("int4", 0.6)])
+def test_quantized_engine_logits_stay_close_to_fp32(dtype, tol):
+    model, _ = tiny_model("llama", hidden=64)
+    ids = torch.arange(3, 19)[None]
+    ref = torch.log_softmax(model(input_ids=ids).logits, -1)
+    out = torch.log_softmax(compile_model(model, dtype, compile=False)(input_ids=ids).logits, -1)
+    assert (out - ref).abs().max() < tol
+    fp32 = compile_model(model, compile=False).weight_bytes()
+    assert compile_model(model, dtype, compile=False).weight_bytes() <= {"bf16": 0.5, "int8": 0.3, "int4": 0.2}[dtype] * fp32
+
+
+def test_unsupported_models_and_dtypes_fail_clearly():
+    model, _ = tiny_model("gemma")
+    with pytest.raises(EdlmError, match="without --compile"):
+        Engine(model)
+    llama, _ = tiny_model("llama")
+    with pytest.raises(EdlmError, match="engine dtype"):
+        Engine(llama, dtype="fp8")
+
+
+@pytest.mark.slow
+def test_compiled_engine_decodes_as_eager_in_every_mode():
+    dlm = make_dlm("llama", peaked=4.0)
+    eng = compile_dlm(dlm, "fp32", compile=True)
+    for cfg in _modes(12):
+        assert generate(eng, PROMPTS, cfg).sequences == generate(dlm, PROMPTS, cfg).sequences, cfg.mode
+    assert eng.model.compile_s  # every width's first call was timed
+
+
+def test_engine_benchmark_reports_every_backend_and_the_targets(model_dir):
+    from edlm.bench.engine import HEADLINE, engine_benchmark
+
+    result = engine_benchmark(model_dir, [[5, 6, 7, 8], [9, 10, 11]], max_new_tokens=8, dtypes=("fp32", "int8"),
+                              eager_dtypes=("fp32",), block=4, tpfs=(1, 4), llama_cpp=False, compile=False)
+    assert [(r["backend"], r["dtype"]) for r in result["ar"]] == [("eager", "fp32"), ("engine", "fp32"),
+                                                                  ("engine", "int8")]
+    assert all(r["tokens"] == 16 for r in result["ar"])  # EOS ignored: every row makes max_new_tokens
+    assert all(k in result for k in HEADLINE) and result["llamacpp_tokens_per_s"] is None
+    assert result["ar_best_tokens_per_s"] == max(r["tokens_per_s"] for r in result["ar"])
+    assert [r["tpf_forced"] for r in result["dlm"]] == [1, 4]
+    assert result["dlm"][1]["tokens_per_forward"] > 2 * result["dlm"][0]["tokens_per_forward"]
+    assert set(result["forward_ms"]["fp32"]) == {"1", "4", "8"}
+    assert result["targets"]["width8_over_ar_step"] == pytest.approx(
+        result["forward_ms"][result["dlm"][0]["dtype"]]["4"] / result["forward_ms"][result["dlm"][0]["dtype"]]["1"])
+    assert result["bandwidth_bound_tokens_per_s"] > 0
+
+
+def test_int4_needs_the_compiled_engine(model_dir):
+    from edlm.quant import load
+
+    with pytest.raises(EdlmError, match="--compile"):
+        load(model_dir, "int4")
+    assert load(model_dir, "int4", compile=True).model.dtype_name == "int4"
+
+
+@pytest.mark.slow
+def test_cli_generate_and_eval_compile(model_dir, capsys):
+    from edlm.cli import main
+
+    args = ["--model", str(model_dir), "--max-new-tokens", "8", "--no-chat"]
+    assert main(["generate", *args, "--prompt", "abc"]) == 0
+    eager = capsys.readouterr().out
+    assert main(["generate", *args, "--prompt", "abc", "--compile"]) == 0
+    assert capsys.readouterr().out == eager
+    assert main(["eval", "--model", str(model_dir), "--task", "arithmetic", "--limit", "2", "--compile"]) == 0
+    assert "accuracy" in capsys.readouterr().out
