@@ -125,7 +125,8 @@ def test_exact_problems_are_deterministic_with_checkable_answers():
     problems = exact_problems(50)
     assert problems == exact_problems(50) and len(problems) == 100
     for family, prompt, answer in problems:
-        numbers = [int(x) for x in prompt.replace("=", ",").replace("+", ",").replace("\n", ",").split(",") if x.strip()]
+        fields = prompt.replace("=", ",").replace("+", ",").replace("\n", ",").split(",")
+        numbers = [int(x) for x in fields if x.strip()]
         if family == "sequence":  # an arithmetic progression whose next two terms are the answer
             d = numbers[1] - numbers[0]
             assert d > 0 and numbers + answer == [numbers[0] + i * d for i in range(7)]

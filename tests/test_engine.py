@@ -3,8 +3,8 @@ padding rules, its quantized weights, and its errors."""
 
 import pytest
 import torch
-
 from conftest import make_dlm
+
 from edlm.assets import tiny_model
 from edlm.config import DecodeConfig
 from edlm.decode import generate
@@ -69,7 +69,8 @@ def test_quantized_engine_logits_stay_close_to_fp32(dtype, tol):
     out = torch.log_softmax(compile_model(model, dtype, compile=False)(input_ids=ids).logits, -1)
     assert (out - ref).abs().max() < tol
     fp32 = compile_model(model, compile=False).weight_bytes()
-    assert compile_model(model, dtype, compile=False).weight_bytes() <= {"bf16": 0.5, "int8": 0.3, "int4": 0.2}[dtype] * fp32
+    ratio = {"bf16": 0.5, "int8": 0.3, "int4": 0.2}[dtype]
+    assert compile_model(model, dtype, compile=False).weight_bytes() <= ratio * fp32
 
 
 def test_unsupported_models_and_dtypes_fail_clearly():

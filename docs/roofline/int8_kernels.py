@@ -58,12 +58,14 @@ def main() -> None:
             x = torch.randn(m, 576, generator=g)
             xb, sb = x.bfloat16(), [s.bfloat16() for s in scales]
             rows = {
-                "aten int8pack (bf16 act.)": bench(lambda: [torch.ops.aten._weight_int8pack_mm(xb, w, s)
-                                                            for w, s in zip(int8, sb)]),
-                "fbgemm dynamic int8": bench(lambda: [torch.ops.quantized.linear_dynamic(x, p, True) for p in packed]),
-                "inductor multiply-sum": bench(lambda: [compiled_decomposed(x, w, s) for w, s in zip(int8, scales)]),
-                "inductor linear(w.float())": bench(lambda: [compiled_converted(x, w, s)
-                                                             for w, s in zip(int8, scales)]),
+                "aten int8pack (bf16 act.)": bench(
+                    lambda xb=xb, sb=sb: [torch.ops.aten._weight_int8pack_mm(xb, w, s) for w, s in zip(int8, sb)]),
+                "fbgemm dynamic int8": bench(
+                    lambda x=x: [torch.ops.quantized.linear_dynamic(x, p, True) for p in packed]),
+                "inductor multiply-sum": bench(
+                    lambda x=x: [compiled_decomposed(x, w, s) for w, s in zip(int8, scales)]),
+                "inductor linear(w.float())": bench(
+                    lambda x=x: [compiled_converted(x, w, s) for w, s in zip(int8, scales)]),
             }
             print(f"m={m:2d}: " + "; ".join(f"{k} {v:.1f} ms ({megabytes / v:.1f} GB/s)" for k, v in rows.items()),
                   flush=True)

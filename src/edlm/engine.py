@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 ENGINE_DTYPES = ("fp32", "bf16", "int8", "int4")
 SUPPORTED = ("llama", "mistral", "qwen2")
-"""``config.model_type`` values the engine runs: pre-norm RMSNorm, rotary, grouped-query attention, SwiGLU."""
+"""``config.model_type`` values the engine runs: pre-norm RMSNorm, rotary, grouped-query attention, SwiGLU. A
+sliding attention window (Mistral) is not applied: contexts must fit in the window."""
 INT4_GROUP = 32
 
 
@@ -176,7 +177,7 @@ def _int8_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> to
 
     Registered as a plain CPU kernel of ``edlm::int8_linear`` (``torch.library.custom_op``'s wrapper cost ~150 us a
     call here, a fifth of a SmolLM2 forward)."""
-    return torch.ops.quantized.linear_dynamic(x, _INT8[int(handle)], True)
+    return torch.ops.quantized.linear_dynamic.default(x, _INT8[int(handle)], True)
 
 
 def _int8_linear_fake(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -255,7 +256,8 @@ class StaticCache:
 
 
 class Engine(nn.Module):
-    """A Hugging Face Llama-family causal LM's weights run by one compiled function per forward width.
+    """A Hugging Face Llama-family causal LM's weights run as compiled chunks of layers, one graph per forward
+    width.
 
     Args:
         model: the source (``AutoModelForCausalLM``; fp32 weights preferred, other float dtypes are upcast first).
@@ -265,7 +267,9 @@ class Engine(nn.Module):
         capacity: initial KV slots per cache (it grows by doubling when a forward needs more).
         chunk: layers per compiled graph. Every chunk of this size runs one graph (weights are its inputs), so
             compile time follows the chunk, not the depth; each chunk call costs ~0.3 ms of dispatch and guards.
-            SmolLM2 (30 layers): whole stack ~85 s to compile per width, chunks of 6 ~XX s.
+            SmolLM2 (30 layers): the whole stack took 60-85 s to compile per width, chunks of 6 take 15-25 s.
+
+    A cache that grows to a new capacity changes the graphs' shapes: they compile again at the new size.
     """
 
     def __init__(self, model: nn.Module, dtype: str = "fp32", compile: bool = True, capacity: int = 256,
@@ -369,6 +373,18 @@ class Engine(nn.Module):
             x = self._run_chunk(x, cos, sin, slots, mask, tuple(keys[at]), tuple(values[at]), layers)
         return self._norm(x, self.norm)
 
+    def _attend(self, q, k, v, mask):
+        """Attention of q (R, H, Q, hd) over the whole cache k, v (R, KV, C, hd) under mask (R, 1, Q, C), written
+        out as matmuls and a softmax for inductor to fuse (the CPU flash-attention kernel cost ~140 us a call for
+        one query here). Query heads are grouped by the key/value head they share."""
+        rows, heads, q_len, hd = q.shape
+        group = heads // self.kv_heads
+        q = q.reshape(rows, self.kv_heads, group * q_len, hd)
+        scores = (q @ k.transpose(-1, -2)).float() * hd ** -0.5  # (R, KV, G*Q, C)
+        scores = scores.view(rows, self.kv_heads, group, q_len, -1).masked_fill(~mask[:, :, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype).view(rows, self.kv_heads, group * q_len, -1)
+        return (probs @ v).view(rows, heads, q_len, hd)
+
     def _chunk(self, x, cos, sin, slots, mask, keys: tuple, values: tuple, layers: tuple):
         """``len(layers)`` consecutive layers: the unit that is compiled (every chunk of the same size runs the same
         graph, its weights being inputs)."""
@@ -393,7 +409,7 @@ class Engine(nn.Module):
         k = k * cos + torch.cat([-k[..., half:], k[..., :half]], dim=-1) * sin
         k_cache.index_copy_(2, slots, k)
         v_cache.index_copy_(2, slots, v)
-        a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        a = self._attend(q, k_cache, v_cache, mask)
         x = x + linear(dtype, x.shape[-1], a.transpose(1, 2).reshape(rows, q_len, q_size), o_w, o_s, o_b)
         h = self._norm(x, norm2)
         gate, up = linear(dtype, 2 * self.intermediate, h, gu_w, gu_s, gu_b).chunk(2, dim=-1)
@@ -450,7 +466,7 @@ class Engine(nn.Module):
 
     @staticmethod
     def _mask(attention_mask, rows: int, q_len: int, start: int, width: int, cap: int, device) -> torch.Tensor:
-        """(R, 1, width, capacity) bool: the given rule over the real columns; padding queries see themselves."""
+        """(R, 1, width, capacity) bool: the given rule over the real columns, and every query its own column."""
         keys = start + q_len
         if attention_mask is None or attention_mask.dim() == 2:
             k = torch.arange(keys, device=device)
@@ -462,9 +478,10 @@ class Engine(nn.Module):
             rule = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         full = torch.zeros((rows, 1, width, cap), dtype=torch.bool, device=device)
         full[:, :, :q_len, :keys] = rule
-        if width > q_len:
-            j = torch.arange(q_len, width, device=device)
-            full[:, :, j, start + j] = True
+        # Every query sees its own column: what padding queries (bucket padding, left pads) need to have a
+        # softmax at all, and what every decoding rule already allows a real query.
+        j = torch.arange(width, device=device)
+        full[:, :, j, start + j] = True
         return full
 
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from edlm.cli.commands import (
     cmd_bench,
-    cmd_bench_masks,
     cmd_bench_engine,
+    cmd_bench_masks,
     cmd_bench_train,
     cmd_convert,
     cmd_demo,

@@ -254,7 +254,8 @@ def engine_table(e: dict) -> str:
     q8 = t["best_ar_over_llamacpp_q8"]
     lines.append(f"best AR: {e['ar_best'][0]} {e['ar_best'][1]}, {e['ar_best_tokens_per_s']:.1f} tokens/s; "
                  f"llama.cpp Q8_0 / best AR {_num(None if q8 is None else 1 / q8, '.2f')}; width-8 step / AR step "
-                 f"{_num(t['width8_over_ar_step'], '.2f')}; forced TPF 4 / best AR {_num(t['tpf4_over_best_ar'], '.2f')}")
+                 f"{_num(t['width8_over_ar_step'], '.2f')}; forced TPF 4 / best AR "
+                 f"{_num(t['tpf4_over_best_ar'], '.2f')}")
     return "\n".join(lines)
 
 
