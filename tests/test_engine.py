@@ -126,5 +126,10 @@ def test_cli_generate_and_eval_compile(model_dir, capsys):
     eager = capsys.readouterr().out
     assert main(["generate", *args, "--prompt", "abc", "--compile"]) == 0
     assert capsys.readouterr().out == eager
-    assert main(["eval", "--model", str(model_dir), "--task", "arithmetic", "--limit", "2", "--compile"]) == 0
-    assert "accuracy" in capsys.readouterr().out
+    evaluation = ["eval", "--model", str(model_dir), "--task", "arithmetic", "--limit", "2"]
+    answers = []
+    for extra in ([], ["--compile"]):
+        assert main(evaluation + extra) == 0
+        fields = dict(f.split("=") for f in capsys.readouterr().out.split())
+        answers.append((fields["acc"], fields["n"], fields["tokens_per_forward"]))
+    assert answers[0] == answers[1] and answers[0][1] == "2"
