@@ -133,3 +133,20 @@ def test_cli_generate_and_eval_compile(model_dir, capsys):
         fields = dict(f.split("=") for f in capsys.readouterr().out.split())
         answers.append((fields["acc"], fields["n"], fields["tokens_per_forward"]))
     assert answers[0] == answers[1] and answers[0][1] == "2"
+
+
+def test_dtype_auto_measures_once_and_picks_the_fastest(model_dir, capsys, tmp_path, monkeypatch):
+    from edlm.bench.engine import choose_dtype
+    from edlm.cli import main
+
+    monkeypatch.setenv("EDLM_CACHE", str(tmp_path))  # where the choice is remembered
+
+    dtype, record = choose_dtype(model_dir, width=4, candidates=("fp32", "int8"))
+    assert not record["cached"] and set(record["forward_ms"]) == {"fp32", "int8"}
+    assert dtype == min(record["forward_ms"], key=record["forward_ms"].get)
+    again, record = choose_dtype(model_dir, width=4, candidates=("fp32", "int8"))
+    assert record["cached"] and again == dtype
+    assert main(["generate", "--model", str(model_dir), "--prompt", "ab", "--max-new-tokens", "4", "--dtype",
+                 "auto"]) == 0
+    assert "dtype auto:" in capsys.readouterr().err
+    assert (tmp_path / "dtype-choices.json").is_file()

@@ -227,3 +227,45 @@ def profile_engine(model_dir: str | os.PathLike, dtypes: tuple[str, ...] = ("fp3
     out["settings"] = {"cache_len": cache_len, "widths": list(widths), "threads": torch.get_num_threads(),
                        "model": str(model_dir)}
     return out
+
+
+def choose_dtype(model_dir: str | os.PathLike, width: int, compile: bool = False,
+                 candidates: tuple[str, ...] | None = None, cache_len: int = 128) -> tuple[str, dict[str, Any]]:
+    """``--dtype auto``: the weight dtype whose forward of ``width`` new columns (1 for AR, the block for diffusion
+    and speculative steps) is fastest here, measured once per machine, model folder, thread count, path and width
+    and remembered in ``<edlm cache>/dtype-choices.json``. Returns (dtype, the record: times per dtype, whether it
+    came from the cache)."""
+    import hashlib
+    import json
+
+    from edlm.assets import cache_dir
+    from edlm.bench.decode import forward_times
+    from edlm.quant import load
+    from edlm.results import machine_info
+
+    candidates = candidates or (("fp32", "bf16", "int8", "int4") if compile else ("fp32", "bf16", "int8"))
+    machine = machine_info()
+    folder = Path(model_dir).resolve()
+    stamp = max((f.stat().st_mtime for f in folder.glob("*.safetensors")), default=0.0)
+    key = hashlib.sha256(json.dumps([machine["cpu"], machine["cpu_flags"], machine["torch"],
+                                     torch.get_num_threads(), str(folder), stamp, compile, width,
+                                     list(candidates)]).encode()).hexdigest()[:16]
+    path = cache_dir() / "dtype-choices.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]["dtype"], {**known[key], "cached": True}
+    times = {}
+    for d in candidates:
+        dlm = load(folder, d, compile=compile)
+        times[d] = 1e3 * forward_times(dlm.model, cache_len, (width,), repeats=5, token=dlm.mask_id)[width]
+    best = min(times, key=times.get)
+    record = {"dtype": best, "forward_ms": times, "width": width, "compile": compile, "model": str(folder)}
+    known[key] = record
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=1) + "\n")
+    os.replace(tmp, path)
+    return best, {**record, "cached": False}

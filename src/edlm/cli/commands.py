@@ -127,6 +127,20 @@ def drafter_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _auto_dtype(args: argparse.Namespace, mode: str, block: int | None) -> None:
+    """``--dtype auto``: replace it by the dtype whose decoding step is fastest here (measured once, cached)."""
+    if getattr(args, "dtype", None) != "auto":
+        return
+    from edlm.bench.engine import choose_dtype
+    from edlm.model import read_diffusion_config
+
+    width = 1 if mode == "ar" else block or read_diffusion_config(args.model).block_size
+    args.dtype, record = choose_dtype(args.model, width, compile=getattr(args, "compile", False))
+    times = ", ".join(f"{d} {ms:.1f}" for d, ms in record["forward_ms"].items())
+    print(f"[dtype auto: {args.dtype} (forward of {width} new columns, ms: {times}; "
+          f"{'cached' if record['cached'] else 'measured now'})]", file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     _set_threads(args)
     cfg = decode_config(args)
@@ -136,6 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from edlm.assets import best_device
     from edlm.quant import load
 
+    _auto_dtype(args, cfg.mode, cfg.block_size)
     dlm = load(args.model, args.dtype, device=best_device(), compile=args.compile)
     texts, stats = dlm.generate(prompts, cfg, chat=not args.no_chat)
     for prompt, text in zip(prompts, texts):
@@ -317,6 +332,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edlm.serve import load_serve_settings, serve
 
     _set_threads(args)
+    _auto_dtype(args, decode_given(args).get("mode", "diffusion"), decode_given(args).get("block_size"))
     settings = load_serve_settings(args.model, args.set, host=args.host, port=args.port, api_key=args.api_key,
                                    model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue,
                                    dtype=args.dtype, compile=args.compile or None)
@@ -332,6 +348,7 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     from edlm.serve import load_serve_settings
 
     _set_threads(args)
+    _auto_dtype(args, decode_given(args).get("mode", "diffusion"), decode_given(args).get("block_size"))
     settings = load_serve_settings(args.model, args.set)
     result = serve_bench(args.model, n_requests=args.requests, concurrency=args.concurrency,
                          max_tokens=args.max_tokens, disconnect=args.disconnect, max_batch=args.max_batch,
@@ -379,6 +396,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from edlm.results import write_json
 
     _set_threads(args)
+    _auto_dtype(args, "ar" if args.ar else decode_config(args).mode, decode_config(args).block_size)
     result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples,
                       decode=decode_config(args), max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
                       dtype=args.dtype, allow_unsandboxed_code=args.allow_unsandboxed_code, compile=args.compile)

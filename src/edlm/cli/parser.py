@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-DTYPE_NAMES = ["fp32", "bf16", "int8", "int4"]  # edlm.quant.DTYPES, named here so building the parser imports no torch
+DTYPE_NAMES = ["fp32", "bf16", "int8", "int4", "auto"]  # edlm.quant's names (+ int4, auto); no torch import here
 
 
 def decode_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--stats", action="store_true", help="print tokens/s and tokens per forward")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
-                   help="weights: fp32, bf16 or int8 (quantized Linear layers), int4 (--compile only); edlm bench "
-                        "measures which is fastest")
+                   help="weights: fp32, bf16 or int8 (quantized Linear layers), int4 (--compile only), or auto (the "
+                        "fastest here for the decoding mode's step, measured once and cached)")
     _compile_flag(p)
 
     p = sub.add_parser("eval", help="task accuracy / likelihood of a converted model or (--ar) its AR source")
@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, help="most requests decoded in one batched call (default 16)")
     p.add_argument("--max-queue", type=int, help="requests that may wait; more get HTTP 429 (default 64)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                   help="weights: fp32 (default), bf16 or int8, int4 (--compile only); same as --set dtype=...")
+                   help="weights: fp32 (default), bf16 or int8, int4 (--compile only), auto (measured once, cached); "
+                        "same as --set dtype=...")
     _compile_flag(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
