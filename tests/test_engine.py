@@ -107,6 +107,9 @@ def test_engine_benchmark_reports_every_backend_and_the_targets(model_dir):
     assert result["targets"]["width8_over_ar_step"] == pytest.approx(
         result["forward_ms"][result["dlm"][0]["dtype"]]["4"] / result["forward_ms"][result["dlm"][0]["dtype"]]["1"])
     assert result["bandwidth_bound_tokens_per_s"] > 0
+    own = engine_benchmark(model_dir, [[5, 6, 7, 8]], max_new_tokens=4, dtypes=("fp32",), eager_dtypes=(), block=4,
+                           tpfs=(4,), llama_cpp=False, compile=False, ar_source=None)  # the converted weights
+    assert [r["backend"] for r in own["ar"]] == ["engine"] and own["ar"][0]["tokens"] == 4
 
 
 def test_int4_needs_the_compiled_engine(model_dir):

@@ -58,7 +58,8 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     ``llamacpp_tokens_per_s`` (Q8_0, None when skipped), ``bandwidth_bound_tokens_per_s`` (of the fastest row's
     weights), ``memory_bandwidth_gb_s``, ``forward_ms`` (engine, by dtype and width 1 / block / 2 x block on a
     typical cache), ``dlm`` (forced-TPF rows on the engine), and ``targets`` (the engine issue's ratios).
-    ``compile=False`` runs the engine's function eagerly (backend ``engine``: tests, and the compile's share).
+    ``ar_source``: ``"auto"`` (the source named in the folder's ``train_config.yaml``), a model spec, or None (the
+    converted weights decoded causally). ``compile=False`` runs the engine's function eagerly (backend ``engine``).
     """
     from edlm.bench.decode import _in_batches, _summary, _timed, forward_times
     from edlm.decode import generate
@@ -68,7 +69,8 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
 
     bandwidth = memory_bandwidth()
     spec = source_spec(model_dir) if ar_source == "auto" else ar_source
-    source, _ = load_ar(spec, "fp32")
+    # None: the converted weights decoded causally, as in edlm bench decode (load_ar(None) is the embedded model)
+    source = load(model_dir, "fp32").model if spec is None else load_ar(spec, "fp32")[0]
     cache_len = sorted(len(i) for i in ids)[len(ids) // 2] + max_new_tokens // 2
     rows: list[dict[str, Any]] = []
     for d in eager_dtypes:
@@ -212,10 +214,10 @@ def profile_engine(model_dir: str | os.PathLike, dtypes: tuple[str, ...] = ("fp3
     per dtype and width: ``{"eager": {dtype: {width: ...}}, "compiled": {...}, "settings": ...}``."""
     from edlm.engine import compile_model
     from edlm.model import source_spec
-    from edlm.quant import cast_model, load_ar
+    from edlm.quant import cast_model, load, load_ar
 
     spec = source_spec(model_dir) if ar_source == "auto" else ar_source
-    source, _ = load_ar(spec, "fp32")
+    source = load(model_dir, "fp32").model if spec is None else load_ar(spec, "fp32")[0]
     out: dict[str, Any] = {"eager": {}, "compiled" if compile else "engine": {}}
     for d in eager_dtypes:
         model = source if d == "fp32" else cast_model(source, d, copy=True)
