@@ -33,14 +33,15 @@ def memory_bandwidth(mb: int = 512, repeats: int = 5) -> float:
     return x.numel() * 4 / sorted(times)[repeats // 2]
 
 
-def _ar_row(model, ids, max_new_tokens: int, repeats: int, eos: int | None = None) -> tuple[dict[str, Any], Any]:
+def _ar_row(model, ids, max_new_tokens: int, repeats: int) -> dict[str, Any]:
+    """Greedy AR of every prompt at batch 1, EOS ignored: the median run's summary and the wall time with warm-up."""
     from edlm.baseline import ar_generate
     from edlm.bench.decode import _in_batches, _summary, _timed
 
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
     out = _timed(lambda: _in_batches(lambda r: ar_generate(model, r, cfg, eos_id=None), ids, 1), repeats)
-    return {**_summary(out), "wall_s": time.perf_counter() - t0}, out
+    return {**_summary(out), "wall_s": time.perf_counter() - t0}
 
 
 def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new_tokens: int,
@@ -75,14 +76,12 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     rows: list[dict[str, Any]] = []
     for d in eager_dtypes:
         model = source if d == "fp32" else cast_model(source, d, copy=True)
-        row, _ = _ar_row(model, ids, max_new_tokens, repeats)
-        rows.append({"backend": "eager", "dtype": d, **row})
+        rows.append({"backend": "eager", "dtype": d, **_ar_row(model, ids, max_new_tokens, repeats)})
     forward_ms: dict[str, dict[str, float]] = {}
     backend = "compiled" if compile else "engine"
-    engines = {}
-    for d in dtypes:
-        engine = engines[d] = compile_model(source, d, compile=compile)
-        row, _ = _ar_row(engine, ids, max_new_tokens, repeats)
+    for d in dtypes:  # one engine at a time: each holds its own copy of the weights
+        engine = compile_model(source, d, compile=compile)
+        row = _ar_row(engine, ids, max_new_tokens, repeats)
         weight_bytes = engine.weight_bytes()
         widths = (1, block, 2 * block)
         t0 = time.perf_counter()
@@ -131,8 +130,6 @@ def llamacpp_rows(model_dir, ids: list[list[int]], max_new_tokens: int, repeats:
                   gguf: str | os.PathLike | None = None) -> dict[str, Any]:
     """llama.cpp's greedy AR at batch 1 on the source's GGUF as shipped and requantized to Q8_0 (int8's bytes per
     weight); ``{"skipped": reason}`` when it cannot run here."""
-    import torch
-
     from edlm.bench.llamacpp import llamacpp_ar, q8_0_gguf, skip_reason, source_gguf
 
     path = source_gguf(model_dir, gguf)

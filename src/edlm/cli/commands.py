@@ -332,7 +332,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edlm.serve import load_serve_settings, serve
 
     _set_threads(args)
-    _auto_dtype(args, decode_given(args).get("mode", "diffusion"), decode_given(args).get("block_size"))
+    given = decode_given(args)
+    _auto_dtype(args, given.get("mode", "diffusion"), given.get("block_size"))
     settings = load_serve_settings(args.model, args.set, host=args.host, port=args.port, api_key=args.api_key,
                                    model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue,
                                    dtype=args.dtype, compile=args.compile or None)
@@ -348,7 +349,6 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     from edlm.serve import load_serve_settings
 
     _set_threads(args)
-    _auto_dtype(args, decode_given(args).get("mode", "diffusion"), decode_given(args).get("block_size"))
     settings = load_serve_settings(args.model, args.set)
     result = serve_bench(args.model, n_requests=args.requests, concurrency=args.concurrency,
                          max_tokens=args.max_tokens, disconnect=args.disconnect, max_batch=args.max_batch,
@@ -396,9 +396,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from edlm.results import write_json
 
     _set_threads(args)
-    _auto_dtype(args, "ar" if args.ar else decode_config(args).mode, decode_config(args).block_size)
+    decode = decode_config(args)
+    _auto_dtype(args, "ar" if args.ar else decode.mode, decode.block_size)
     result = evaluate(args.model, args.task, limit=args.limit, ar=args.ar, n_samples=args.samples,
-                      decode=decode_config(args), max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                      decode=decode, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
                       dtype=args.dtype, allow_unsandboxed_code=args.allow_unsandboxed_code, compile=args.compile)
     if args.json:
         write_json(result, args.json)
