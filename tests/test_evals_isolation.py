@@ -111,6 +111,24 @@ def test_files_under_the_hosts_tmp_are_hidden(kind, tmp_path):
     assert token in run_program(_ATTEMPT + source, sandbox="none").stdout
 
 
+def test_a_python_living_under_tmp_still_starts_and_stays_read_only(kind, monkeypatch):
+    # a venv made under /tmp (fresh-check's, a CI runner's): covering the host's /tmp must not hide it
+    venv = Path(tempfile.mkdtemp(prefix="edlm-venv-", dir="/tmp"))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        monkeypatch.setattr(sys, "executable", str(venv / "bin" / "python"))
+        assert isolation.interpreter_under_tmp() == (os.fsencode(venv),)
+        assert isolation.try_isolation(kind) == ""
+        source = (f"import sys; print('prefix', sys.prefix)\n"
+                  f"attempt('write', lambda: open({str(venv / 'PWNED')!r}, 'w').write('x'))\n")
+        result = run_program(_ATTEMPT + source, sandbox=kind)
+        assert result.passed, (result.detail, result.stderr)
+        assert f"prefix {venv}" in result.stdout and "write done" not in result.stdout
+        assert not (venv / "PWNED").exists()
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
+
+
 def test_a_tcp_server_on_the_hosts_loopback_is_unreachable(kind):
     with socket.create_server(("127.0.0.1", 0)) as server:
         server.setblocking(False)

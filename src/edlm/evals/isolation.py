@@ -38,6 +38,8 @@ Backends:
 
       /                   every mount bind-remounted read-only (each line of /proc/self/mountinfo)
       /tmp                a fresh tmpfs, mode 1777, 64 MiB
+      <interpreter>       the folders of ``sys.executable`` and its prefixes that lie under /tmp (a venv made
+                          there), bound back in read-only, so the program's Python still starts
       <run folder>        the host's folder bound back in (through a file descriptor opened before), writable
       /dev                a read-only tmpfs with six device nodes bound in
       /run                an empty read-only tmpfs (docker, dbus and systemd sockets)
@@ -120,6 +122,20 @@ class _Plan:
     uid: int
     """Effective user id; not 0: P makes a user namespace whose root it is."""
     gid: int
+    interpreter: tuple[bytes, ...] = ()
+    """The interpreter's folders under /tmp (:func:`interpreter_under_tmp`): bound back in read-only."""
+
+
+def interpreter_under_tmp() -> tuple[bytes, ...]:
+    """The folders this Python needs that lie under /tmp, outermost only: the folder of ``sys.executable`` (and of
+    its target) and the prefixes (a venv and the Python it was made from). Covering /tmp would hide them."""
+    found = set()
+    for path in (sys.executable, os.path.realpath(sys.executable)):
+        found.add(os.path.dirname(os.path.dirname(os.path.abspath(path))))  # <prefix>/bin/python -> <prefix>
+    found.update(os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix))
+    under = sorted(p for p in found if p.startswith("/tmp/") and os.path.isdir(p))
+    outermost = [p for p in under if not any(p != q and p.startswith(q + "/") for q in under)]
+    return tuple(os.fsencode(p) for p in outermost)
 
 
 def _write(path: bytes, data: bytes) -> None:
@@ -165,9 +181,15 @@ def _build_mounts(plan: _Plan) -> None:
     root_fd = os.open(plan.root, os.O_PATH | os.O_DIRECTORY)  # reaches the folder after /tmp is covered
     root_flags = _kept_flags(plan.root)
     devices = {name: os.open(b"/dev/" + name, os.O_PATH) for name in _DEVICES if os.path.exists(b"/dev/" + name)}
+    kept = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY), _kept_flags(path)) for path in plan.interpreter]
     for path in _mount_points():
         _remount_read_only(path)
     mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=1777,size=" + _TMP_SIZE)
+    for path, fd, flags in kept:  # before the run's folder, which stays writable even inside one of them
+        os.makedirs(path, exist_ok=True)
+        mount(b"/proc/self/fd/%d" % fd, path, None, MS_BIND)
+        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
+        os.close(fd)
     os.makedirs(plan.root, exist_ok=True)  # the mount point, in the new tmpfs when the folder is under /tmp
     mount(b"/proc/self/fd/%d" % root_fd, plan.root, None, MS_BIND)
     mount(None, plan.root, None, MS_REMOUNT | MS_BIND | root_flags)
@@ -222,9 +244,10 @@ def _bwrap_command(bwrap: str, argv: list[str], root: Path, workdir: Path) -> li
     r = str(root)
     # --remount-ro /proc: otherwise root in bwrap's user namespace may write /proc/sys (core_pattern runs a
     # command as the host's root)
+    interpreter = [arg for p in map(os.fsdecode, interpreter_under_tmp()) for arg in ("--ro-bind", p, p)]
     return [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--remount-ro", "/proc",
             "--size", str(64 * 2**20),
-            "--tmpfs", "/tmp", "--bind", r, r, "--tmpfs", "/run", "--remount-ro", "/run",
+            "--tmpfs", "/tmp", *interpreter, "--bind", r, r, "--tmpfs", "/run", "--remount-ro", "/run",
             "--chdir", str(workdir), "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--", *argv]
 
@@ -246,7 +269,7 @@ def confine(isolation: Isolation, argv: list[str], root: Path, workdir: Path,
     """
     if isolation == "namespaces":
         libc()  # loaded here, in the parent
-        plan = _Plan(os.fsencode(root), os.fsencode(workdir), os.geteuid(), os.getegid())
+        plan = _Plan(os.fsencode(root), os.fsencode(workdir), os.geteuid(), os.getegid(), interpreter_under_tmp())
         return _init_command(argv, plan.uid != 0), _namespaces_preexec(plan, before_exec)
     if isolation == "bwrap":
         bwrap = shutil.which("bwrap")
@@ -274,7 +297,8 @@ assert os.getpid() < 10, "not in a pid namespace"
 assert os.statvfs("/").f_flag & os.ST_RDONLY, "/ is writable"
 assert not os.access("/proc/sys/kernel/core_pattern", os.W_OK), "/proc/sys is writable"
 open("probe", "w").write("x")
-assert os.listdir("/tmp") in ([], [{name!r}]), "/tmp is shared"
+assert set(os.listdir("/tmp")) <= {{{name!r}, *{kept!r}}}, "/tmp is shared"
+assert all(os.statvfs("/tmp/" + k).f_flag & os.ST_RDONLY for k in {kept!r}), "the interpreter is writable"
 try:
     socket.create_connection(("127.0.0.1", {port}), timeout=2).close()
 except OSError:
@@ -294,6 +318,11 @@ class Probe:
     """Why each backend tried before it failed, e.g. ``{"namespaces": "unshare: Operation not permitted"}``."""
 
 
+def _tmp_names() -> list[str]:
+    """The names in the sandbox's /tmp that lead to the interpreter's folders."""
+    return sorted({os.fsdecode(path).split("/")[2] for path in interpreter_under_tmp()})
+
+
 def try_isolation(isolation: Isolation, timeout_s: float = 10.0) -> str:
     """Run a check program confined by ``isolation``; returns "" when it is isolated, otherwise why not."""
     if sys.platform != "linux":
@@ -304,7 +333,8 @@ def try_isolation(isolation: Isolation, timeout_s: float = 10.0) -> str:
     try:
         (root / "work").mkdir()
         server = socket.create_server(("127.0.0.1", 0))
-        argv = [sys.executable, "-I", "-c", _PROBE.format(name=root.name, port=server.getsockname()[1])]
+        probe_source = _PROBE.format(name=root.name, port=server.getsockname()[1], kept=_tmp_names())
+        argv = [sys.executable, "-I", "-c", probe_source]
         try:
             argv, preexec = confine(isolation, argv, root, root / "work")
             done = subprocess.run(argv, cwd=root / "work", preexec_fn=preexec, start_new_session=True,
