@@ -7,10 +7,17 @@ capture the sequence length ``n`` and ``block`` size; nothing else is closed ove
 
 Training sequences of patterns with a clean copy are ``[xt ; x0]`` of length 2n: query/key index ``i < n`` is the
 noisy token at position ``i``, ``i >= n`` the clean token at position ``i - n``.
+
+Decoding masks are composed from the same kind of predicates, in the manner of transformers' ``masking_utils``:
+``and_masks`` / ``or_masks`` combine them, ``self_only`` is the column a query occupies, and per-row tables
+(position, validity) are read by indexing with ``b``, so one predicate covers a whole left-padded batch:
+:func:`padded_decoding_mask` for the block decoder and :func:`speculative_mask` for the speculative step.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -146,12 +153,93 @@ def inference_mask_mod(block: int, causal_in_block: bool, clean_causal: bool, no
     return mask_mod
 
 
-def dense_mask(mask_mod: MaskMod, q_len: int, kv_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Evaluate a predicate on the full grid: bool tensor (q_len, kv_len)."""
-    q = torch.arange(q_len, device=device)[:, None]  # (Q, 1)
-    kv = torch.arange(kv_len, device=device)[None, :]  # (1, K)
+# ---------------------------------------------------------------------------------------------------- combinators
+
+
+def and_masks(*mods: MaskMod) -> MaskMod:
+    """A query may attend where every predicate allows it."""
+    return lambda b, h, q, kv: functools.reduce(operator.and_, (m(b, h, q, kv) for m in mods))
+
+
+def or_masks(*mods: MaskMod) -> MaskMod:
+    """A query may attend where any predicate allows it."""
+    return lambda b, h, q, kv: functools.reduce(operator.or_, (m(b, h, q, kv) for m in mods))
+
+
+def self_only(kv_offset: int = 0) -> MaskMod:
+    """Each query sees exactly its own column: key ``q + kv_offset`` (the keys start ``kv_offset`` cached columns
+    before the queries). What a column that holds no token attends to, so that its softmax has no empty row."""
+    return lambda b, h, q, kv: kv == q + kv_offset
+
+
+def query_is(table: torch.Tensor) -> MaskMod:
+    """The per-row query property ``table`` (R, Q) bool, broadcast over keys."""
+    return lambda b, h, q, kv: table[b, q]
+
+
+def negate(mod: MaskMod) -> MaskMod:
+    return lambda b, h, q, kv: ~mod(b, h, q, kv)
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+
+
+def padded_decoding_mask(rule: MaskMod, pad: torch.Tensor, q_offset: int = 0) -> MaskMod:
+    """The block decoder's mask over a left-padded batch: ``rule`` (e.g. :func:`inference_mask_mod`) among real
+    tokens, whose keys are never a row's pads (columns below ``pad[b]``); a pad query attends only to itself.
+    Queries are columns ``q + q_offset`` of the layout, keys columns ``kv``."""
+    real_key = lambda b, h, q, kv: kv >= pad[b]  # noqa: E731
+    pad_query = lambda b, h, q, kv: q + q_offset < pad[b]  # noqa: E731
+    return or_masks(and_masks(rule, real_key), and_masks(pad_query, self_only(q_offset)))
+
+
+def speculative_mask(key_pos: torch.Tensor, q_pos: torch.Tensor, context_end: torch.Tensor, real_query: torch.Tensor,
+                     cached: int, width: int, block: int, causal_in_block: bool) -> MaskMod:
+    """The speculative step's mask. Its queries are ``width`` clean columns (the unverified tail of each row and
+    its draft, to be verified causally) followed by noisy blocks of ``block`` columns (one per hypothesis, drafted
+    bidirectionally); its keys are ``cached`` cached columns followed by the queries.
+
+    Args:
+        key_pos: (R, cached + Q) absolute position of every key column, -1 where it holds no token of the row.
+        q_pos: (R, Q) absolute position of every query column.
+        context_end: (R, Q) for a noisy query, the first position its block leaves to be drafted: it sees clean keys
+            before it.
+        real_query: (R, Q) False for columns that hold no token (padding, finished rows, missing hypotheses):
+            they attend only to themselves.
+        causal_in_block: a noisy block attends causally inside itself (the ``causal`` pattern).
+
+    A clean query sees every clean key at or before its position (the cache holds only verified ones); a noisy
+    query sees the clean keys before its block's context end, and its own block.
+    """
+    clean_keys = cached + width
+
+    def clean_rule(b, h, q, kv):
+        k = key_pos[b, kv]
+        noisy_q = q >= width
+        seen = torch.where(noisy_q, k < context_end[b, q], k <= q_pos[b, q])
+        return (k >= 0) & (kv < clean_keys) & seen
+
+    def own_block(b, h, q, kv):
+        same = (q >= width) & (kv >= clean_keys) & ((kv - clean_keys) // block == (q - width) // block)
+        return same & (kv - cached <= q) if causal_in_block else same
+
+    real = query_is(real_query)
+    return or_masks(and_masks(real, or_masks(clean_rule, own_block)), and_masks(negate(real), self_only(cached)))
+
+
+def dense_mask(mask_mod: MaskMod, q_len: int, kv_len: int, device: torch.device | str = "cpu",
+               rows: int | None = None) -> torch.Tensor:
+    """Evaluate a predicate on the full grid: bool tensor (q_len, kv_len), or (rows, q_len, kv_len) with ``rows``
+    (``b`` runs over the rows, for predicates that read per-row tables)."""
     zero = torch.zeros((), dtype=torch.long, device=device)
-    return mask_mod(zero, zero, q, kv).expand(q_len, kv_len)
+    if rows is None:
+        q = torch.arange(q_len, device=device)[:, None]  # (Q, 1)
+        kv = torch.arange(kv_len, device=device)[None, :]  # (1, K)
+        return mask_mod(zero, zero, q, kv).expand(q_len, kv_len)
+    b = torch.arange(rows, device=device)[:, None, None]  # (R, 1, 1)
+    q = torch.arange(q_len, device=device)[None, :, None]  # (1, Q, 1)
+    kv = torch.arange(kv_len, device=device)[None, None, :]  # (1, 1, K)
+    return mask_mod(b, zero, q, kv).expand(rows, q_len, kv_len)
 
 
 def to_attention_mask(mask: torch.Tensor, dtype: torch.dtype, implementation: str) -> torch.Tensor:
