@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from edlm.assets import load_hf
-from edlm.baseline import ar_generate
+from edlm.ar import ar_generate
 from edlm.config import DecodeConfig
 from edlm.studies.headline import decode_problems
 from edlm.studies.task import Problem, first_per_family, read_test

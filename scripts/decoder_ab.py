@@ -15,9 +15,9 @@ import torch
 
 from edlm import decode as new
 from edlm.assets import default_chat_prompts
-from edlm.bench.decode import forward_times
+from edlm.bench.timing import forward_times
 from edlm.config import DecodeConfig
-from edlm.quant import load
+from edlm.loading import load
 from edlm.results import machine_info
 
 threads, reps = int(sys.argv[1]), int(sys.argv[3])

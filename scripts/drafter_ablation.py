@@ -49,10 +49,10 @@ def variants(base):
 
 
 def measure(path: Path, prompts, source, tok, max_new_tokens: int = 48) -> dict:
-    from edlm.baseline import iter_ar
-    from edlm.decode import iter_blocks
+    from edlm.ar import iter_ar
+    from edlm.decode import iter_steps
+    from edlm.loading import load
     from edlm.model import encode_prompt
-    from edlm.quant import load
 
     dlm = load(path, "fp32")
     ids = [encode_prompt(tok, p) for _, p in prompts]
@@ -67,7 +67,7 @@ def measure(path: Path, prompts, source, tok, max_new_tokens: int = 48) -> dict:
             row: list[int] = []
             with torch.no_grad():
                 steps = iter_ar(source, [one], cfg, tok.eos_token_id, pad_id=tok.pad_token_id) \
-                    if system == "source" else iter_blocks(dlm, [one], cfg)
+                    if system == "source" else iter_steps(dlm, [one], cfg)
                 for new, stats in steps:
                     row += new[0]
             texts[system].append(row)
@@ -84,7 +84,7 @@ def measure(path: Path, prompts, source, tok, max_new_tokens: int = 48) -> dict:
 
 
 def main() -> None:
-    from edlm.quant import load_ar
+    from edlm.loading import load_ar
 
     torch.set_num_threads(2)
     recipe = load_drafter_config(RECIPE)

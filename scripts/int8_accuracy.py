@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from edlm.assets import default_chat_prompts, resolve_model
-from edlm.baseline import ar_generate
-from edlm.bench.decode import forward_times
+from edlm.ar import ar_generate
+from edlm.bench.timing import forward_times
 from edlm.config import DecodeConfig
 from edlm.quant import cast_model
 from edlm.results import machine_info, write_json

@@ -10,9 +10,9 @@ import torch
 
 from edlm.assets import default_chat_prompts, resolve_model
 from edlm.assets.embedded import smollm2_gguf_path
-from edlm.baseline import ar_generate
-from edlm.bench.decode import agreement
+from edlm.ar import ar_generate
 from edlm.bench.llamacpp import llamacpp_ar
+from edlm.bench.timing import agreement
 from edlm.config import DecodeConfig
 from edlm.model import encode_prompt
 from edlm.quant import cast_model

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import make_dlm
 
-from edlm.baseline import ar_generate
+from edlm.ar import ar_generate
 from edlm.config import DecodeConfig
 from edlm.decode import entropy_policy, entropy_sum_policy, generate, stream
 from edlm.errors import EdlmError
@@ -94,12 +94,12 @@ def test_bad_decoding_input_is_rejected_clearly():
 def test_sampled_rows_are_independent_of_their_batch_neighbours():
     dlm = make_dlm(block_size=4)
     cfg = DecodeConfig(max_new_tokens=12, temperature=1.0, threshold=0.5)
-    from edlm.decode import iter_blocks
+    from edlm.decode import iter_steps
 
     def run(prompts, seeds):
         seqs = [[] for _ in prompts]
         with torch.no_grad():
-            for new, _ in iter_blocks(dlm, prompts, cfg, seeds=seeds):
+            for new, _ in iter_steps(dlm, prompts, cfg, seeds=seeds):
                 for s, part in zip(seqs, new):
                     s.extend(part)
         return seqs

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from edlm.ar import ar_generate
 from edlm.assets import tiny_model
 from edlm.assets.prompts import DEMO_PROMPTS, distillation_prompts
-from edlm.baseline import ar_generate
 from edlm.config import DecodeConfig
 from edlm.distill import DistillConfig, distill, distilled_tokens, read_prompts
 from edlm.errors import EdlmError

@@ -113,7 +113,7 @@ def test_engine_benchmark_reports_every_backend_and_the_targets(model_dir):
 
 
 def test_int4_needs_the_compiled_engine(model_dir):
-    from edlm.quant import load
+    from edlm.loading import load
 
     with pytest.raises(EdlmError, match="--compile"):
         load(model_dir, "int4")

@@ -190,7 +190,7 @@ def test_ar_mode_scores_the_recorded_source_exactly(model_dir, tmp_path):
     (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)], disable_tqdm=True)
     assert ll == pytest.approx(converted, abs=1e-5)
     # and generates with edlm's AR decoder (mask token banned)
-    from edlm.baseline import ar_generate
+    from edlm.ar import ar_generate
 
     prompts = ["2 + 2 =", "13 - 4 ="]
     got = lm.generate_until([Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 6}), i)
@@ -323,7 +323,7 @@ def test_edlm_eval_choice_tasks_run_through_lm_eval_with_edlms_numbers(model_dir
 
 def test_dlm_is_greedy_matches_ar_greedy_decoding_at_block_size_one():
     # block 1 + token shift + clean copy: the all-masked forward is exactly the AR next-token distribution
-    from edlm.baseline import ar_generate
+    from edlm.ar import ar_generate
     from edlm.evals.likelihood import ar_score, dlm_is_greedy
 
     dlm = make_dlm("llama", block_size=1, token_shift=True, peaked=4.0)

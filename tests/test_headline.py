@@ -181,8 +181,8 @@ def test_pareto_plot_has_a_series_for_every_decoding_mode(tmp_path):
 
 
 def test_demo_cli_runs_the_shipped_miniature_and_writes_the_documented_json(tmp_path, capsys):
+    from edlm.assets import miniature_dir
     from edlm.cli import main
-    from edlm.demo import miniature_dir
 
     assert (miniature_dir() / "source" / "model.safetensors").is_file(), "the miniature must ship in the package"
     out = tmp_path / "demo.json"

@@ -6,7 +6,8 @@ from edlm.config import DecodeConfig
 from edlm.decode import generate
 from edlm.errors import EdlmError
 from edlm.evals.likelihood import Scorer
-from edlm.quant import cast, cast_model, load, parse_dtypes, weight_dtype
+from edlm.loading import load
+from edlm.quant import cast, cast_model, parse_dtypes, weight_dtype
 
 PROMPTS = [[5, 17, 99, 3], [120, 44, 8, 61, 200, 7, 19, 33, 2, 90, 14], [250]]
 

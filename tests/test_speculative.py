@@ -5,9 +5,9 @@ import torch
 from conftest import make_dlm
 
 import edlm.speculative as spec
-from edlm.baseline import ar_generate
+from edlm.ar import ar_generate
 from edlm.config import DecodeConfig
-from edlm.decode import generate, iter_blocks
+from edlm.decode import generate, iter_steps
 from edlm.errors import ConfigError
 
 PROMPTS = [[5, 17, 99, 3], [120, 44, 8, 61, 200, 7, 19, 33, 2, 90, 14], [250]]
@@ -68,7 +68,7 @@ def test_perfect_drafts_fill_each_block_in_one_forward(monkeypatch):
     prompt = [PROMPTS[0]]  # 4 tokens: generation starts at position 4, a block start
     ar = generate(dlm, prompt, DecodeConfig(max_new_tokens=17, mode="ar")).sequences
     oracle_drafts(monkeypatch, {tuple(prompt[0]): ar[0]}, 0)
-    steps = [new[0] for new, _ in iter_blocks(dlm, prompt, DecodeConfig(max_new_tokens=17, mode="speculative"))]
+    steps = [new[0] for new, _ in iter_steps(dlm, prompt, DecodeConfig(max_new_tokens=17, mode="speculative"))]
     assert [len(s) for s in steps] == [1, 4, 4, 4, 4]
     assert sum(steps, []) == ar[0]
 
@@ -82,7 +82,7 @@ def test_unaligned_drafts_always_guess_a_whole_block_minus_one(monkeypatch):
     oracle_drafts(monkeypatch, {tuple(prompt[0]): ar[0]}, 0)
     for aligned, want in ((True, [1, 3, 4, 4, 4, 1]), (False, [1, 4, 4, 4, 4])):
         cfg = DecodeConfig(max_new_tokens=17, mode="speculative", aligned_draft=aligned)
-        steps = [new[0] for new, _ in iter_blocks(dlm, prompt, cfg)]
+        steps = [new[0] for new, _ in iter_steps(dlm, prompt, cfg)]
         assert [len(s) for s in steps] == want, aligned
         assert sum(steps, []) == ar[0]
 
@@ -106,7 +106,7 @@ def test_should_stop_finishes_a_row_in_every_mode():
     for mode in ("ar", "diffusion", "speculative"):
         cfg = DecodeConfig(max_new_tokens=12, mode=mode, threshold=0.02)
         got = [0, 0, 0]
-        for new, _ in iter_blocks(dlm, PROMPTS, cfg, should_stop=lambda r, got=got: r == 1 and got[1] >= 1):
+        for new, _ in iter_steps(dlm, PROMPTS, cfg, should_stop=lambda r, got=got: r == 1 and got[1] >= 1):
             for r, part in enumerate(new):
                 got[r] += len(part)
         assert got[0] == got[2] == 12 and 1 <= got[1] < 12, mode

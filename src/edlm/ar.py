@@ -14,14 +14,14 @@ import torch
 
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
-from edlm.generation import DecodeOutput, DecodeStats, choose_rows, row_generators
+from edlm.sampling import DecodeOutput, DecodeStats, choose_rows, row_generators
 
 
 def iter_ar(model, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int | None, pad_id: int | None = None,
             banned: list[int] | None = None, should_stop: Callable[[int], bool] | None = None,
             seeds: list[int] | None = None) -> Iterator[tuple[list[list[int]], DecodeStats]]:
     """Greedy (or sampled) AR decoding, all rows in one batch, yielding after every forward: (the new token of
-    each live row, ``[]`` for finished rows; running stats). Same contract as :func:`edlm.decode.iter_blocks`.
+    each live row, ``[]`` for finished rows; running stats). Same contract as :func:`edlm.decode.iter_steps`.
 
     Args:
         model: a causal LM (``DiffusionLM.model`` or the AR source).
@@ -33,7 +33,7 @@ def iter_ar(model, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int | No
         should_stop: asked before every forward; a row for which it returns True is finished.
         seeds: one sampling seed per row (default ``cfg.seed``): each row draws from its own generator.
     """
-    from edlm.model import cache_kwargs, new_cache
+    from edlm.compat import cache_kwargs, new_cache
 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EdlmError("every prompt needs at least one token")

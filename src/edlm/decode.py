@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edlm.baseline import iter_ar
+from edlm.ar import iter_ar
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
-from edlm.generation import DecodeOutput, DecodeStats, choose_rows, pad_token_id, row_generators, validate_prompts
-from edlm.masks import dense_mask, inference_mask_mod, to_attention_mask
+from edlm.masks import dense_mask, inference_mask_mod, padded_decoding_mask, to_attention_mask
+from edlm.sampling import DecodeOutput, DecodeStats, choose_rows, pad_token_id, row_generators, validate_prompts
 from edlm.speculative import iter_speculative
 
 # A policy maps the confidences of a batch's block (R, B), the positions still open (R, B) and the predictive
@@ -139,15 +139,10 @@ class Layout:
         return self._masks[key]
 
     def _attention(self, dlm, q_start: int, q_stop: int, noisy_start: int):
-        q_len, kv_len = q_stop - q_start, q_stop
-        mod = inference_mask_mod(self.block, dlm.pattern.causal_in_block, dlm.config.clean_causal,
-                                 noisy_start=noisy_start, q_offset=q_start)
-        rule = dense_mask(mod, q_len, kv_len, self.tokens.device)  # (Q, K): blocks align across rows
-        kv = torch.arange(kv_len, device=self.tokens.device)
-        q = torch.arange(q_start, q_stop, device=self.tokens.device)
-        valid = kv[None, None, :] >= self.pad[:, None, None]  # (R, 1, K)
-        self_pad = (q[:, None] == kv[None, :])[None] & (q[None, :, None] < self.pad[:, None, None])
-        mask = (rule[None] & valid) | self_pad  # (R, Q, K)
+        rule = inference_mask_mod(self.block, dlm.pattern.causal_in_block, dlm.config.clean_causal,
+                                  noisy_start=noisy_start, q_offset=q_start)
+        mod = padded_decoding_mask(rule, self.pad, q_offset=q_start)
+        mask = dense_mask(mod, q_stop - q_start, q_stop, self.tokens.device, rows=self.tokens.shape[0])  # (R, Q, K)
         return to_attention_mask(mask, dlm.model.get_input_embeddings().weight.dtype, dlm.attn_implementation)
 
 
@@ -177,7 +172,7 @@ class CachedStepper:
     next block's first step."""
 
     def __init__(self, dlm, layout: Layout):
-        from edlm.model import new_cache
+        from edlm.compat import new_cache
 
         self.dlm, self.layout = dlm, layout
         self.cache = new_cache(dlm.model, layout.tokens.shape[0])
@@ -323,7 +318,7 @@ def _iter_ar(dlm, prompts: list[list[int]], cfg: DecodeConfig, should_stop: Call
 MODES = {"diffusion": iter_diffusion, "ar": _iter_ar, "speculative": iter_speculative}
 
 
-def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
+def iter_steps(dlm, prompts: list[list[int]], cfg: DecodeConfig,
                 should_stop: Callable[[int], bool] | None = None, seeds: list[int] | None = None,
                 ) -> Iterator[tuple[list[list[int]], DecodeStats]]:
     """Decode in ``cfg.mode``, yielding after every step (a finished block for ``diffusion``, a token for ``ar``,
@@ -336,12 +331,15 @@ def iter_blocks(dlm, prompts: list[list[int]], cfg: DecodeConfig,
     return MODES[cfg.mode](dlm, prompts, cfg, should_stop=should_stop, seeds=seeds)
 
 
+iter_blocks = iter_steps  # the old name: it yields after every step, not every block
+
+
 @torch.no_grad()
 def generate(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> DecodeOutput:
     """Decode token-id prompts with a DiffusionLM in ``cfg.mode``; all rows in one batch."""
     sequences: list[list[int]] = [[] for _ in prompts]
     stats = DecodeStats(rows=len(prompts))
-    for new, stats in iter_blocks(dlm, prompts, cfg):  # noqa: B007 (the last stats are the call's)
+    for new, stats in iter_steps(dlm, prompts, cfg):  # noqa: B007 (the last stats are the call's)
         for seq, part in zip(sequences, new):
             seq.extend(part)
     return DecodeOutput(sequences=sequences, stats=stats)
@@ -350,6 +348,6 @@ def generate(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> DecodeOutput:
 def stream(dlm, prompt: list[int], cfg: DecodeConfig) -> Iterator[list[int]]:
     """Yield the new token ids of one prompt block by block as they are finalised."""
     with torch.no_grad():
-        for new, _ in iter_blocks(dlm, [prompt], cfg):
+        for new, _ in iter_steps(dlm, [prompt], cfg):
             if new[0]:
                 yield new[0]

@@ -76,11 +76,6 @@ def run_drafter_demo(adapter_dir: str | Path | None = None, prompts: list[tuple[
 # ----------------------------------------------------------------------------------------------- the miniature
 
 
-def miniature_dir() -> Path:
-    """The shipped miniature: ``source/`` (AR), ``dlm/`` (converted) and ``headline.yaml`` (how both were made)."""
-    return Path(__file__).parent / "assets" / "miniature"
-
-
 def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int = 40, convert: bool = False,
                        steps: int | None = None, decode: DecodeConfig | None = None,
                        batch_sizes: tuple[int, ...] = (1, 8), sweep: tuple[float, ...] = (0.9, 0.7, 0.5),
@@ -92,6 +87,7 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
     """
     import dataclasses
 
+    from edlm.assets import miniature_dir
     from edlm.errors import EdlmError
     from edlm.results import provenance
     from edlm.studies.headline import load_headline_config, measure, plot_pareto, summary

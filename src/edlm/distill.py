@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from edlm.baseline import iter_ar
+from edlm.ar import iter_ar
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
 

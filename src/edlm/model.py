@@ -7,7 +7,6 @@ No modeling code is copied: the wrapper passes a custom 4D attention mask (or a 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import json
 import logging
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edlm.adapter import Columns, adapter_state, attach, find_gate, load_adapter_state
+from edlm.compat import cache_kwargs, new_cache  # noqa: F401 (re-exported: edlm.model.new_cache)
 from edlm.config import DiffusionConfig, from_dict
 from edlm.errors import EdlmError
 from edlm.masks import PATTERNS, MaskMod, causal, dense_mask, flex_block_mask, noisy_over_clean, to_attention_mask
@@ -33,28 +33,6 @@ EDLM_CONFIG_NAME = "edlm_config.json"
 ADAPTER_CONFIG_NAME = "edlm_adapter.json"
 """In a gated adapter folder: the adapter's settings and the source it belongs to (see :mod:`edlm.adapter`)."""
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
-
-
-def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
-    """The keyword that passes a KV cache to ``model``'s forward: ``cache`` (transformers >= 5.24, which warns on
-    the old name) or ``past_key_values``."""
-    return {_cache_keyword(type(model)): cache}
-
-
-def new_cache(model: nn.Module, rows: int) -> Any:
-    """An empty KV cache for ``rows`` rows of ``model``: the compiled engine's static cache for an
-    :class:`edlm.engine.Engine`, else a ``DynamicCache``."""
-    if hasattr(model, "new_cache"):
-        return model.new_cache(rows)
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
-@functools.cache
-def _cache_keyword(cls: type) -> str:
-    forward = inspect.unwrap(cls.forward)
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -422,8 +400,8 @@ class DiffusionLM(nn.Module):
         A row stops at the first block boundary where its text holds one of ``cfg.stop``, and its text is cut there
         (:func:`edlm.text.cut_at_stop`).
         """
-        from edlm.decode import iter_blocks
-        from edlm.generation import DecodeStats
+        from edlm.decode import iter_steps
+        from edlm.sampling import DecodeStats
         from edlm.text import cut_at_stop, stop_index
 
         sequences: list[list[int]] = [[] for _ in prompts]
@@ -435,7 +413,7 @@ class DiffusionLM(nn.Module):
             return stop_index(decoded(row), cfg.stop) is not None
 
         stats = DecodeStats(rows=len(prompts))
-        for new, stats in iter_blocks(self, prompts, cfg, should_stop=seen_stop if cfg.stop else None):  # noqa: B007
+        for new, stats in iter_steps(self, prompts, cfg, should_stop=seen_stop if cfg.stop else None):  # noqa: B007
             for seq, part in zip(sequences, new):
                 seq.extend(part)
         return [cut_at_stop(decoded(r), cfg.stop) for r in range(len(prompts))], stats

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import torch
 
 from edlm.config import DecodeConfig
-from edlm.generation import DecodeStats, pad_token_id, probabilities, row_generators, validate_prompts
-from edlm.masks import to_attention_mask
+from edlm.masks import dense_mask, speculative_mask, to_attention_mask
+from edlm.sampling import DecodeStats, pad_token_id, probabilities, row_generators, validate_prompts
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +109,8 @@ def _step_inputs(rows: list[_Row], hyps: list[list[int]], block: int, mask_id: i
             pos[i, cols] = torch.arange(start, start + block)
             real_query[i, cols] = True
             context_end[i, cols] = start
-    q_pos = pos[:, :, None]  # (R, Q, 1)
-    k_pos = key_pos[:, None, :]  # (R, 1, K')
-    clean_key = (k_pos >= 0) & (torch.arange(kv_old + q_len) < kv_old + width)  # (R, 1, K')
-    is_noisy_query = torch.arange(q_len) >= width  # (Q,)
-    # Clean queries: every clean key at or before their position (the cache holds only verified ones). Noisy
-    # queries: clean keys before their block, and their own block.
-    attn = clean_key & torch.where(is_noisy_query[None, :, None], k_pos < context_end[:, :, None], k_pos <= q_pos)
-    inside = torch.ones((block, block), dtype=torch.bool)
-    if causal_in_block:
-        inside = inside.tril()
-    for j in range(n_blocks):
-        q = slice(width + j * block, width + (j + 1) * block)
-        attn[:, q, kv_old + q.start:kv_old + q.stop] = inside
-    attn &= real_query[:, :, None]
-    diag = torch.arange(q_len)
-    attn[:, diag, kv_old + diag] |= ~real_query  # padding attends to itself only (no NaN)
+    mod = speculative_mask(key_pos, pos, context_end, real_query, kv_old, width, block, causal_in_block)
+    attn = dense_mask(mod, q_len, kv_old + q_len, rows=n_rows)
     return ids.to(device), pos.to(device), attn.to(device), starts
 
 
@@ -176,8 +162,8 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
                      should_stop: Callable[[int], bool] | None = None, seeds: list[int] | None = None,
                      ) -> Iterator[tuple[list[list[int]], DecodeStats]]:
     """Self-speculative decoding (see module docstring), yielding after every forward: (new tokens per row, running
-    stats), with the contract of :func:`edlm.decode.iter_blocks`."""
-    from edlm.model import new_cache
+    stats), with the contract of :func:`edlm.decode.iter_steps`."""
+    from edlm.compat import new_cache
 
     block = validate_prompts(dlm, prompts, cfg)
     if not dlm.config.clean_causal and not getattr(dlm, "_warned_untrained_ar", False):

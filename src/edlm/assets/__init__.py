@@ -11,7 +11,6 @@ Model specs understood by :func:`resolve_model`:
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -19,50 +18,18 @@ from typing import Any
 
 import torch
 
+from edlm.assets.paths import ASSETS_DIR, cache_dir, miniature_dir, package_dir, require_package_dir
 from edlm.errors import EdlmError
+
+__all__ = ["ASSETS_DIR", "cache_dir", "miniature_dir", "package_dir", "require_package_dir"]  # and what follows
 
 logger = logging.getLogger(__name__)
 
 TINY_VOCAB_SPECIALS = ["<|endoftext|>"]
 
-ASSETS_DIR = Path(__file__).resolve().parent
-"""The data files shipped in the package: the bundled corpus and the headline miniature."""
-
-
-def package_dir(module: str) -> Path | None:
-    """The folder of an installed package, located without importing it; None when it is not installed.
-
-    Data that edlm reads from other packages (benchmarks, corpora, the embedded GGUF) is found this way, so a
-    package that would pull in heavy imports (or has broken ones) is never executed.
-    """
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):  # a parent package that fails to import, or a bad name
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def require_package_dir(module: str, message: str) -> Path:
-    """:func:`package_dir`, raising ``EdlmError(message)`` (which should say what to install) when it is missing."""
-    folder = package_dir(module)
-    if folder is None:
-        raise EdlmError(message)
-    return folder
-
-
 def best_device() -> str:
     """``cuda`` when a CUDA GPU is visible, else ``cpu`` (where evaluation, benchmarks and generation run)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cache_dir() -> Path:
-    """$EDLM_CACHE, else $XDG_CACHE_HOME/edlm, else ~/.cache/edlm."""
-    if os.environ.get("EDLM_CACHE"):
-        return Path(os.environ["EDLM_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "edlm"
 
 
 # --------------------------------------------------------------------------------------------- tiny test models
@@ -189,7 +156,7 @@ def resolve_model(spec: str | None, dtype: torch.dtype = torch.float32, attn_imp
 
 def embedded_model_dir() -> Path:
     """Folder of the embedded SmolLM2-135M-Instruct as safetensors (converted from the package's GGUF once)."""
-    from edlm.assets import embedded
+    from edlm.assets import embedded  # the submodule (torch-free conversion code, loaded when first needed)
 
     try:
         return embedded.embedded_model_dir(cache_dir())

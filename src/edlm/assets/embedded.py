@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edlm.assets import cache_dir, package_dir
+from edlm.assets.paths import cache_dir, package_dir
 from edlm.errors import require
 
 logger = logging.getLogger(__name__)

@@ -5,80 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from edlm.bench.timing import _in_batches, _summary, _timed, agreement, forward_times  # noqa: F401
 from edlm.config import DecodeConfig, to_dict
 from edlm.model import source_spec
 from edlm.results import machine_info, new_figure, save_figure
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Mean over rows of the fraction of positions where two outputs hold the same token."""
-    scores = [sum(x == y for x, y in zip(p, q)) / max(len(p), len(q), 1) for p, q in zip(a, b)]
-    return sum(scores) / max(len(scores), 1)
-
-
-def _in_batches(run, ids: list[list[int]], n: int):
-    """Decode every prompt, ``n`` at a time (cycling prompts when n exceeds them); one output, stats summed."""
-    from edlm.generation import DecodeOutput, DecodeStats
-
-    rows = [ids[i % len(ids)] for i in range(max(n, len(ids)))]
-    stats, seqs = DecodeStats(rows=n), []
-    for i in range(0, len(rows), n):
-        out = run(rows[i:i + n])
-        seqs += out.sequences
-        stats.forwards += out.stats.forwards
-        stats.tokens += out.stats.tokens
-        stats.seconds += out.stats.seconds
-    return DecodeOutput(sequences=seqs, stats=stats)
-
-
-def _timed(fn, repeats: int, warmup=None):
-    """Run ``warmup`` (default: ``fn`` itself) once, then ``fn`` ``repeats`` times; returns the median-time run."""
-    (warmup or fn)()
-    runs = sorted((fn() for _ in range(repeats)), key=lambda o: o.stats.seconds)
-    return runs[len(runs) // 2]
-
-
-def _summary(out) -> dict[str, float]:
-    s = out.stats
-    return {"tokens_per_s": s.tokens_per_s, "latency_s": s.seconds, "tokens": s.tokens, "forwards": s.forwards,
-            "tokens_per_forward": s.tokens_per_forward}
-
-
-@torch.no_grad()
-def forward_times(model, cache_len: int, widths: tuple[int, ...], batch: int = 1, repeats: int = 7,
-                  token: int = 0) -> dict[int, float]:
-    """Median seconds of a bare model forward of ``w`` new tokens per row on a ``cache_len``-token KV cache, for each
-    ``w`` in ``widths``, ``batch`` rows: the cost a decoder step cannot go below (no masks, no commit rule).
-
-    Every logit of the new tokens is computed, as a dLM step needs them all.
-    """
-    from edlm.model import cache_kwargs, new_cache
-
-    emb = model.get_input_embeddings().weight  # (V, D)
-    g = torch.Generator().manual_seed(0)
-    prefix = torch.randint(0, min(1000, emb.shape[0]), (batch, cache_len), generator=g).to(emb.device)
-    device = emb.device
-    cache = new_cache(model, batch)
-    model(input_ids=prefix, use_cache=True, **cache_kwargs(model, cache))
-    out = {}
-    for w in widths:
-        ids = torch.full((batch, w), token, device=device)
-        pos = torch.arange(cache_len, cache_len + w, device=device)[None].expand(batch, -1)
-        times = []
-        for _ in range(repeats + 1):  # the first call of a new shape is a warm-up
-            t0 = time.perf_counter()
-            model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
-            times.append(time.perf_counter() - t0)
-            cache.crop(-w)
-        times = sorted(times[1:])
-        out[w] = times[len(times) // 2]
-    return out
 
 
 def roofline(forward_s: dict[int, float], tokens_per_forward: float, block: int, batch: int = 1) -> dict[str, float]:
@@ -182,10 +117,11 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     headline fields (``ar_best_tokens_per_s``, ``ar_best``, ``llamacpp_tokens_per_s``,
     ``bandwidth_bound_tokens_per_s``) are also copied to the top level.
     """
+    from edlm.ar import ar_generate
     from edlm.assets import best_device, default_chat_prompts
-    from edlm.baseline import ar_generate
     from edlm.decode import generate
-    from edlm.quant import cast, cast_model, load, load_ar, parse_dtypes
+    from edlm.loading import load, load_ar
+    from edlm.quant import cast, cast_model, parse_dtypes
 
     decode = decode or DecodeConfig()
     max_new_tokens = decode.max_new_tokens

@@ -35,8 +35,8 @@ def memory_bandwidth(mb: int = 512, repeats: int = 5) -> float:
 
 def _ar_row(model, ids, max_new_tokens: int, repeats: int) -> dict[str, Any]:
     """Greedy AR of every prompt at batch 1, EOS ignored: the median run's summary and the wall time with warm-up."""
-    from edlm.baseline import ar_generate
-    from edlm.bench.decode import _in_batches, _summary, _timed
+    from edlm.ar import ar_generate
+    from edlm.bench.timing import _in_batches, _summary, _timed
 
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
@@ -62,11 +62,12 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     ``ar_source``: ``"auto"`` (the source named in the folder's ``train_config.yaml``), a model spec, or None (the
     converted weights decoded causally). ``compile=False`` runs the engine's function eagerly (backend ``engine``).
     """
-    from edlm.bench.decode import _in_batches, _summary, _timed, forward_times
+    from edlm.bench.timing import _in_batches, _summary, _timed, forward_times
     from edlm.decode import generate
     from edlm.engine import compile_dlm, compile_model
+    from edlm.loading import load, load_ar
     from edlm.model import source_spec
-    from edlm.quant import cast_model, load, load_ar
+    from edlm.quant import cast_model
 
     bandwidth = memory_bandwidth()
     spec = source_spec(model_dir) if ar_source == "auto" else ar_source
@@ -177,8 +178,8 @@ def profile_forward(model, cache_len: int, width: int, repeats: int = 5) -> dict
     minus every op's self time: Python, module calls and dispatch outside any op."""
     from torch.profiler import ProfilerActivity, profile
 
-    from edlm.bench.decode import forward_times
-    from edlm.model import cache_kwargs, new_cache
+    from edlm.bench.timing import forward_times
+    from edlm.compat import cache_kwargs, new_cache
 
     wall = forward_times(model, cache_len, (width,), repeats=repeats)[width]
     cache = new_cache(model, 1)
@@ -210,8 +211,9 @@ def profile_engine(model_dir: str | os.PathLike, dtypes: tuple[str, ...] = ("fp3
     """:func:`profile_forward` of the source's forward on the eager Hugging Face path and on the compiled engine,
     per dtype and width: ``{"eager": {dtype: {width: ...}}, "compiled": {...}, "settings": ...}``."""
     from edlm.engine import compile_model
+    from edlm.loading import load, load_ar
     from edlm.model import source_spec
-    from edlm.quant import cast_model, load, load_ar
+    from edlm.quant import cast_model
 
     spec = source_spec(model_dir) if ar_source == "auto" else ar_source
     source = load(model_dir, "fp32").model if spec is None else load_ar(spec, "fp32")[0]
@@ -238,8 +240,8 @@ def choose_dtype(model_dir: str | os.PathLike, width: int, compile: bool = False
     import json
 
     from edlm.assets import cache_dir
-    from edlm.bench.decode import forward_times
-    from edlm.quant import load
+    from edlm.bench.timing import forward_times
+    from edlm.loading import load
     from edlm.results import machine_info
 
     candidates = candidates or (("fp32", "bf16", "int8", "int4") if compile else ("fp32", "bf16", "int8"))

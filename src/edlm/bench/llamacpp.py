@@ -140,7 +140,7 @@ def llamacpp_row(model_dir: str | os.PathLike, ids: list[list[int]], max_new_tok
     cannot run here."""
     import torch
 
-    from edlm.bench.decode import agreement
+    from edlm.bench.timing import agreement
 
     path = source_gguf(model_dir, gguf)
     reason = skip_reason(path)

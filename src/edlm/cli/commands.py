@@ -148,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise EdlmError("give at least one --prompt TEXT")
     from edlm.assets import best_device
-    from edlm.quant import load
+    from edlm.loading import load
 
     _auto_dtype(args, cfg.mode, cfg.block_size)
     dlm = load(args.model, args.dtype, device=best_device(), compile=args.compile)
@@ -295,7 +295,7 @@ def profile_table(p: dict) -> str:
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     from edlm.assets import default_chat_prompts
     from edlm.bench.engine import engine_benchmark
-    from edlm.quant import load
+    from edlm.loading import load
     from edlm.results import machine_info, write_json
 
     _set_threads(args)

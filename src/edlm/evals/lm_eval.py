@@ -352,7 +352,7 @@ class EdlmLM(TemplateLM):
 
     def _fit_prompt(self, prompt: list[int], cfg: DecodeConfig) -> list[int]:
         """A non-empty prompt cut from the left so that it, the new tokens (and a dlm's last block) fit."""
-        from edlm.generation import decode_block_size
+        from edlm.sampling import decode_block_size
 
         prompt = prompt or [self.prefix_token_id]
         room = self.max_length - cfg.max_new_tokens - (decode_block_size(self.dlm, cfg) if self.dlm is not None else 0)

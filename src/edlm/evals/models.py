@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from edlm.config import DecodeConfig
-from edlm.generation import DecodeStats
+from edlm.sampling import DecodeStats
 from edlm.text import cut_at_stop
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ def load_for_eval(model_dir: str, ar: bool = False, dtype: str = "fp32", compile
     """(DiffusionLM, AR source model or None) of a converted folder, weights in ``dtype`` (see :mod:`edlm.quant`);
     with ``compile`` both run on the compiled engine (:mod:`edlm.engine`)."""
     from edlm.assets import best_device
-    from edlm.quant import cast_model, load, load_dtype
+    from edlm.loading import load
+    from edlm.quant import cast_model, load_dtype
 
     device = best_device()
     dlm = load(model_dir, dtype, device=device, compile=compile)
@@ -72,7 +73,7 @@ def generate_texts(prompts: list[list[int]], cfg: DecodeConfig, tokenizer, dlm: 
     """
     if ar_model is None:
         return dlm.complete(prompts, cfg)
-    from edlm.baseline import ar_generate
+    from edlm.ar import ar_generate
 
     out = ar_generate(ar_model, prompts, cfg, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                       banned=banned_ids(ar_model, mask_id) if mask_id is not None else None)

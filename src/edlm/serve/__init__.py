@@ -8,7 +8,7 @@ One process, two sides::
                                                   | at every block boundary, waiting jobs are admitted as
                                                   | cohorts: same DecodeConfig, <= max_batch rows each
                                                   v
-                                                active cohorts, one ``iter_blocks`` generator each,
+                                                active cohorts, one ``iter_steps`` generator each,
                                                 advanced round-robin one block at a time
     asyncio.Queue per job                  <--  token ids of each finished block, then "done"
     (loop.call_soon_threadsafe)

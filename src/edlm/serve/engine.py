@@ -1,7 +1,7 @@
 """The cohort scheduler of ``edlm serve``: jobs of token ids in, blocks of token ids out.
 
 A background worker thread owns the model. At every block boundary it admits waiting jobs as cohorts (same
-DecodeConfig, at most ``max_batch`` rows, one ``iter_blocks`` call each) and advances the active cohorts
+DecodeConfig, at most ``max_batch`` rows, one ``iter_steps`` call each) and advances the active cohorts
 round-robin, one block at a time. Results go back to each job's asyncio loop as events; a job cancelled by its
 handler (stop string, client gone) is dropped by ``should_stop`` at its cohort's next block boundary.
 """
@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from edlm.config import DecodeConfig
-from edlm.decode import DecodeStats, iter_blocks, validate
+from edlm.decode import DecodeStats, iter_steps, validate
 from edlm.errors import ConfigError, EdlmError
 from edlm.serve.settings import ServeSettings
 
@@ -66,7 +66,7 @@ class Job:
     prompt: list[int]
     """Prompt token ids."""
     cfg: DecodeConfig
-    """How to decode it; jobs with the same cohort key share one ``iter_blocks`` call."""
+    """How to decode it; jobs with the same cohort key share one ``iter_steps`` call."""
     loop: asyncio.AbstractEventLoop
     """Event loop of the handler waiting on ``events``."""
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -97,9 +97,9 @@ class Job:
 @dataclass(eq=False)
 class _Cohort:
     jobs: list[Job]
-    """Its rows, in ``iter_blocks`` row order."""
+    """Its rows, in ``iter_steps`` row order."""
     steps: Generator[tuple[list[list[int]], DecodeStats], None, None]
-    """The cohort's ``iter_blocks`` call; each ``next`` decodes one block for all rows."""
+    """The cohort's ``iter_steps`` call; each ``next`` decodes one block for all rows."""
 
 
 class Engine:
@@ -130,7 +130,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, settings: ServeSettings, device: str = "cpu") -> Engine:
         """Load a converted model folder, weights in ``settings.dtype``, and wrap it."""
-        from edlm.quant import load
+        from edlm.loading import load
 
         return cls(load(model_dir, settings.dtype, device=device, compile=settings.compile), settings)
 
@@ -269,7 +269,7 @@ class Engine:
                 for job in rows:
                     job.state = "active"
                 self._busy += len(rows)
-                steps = iter_blocks(self.dlm, [j.prompt for j in rows], rows[0].cfg,
+                steps = iter_steps(self.dlm, [j.prompt for j in rows], rows[0].cfg,
                                     should_stop=lambda r, jobs=rows: self._row_stopped(jobs[r]),
                                     seeds=[j.cfg.seed for j in rows])
                 cohorts.append(_Cohort(rows, steps))
@@ -280,7 +280,7 @@ class Engine:
         return cohorts
 
     def _row_stopped(self, job: Job) -> bool:
-        """``should_stop`` of iter_blocks: the row is done, or the handler cancelled it."""
+        """``should_stop`` of iter_steps: the row is done, or the handler cancelled it."""
         if job.state == "done":
             return True
         if job.cancel_reason is not None:

@@ -36,7 +36,7 @@ class ServeSettings:
     max_queue: int = 64
     """Requests that may wait for a decoding slot; one more is refused with HTTP 429."""
     max_batch: int = 16
-    """Most rows in one cohort (one batched ``iter_blocks`` call); 1 decodes every request on its own."""
+    """Most rows in one cohort (one batched ``iter_steps`` call); 1 decodes every request on its own."""
     max_active: int = 64
     """Most requests decoding at once over all cohorts; further requests wait in the queue."""
     batch_window_ms: float = 100.0

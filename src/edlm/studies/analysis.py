@@ -37,7 +37,7 @@ def answer_accuracy(problems: list[Problem], dlm=None, ar_model=None, tokenizer=
     AR decoding (``decode``'s ``max_new_tokens`` and sampling; greedy by default). Tokens are counted up to and
     including EOS, so both systems are measured on the same text.
     """
-    from edlm.baseline import ar_generate
+    from edlm.ar import ar_generate
     from edlm.decode import generate
 
     tok = dlm.tokenizer if dlm is not None else tokenizer

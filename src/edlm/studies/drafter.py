@@ -170,14 +170,14 @@ def _decode(source, dlm, batch_ids: list[list[int]], cfg: DecodeConfig) -> tuple
     adapter over it."""
     import torch
 
-    from edlm.baseline import iter_ar
-    from edlm.decode import iter_blocks
+    from edlm.ar import iter_ar
+    from edlm.decode import iter_steps
 
     tok = dlm.tokenizer
     rows: list[list[int]] = [[] for _ in batch_ids]
     with torch.no_grad():
         steps = iter_ar(source, batch_ids, cfg, tok.eos_token_id, pad_id=tok.pad_token_id) if cfg.mode == "ar" \
-            else iter_blocks(dlm, batch_ids, cfg)
+            else iter_steps(dlm, batch_ids, cfg)
         for new, stats in steps:  # noqa: B007 (the last stats are the call's)
             for row, part in zip(rows, new):
                 row.extend(part)
@@ -188,8 +188,8 @@ def measure_drafter(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[t
                     say=None) -> Measurement:
     """Decode ``prompts`` with the unmodified source (AR), the adapter speculatively and by diffusion, interleaved
     per batch of prompts; all greedy, at ``cfg.dtype``."""
+    from edlm.loading import load, load_ar
     from edlm.model import encode_prompt
-    from edlm.quant import load, load_ar
 
     dlm = load(adapter_dir, cfg.dtype)
     source, tok = load_ar(dlm.adapter["source"]["model"], cfg.dtype)
@@ -237,8 +237,8 @@ def budget_curve(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tupl
 
     from edlm.adapter import adapter_state, load_adapter_state
     from edlm.decode import generate
+    from edlm.loading import load
     from edlm.model import encode_prompt
-    from edlm.quant import load
     from edlm.train import CHECKPOINT_PREFIX, STATE_FILE
 
     dlm = load(adapter_dir, "fp32")
@@ -309,7 +309,7 @@ def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", t
                    batch: int = 16, max_new_tokens: int = 8, say=None) -> dict[str, Any]:
     """Greedy accuracy of the unmodified source (AR) and of the adapter's diffusion decoder on
     :func:`exact_problems`, per family (the speculative mode's text is the source's: tested, not re-measured)."""
-    from edlm.quant import load, load_ar
+    from edlm.loading import load, load_ar
 
     dlm = load(adapter_dir, dtype)
     source, tok = load_ar(dlm.adapter["source"]["model"], dtype)

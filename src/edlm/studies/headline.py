@@ -173,8 +173,8 @@ def _public(result: dict[str, Any]) -> dict[str, Any]:
 def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: HeadlineSettings,
             max_new_tokens: int, progress=None) -> dict[str, Any]:
     """AR source vs dLM on ``problems``: every number of the headline, measured in this process."""
+    from edlm.ar import ar_generate
     from edlm.assets import load_hf
-    from edlm.baseline import ar_generate
     from edlm.bench.decode import forward_overhead
     from edlm.decode import generate
     from edlm.model import DiffusionLM
@@ -391,8 +391,7 @@ def ship_miniature(cfg: HeadlineConfig, config_path: str | Path, dest: Path | No
     """
     import shutil
 
-    from edlm.assets import load_hf
-    from edlm.demo import miniature_dir
+    from edlm.assets import load_hf, miniature_dir
     from edlm.errors import EdlmError
     from edlm.model import DiffusionLM
 
