@@ -38,7 +38,7 @@ def forward_overhead(dlm, prompt_len: int, block: int, repeats: int = 10) -> dic
 
     The difference is the decoder's Python and bookkeeping work (mask building, commit policy, cache crop) plus its
     wider forwards: the prompt's prefill fused with the first step, and each finished block re-encoded in the
-    next block's first forward (``scripts/profile_decode.py`` splits the two).
+    next block's first forward (``docs/roofline/profile_decode.py`` splits the two).
     """
     from edlm.decode import generate
 

@@ -1,6 +1,6 @@
 """Where a forced-TPF decode's time goes: every model forward timed with its width, next to the decoder's total.
 
-Usage: python scripts/profile_decode.py CONVERTED_DIR DTYPE BATCH TPF [THREADS [REPEATS]]
+Usage: python docs/roofline/profile_decode.py CONVERTED_DIR DTYPE BATCH TPF [THREADS [REPEATS]]
 (e.g. runs/smol1 int8 4 4 2: SmolLM2's converted folder, row-scaled int8, 4 rows, 4 tokens per forward, 2 threads)
 
 Decodes 32 new tokens per row (block 8, ``fixed`` policy, EOS ignored) from the chat-formatted default prompts, once

@@ -1,6 +1,6 @@
 """Quick accuracy probe of a converted headline run: exact match on the first N held-out problems per family.
 
-Usage: python scripts/headline_probe.py RUN_DIR N POLICY[,POLICY...]
+Usage: python docs/headline/headline_probe.py RUN_DIR N POLICY[,POLICY...]
 (e.g. runs/headline/exp/E 40 threshold,left_to_right; runs/headline/exp/L 40 threshold:0.7,entropy:0.2)
 
 ``threshold`` is the default commit rule at 0.9 (``threshold:0.7`` another value); ``entropy:B`` the

@@ -1,7 +1,7 @@
 """How good the diffusion head's one-shot block drafts are, teacher-forced: the quantity that sets the speculative
 mode's tokens per forward (and the diffusion decoder's at a high threshold).
 
-Usage: python scripts/draft_probe.py DLM_DIR [N [TASK_DIR]]   (N: first N held-out problems per family, default 100;
+Usage: python docs/headline/draft_probe.py DLM_DIR [N [TASK_DIR]]   (N: first N held-out problems per family, default 100;
 TASK_DIR: the folder holding test.jsonl, default runs/headline/task)
 
 For every problem the gold answer (and EOS) follows the prompt; every block holding answer positions gets those

@@ -1,6 +1,6 @@
 """Equal-budget ablation of the gated drafter on the embedded SmolLM2-135M-Instruct (issue 25).
 
-Usage: python scripts/drafter_ablation.py [STEPS [OUT]]   (default 60 steps, runs/drafter-ablation)
+Usage: python docs/drafter/drafter_ablation.py [STEPS [OUT]]   (default 60 steps, runs/drafter-ablation)
 
 Four conversions of the same source at the same budget (STEPS x 4 x 128 tokens, the drafter recipe's settings
 otherwise), each resumable and skipped when finished:

@@ -1,7 +1,7 @@
 """Greedy agreement of llama.cpp (the embedded SmolLM2's Q4_1 GGUF) with the PyTorch AR of the same weights
 de-quantized (fp32) and int8-quantized, on edlm bench's default prompts; writes JSON.
 
-    python scripts/llamacpp_agreement.py --max-new-tokens 48 --json docs/roofline/llamacpp-agreement.json
+    python docs/roofline/llamacpp_agreement.py --max-new-tokens 48 --json docs/roofline/llamacpp-agreement.json
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Teacher-forced draft quality of a gated drafter, on its training answers and on held-out ones (issue 25).
 
-Usage: python scripts/drafter_probe.py [--known K] ADAPTER HELDOUT_JSONL [CHECKPOINT ...]
+Usage: python docs/drafter/drafter_probe.py [--known K] ADAPTER HELDOUT_JSONL [CHECKPOINT ...]
 
 HELDOUT_JSONL is ``edlm distill`` output for prompts the adapter never saw, e.g. the drafter recipe's held-out chat
 prompts written to a file and answered with ``edlm distill --prompts FILE --max-new-tokens 96 --output OUT``. The

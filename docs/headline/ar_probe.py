@@ -1,7 +1,7 @@
 """Exact match of an AR checkpoint (a Hugging Face folder) on the headline's held-out problems, greedy with its KV
 cache: the control for the AR mode of a converted model.
 
-Usage: python scripts/ar_probe.py MODEL_DIR [N [train]]   (N: first N problems per family; all when omitted or 0)
+Usage: python docs/headline/ar_probe.py MODEL_DIR [N [train]]   (N: first N problems per family; all when omitted or 0)
 Reads the held-out problems of ``runs/headline`` (written by ``edlm headline``); with ``train``, its training problems
 instead (how often the model's own answers equal the gold ones that conversion trains on: the room self-distillation
 on its outputs would have). One thread, batch 8.

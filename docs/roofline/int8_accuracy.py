@@ -1,6 +1,6 @@
 """int8 schemes for the embedded SmolLM2-135M: held-out likelihood against fp32 and forward time, side by side.
 
-Usage: python scripts/int8_accuracy.py THREADS OUT.json
+Usage: python docs/roofline/int8_accuracy.py THREADS OUT.json
 
 Schemes: ``fp32``; ``int8 per-tensor`` (torch's dynamic int8 Linear as it comes: per-tensor weights, one activation
 scale per call: what edlm.quant used before); ``int8 row-scaled`` (edlm.quant now: per-channel weights, one

@@ -1,6 +1,6 @@
 """int8 backends compared: forward ms of k = 1, 4, 8 new tokens on a 100-token KV cache (median of 5 after 2).
 
-Usage: python scripts/int8_backends.py CONVERTED_DIR THREADS
+Usage: python docs/roofline/int8_backends.py CONVERTED_DIR THREADS
 fp32, bf16, torch dynamic int8 (edlm.quant's CPU choice), torchao int8 weight-only / dynamic-activation int8 (needs
 pip install torchao). Written for docs/roofline.md (issue 16).
 """

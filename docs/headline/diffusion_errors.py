@@ -1,6 +1,6 @@
 """The wrong answers of a converted headline model's diffusion decoding, one family at a time.
 
-Usage: python scripts/diffusion_errors.py DLM_DIR TASK_DIR [FAMILY [THRESHOLD [N]]]
+Usage: python docs/headline/diffusion_errors.py DLM_DIR TASK_DIR [FAMILY [THRESHOLD [N]]]
 (e.g. runs/fresh/runs/ar_weight=1.0,clean_causal=True,diffusion_weight=1.0__s0 runs/fresh/task seq 0.9 14)
 
 Decodes every held-out problem of FAMILY (default seq) at THRESHOLD (default 0.9), block-by-block with the KV

@@ -2,7 +2,7 @@
 policy, block 8, EOS ignored, 48 tokens), batch 1, with bare forward times (the roofline) measured between runs.
 
 Usage: git show REV:src/edlm/decode.py > /tmp/decode_old.py
-       python scripts/decoder_ab.py THREADS DTYPES REPS OUT.json CONVERTED_DIR [/tmp/decode_old.py]
+       python docs/roofline/decoder_ab.py THREADS DTYPES REPS OUT.json CONVERTED_DIR [/tmp/decode_old.py]
 Asserts both decoders produce the same tokens. Written for docs/roofline.md (issue 16).
 """
 

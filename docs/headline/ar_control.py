@@ -1,6 +1,6 @@
 """The AR control of a conversion: the same data, steps, batch and learning rate, the AR next-token loss only.
 
-Usage: python scripts/ar_control.py TRAIN_CONFIG.yaml OUT_DIR [KEY=VALUE ...]
+Usage: python docs/headline/ar_control.py TRAIN_CONFIG.yaml OUT_DIR [KEY=VALUE ...]
 (e.g. runs/headline/exp/G/train_config.yaml runs/headline/exp/ARC num_threads=1; score it with
 scripts/ar_probe.py OUT_DIR). Resumes an interrupted run. Written for docs/headline_joint/analysis.md (issue 14).
 """
