@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from edlm.assets import miniature_dir  # noqa: F401 (also public here, its old home)
 from edlm.config import DecodeConfig
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,6 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
     """
     import dataclasses
 
-    from edlm.assets import miniature_dir
     from edlm.errors import EdlmError
     from edlm.results import provenance
     from edlm.studies.headline import load_headline_config, measure, plot_pareto, summary

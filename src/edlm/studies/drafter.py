@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edlm.config import DecodeConfig, TrainConfig, from_dict, load_yaml
 from edlm.distill import DistillConfig
 from edlm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edlm.bench.harness import Run
 
 logger = logging.getLogger(__name__)
 
@@ -95,40 +97,14 @@ def load_drafter_config(path: str | Path, overrides: list[str] | None = None,
 
 
 @dataclass
-class Run:
-    """One system decoding a prompt set at one batch size."""
-
-    system: str
-    dtype: str
-    batch: int
-    texts: list[str]
-    tokens: int = 0
-    forwards: int = 0
-    seconds: float = 0.0
-    chunks: list[tuple[int, int, float]] = field(default_factory=list)
-    """(tokens, forwards, seconds) of each batch of prompts, in order (at batch 1: of each prompt)."""
-
-    row_forwards: int = 0
-    """Forwards times the rows each decoded (a batched forward counts once per row)."""
-
-    @property
-    def tokens_per_forward(self) -> float:
-        """Tokens per forward per row."""
-        return self.tokens / max(self.row_forwards, 1)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
-
-
-@dataclass
 class Measurement:
     """Source AR vs the adapter's two modes on the same prompts, per batch size."""
 
     prompts: list[str]
     domains: list[str]
     runs: dict[str, dict[int, Run]]
-    """System name (``ar``, ``speculative``, ``diffusion``) -> batch size -> run."""
+    """System name (``ar``, ``speculative``, ``diffusion``) -> batch size -> run (with texts)."""
+    dtype: str = "fp32"
 
     def speedup(self, system: str, batch: int) -> float:
         return self.runs[system][batch].tokens_per_s / max(self.runs["ar"][batch].tokens_per_s, 1e-9)
@@ -144,7 +120,7 @@ class Measurement:
             row = {}
             for name, runs in self.runs.items():
                 r = runs[batch]
-                row[name] = {"dtype": r.dtype, "tokens": r.tokens, "forwards": r.forwards, "seconds": r.seconds,
+                row[name] = {"dtype": self.dtype, "tokens": r.tokens, "forwards": r.forwards, "seconds": r.seconds,
                              "tokens_per_forward": r.tokens_per_forward, "tokens_per_s": r.tokens_per_s,
                              "speedup": self.speedup(name, batch), "texts": r.texts}
             row["identical"] = self.identical(batch)
@@ -165,29 +141,34 @@ def heldout_prompts(per_domain: int, distill: DistillConfig, seed: int) -> list[
     return out
 
 
-def _decode(source, dlm, batch_ids: list[list[int]], cfg: DecodeConfig) -> tuple[list[list[int]], int]:
-    """(new tokens per row, forwards) of one batch: ``mode="ar"`` decodes the unmodified source, other modes the
-    adapter over it."""
+def _system(source, dlm, cfg: DecodeConfig):
+    """One batch -> DecodeOutput: ``mode="ar"`` decodes the unmodified source, other modes the adapter over it."""
     import torch
 
     from edlm.ar import iter_ar
     from edlm.decode import iter_steps
+    from edlm.sampling import DecodeOutput
 
     tok = dlm.tokenizer
-    rows: list[list[int]] = [[] for _ in batch_ids]
-    with torch.no_grad():
-        steps = iter_ar(source, batch_ids, cfg, tok.eos_token_id, pad_id=tok.pad_token_id) if cfg.mode == "ar" \
-            else iter_steps(dlm, batch_ids, cfg)
-        for new, stats in steps:  # noqa: B007 (the last stats are the call's)
-            for row, part in zip(rows, new):
-                row.extend(part)
-    return rows, stats.forwards
+
+    def run(batch_ids: list[list[int]]) -> DecodeOutput:
+        rows: list[list[int]] = [[] for _ in batch_ids]
+        with torch.no_grad():
+            steps = iter_ar(source, batch_ids, cfg, tok.eos_token_id, pad_id=tok.pad_token_id) if cfg.mode == "ar" \
+                else iter_steps(dlm, batch_ids, cfg)
+            for new, stats in steps:  # noqa: B007 (the last stats are the call's)
+                for row, part in zip(rows, new):
+                    row.extend(part)
+        return DecodeOutput(sequences=rows, stats=stats)
+
+    return run
 
 
 def measure_drafter(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tuple[str, str]],
                     say=None) -> Measurement:
-    """Decode ``prompts`` with the unmodified source (AR), the adapter speculatively and by diffusion, interleaved
-    per batch of prompts; all greedy, at ``cfg.dtype``."""
+    """Decode ``prompts`` with the unmodified source (AR), the adapter speculatively and by diffusion, through the
+    comparison harness (interleaved per batch of prompts); all greedy, at ``cfg.dtype``."""
+    from edlm.bench.harness import run_interleaved
     from edlm.loading import load, load_ar
     from edlm.model import encode_prompt
 
@@ -196,36 +177,24 @@ def measure_drafter(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[t
     source.eval()
     ids = [encode_prompt(tok, p) for _, p in prompts]
     common = dict(max_new_tokens=cfg.max_new_tokens, block_size=cfg.block_size)
-    modes = {"speculative": DecodeConfig(mode="speculative", draft_hypotheses=cfg.draft_hypotheses,
-                                         aligned_draft=cfg.aligned_draft, **common),
-             "diffusion": DecodeConfig(mode="diffusion", threshold=cfg.threshold, **common)}
-    ar_cfg = DecodeConfig(mode="ar", max_new_tokens=cfg.max_new_tokens)
-
-    def decode(system: str, batch_ids: list[list[int]]):
-        t0 = time.perf_counter()
-        rows, forwards = _decode(source, dlm, batch_ids, ar_cfg if system == "ar" else modes[system])
-        texts = [tok.decode(r, skip_special_tokens=True) for r in rows]
-        return texts, sum(len(r) for r in rows), forwards, time.perf_counter() - t0
-
-    runs: dict[str, dict[int, Run]] = {name: {} for name in ("ar", *modes)}
+    systems = {"ar": _system(source, dlm, DecodeConfig(mode="ar", max_new_tokens=cfg.max_new_tokens)),
+               "speculative": _system(source, dlm, DecodeConfig(
+                   mode="speculative", draft_hypotheses=cfg.draft_hypotheses, aligned_draft=cfg.aligned_draft,
+                   **common)),
+               "diffusion": _system(source, dlm, DecodeConfig(mode="diffusion", threshold=cfg.threshold, **common))}
+    runs: dict[str, dict[int, Run]] = {name: {} for name in systems}
     for batch in cfg.batch_sizes:
-        for name in runs:
-            runs[name][batch] = Run(name, cfg.dtype, batch, [])
-        decode("ar", ids[:batch])  # warm-up, not counted
-        for start in range(0, len(ids), batch):
-            chunk = ids[start:start + batch]
-            for name in runs:  # interleaved: a slow spell of the machine hits every system alike
-                texts, tokens, forwards, seconds = decode(name, chunk)
-                r = runs[name][batch]
-                r.texts += texts
-                r.tokens += tokens
-                r.forwards += forwards
-                r.row_forwards += forwards * len(chunk)
-                r.seconds += seconds
-                r.chunks.append((tokens, forwards, seconds))
+        systems["ar"](ids[:batch])  # warm-up, not counted
+
+        def progress(done: int, total: int, batch=batch) -> None:
             if say:
-                say(f"batch {batch}: {min(start + batch, len(ids))}/{len(ids)} prompts")
-    return Measurement(prompts=[p for _, p in prompts], domains=[d for d, _ in prompts], runs=runs)
+                say(f"batch {batch}: {done}/{total} prompts")
+
+        got = run_interleaved(systems, ids, batch, progress=progress,
+                              detokenize=lambda s: tok.decode(s, skip_special_tokens=True))
+        for name, run in got.items():
+            runs[name][batch] = run
+    return Measurement(prompts=[p for _, p in prompts], domains=[d for d, _ in prompts], runs=runs, dtype=cfg.dtype)
 
 
 def budget_curve(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tuple[str, str]],
@@ -309,32 +278,25 @@ def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", t
                    batch: int = 16, max_new_tokens: int = 8, say=None) -> dict[str, Any]:
     """Greedy accuracy of the unmodified source (AR) and of the adapter's diffusion decoder on
     :func:`exact_problems`, per family (the speculative mode's text is the source's: tested, not re-measured)."""
+    from edlm.bench.harness import run_interleaved
     from edlm.loading import load, load_ar
 
     dlm = load(adapter_dir, dtype)
     source, tok = load_ar(dlm.adapter["source"]["model"], dtype)
     problems = exact_problems(n)
     ids = [tok(prompt, add_special_tokens=False)["input_ids"] for _, prompt, _ in problems]
-    systems = {"ar": DecodeConfig(mode="ar", max_new_tokens=max_new_tokens),
+    configs = {"ar": DecodeConfig(mode="ar", max_new_tokens=max_new_tokens),
                "diffusion": DecodeConfig(mode="diffusion", max_new_tokens=max_new_tokens, threshold=threshold)}
-    texts: dict[str, list[str]] = {name: [] for name in systems}
-    forwards = {name: 0 for name in systems}
-    tokens = {name: 0 for name in systems}
-    for start in range(0, len(ids), batch):
-        chunk = ids[start:start + batch]
-        for name, cfg in systems.items():
-            rows, n_forwards = _decode(source, dlm, chunk, cfg)
-            forwards[name] += n_forwards * len(chunk)
-            tokens[name] += sum(len(r) for r in rows)
-            texts[name] += [tok.decode(r, skip_special_tokens=True) for r in rows]
-        if say:
-            say(f"exact answers: {min(start + batch, len(ids))}/{len(ids)} problems")
+    systems = {name: _system(source, dlm, cfg) for name, cfg in configs.items()}
+    runs = run_interleaved(systems, ids, batch, detokenize=lambda r: tok.decode(r, skip_special_tokens=True),
+                           progress=lambda done, total: say and say(f"exact answers: {done}/{total} problems"))
+    texts = {name: run.texts for name, run in runs.items()}
     out: dict[str, Any] = {"n_per_family": n, "threshold": threshold, "dtype": dtype, "families": {}}
     for family in dict.fromkeys(f for f, _, _ in problems):
         idx = [i for i, (f, _, _) in enumerate(problems) if f == family]
         row = {name: sum(_solved(texts[name][i], problems[i][2]) for i in idx) / len(idx) for name in systems}
         out["families"][family] = row
-    out["diffusion_tokens_per_forward"] = tokens["diffusion"] / max(forwards["diffusion"], 1)
+    out["diffusion_tokens_per_forward"] = runs["diffusion"].tokens_per_forward
     out["examples"] = [{"prompt": problems[i][1], "answer": problems[i][2],
                         **{name: texts[name][i] for name in systems}} for i in (0, n)]
     return out

@@ -131,38 +131,26 @@ def decode_problems(run, tokenizer, problems: list[Problem], batch: int) -> dict
 
 
 def decode_interleaved(runs: dict[Any, Any], tokenizer, problems: list[Problem], batch: int) -> dict[Any, Any]:
-    """:func:`decode_problems` for several systems at once: each batch of prompts is decoded by every run in turn
-    (the order rotating from batch to batch), so a slow spell of the machine costs every system alike instead of
-    landing on whichever one was running. Returns ``{name: result}`` for ``runs = {name: run}``."""
+    """:func:`decode_problems` for several systems at once, through the comparison harness
+    (:func:`edlm.bench.harness.run_interleaved`: each batch of prompts is decoded by every run in turn, the order
+    rotating from batch to batch). Returns ``{name: result}`` for ``runs = {name: run}``."""
+    from edlm.bench.harness import run_interleaved
     from edlm.studies.analysis import prompt_ids
 
     order = sorted(range(len(problems)), key=lambda i: (problems[i].family, i))
-    names = list(runs)
-    got = {name: {"answers": [""] * len(problems), "tokens": 0, "forwards_rows": 0, "seconds": 0.0}
-           for name in names}
-    for k, i in enumerate(range(0, len(order), batch)):
-        chunk = order[i:i + batch]
-        prompts = [prompt_ids(tokenizer, problems[j]) for j in chunk]
-        turn = k % len(names)
-        for name in names[turn:] + names[:turn]:
-            out, g = runs[name](prompts), got[name]
-            g["tokens"] += out.stats.tokens
-            g["forwards_rows"] += out.stats.forwards * len(chunk)
-            g["seconds"] += out.stats.seconds
-            for j, seq in zip(chunk, out.sequences):
-                g["answers"][j] = _answer(tokenizer, seq)
-    return {name: _scored(problems, g, batch) for name, g in got.items()}
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    got = run_interleaved(runs, prompts, batch, order=order, detokenize=lambda ids: _answer(tokenizer, ids))
+    return {name: _scored(problems, r) for name, r in got.items()}
 
 
-def _scored(problems: list[Problem], got: dict[str, Any], batch: int) -> dict[str, Any]:
+def _scored(problems: list[Problem], run) -> dict[str, Any]:
     right: dict[str, list[bool]] = defaultdict(list)
-    for p, a in zip(problems, got["answers"]):
+    for p, a in zip(problems, run.texts):
         right[p.family].append(a == p.answer)
     flat = [ok for oks in right.values() for ok in oks]
     return {"accuracy": sum(flat) / len(flat), "per_family": {f: sum(v) / len(v) for f, v in sorted(right.items())},
-            "tokens_per_forward": got["tokens"] / max(got["forwards_rows"], 1),
-            "tokens_per_s": got["tokens"] / max(got["seconds"], 1e-9), "tokens": got["tokens"],
-            "seconds": got["seconds"], "n": len(problems), "batch": batch, "answers": got["answers"]}
+            "tokens_per_forward": run.tokens_per_forward, "tokens_per_s": run.tokens_per_s, "tokens": run.tokens,
+            "seconds": run.seconds, "n": len(problems), "batch": run.batch, "answers": run.texts}
 
 
 def _public(result: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,90 @@
+"""One comparison harness: several systems decode the same prompts, interleaved batch by batch, into typed runs.
+
+A *system* is anything that turns one batch of token-id prompts into a :class:`~edlm.sampling.DecodeOutput`: the AR
+source at a dtype, a converted model in a mode at a threshold, the gated drafter over its source, llama.cpp. The
+runner gives every system the same batches in a rotating order, so a slow spell of the machine costs every system
+alike instead of landing on whichever one was running, and times each call by the wall clock around it.
+
+Users: ``edlm headline`` and ``edlm demo`` (:func:`edlm.studies.headline.decode_interleaved`), the gated-drafter
+study and its demo (:func:`edlm.studies.drafter.measure_drafter`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from edlm.sampling import DecodeOutput
+
+System = Callable[[list[list[int]]], DecodeOutput]
+"""One batch of token-id prompts -> their continuations and the decoder's stats (``forwards`` is what counts)."""
+
+
+@dataclass
+class Run:
+    """One system decoding a prompt set at one batch size."""
+
+    system: Hashable
+    batch: int
+    sequences: list[list[int]]
+    """New token ids per prompt, in the prompts' order."""
+    texts: list[str] = field(default_factory=list)
+    """The sequences as text, when the runner was given a ``detokenize``."""
+    tokens: int = 0
+    forwards: int = 0
+    """Forwards of all calls (a batched forward counts once)."""
+    row_forwards: int = 0
+    """Forwards times the rows each decoded (a batched forward counts once per row)."""
+    seconds: float = 0.0
+    """Wall-clock seconds of the system's calls."""
+    chunks: list[tuple[int, int, float]] = field(default_factory=list)
+    """(tokens, forwards, seconds) of each call, in the order the batches were decoded (at batch 1: per prompt)."""
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens per forward per row."""
+        return self.tokens / max(self.row_forwards, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def run_interleaved(systems: dict[Hashable, System], prompts: list[list[int]], batch: int,
+                    order: list[int] | None = None, detokenize: Callable[[list[int]], str] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> dict[Hashable, Run]:
+    """Decode ``prompts`` with every system, ``batch`` prompts at a time in ``order`` (default: as given); the
+    systems take turns on each batch, the first one rotating from batch to batch.
+
+    Args:
+        systems: ``{name: system}``; the names key the result.
+        detokenize: turns a sequence into the text stored in :attr:`Run.texts` (None: no texts).
+        progress: called with (prompts done, prompts in all) after every batch.
+    """
+    order = list(range(len(prompts))) if order is None else list(order)
+    names = list(systems)
+    runs = {name: Run(name, batch, [[] for _ in prompts]) for name in names}
+    for k, start in enumerate(range(0, len(order), batch)):
+        chunk = order[start:start + batch]
+        rows = [prompts[j] for j in chunk]
+        turn = k % len(names)
+        for name in names[turn:] + names[:turn]:
+            t0 = time.perf_counter()
+            out = systems[name](rows)
+            seconds = time.perf_counter() - t0
+            r = runs[name]
+            tokens = sum(len(s) for s in out.sequences)
+            r.tokens += tokens
+            r.forwards += out.stats.forwards
+            r.row_forwards += out.stats.forwards * len(chunk)
+            r.seconds += seconds
+            r.chunks.append((tokens, out.stats.forwards, seconds))
+            for j, seq in zip(chunk, out.sequences):
+                r.sequences[j] = list(seq)
+        if progress is not None:
+            progress(min(start + batch, len(order)), len(order))
+    if detokenize is not None:
+        for r in runs.values():
+            r.texts = [detokenize(s) for s in r.sequences]
+    return runs
