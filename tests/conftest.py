@@ -14,6 +14,19 @@ from edlm.model import DiffusionLM  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma"]
 
+# The integration tier (marker "integration"): whole pipelines, servers over HTTP, programs in the sandbox, several
+# processes. Plain `pytest` runs the unit tests; the README's test command (and CI) runs both tiers.
+INTEGRATION_MODULES = {
+    "test_serve_app", "test_bench_load", "test_distributed", "test_headline", "test_study", "test_reproducible",
+    "test_evals_isolation", "test_evals_sandbox", "test_cli", "test_evals_run", "test_evals_lm_eval",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):

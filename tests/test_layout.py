@@ -100,3 +100,10 @@ def test_no_import_cycle_even_counting_imports_inside_functions():
 def test_no_module_is_longer_than_about_600_lines():
     lines = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in ROOT.rglob("*.py")}
     assert {name: n for name, n in lines.items() if n > MAX_LINES} == {}
+
+
+def test_every_integration_module_exists():
+    from conftest import INTEGRATION_MODULES
+
+    tests = Path(__file__).parent
+    assert {m for m in INTEGRATION_MODULES if not (tests / f"{m}.py").is_file()} == set()
