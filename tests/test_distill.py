@@ -4,13 +4,13 @@ import json
 
 import pytest
 
+from edlm.api import encode_prompt
 from edlm.ar import ar_generate
 from edlm.assets import tiny_model
 from edlm.assets.prompts import DEMO_PROMPTS, distillation_prompts
 from edlm.config import DecodeConfig
 from edlm.distill import DistillConfig, distill, distilled_tokens, read_prompts
 from edlm.errors import EdlmError
-from edlm.model import encode_prompt
 
 
 def test_builtin_prompts_mix_domains_never_hold_a_demo_prompt_and_are_stable():

@@ -109,7 +109,7 @@ def distill(model, tokenizer, cfg: DistillConfig, out: str | os.PathLike,
         out: the jsonl file; prompts whose id it already holds are skipped (resume).
         progress: called as ``progress(done, total)`` after every batch.
     """
-    from edlm.model import encode_prompt
+    from edlm.api import encode_prompt
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
-"""One way to load a model for decoding: a converted folder (:func:`load`) or an AR source (:func:`load_ar`), each
-at a dtype, eager or on the compiled engine. Where the weights come from is :mod:`edlm.assets`; quantization is
-:mod:`edlm.quant`; compilation is :mod:`edlm.engine`."""
+"""One way to load a model for decoding, at a dtype, eager or on the compiled engine: a converted folder
+(:func:`load`), an AR model by spec (:func:`load_ar`), a folder's AR source (:func:`load_source`), or both of a
+folder (:func:`load_pair`, what evaluation compares). Where the weights come from is :mod:`edlm.assets`;
+quantization is :mod:`edlm.quant`; compilation is :mod:`edlm.engine`."""
 
 from __future__ import annotations
 
@@ -49,3 +50,35 @@ def load_ar(spec: str | None, dtype: str = "fp32", device: str | torch.device = 
         return compile_model(model.eval(), dtype), tokenizer
     model, tokenizer = resolve_model(spec, dtype=load_dtype(dtype))
     return cast_model(model.to(device), dtype).eval(), tokenizer
+
+
+def load_source(model_dir: str | os.PathLike, dtype: str = "fp32", device: str | torch.device = "cpu",
+                compile: bool = False, attn_implementation: str = "sdpa") -> nn.Module:
+    """The AR model a converted folder was trained from (its ``train_config.yaml`` names it:
+    :func:`edlm.model.source_spec`) in ``dtype``, eval mode. A folder that records no source has its converted
+    weights used as a causal LM."""
+    from edlm.assets import resolve_model
+    from edlm.model import source_spec
+
+    spec = source_spec(model_dir)
+    if spec is None:
+        logger.warning("%s records no AR source (no train_config.yaml); the converted weights are used as a causal "
+                       "LM", model_dir)
+        spec = str(model_dir)
+    else:
+        logger.info("AR source of %s: %s", model_dir, spec)
+    if compile or attn_implementation == "sdpa":
+        return load_ar(spec, dtype, device, compile)[0]
+    model = resolve_model(spec, dtype=load_dtype(dtype), attn_implementation=attn_implementation)[0]
+    return cast_model(model.to(device), dtype).eval()
+
+
+def load_pair(model_dir: str | os.PathLike, ar: bool = False, dtype: str = "fp32", compile: bool = False,
+              device: str | torch.device | None = None) -> tuple[Any, nn.Module | None]:
+    """(DiffusionLM, its AR source or None) of a converted folder, both in ``dtype``, on ``device`` (default: the
+    best one here); with ``compile`` both run on the compiled engine."""
+    from edlm.assets import best_device
+
+    device = device or best_device()
+    dlm = load(model_dir, dtype, device=device, compile=compile)
+    return dlm, load_source(model_dir, dtype, device, compile) if ar else None

@@ -374,60 +374,25 @@ class DiffusionLM(nn.Module):
         return self.loss(noised)
 
     # ---------------------------------------------------------------------------------------------- inference
+    # The text front end lives in edlm.api, above the model; these methods are shortcuts to it.
 
     def encode(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
-        """Token ids of a user prompt or a conversation (see :func:`encode_prompt`)."""
+        """Token ids of a user prompt or a conversation (:func:`edlm.api.encode_prompt`)."""
+        from edlm.api import encode_prompt
+
         return encode_prompt(self.tokenizer, prompt, chat)
 
     def generate(self, prompts: str | list[str], config: Any = None, chat: bool = True, **overrides: Any):
-        """Generate text for one or more prompts; returns ``(texts, stats)`` (see :meth:`complete`).
+        """``(texts, stats)`` for one or more text prompts (:func:`edlm.api.generate_text`)."""
+        from edlm.api import generate_text
 
-        Args:
-            prompts: prompt text(s); each is wrapped in the chat template when the tokenizer has one and ``chat``.
-            config: a :class:`edlm.config.DecodeConfig` (default settings when None).
-            overrides: fields of DecodeConfig to change, e.g. ``threshold=0.7, max_new_tokens=64``.
-        """
-        from edlm.config import DecodeConfig
+        return generate_text(self, prompts, config, chat, **overrides)
 
-        cfg = dataclasses.replace(config or DecodeConfig(), **overrides)
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return self.complete([self.encode(t, chat) for t in texts], cfg)
-
-    @torch.no_grad()
     def complete(self, prompts: list[list[int]], cfg: Any) -> tuple[list[str], Any]:
-        """``(texts, stats)`` of token-id prompts decoded in one batch with a DecodeConfig ``cfg``.
+        """``(texts, stats)`` of token-id prompts decoded in one batch (:func:`edlm.api.complete`)."""
+        from edlm.api import complete
 
-        A row stops at the first block boundary where its text holds one of ``cfg.stop``, and its text is cut there
-        (:func:`edlm.text.cut_at_stop`).
-        """
-        from edlm.decode import iter_steps
-        from edlm.sampling import DecodeStats
-        from edlm.text import cut_at_stop, stop_index
-
-        sequences: list[list[int]] = [[] for _ in prompts]
-
-        def decoded(row: int) -> str:
-            return self.tokenizer.decode(sequences[row], skip_special_tokens=True)
-
-        def seen_stop(row: int) -> bool:  # asked at block boundaries
-            return stop_index(decoded(row), cfg.stop) is not None
-
-        stats = DecodeStats(rows=len(prompts))
-        for new, stats in iter_steps(self, prompts, cfg, should_stop=seen_stop if cfg.stop else None):  # noqa: B007
-            for seq, part in zip(sequences, new):
-                seq.extend(part)
-        return [cut_at_stop(decoded(r), cfg.stop) for r in range(len(prompts))], stats
-
-
-def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
-    """Token ids of a user prompt or a conversation (``[{"role", "content"}, ...]``): through the tokenizer's chat
-    template (with the generation prompt) when it has one and ``chat`` is on, else the contents joined by newlines."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = "\n".join(m["content"] for m in messages)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return complete(self, prompts, cfg)
 
 
 def _source_check(model: nn.Module) -> dict[str, Any]:

@@ -23,39 +23,20 @@ logger = logging.getLogger(__name__)
 
 def load_ar_source(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
-    """The AR model a converted folder was trained from, in eval mode on ``device``.
+    """The AR model a converted folder was trained from, in eval mode on ``device``
+    (:func:`edlm.loading.load_source`, with a float ``dtype``)."""
+    from edlm.loading import load_source
+    from edlm.quant import DTYPES
 
-    A folder that records no source (no ``train_config.yaml``) has its converted weights used as a causal LM.
-    """
-    from edlm.assets import load_hf, resolve_model
-    from edlm.model import source_spec
-
-    spec = source_spec(model_dir)
-    if spec is None:
-        logger.warning("%s records no AR source (no train_config.yaml); the converted weights are used as a causal "
-                       "LM", model_dir)
-        model = load_hf(model_dir, dtype=dtype, attn_implementation=attn_implementation)[0]
-    else:
-        logger.info("AR source of %s: %s", model_dir, spec)
-        model = resolve_model(spec, dtype=dtype, attn_implementation=attn_implementation)[0]
-    return model.to(device).eval()
+    name = next(n for n, d in DTYPES.items() if d == dtype)
+    return load_source(model_dir, name, device, attn_implementation=attn_implementation)
 
 
 def load_for_eval(model_dir: str, ar: bool = False, dtype: str = "fp32", compile: bool = False):
-    """(DiffusionLM, AR source model or None) of a converted folder, weights in ``dtype`` (see :mod:`edlm.quant`);
-    with ``compile`` both run on the compiled engine (:mod:`edlm.engine`)."""
-    from edlm.assets import best_device
-    from edlm.loading import load
-    from edlm.quant import cast_model, load_dtype
+    """(DiffusionLM, AR source model or None) of a converted folder (:func:`edlm.loading.load_pair`)."""
+    from edlm.loading import load_pair
 
-    device = best_device()
-    dlm = load(model_dir, dtype, device=device, compile=compile)
-    if compile:
-        from edlm.engine import compile_model
-
-        return dlm, compile_model(load_ar_source(model_dir), dtype) if ar else None
-    ar_model = cast_model(load_ar_source(model_dir, load_dtype(dtype), device=device), dtype).eval() if ar else None
-    return dlm, ar_model
+    return load_pair(model_dir, ar, dtype, compile)
 
 
 def banned_ids(ar_model, mask_id: int) -> list[int] | None:

@@ -168,9 +168,9 @@ def measure_drafter(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[t
                     say=None) -> Measurement:
     """Decode ``prompts`` with the unmodified source (AR), the adapter speculatively and by diffusion, through the
     comparison harness (interleaved per batch of prompts); all greedy, at ``cfg.dtype``."""
+    from edlm.api import encode_prompt
     from edlm.bench.harness import run_interleaved
     from edlm.loading import load, load_ar
-    from edlm.model import encode_prompt
 
     dlm = load(adapter_dir, cfg.dtype)
     source, tok = load_ar(dlm.adapter["source"]["model"], cfg.dtype)
@@ -205,9 +205,9 @@ def budget_curve(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tupl
     import yaml
 
     from edlm.adapter import adapter_state, load_adapter_state
+    from edlm.api import encode_prompt
     from edlm.decode import generate
     from edlm.loading import load
-    from edlm.model import encode_prompt
     from edlm.train import CHECKPOINT_PREFIX, STATE_FILE
 
     dlm = load(adapter_dir, "fp32")

@@ -1,0 +1,65 @@
+"""The text front end, above the model (as litgpt's ``api.py`` sits above ``model.py``): prompts in, text out.
+
+``encode_prompt`` applies the chat template; ``generate_text`` decodes text prompts; ``complete`` decodes token-id
+prompts in one batch and cuts each text at the first stop string. :class:`edlm.model.DiffusionLM` keeps
+``encode`` / ``generate`` / ``complete`` as shortcuts to these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from edlm.config import DecodeConfig
+from edlm.decode import iter_steps
+from edlm.sampling import DecodeStats
+from edlm.text import cut_at_stop, stop_index
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+    """Token ids of a user prompt or a conversation (``[{"role", "content"}, ...]``): through the tokenizer's chat
+    template (with the generation prompt) when it has one and ``chat`` is on, else the contents joined by newlines."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "\n".join(m["content"] for m in messages)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def generate_text(dlm, prompts: str | list[str], config: DecodeConfig | None = None, chat: bool = True,
+                  **overrides: Any) -> tuple[list[str], DecodeStats]:
+    """Generate text for one or more prompts; returns ``(texts, stats)`` (see :func:`complete`).
+
+    Args:
+        prompts: prompt text(s); each is wrapped in the chat template when the tokenizer has one and ``chat``.
+        config: a :class:`edlm.config.DecodeConfig` (default settings when None).
+        overrides: fields of DecodeConfig to change, e.g. ``threshold=0.7, max_new_tokens=64``.
+    """
+    cfg = dataclasses.replace(config or DecodeConfig(), **overrides)
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return complete(dlm, [encode_prompt(dlm.tokenizer, t, chat) for t in texts], cfg)
+
+
+@torch.no_grad()
+def complete(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> tuple[list[str], DecodeStats]:
+    """``(texts, stats)`` of token-id prompts decoded in one batch with ``cfg``.
+
+    A row stops at the first block boundary where its text holds one of ``cfg.stop``, and its text is cut there
+    (:func:`edlm.text.cut_at_stop`).
+    """
+    sequences: list[list[int]] = [[] for _ in prompts]
+
+    def decoded(row: int) -> str:
+        return dlm.tokenizer.decode(sequences[row], skip_special_tokens=True)
+
+    def seen_stop(row: int) -> bool:  # asked at block boundaries
+        return stop_index(decoded(row), cfg.stop) is not None
+
+    stats = DecodeStats(rows=len(prompts))
+    for new, stats in iter_steps(dlm, prompts, cfg, should_stop=seen_stop if cfg.stop else None):  # noqa: B007
+        for seq, part in zip(sequences, new):
+            seq.extend(part)
+    return [cut_at_stop(decoded(r), cfg.stop) for r in range(len(prompts))], stats
