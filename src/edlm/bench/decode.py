@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from edlm.bench.timing import _in_batches, _summary, _timed, agreement, forward_times  # noqa: F401
+from edlm.bench.harness import cycled, run_interleaved
+from edlm.bench.timing import _timed, agreement, forward_times
 from edlm.config import DecodeConfig, to_dict
 from edlm.model import source_spec
 from edlm.results import machine_info, new_figure, save_figure
@@ -66,16 +67,21 @@ def decoding_modes(dlm, ids: list[list[int]], decode: DecodeConfig, repeats: int
     and with the converted model's own ``ar`` mode (1.0 for greedy speculative by construction), and the speed-up
     over the AR baseline's ``ar_tokens_per_s``. ``decode`` holds every other setting (the diffusion mode is
     ``decode`` itself)."""
-    from edlm.decode import generate
 
-    runs = {}
-    for name, fields in {"diffusion": {"mode": "diffusion"}, **MODE_VARIANTS}.items():
-        cfg = dataclasses.replace(decode, **fields)
-        runs[name] = _timed(lambda c=cfg: _in_batches(lambda r: generate(dlm, r, c), ids, 1), repeats)
-    return {name: {**_summary(run), "speedup": run.stats.tokens_per_s / ar_tokens_per_s,
+    systems = {name: _system(dlm, dataclasses.replace(decode, **fields))
+               for name, fields in {"diffusion": {"mode": "diffusion"}, **MODE_VARIANTS}.items()}
+    runs = run_interleaved(systems, ids, 1, repeats=repeats, warmup=True)
+    return {name: {**run.summary(), "speedup": run.tokens_per_s / ar_tokens_per_s,
                    "agreement_with_ar": agreement(run.sequences, ar_reference),
                    "agreement_with_ar_mode": agreement(run.sequences, runs["ar"].sequences)}
             for name, run in runs.items()}
+
+
+def _system(dlm, cfg: DecodeConfig):
+    """``dlm`` decoding with ``cfg``: a system of the comparison harness (:mod:`edlm.bench.harness`)."""
+    from edlm.decode import generate
+
+    return lambda rows: generate(dlm, rows, cfg)
 
 
 def _best(by_dtype: dict[str, dict[str, Any]]) -> str:
@@ -144,10 +150,11 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     models = {d: cast(dlm32, d) for d in dtypes}
     ar_models = {d: (ar_model if d == "fp32" else cast_model(ar_model, d, copy=True)) for d in dtypes}
     for n in batch_sizes:
-        ar_by_dtype = {d: _summary(_timed(lambda m=m, n=n: _in_batches(lambda r: generate_ar(m, r), ids, n),
-                                          repeats)) for d, m in ar_models.items()}
-        dlm_by_dtype = {d: _summary(_timed(lambda m=m, n=n: _in_batches(lambda r: generate(m, r, decode), ids, n),
-                                           repeats)) for d, m in models.items()}
+        systems = {("ar", d): (lambda r, m=m: generate_ar(m, r)) for d, m in ar_models.items()}
+        systems.update({("dlm", d): _system(m, decode) for d, m in models.items()})
+        got = run_interleaved(systems, cycled(ids, n), n, repeats=repeats, warmup=True)
+        ar_by_dtype = {d: got[("ar", d)].summary() for d in ar_models}
+        dlm_by_dtype = {d: got[("dlm", d)].summary() for d in models}
         ar_best, dlm_best = _best(ar_by_dtype), _best(dlm_by_dtype)
         results["by_batch"][str(n)] = {
             "ar": {**ar_by_dtype[ar_best], "dtype": ar_best, "all_dtypes": ar_by_dtype},
@@ -159,14 +166,16 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     results.update(ar=first["ar"], dlm=first["dlm"], speedup=first["speedup"])
 
     best = models[first["dlm"]["dtype"]]
-    ar_ref = _in_batches(lambda r: generate_ar(ar_models[first["ar"]["dtype"]], r), ids, 1)
-    results["sweep"] = []
-    outputs = {}
-    for thr in sweep:
-        sweep_cfg = dataclasses.replace(decode, threshold=thr)
-        out = outputs[thr] = _timed(lambda c=sweep_cfg: _in_batches(lambda r: generate(best, r, c), ids, 1), repeats)
-        results["sweep"].append({"threshold": thr, **_summary(out),
-                                 "agreement_with_ar": agreement(out.sequences, ar_ref.sequences)})
+
+    def once(system) -> Any:  # an untimed reference decode, batch 1
+        return run_interleaved({"run": system}, ids, 1)["run"]
+
+    ar_ref = once(lambda r: generate_ar(ar_models[first["ar"]["dtype"]], r))
+    outputs = run_interleaved({thr: _system(best, dataclasses.replace(decode, threshold=thr)) for thr in sweep}, ids, 1,
+                              repeats=repeats, warmup=True)
+    results["sweep"] = [{"threshold": thr, **out.summary(),
+                         "agreement_with_ar": agreement(out.sequences, ar_ref.sequences)}
+                        for thr, out in outputs.items()]
     results["modes"] = decoding_modes(best, ids, decode, repeats, ar_ref.sequences, results["ar"]["tokens_per_s"])
     if ceiling_tpf:
         cache_len = sorted(len(i) for i in ids)[len(ids) // 2] + max_new_tokens // 2  # a typical step's cache
@@ -179,8 +188,7 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
         one = results["by_batch"].get("1")  # the comparison is at batch 1 (llama.cpp decodes one row at a time)
         # agreement against the unquantized AR where measured: int8 AR greedy output drifts from fp32's by itself
         ref_dtype = "fp32" if "fp32" in ar_models else first["ar"]["dtype"]
-        ref = ar_ref if ref_dtype == first["ar"]["dtype"] else _in_batches(
-            lambda r: generate_ar(ar_models[ref_dtype], r), ids, 1)
+        ref = ar_ref if ref_dtype == first["ar"]["dtype"] else once(lambda r: generate_ar(ar_models[ref_dtype], r))
         results["llama_cpp"] = llamacpp_row(model_dir, ids, max_new_tokens, repeats, ref.sequences,
                                             one["dlm"]["tokens_per_s"] if one else None, results.get("ceiling"), gguf)
         if "skipped" not in results["llama_cpp"]:
@@ -192,7 +200,7 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
                                              block=ceiling_block, ar_source=spec, gguf=gguf, llama_cpp=llama_cpp)
         results.update({k: results["engine"][k] for k in HEADLINE})
     results["overhead"] = forward_overhead(best, prompt_len=max(len(i) for i in ids), block=best.config.block_size)
-    samples = outputs.get(decode.threshold) or _in_batches(lambda r: generate(best, r, decode), ids, 1)
+    samples = outputs.get(decode.threshold) or once(lambda r: generate(best, r, decode))
     results["samples"] = [{"prompt": t, "dlm": dlm32.tokenizer.decode(s, skip_special_tokens=True),
                            "ar": ar_tok.decode(a, skip_special_tokens=True)}
                           for t, s, a in zip(texts, samples.sequences, ar_ref.sequences)]
@@ -213,27 +221,28 @@ def ceiling(models: dict[str, Any], ar_models: dict[str, Any], ids: list[list[in
             run_ar) -> dict[str, Any]:
     """The forced-TPF ceiling of :func:`decode_benchmark` (see there): per batch size, ``forward_ms`` (bare forward
     of w new tokens per dtype), ``ar`` (per dtype, with ``best``), ``dlm`` (one row per dtype and forced TPF)."""
-    from edlm.decode import generate
 
     widths = tuple(sorted({1, block, 2 * block}))
-    warm = DecodeConfig(max_new_tokens=2 * block, block_size=block, policy="fixed", ignore_eos=True)
     out: dict[str, Any] = {"block": block, "cache_len": cache_len, "by_batch": {}}
     for n in batch_sizes:
         fwd = {d: forward_times(m.model, cache_len, widths, batch=n, token=m.mask_id) for d, m in models.items()}
-        ar = {}
-        for d, m in ar_models.items():
-            s = _summary(_timed(lambda m=m, n=n: _in_batches(lambda r: run_ar(m, r), ids, n), repeats))
-            ar[d] = {**s, "roofline_tokens_per_s": n / fwd[d][1],
-                     "fraction_of_roofline": s["tokens_per_s"] * fwd[d][1] / n}
-        ar_best = _best(ar)
-        rows = []
-        warm_rows = [ids[i % len(ids)] for i in range(n)]
+        systems = {("ar", d): (lambda r, m=m: run_ar(m, r)) for d, m in ar_models.items()}
         for d, m in models.items():
             for k in tpfs:
                 cfg = DecodeConfig(max_new_tokens=max_new_tokens, block_size=block, policy="fixed", tokens_per_step=k,
                                    ignore_eos=True)
-                s = _summary(_timed(lambda m=m, n=n, cfg=cfg: _in_batches(lambda r: generate(m, r, cfg), ids, n),
-                                    repeats, warmup=lambda m=m, rows=warm_rows: generate(m, rows, warm)))
+                systems[("dlm", d, k)] = _system(m, cfg)
+        got = run_interleaved(systems, cycled(ids, n), n, repeats=repeats, warmup=True)
+        ar = {}
+        for d in ar_models:
+            s = got[("ar", d)].summary()
+            ar[d] = {**s, "roofline_tokens_per_s": n / fwd[d][1],
+                     "fraction_of_roofline": s["tokens_per_s"] * fwd[d][1] / n}
+        ar_best = _best(ar)
+        rows = []
+        for d in models:
+            for k in tpfs:
+                s = got[("dlm", d, k)].summary()
                 roof = roofline(fwd[d], s["tokens_per_forward"], block, n)
                 rows.append({"dtype": d, "tpf_forced": k, **s, "roofline_tokens_per_s": roof["dlm_tokens_per_s"],
                              "fraction_of_roofline": s["tokens_per_s"] / roof["dlm_tokens_per_s"],

@@ -5,8 +5,13 @@ source at a dtype, a converted model in a mode at a threshold, the gated drafter
 runner gives every system the same batches in a rotating order, so a slow spell of the machine costs every system
 alike instead of landing on whichever one was running, and times each call by the wall clock around it.
 
-Users: ``edlm headline`` and ``edlm demo`` (:func:`edlm.studies.headline.decode_interleaved`), the gated-drafter
-study and its demo (:func:`edlm.studies.drafter.measure_drafter`).
+With ``repeats`` the whole interleaved pass runs that many times and each system keeps its median run; with
+``warmup`` every system first decodes the first batch untimed (first calls pay one-time costs: allocator, kernels).
+
+Users: ``edlm bench decode`` (:mod:`edlm.bench.decode`), ``edlm headline`` and ``edlm demo``
+(:func:`edlm.studies.headline.decode_interleaved`), the study's answer accuracy
+(:func:`edlm.studies.analysis.answer_accuracy`), the gated-drafter study and its demo
+(:func:`edlm.studies.drafter.measure_drafter`).
 """
 
 from __future__ import annotations
@@ -51,9 +56,22 @@ class Run:
         return self.tokens / max(self.seconds, 1e-9)
 
 
+    def summary(self) -> dict[str, float]:
+        """The numbers a benchmark row reports."""
+        return {"tokens_per_s": self.tokens_per_s, "latency_s": self.seconds, "tokens": self.tokens,
+                "forwards": self.forwards, "tokens_per_forward": self.tokens_per_forward}
+
+
+def cycled(prompts: list[list[int]], batch: int) -> list[list[int]]:
+    """``prompts``, repeated from the start until there are at least ``batch`` of them (a batch size above the
+    number of prompts still decodes full batches)."""
+    return [prompts[i % len(prompts)] for i in range(max(batch, len(prompts)))]
+
+
 def run_interleaved(systems: dict[Hashable, System], prompts: list[list[int]], batch: int,
                     order: list[int] | None = None, detokenize: Callable[[list[int]], str] | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> dict[Hashable, Run]:
+                    progress: Callable[[int, int], None] | None = None, repeats: int = 1,
+                    warmup: bool = False) -> dict[Hashable, Run]:
     """Decode ``prompts`` with every system, ``batch`` prompts at a time in ``order`` (default: as given); the
     systems take turns on each batch, the first one rotating from batch to batch.
 
@@ -61,7 +79,23 @@ def run_interleaved(systems: dict[Hashable, System], prompts: list[list[int]], b
         systems: ``{name: system}``; the names key the result.
         detokenize: turns a sequence into the text stored in :attr:`Run.texts` (None: no texts).
         progress: called with (prompts done, prompts in all) after every batch.
+        repeats: passes over the prompts; each system keeps the run of median seconds.
+        warmup: every system decodes the first batch once, untimed, before the timed passes.
     """
+    if warmup:
+        first = (list(range(len(prompts))) if order is None else list(order))[:batch]
+        for system in systems.values():
+            system([prompts[j] for j in first])
+    passes = [_one_pass(systems, prompts, batch, order, progress) for _ in range(max(repeats, 1))]
+    runs = {name: sorted((p[name] for p in passes), key=lambda r: r.seconds)[len(passes) // 2] for name in systems}
+    if detokenize is not None:
+        for r in runs.values():
+            r.texts = [detokenize(s) for s in r.sequences]
+    return runs
+
+
+def _one_pass(systems: dict[Hashable, System], prompts: list[list[int]], batch: int, order: list[int] | None,
+              progress: Callable[[int, int], None] | None = None) -> dict[Hashable, Run]:
     order = list(range(len(prompts))) if order is None else list(order)
     names = list(systems)
     runs = {name: Run(name, batch, [[] for _ in prompts]) for name in names}
@@ -84,7 +118,4 @@ def run_interleaved(systems: dict[Hashable, System], prompts: list[list[int]], b
                 r.sequences[j] = list(seq)
         if progress is not None:
             progress(min(start + batch, len(order)), len(order))
-    if detokenize is not None:
-        for r in runs.values():
-            r.texts = [detokenize(s) for s in r.sequences]
     return runs

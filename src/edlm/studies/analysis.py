@@ -4,7 +4,6 @@ and the masked-token loss at each position of a block."""
 from __future__ import annotations
 
 import re
-import time
 from collections import defaultdict
 from typing import Any
 
@@ -21,7 +20,8 @@ def prompt_ids(tokenizer, problem: Problem) -> list[int]:
     return [tokenizer.eos_token_id] + tokenizer(problem.question, add_special_tokens=False)["input_ids"]
 
 
-def _answer(tokenizer, ids: list[int]) -> str:
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """The answer a model wrote: its new tokens up to its first EOS, as stripped text."""
     eos = tokenizer.eos_token_id
     if eos in ids:
         ids = ids[: ids.index(eos)]
@@ -38,24 +38,22 @@ def answer_accuracy(problems: list[Problem], dlm=None, ar_model=None, tokenizer=
     including EOS, so both systems are measured on the same text.
     """
     from edlm.ar import ar_generate
+    from edlm.bench.harness import run_interleaved
     from edlm.decode import generate
 
     tok = dlm.tokenizer if dlm is not None else tokenizer
     cfg = decode or DecodeConfig()
-    correct = tokens = forwards = 0
-    t0 = time.perf_counter()
-    for p in problems:
-        ids = prompt_ids(tok, p)
-        if dlm is not None:
-            out = generate(dlm, [ids], cfg)
-        else:
-            out = ar_generate(ar_model, [ids], cfg, eos_id=tok.eos_token_id)
-        correct += int(_answer(tok, out.sequences[0]) == p.answer)
-        tokens += out.stats.tokens
-        forwards += out.stats.forwards
-    seconds = time.perf_counter() - t0
-    return {"acc": correct / len(problems), "n": len(problems), "tokens_per_forward": tokens / max(forwards, 1),
-            "tokens_per_s": tokens / seconds, "threshold": cfg.threshold if dlm is not None else None}
+    if dlm is not None:
+        def system(rows):
+            return generate(dlm, rows, cfg)
+    else:
+        def system(rows):
+            return ar_generate(ar_model, rows, cfg, eos_id=tok.eos_token_id)
+    run = run_interleaved({"run": system}, [prompt_ids(tok, p) for p in problems], batch=1,
+                          detokenize=lambda ids: answer_text(tok, ids))["run"]
+    correct = sum(a == p.answer for a, p in zip(run.texts, problems))
+    return {"acc": correct / len(problems), "n": len(problems), "tokens_per_forward": run.tokens_per_forward,
+            "tokens_per_s": run.tokens_per_s, "threshold": cfg.threshold if dlm is not None else None}
 
 
 def weight_drift(source: torch.nn.Module, converted: torch.nn.Module) -> dict[str, Any]:

@@ -114,13 +114,6 @@ def main_run_dir(study: StudyConfig) -> Path:
 # ----------------------------------------------------------------------------------------------- decoding
 
 
-def _answer(tokenizer, ids: list[int]) -> str:
-    eos = tokenizer.eos_token_id
-    if eos in ids:
-        ids = ids[: ids.index(eos)]
-    return tokenizer.decode(ids).strip()
-
-
 def decode_problems(run, tokenizer, problems: list[Problem], batch: int) -> dict[str, Any]:
     """Decode every problem with ``run(prompts) -> DecodeOutput``, ``batch`` prompts at a time (grouped by family).
 
@@ -135,11 +128,11 @@ def decode_interleaved(runs: dict[Any, Any], tokenizer, problems: list[Problem],
     (:func:`edlm.bench.harness.run_interleaved`: each batch of prompts is decoded by every run in turn, the order
     rotating from batch to batch). Returns ``{name: result}`` for ``runs = {name: run}``."""
     from edlm.bench.harness import run_interleaved
-    from edlm.studies.analysis import prompt_ids
+    from edlm.studies.analysis import answer_text, prompt_ids
 
     order = sorted(range(len(problems)), key=lambda i: (problems[i].family, i))
     prompts = [prompt_ids(tokenizer, p) for p in problems]
-    got = run_interleaved(runs, prompts, batch, order=order, detokenize=lambda ids: _answer(tokenizer, ids))
+    got = run_interleaved(runs, prompts, batch, order=order, detokenize=lambda ids: answer_text(tokenizer, ids))
     return {name: _scored(problems, r) for name, r in got.items()}
 
 

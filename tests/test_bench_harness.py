@@ -1,0 +1,52 @@
+"""The comparison harness (edlm.bench.harness): rotation, bookkeeping, repeats, warm-up, on fake systems."""
+
+from edlm.bench.harness import cycled, run_interleaved
+from edlm.sampling import DecodeOutput, DecodeStats
+
+
+def _system(name: str, calls: list, forwards_per_row: int = 2):
+    """A fake system: each prompt's continuation is [its first id, its length], two tokens per row in
+    ``forwards_per_row`` forwards; it records (name, first ids of the rows) per call."""
+
+    def run(rows: list[list[int]]) -> DecodeOutput:
+        calls.append((name, [r[0] for r in rows]))
+        seqs = [[r[0], len(r)] for r in rows]
+        return DecodeOutput(sequences=seqs, stats=DecodeStats(forwards=forwards_per_row, tokens=2 * len(rows),
+                                                              rows=len(rows)))
+
+    return run
+
+
+def test_systems_take_turns_and_the_first_one_rotates():
+    calls: list = []
+    prompts = [[10], [11], [12], [13], [14]]
+    runs = run_interleaved({"a": _system("a", calls), "b": _system("b", calls, 1)}, prompts, batch=2)
+    assert calls == [("a", [10, 11]), ("b", [10, 11]), ("b", [12, 13]), ("a", [12, 13]), ("a", [14]), ("b", [14])]
+    a, b = runs["a"], runs["b"]
+    assert a.sequences == [[10, 1], [11, 1], [12, 1], [13, 1], [14, 1]]
+    assert (a.tokens, a.forwards, a.row_forwards, len(a.chunks)) == (10, 6, 10, 3)
+    assert (b.forwards, b.row_forwards) == (3, 5)
+    assert a.tokens_per_forward == 1.0 and b.tokens_per_forward == 2.0
+    assert a.seconds == sum(c[2] for c in a.chunks) > 0
+    assert set(a.summary()) == {"tokens_per_s", "latency_s", "tokens", "forwards", "tokens_per_forward"}
+
+
+def test_order_places_outputs_by_prompt_and_texts_come_from_detokenize():
+    calls: list = []
+    runs = run_interleaved({"a": _system("a", calls)}, [[5], [6], [7]], batch=1, order=[2, 0, 1],
+                           detokenize=lambda ids: f"<{ids[0]}>")
+    assert [c[1] for c in calls] == [[7], [5], [6]]
+    assert runs["a"].sequences[0] == [5, 1] and runs["a"].texts == ["<5>", "<6>", "<7>"]
+    assert [c[0] for c in runs["a"].chunks] == [2, 2, 2]
+
+
+def test_warmup_decodes_the_first_batch_untimed_and_repeats_keep_the_median_run():
+    calls: list = []
+    runs = run_interleaved({"a": _system("a", calls)}, [[1], [2], [3]], batch=2, repeats=3, warmup=True)
+    assert calls[0] == ("a", [1, 2]) and len(calls) == 1 + 3 * 2  # one warm-up call, three passes of two batches
+    assert len(runs["a"].chunks) == 2 and runs["a"].tokens == 6  # one pass's bookkeeping, not three
+
+
+def test_cycled_fills_a_batch_larger_than_the_prompts():
+    assert cycled([[1], [2]], 5) == [[1], [2], [1], [2], [1]]
+    assert cycled([[1], [2], [3]], 2) == [[1], [2], [3]]
