@@ -298,7 +298,7 @@ assert os.statvfs("/").f_flag & os.ST_RDONLY, "/ is writable"
 assert not os.access("/proc/sys/kernel/core_pattern", os.W_OK), "/proc/sys is writable"
 open("probe", "w").write("x")
 assert set(os.listdir("/tmp")) <= {{{name!r}, *{kept!r}}}, "/tmp is shared"
-assert all(os.statvfs("/tmp/" + k).f_flag & os.ST_RDONLY for k in {kept!r}), "the interpreter is writable"
+assert all(os.statvfs(k).f_flag & os.ST_RDONLY for k in {kept_paths!r}), "the interpreter is writable"
 try:
     socket.create_connection(("127.0.0.1", {port}), timeout=2).close()
 except OSError:
@@ -333,7 +333,8 @@ def try_isolation(isolation: Isolation, timeout_s: float = 10.0) -> str:
     try:
         (root / "work").mkdir()
         server = socket.create_server(("127.0.0.1", 0))
-        probe_source = _PROBE.format(name=root.name, port=server.getsockname()[1], kept=_tmp_names())
+        probe_source = _PROBE.format(name=root.name, port=server.getsockname()[1], kept=_tmp_names(),
+                                     kept_paths=[os.fsdecode(p) for p in interpreter_under_tmp()])
         argv = [sys.executable, "-I", "-c", probe_source]
         try:
             argv, preexec = confine(isolation, argv, root, root / "work")
