@@ -37,7 +37,7 @@ def load(path: str | os.PathLike, dtype: str = "fp32", device: str | torch.devic
 
 
 def load_ar(spec: str | None, dtype: str = "fp32", device: str | torch.device = "cpu",
-            compile: bool = False) -> tuple[nn.Module, Any]:
+            compile: bool = False, attn_implementation: str = "sdpa") -> tuple[nn.Module, Any]:
     """(AR model in ``dtype``, tokenizer) for a model spec as :func:`edlm.assets.resolve_model` reads it; with
     ``compile`` the model is the compiled engine over the fp32 weights (:mod:`edlm.engine`)."""
     from edlm.assets import resolve_model
@@ -48,7 +48,7 @@ def load_ar(spec: str | None, dtype: str = "fp32", device: str | torch.device = 
         check_dtype(dtype, compiled=True)
         model, tokenizer = resolve_model(spec, dtype=torch.float32)
         return compile_model(model.eval(), dtype), tokenizer
-    model, tokenizer = resolve_model(spec, dtype=load_dtype(dtype))
+    model, tokenizer = resolve_model(spec, dtype=load_dtype(dtype), attn_implementation=attn_implementation)
     return cast_model(model.to(device), dtype).eval(), tokenizer
 
 
@@ -57,7 +57,6 @@ def load_source(model_dir: str | os.PathLike, dtype: str = "fp32", device: str |
     """The AR model a converted folder was trained from (its ``train_config.yaml`` names it:
     :func:`edlm.model.source_spec`) in ``dtype``, eval mode. A folder that records no source has its converted
     weights used as a causal LM."""
-    from edlm.assets import resolve_model
     from edlm.model import source_spec
 
     spec = source_spec(model_dir)
@@ -67,10 +66,7 @@ def load_source(model_dir: str | os.PathLike, dtype: str = "fp32", device: str |
         spec = str(model_dir)
     else:
         logger.info("AR source of %s: %s", model_dir, spec)
-    if compile or attn_implementation == "sdpa":
-        return load_ar(spec, dtype, device, compile)[0]
-    model = resolve_model(spec, dtype=load_dtype(dtype), attn_implementation=attn_implementation)[0]
-    return cast_model(model.to(device), dtype).eval()
+    return load_ar(spec, dtype, device, compile, attn_implementation)[0]
 
 
 def load_pair(model_dir: str | os.PathLike, ar: bool = False, dtype: str = "fp32", compile: bool = False,

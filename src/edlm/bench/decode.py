@@ -67,7 +67,6 @@ def decoding_modes(dlm, ids: list[list[int]], decode: DecodeConfig, repeats: int
     and with the converted model's own ``ar`` mode (1.0 for greedy speculative by construction), and the speed-up
     over the AR baseline's ``ar_tokens_per_s``. ``decode`` holds every other setting (the diffusion mode is
     ``decode`` itself)."""
-
     systems = {name: _system(dlm, dataclasses.replace(decode, **fields))
                for name, fields in {"diffusion": {"mode": "diffusion"}, **MODE_VARIANTS}.items()}
     runs = run_interleaved(systems, ids, 1, repeats=repeats, warmup=True)
@@ -96,7 +95,9 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
                      ceiling_block: int = 8, llama_cpp: bool = True,
                      gguf: str | os.PathLike | None = None, compile: bool = False,
                      engine_dtypes: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")) -> dict[str, Any]:
-    """AR decoding vs dLM decoding of the same prompts, same process, after warm-up.
+    """AR decoding vs dLM decoding of the same prompts, same process, after warm-up; what is compared is decoded
+    interleaved, batch by batch, through :func:`edlm.bench.harness.run_interleaved` (with ``repeats``, each system's
+    median pass counts).
 
     At batch size n every prompt is decoded, n at a time (prompts are cycled when n exceeds their number), and the
     stats are summed over the calls; tokens per forward is per row. ``decode`` (None: ``DecodeConfig()``) is how
@@ -221,7 +222,6 @@ def ceiling(models: dict[str, Any], ar_models: dict[str, Any], ids: list[list[in
             run_ar) -> dict[str, Any]:
     """The forced-TPF ceiling of :func:`decode_benchmark` (see there): per batch size, ``forward_ms`` (bare forward
     of w new tokens per dtype), ``ar`` (per dtype, with ``best``), ``dlm`` (one row per dtype and forced TPF)."""
-
     widths = tuple(sorted({1, block, 2 * block}))
     out: dict[str, Any] = {"block": block, "cache_len": cache_len, "by_batch": {}}
     for n in batch_sizes:
