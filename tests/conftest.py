@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-from edlm.assets import tiny_model  # noqa: E402
+from edlm.checkpoints import tiny_model  # noqa: E402
 from edlm.config import DiffusionConfig  # noqa: E402
 from edlm.model import DiffusionLM  # noqa: E402
 

@@ -9,7 +9,7 @@ import torch
 from test_speculative import oracle_drafts
 
 from edlm.adapter import GatedLoRALinear
-from edlm.assets import tiny_model
+from edlm.checkpoints import tiny_model
 from edlm.config import DecodeConfig, DiffusionConfig, load_train_config
 from edlm.decode import generate
 from edlm.errors import ConfigError, EdlmError

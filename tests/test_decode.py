@@ -111,7 +111,7 @@ def test_sampled_rows_are_independent_of_their_batch_neighbours():
 
 
 def test_eager_attention_decodes_like_sdpa():
-    from edlm.assets import tiny_model
+    from edlm.checkpoints import tiny_model
     from edlm.config import DiffusionConfig
     from edlm.model import DiffusionLM
 

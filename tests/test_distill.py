@@ -6,8 +6,8 @@ import pytest
 
 from edlm.api import encode_prompt
 from edlm.ar import ar_generate
-from edlm.assets import tiny_model
 from edlm.assets.prompts import DEMO_PROMPTS, distillation_prompts
+from edlm.checkpoints import tiny_model
 from edlm.config import DecodeConfig
 from edlm.distill import DistillConfig, distill, distilled_tokens, read_prompts
 from edlm.errors import EdlmError

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import make_dlm
 
-from edlm.assets import tiny_model
+from edlm.checkpoints import tiny_model
 from edlm.config import DecodeConfig
 from edlm.decode import generate
 from edlm.engine import Engine, _bucket, compile_dlm, compile_model

@@ -20,7 +20,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-from edlm.assets import resolve_model  # noqa: E402
+from edlm.checkpoints import resolve_model
 from edlm.config import DecodeConfig  # noqa: E402
 from edlm.decode import generate  # noqa: E402
 from edlm.errors import EdlmError  # noqa: E402

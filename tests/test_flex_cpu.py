@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from edlm.assets import resolve_model
+from edlm.checkpoints import resolve_model
 from edlm.config import DiffusionConfig
 from edlm.model import DiffusionLM
 from edlm.noising import noise_samples

@@ -7,7 +7,7 @@ machine (``scripts/gpu_run.sh`` does, first).
 import pytest
 import torch
 
-from edlm.assets import resolve_model
+from edlm.checkpoints import resolve_model
 from edlm.config import DiffusionConfig
 from edlm.model import DiffusionLM
 from edlm.noising import noise_samples

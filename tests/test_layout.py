@@ -9,7 +9,7 @@ import edlm
 ROOT = Path(edlm.__file__).parent
 CORE = {"adapter", "distill", "config", "masks", "schedules", "noising", "data", "decode", "ar", "errors",
         "model", "train", "sampling", "speculative", "quant", "text", "results", "assets", "engine", "compat",
-        "loading", "api", "baseline", "generation"}  # the last two: old names of ar and sampling
+        "loading", "api", "checkpoints", "baseline", "generation"}  # the last two: old names of ar and sampling
 OUTER = {"cli", "serve", "evals", "bench", "studies", "demo", "lm_eval_adapter"}
 MAX_LINES = 600
 

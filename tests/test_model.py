@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import FAMILIES, make_dlm
 
-from edlm.assets import tiny_model
+from edlm.checkpoints import tiny_model
 from edlm.config import DiffusionConfig
 from edlm.errors import EdlmError
 from edlm.model import DiffusionLM, add_mask_token
@@ -108,14 +108,14 @@ def test_clear_errors_for_bad_models(tmp_path):
 
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                        image_size=8, patch_size=4)).save_pretrained(tmp_path / "vit")
-    from edlm.assets import load_hf
+    from edlm.checkpoints import load_hf
 
     with pytest.raises(EdlmError, match="not a causal language model"):
         load_hf(tmp_path / "vit")
 
 
 def test_tiny_model_specs_and_sizes():
-    from edlm.assets import parse_tiny_spec, resolve_model
+    from edlm.checkpoints import parse_tiny_spec, resolve_model
 
     assert parse_tiny_spec("tiny") == ("llama", (64, 2))
     assert parse_tiny_spec("tiny:qwen3@32x3") == ("qwen3", (32, 3))

@@ -92,7 +92,8 @@ class _Interrupt(Exception):
 
 
 def test_ar_objective_resumes_exactly_and_saves_an_ar_folder_that_loads_like_the_shipped_source(tmp_path):
-    from edlm.assets import load_hf, miniature_dir
+    from edlm.assets import miniature_dir
+    from edlm.checkpoints import load_hf
     from edlm.studies.source import is_trained, pretrain_ar
 
     settings = ["log_every=1", "save_every=3", "num_threads=1"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from edlm.assets import load_hf
+from edlm.checkpoints import load_hf
 from edlm.ar import ar_generate
 from edlm.config import DecodeConfig
 from edlm.studies.headline import decode_problems

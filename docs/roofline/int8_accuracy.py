@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from edlm.assets import default_chat_prompts, resolve_model
+from edlm.checkpoints import resolve_model
+
+from edlm.assets import default_chat_prompts
 from edlm.ar import ar_generate
 from edlm.bench.timing import forward_times
 from edlm.config import DecodeConfig

@@ -8,7 +8,9 @@ import argparse
 
 import torch
 
-from edlm.assets import default_chat_prompts, resolve_model
+from edlm.checkpoints import resolve_model
+
+from edlm.assets import default_chat_prompts
 from edlm.assets.embedded import smollm2_gguf_path
 from edlm.ar import ar_generate
 from edlm.bench.llamacpp import llamacpp_ar

@@ -1,6 +1,6 @@
 """One way to load a model for decoding, at a dtype, eager or on the compiled engine: a converted folder
 (:func:`load`), an AR model by spec (:func:`load_ar`), a folder's AR source (:func:`load_source`), or both of a
-folder (:func:`load_pair`, what evaluation compares). Where the weights come from is :mod:`edlm.assets`;
+folder (:func:`load_pair`, what evaluation compares). Where the weights come from is :mod:`edlm.checkpoints`;
 quantization is :mod:`edlm.quant`; compilation is :mod:`edlm.engine`."""
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def load(path: str | os.PathLike, dtype: str = "fp32", device: str | torch.devic
 
 def load_ar(spec: str | None, dtype: str = "fp32", device: str | torch.device = "cpu",
             compile: bool = False, attn_implementation: str = "sdpa") -> tuple[nn.Module, Any]:
-    """(AR model in ``dtype``, tokenizer) for a model spec as :func:`edlm.assets.resolve_model` reads it; with
+    """(AR model in ``dtype``, tokenizer) for a model spec as :func:`edlm.checkpoints.resolve_model` reads it; with
     ``compile`` the model is the compiled engine over the fp32 weights (:mod:`edlm.engine`)."""
-    from edlm.assets import resolve_model
+    from edlm.checkpoints import resolve_model
 
     if compile:
         from edlm.engine import compile_model
@@ -73,7 +73,7 @@ def load_pair(model_dir: str | os.PathLike, ar: bool = False, dtype: str = "fp32
               device: str | torch.device | None = None) -> tuple[Any, nn.Module | None]:
     """(DiffusionLM, its AR source or None) of a converted folder, both in ``dtype``, on ``device`` (default: the
     best one here); with ``compile`` both run on the compiled engine."""
-    from edlm.assets import best_device
+    from edlm.checkpoints import best_device
 
     device = device or best_device()
     dlm = load(model_dir, dtype, device=device, compile=compile)

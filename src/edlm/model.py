@@ -145,7 +145,7 @@ class DiffusionLM(nn.Module):
         A gated adapter folder (``edlm_adapter.json``) loads its source (the model it names, or ``source``: a
         Hugging Face folder, ``embedded`` or a tiny spec) and puts the adapter on it.
         """
-        from edlm.assets import load_hf
+        from edlm.checkpoints import load_hf
 
         path = Path(path)
         cfg_file = path / EDLM_CONFIG_NAME
@@ -421,7 +421,7 @@ def _load_gated(path: Path, dtype: torch.dtype, device: str | torch.device, attn
     """A gated adapter folder on its source (see :meth:`DiffusionLM.from_pretrained`)."""
     from safetensors.torch import load_file
 
-    from edlm.assets import resolve_model
+    from edlm.checkpoints import resolve_model
 
     try:
         spec = json.loads((path / ADAPTER_CONFIG_NAME).read_text())

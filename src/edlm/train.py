@@ -295,7 +295,7 @@ def train(cfg: TrainConfig, objective: str = "diffusion", resume: bool = False,
     """
     from accelerate import Accelerator
 
-    from edlm.assets import resolve_model
+    from edlm.checkpoints import resolve_model
     from edlm.data import build_data
 
     if objective not in OBJECTIVES:

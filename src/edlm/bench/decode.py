@@ -125,7 +125,8 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     ``bandwidth_bound_tokens_per_s``) are also copied to the top level.
     """
     from edlm.ar import ar_generate
-    from edlm.assets import best_device, default_chat_prompts
+    from edlm.assets import default_chat_prompts
+    from edlm.checkpoints import best_device
     from edlm.decode import generate
     from edlm.loading import load, load_ar
     from edlm.quant import cast, cast_model, parse_dtypes

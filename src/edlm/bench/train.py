@@ -27,7 +27,7 @@ def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict[
     The AR phase runs first, so the process's peak RSS after each phase shows the extra memory of the dLM step
     (RSS peaks never go down). On CUDA, peak allocated memory is reset and read per phase instead.
     """
-    from edlm.assets import resolve_model
+    from edlm.checkpoints import resolve_model
     from edlm.data import build_data
     from edlm.model import DiffusionLM
     from edlm.train import OBJECTIVES
@@ -131,7 +131,7 @@ def training_memory(model: str = "tiny:llama@256x4", lengths: tuple[int, ...] = 
     Needs a CUDA GPU. Each (implementation, length) runs in a fresh model so the peaks do not mix; an out-of-memory
     is recorded as such. The dense SDPA mask is (2L)^2 per batch; flex builds a BlockMask from the same predicate.
     """
-    from edlm.assets import resolve_model
+    from edlm.checkpoints import resolve_model
     from edlm.config import DiffusionConfig
     from edlm.errors import EdlmError
     from edlm.model import DiffusionLM

@@ -66,7 +66,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from edlm.assets import resolve_model
+    from edlm.checkpoints import resolve_model
     from edlm.distill import DistillConfig, distill, distilled_tokens
 
     _set_threads(args)
@@ -147,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt or []
     if not prompts:
         raise EdlmError("give at least one --prompt TEXT")
-    from edlm.assets import best_device
+    from edlm.checkpoints import best_device
     from edlm.loading import load
 
     _auto_dtype(args, cfg.mode, cfg.block_size)

@@ -308,7 +308,7 @@ def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", t
 def run_drafter(cfg: DrafterConfig, progress=None, say=None) -> dict[str, Any]:
     """Distil, convert, measure (each stage skipped when its output is complete); returns the results dict also
     written to ``OUTPUT_DIR/results.json``."""
-    from edlm.assets import resolve_model
+    from edlm.checkpoints import resolve_model
     from edlm.distill import distill, distilled_tokens, read_prompts
     from edlm.model import ADAPTER_CONFIG_NAME
     from edlm.results import provenance, write_json

@@ -179,7 +179,7 @@ Progress = Callable[[str], None]
 
 
 def evaluate_source(cfg: StudyConfig, source: Path, problems) -> dict[str, Any]:
-    from edlm.assets import load_hf
+    from edlm.checkpoints import load_hf
     from edlm.studies.analysis import answer_accuracy
 
     model, tok = load_hf(source)
@@ -190,7 +190,7 @@ def evaluate_source(cfg: StudyConfig, source: Path, problems) -> dict[str, Any]:
 
 
 def evaluate_run(cfg: StudyConfig, run_dir: Path, source: Path, problems, thresholds: list[float]) -> dict[str, Any]:
-    from edlm.assets import load_hf
+    from edlm.checkpoints import load_hf
     from edlm.model import DiffusionLM
     from edlm.studies.analysis import answer_accuracy, pack_problems, per_position_loss, weight_drift
 
@@ -244,7 +244,7 @@ def run_study(cfg: StudyConfig, progress: Progress | None = None,
     corpus = [str(train_path.resolve()), *cfg.task.text_corpus]
 
     if cfg.source.get("pretrained"):
-        from edlm.assets import embedded_model_dir
+        from edlm.checkpoints import embedded_model_dir
 
         spec = cfg.source["pretrained"]
         source = embedded_model_dir() if spec == "embedded" else Path(spec)

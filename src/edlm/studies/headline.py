@@ -155,8 +155,8 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
             max_new_tokens: int, progress=None) -> dict[str, Any]:
     """AR source vs dLM on ``problems``: every number of the headline, measured in this process."""
     from edlm.ar import ar_generate
-    from edlm.assets import load_hf
     from edlm.bench.decode import forward_overhead
+    from edlm.checkpoints import load_hf
     from edlm.decode import generate
     from edlm.model import DiffusionLM
     from edlm.quant import cast, cast_model
@@ -372,7 +372,8 @@ def ship_miniature(cfg: HeadlineConfig, config_path: str | Path, dest: Path | No
     """
     import shutil
 
-    from edlm.assets import load_hf, miniature_dir
+    from edlm.assets import miniature_dir
+    from edlm.checkpoints import load_hf
     from edlm.errors import EdlmError
     from edlm.model import DiffusionLM
 
