@@ -50,3 +50,10 @@ def test_warmup_decodes_the_first_batch_untimed_and_repeats_keep_the_median_run(
 def test_cycled_fills_a_batch_larger_than_the_prompts():
     assert cycled([[1], [2]], 5) == [[1], [2], [1], [2], [1]]
     assert cycled([[1], [2], [3]], 2) == [[1], [2], [3]]
+
+
+def test_a_warmup_pass_decodes_every_batch_untimed_first():
+    calls: list = []
+    runs = run_interleaved({"a": _system("a", calls)}, [[1], [2], [3]], batch=2, warmup="pass")
+    assert calls == [("a", [1, 2]), ("a", [3]), ("a", [1, 2]), ("a", [3])]
+    assert len(runs["a"].chunks) == 2

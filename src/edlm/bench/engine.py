@@ -34,14 +34,16 @@ def memory_bandwidth(mb: int = 512, repeats: int = 5) -> float:
 
 
 def _ar_row(model, ids, max_new_tokens: int, repeats: int) -> dict[str, Any]:
-    """Greedy AR of every prompt at batch 1, EOS ignored: the median run's summary and the wall time with warm-up."""
+    """Greedy AR of every prompt at batch 1, EOS ignored, through the comparison harness after a whole untimed
+    pass (which compiles): the median run's summary and the wall time with warm-up."""
     from edlm.ar import ar_generate
-    from edlm.bench.timing import _in_batches, _summary, _timed
+    from edlm.bench.harness import run_interleaved
 
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
-    out = _timed(lambda: _in_batches(lambda r: ar_generate(model, r, cfg, eos_id=None), ids, 1), repeats)
-    return {**_summary(out), "wall_s": time.perf_counter() - t0}
+    run = run_interleaved({"ar": lambda r: ar_generate(model, r, cfg, eos_id=None)}, ids, 1, repeats=repeats,
+                          warmup="pass")["ar"]
+    return {**run.summary(), "wall_s": time.perf_counter() - t0}
 
 
 def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new_tokens: int,
@@ -62,7 +64,8 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     ``ar_source``: ``"auto"`` (the source named in the folder's ``train_config.yaml``), a model spec, or None (the
     converted weights decoded causally). ``compile=False`` runs the engine's function eagerly (backend ``engine``).
     """
-    from edlm.bench.timing import _in_batches, _summary, _timed, forward_times
+    from edlm.bench.harness import run_interleaved
+    from edlm.bench.timing import forward_times
     from edlm.decode import generate
     from edlm.engine import compile_dlm, compile_model
     from edlm.loading import load, load_ar
@@ -100,14 +103,14 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     engine_best = max((r for r in rows if r["backend"] == backend), key=lambda r: r["tokens_per_s"])
     d = min(forward_ms, key=lambda name: forward_ms[name][str(block)])  # the cheapest block-wide step
     dlm = compile_dlm(load(model_dir, "fp32"), d, compile=compile)
-    dlm_rows = []
-    for k in tpfs:
-        cfg = DecodeConfig(max_new_tokens=max_new_tokens, block_size=block, policy="fixed", tokens_per_step=k,
-                           ignore_eos=True)
-        t0 = time.perf_counter()
-        s = _summary(_timed(lambda c=cfg: _in_batches(lambda r: generate(dlm, r, c), ids, 1), repeats))
-        dlm_rows.append({"dtype": d, "tpf_forced": k, **s, "wall_s": time.perf_counter() - t0,
-                         "speedup_vs_best_ar": s["tokens_per_s"] / best["tokens_per_s"]})
+    configs = {k: DecodeConfig(max_new_tokens=max_new_tokens, block_size=block, policy="fixed", tokens_per_step=k,
+                               ignore_eos=True) for k in tpfs}
+    t0 = time.perf_counter()
+    got = run_interleaved({k: (lambda r, c=c: generate(dlm, r, c)) for k, c in configs.items()}, ids, 1,
+                          repeats=repeats, warmup="pass")  # the forced TPFs interleaved, after a pass that compiles
+    wall = time.perf_counter() - t0
+    dlm_rows = [{"dtype": d, "tpf_forced": k, **run.summary(), "wall_s": wall,
+                 "speedup_vs_best_ar": run.tokens_per_s / best["tokens_per_s"]} for k, run in got.items()]
     q8 = next((r["tokens_per_s"] for r in rows if r["backend"] == "llama.cpp" and r["quant"] == "Q8_0"), None)
     fwd = forward_ms[d]  # the width-8 step against the AR step at the same (the dLM's) dtype
     tpf4 = next((r for r in dlm_rows if r["tpf_forced"] == 4), None)

@@ -6,9 +6,11 @@ runner gives every system the same batches in a rotating order, so a slow spell 
 alike instead of landing on whichever one was running, and times each call by the wall clock around it.
 
 With ``repeats`` the whole interleaved pass runs that many times and each system keeps its median run; with
-``warmup`` every system first decodes the first batch untimed (first calls pay one-time costs: allocator, kernels).
+``warmup`` every system first decodes the first batch untimed (first calls pay one-time costs: allocator, kernels),
+or with ``warmup="pass"`` a whole untimed pass (a compiled engine compiles each new shape on first sight).
 
-Users: ``edlm bench decode`` (:mod:`edlm.bench.decode`), ``edlm headline`` and ``edlm demo``
+Users: ``edlm bench decode`` (:mod:`edlm.bench.decode`), ``edlm bench engine`` and llama.cpp's rows
+(:mod:`edlm.bench.engine`, :func:`edlm.bench.llamacpp.system`), ``edlm headline`` and ``edlm demo``
 (:func:`edlm.studies.headline.decode_interleaved`), the study's answer accuracy
 (:func:`edlm.studies.analysis.answer_accuracy`), the gated-drafter study and its demo
 (:func:`edlm.studies.drafter.measure_drafter`).
@@ -71,7 +73,7 @@ def cycled(prompts: list[list[int]], batch: int) -> list[list[int]]:
 def run_interleaved(systems: dict[Hashable, System], prompts: list[list[int]], batch: int,
                     order: list[int] | None = None, detokenize: Callable[[list[int]], str] | None = None,
                     progress: Callable[[int, int], None] | None = None, repeats: int = 1,
-                    warmup: bool = False) -> dict[Hashable, Run]:
+                    warmup: bool | str = False) -> dict[Hashable, Run]:
     """Decode ``prompts`` with every system, ``batch`` prompts at a time in ``order`` (default: as given); the
     systems take turns on each batch, the first one rotating from batch to batch.
 
@@ -80,9 +82,12 @@ def run_interleaved(systems: dict[Hashable, System], prompts: list[list[int]], b
         detokenize: turns a sequence into the text stored in :attr:`Run.texts` (None: no texts).
         progress: called with (prompts done, prompts in all) after every batch.
         repeats: passes over the prompts; each system keeps the run of median seconds.
-        warmup: every system decodes the first batch once, untimed, before the timed passes.
+        warmup: every system decodes the first batch once, untimed, before the timed passes; ``"pass"``: a whole
+            untimed pass.
     """
-    if warmup:
+    if warmup == "pass":
+        _one_pass(systems, prompts, batch, order)
+    elif warmup:
         first = (list(range(len(prompts))) if order is None else list(order))[:batch]
         for system in systems.values():
             system([prompts[j] for j in first])

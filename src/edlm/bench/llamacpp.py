@@ -11,9 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import time
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -108,27 +106,39 @@ def greedy(llm, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out
 
 
+def system(llm, max_new_tokens: int):
+    """llama.cpp's greedy AR as a system of the comparison harness (:mod:`edlm.bench.harness`): each prompt decoded
+    from an empty cache, one forward per token. It decodes the rows of a batch one after another, so give it
+    batches of one."""
+    from edlm.sampling import DecodeOutput, DecodeStats
+
+    def run(rows: list[list[int]]) -> DecodeOutput:
+        sequences = [greedy(llm, p, max_new_tokens) for p in rows]
+        tokens = sum(len(s) for s in sequences)
+        return DecodeOutput(sequences=sequences, stats=DecodeStats(forwards=tokens, tokens=tokens, rows=len(rows)))
+
+    return run
+
+
 def llamacpp_ar(gguf: Path, ids: list[list[int]], max_new_tokens: int, threads: int, repeats: int = 1,
                 n_ctx: int = 2048) -> dict[str, Any]:
-    """Tokens/s of llama.cpp greedy AR decoding of ``ids`` one prompt at a time (batch 1), median of ``repeats``.
+    """Tokens/s of llama.cpp greedy AR decoding of ``ids`` one prompt at a time (batch 1), median of ``repeats``,
+    through the comparison harness after one untimed prompt.
 
     Returns:
-        ``tokens_per_s``, ``seconds``, ``tokens``, ``sequences`` (the new token ids of the last repeat),
+        ``tokens_per_s``, ``seconds``, ``tokens``, ``sequences`` (the new token ids of the median repeat),
         ``gguf``, ``threads``, ``llama_cpp`` (the package version).
     """
     import llama_cpp
 
+    from edlm.bench.harness import run_interleaved
+
     llm = load(gguf, threads, n_ctx)
-    greedy(llm, ids[0], 2)  # warm-up: first-call allocations
-    times, sequences = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sequences = [greedy(llm, p, max_new_tokens) for p in ids]
-        times.append(time.perf_counter() - start)
-    seconds = median(times)
-    tokens = sum(len(s) for s in sequences)
-    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "sequences": sequences,
-            "gguf": str(gguf), "threads": threads, "llama_cpp": getattr(llama_cpp, "__version__", None)}
+    run = run_interleaved({"llama.cpp": system(llm, max_new_tokens)}, ids, 1, repeats=repeats,
+                          warmup=True)["llama.cpp"]
+    return {"tokens_per_s": run.tokens_per_s, "seconds": run.seconds, "tokens": run.tokens,
+            "sequences": run.sequences, "gguf": str(gguf), "threads": threads,
+            "llama_cpp": getattr(llama_cpp, "__version__", None)}
 
 
 def llamacpp_row(model_dir: str | os.PathLike, ids: list[list[int]], max_new_tokens: int, repeats: int,

@@ -1,5 +1,5 @@
-"""The timing helpers every benchmark shares: decode in batches, take the median run, summarise it, time a bare
-forward, and compare two outputs token by token."""
+"""Timing helpers below the comparison harness (:mod:`edlm.bench.harness`): the median of a few calls, a bare
+forward's time, and the agreement of two outputs token by token."""
 
 from __future__ import annotations
 
@@ -14,32 +14,11 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-def _in_batches(run, ids: list[list[int]], n: int):
-    """Decode every prompt, ``n`` at a time (cycling prompts when n exceeds them); one output, stats summed."""
-    from edlm.sampling import DecodeOutput, DecodeStats
-
-    rows = [ids[i % len(ids)] for i in range(max(n, len(ids)))]
-    stats, seqs = DecodeStats(rows=n), []
-    for i in range(0, len(rows), n):
-        out = run(rows[i:i + n])
-        seqs += out.sequences
-        stats.forwards += out.stats.forwards
-        stats.tokens += out.stats.tokens
-        stats.seconds += out.stats.seconds
-    return DecodeOutput(sequences=seqs, stats=stats)
-
-
 def _timed(fn, repeats: int, warmup=None):
     """Run ``warmup`` (default: ``fn`` itself) once, then ``fn`` ``repeats`` times; returns the median-time run."""
     (warmup or fn)()
     runs = sorted((fn() for _ in range(repeats)), key=lambda o: o.stats.seconds)
     return runs[len(runs) // 2]
-
-
-def _summary(out) -> dict[str, float]:
-    s = out.stats
-    return {"tokens_per_s": s.tokens_per_s, "latency_s": s.seconds, "tokens": s.tokens, "forwards": s.forwards,
-            "tokens_per_forward": s.tokens_per_forward}
 
 
 @torch.no_grad()
