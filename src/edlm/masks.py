@@ -178,6 +178,7 @@ def query_is(table: torch.Tensor) -> MaskMod:
 
 
 def negate(mod: MaskMod) -> MaskMod:
+    """A query may attend where ``mod`` forbids it."""
     return lambda b, h, q, kv: ~mod(b, h, q, kv)
 
 
