@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from edlm.bench.harness import cycled, run_interleaved
+from edlm.bench.harness import cycled, dlm_system, run_interleaved
 from edlm.bench.timing import _timed, agreement, forward_times
 from edlm.config import DecodeConfig, to_dict
 from edlm.model import source_spec
@@ -67,20 +67,13 @@ def decoding_modes(dlm, ids: list[list[int]], decode: DecodeConfig, repeats: int
     and with the converted model's own ``ar`` mode (1.0 for greedy speculative by construction), and the speed-up
     over the AR baseline's ``ar_tokens_per_s``. ``decode`` holds every other setting (the diffusion mode is
     ``decode`` itself)."""
-    systems = {name: _system(dlm, dataclasses.replace(decode, **fields))
+    systems = {name: dlm_system(dlm, dataclasses.replace(decode, **fields))
                for name, fields in {"diffusion": {"mode": "diffusion"}, **MODE_VARIANTS}.items()}
     runs = run_interleaved(systems, ids, 1, repeats=repeats, warmup=True)
     return {name: {**run.summary(), "speedup": run.tokens_per_s / ar_tokens_per_s,
                    "agreement_with_ar": agreement(run.sequences, ar_reference),
                    "agreement_with_ar_mode": agreement(run.sequences, runs["ar"].sequences)}
             for name, run in runs.items()}
-
-
-def _system(dlm, cfg: DecodeConfig):
-    """``dlm`` decoding with ``cfg``: a system of the comparison harness (:mod:`edlm.bench.harness`)."""
-    from edlm.decode import generate
-
-    return lambda rows: generate(dlm, rows, cfg)
 
 
 def _best(by_dtype: dict[str, dict[str, Any]]) -> str:
@@ -127,7 +120,6 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     from edlm.ar import ar_generate
     from edlm.assets import default_chat_prompts
     from edlm.checkpoints import best_device
-    from edlm.decode import generate
     from edlm.loading import load, load_ar
     from edlm.quant import cast, cast_model, parse_dtypes
 
@@ -153,7 +145,7 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     ar_models = {d: (ar_model if d == "fp32" else cast_model(ar_model, d, copy=True)) for d in dtypes}
     for n in batch_sizes:
         systems = {("ar", d): (lambda r, m=m: generate_ar(m, r)) for d, m in ar_models.items()}
-        systems.update({("dlm", d): _system(m, decode) for d, m in models.items()})
+        systems.update({("dlm", d): dlm_system(m, decode) for d, m in models.items()})
         got = run_interleaved(systems, cycled(ids, n), n, repeats=repeats, warmup=True)
         ar_by_dtype = {d: got[("ar", d)].summary() for d in ar_models}
         dlm_by_dtype = {d: got[("dlm", d)].summary() for d in models}
@@ -173,8 +165,8 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
         return run_interleaved({"run": system}, ids, 1)["run"]
 
     ar_ref = once(lambda r: generate_ar(ar_models[first["ar"]["dtype"]], r))
-    outputs = run_interleaved({thr: _system(best, dataclasses.replace(decode, threshold=thr)) for thr in sweep}, ids, 1,
-                              repeats=repeats, warmup=True)
+    outputs = run_interleaved({thr: dlm_system(best, dataclasses.replace(decode, threshold=thr)) for thr in sweep},
+                              ids, 1, repeats=repeats, warmup=True)
     results["sweep"] = [{"threshold": thr, **out.summary(),
                          "agreement_with_ar": agreement(out.sequences, ar_ref.sequences)}
                         for thr, out in outputs.items()]
@@ -202,7 +194,7 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
                                              block=ceiling_block, ar_source=spec, gguf=gguf, llama_cpp=llama_cpp)
         results.update({k: results["engine"][k] for k in HEADLINE})
     results["overhead"] = forward_overhead(best, prompt_len=max(len(i) for i in ids), block=best.config.block_size)
-    samples = outputs.get(decode.threshold) or once(lambda r: generate(best, r, decode))
+    samples = outputs.get(decode.threshold) or once(dlm_system(best, decode))
     results["samples"] = [{"prompt": t, "dlm": dlm32.tokenizer.decode(s, skip_special_tokens=True),
                            "ar": ar_tok.decode(a, skip_special_tokens=True)}
                           for t, s, a in zip(texts, samples.sequences, ar_ref.sequences)]
@@ -232,7 +224,7 @@ def ceiling(models: dict[str, Any], ar_models: dict[str, Any], ids: list[list[in
             for k in tpfs:
                 cfg = DecodeConfig(max_new_tokens=max_new_tokens, block_size=block, policy="fixed", tokens_per_step=k,
                                    ignore_eos=True)
-                systems[("dlm", d, k)] = _system(m, cfg)
+                systems[("dlm", d, k)] = dlm_system(m, cfg)
         got = run_interleaved(systems, cycled(ids, n), n, repeats=repeats, warmup=True)
         ar = {}
         for d in ar_models:

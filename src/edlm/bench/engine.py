@@ -36,13 +36,11 @@ def memory_bandwidth(mb: int = 512, repeats: int = 5) -> float:
 def _ar_row(model, ids, max_new_tokens: int, repeats: int) -> dict[str, Any]:
     """Greedy AR of every prompt at batch 1, EOS ignored, through the comparison harness after a whole untimed
     pass (which compiles): the median run's summary and the wall time with warm-up."""
-    from edlm.ar import ar_generate
-    from edlm.bench.harness import run_interleaved
+    from edlm.bench.harness import ar_system, run_interleaved
 
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
-    run = run_interleaved({"ar": lambda r: ar_generate(model, r, cfg, eos_id=None)}, ids, 1, repeats=repeats,
-                          warmup="pass")["ar"]
+    run = run_interleaved({"ar": ar_system(model, cfg, None)}, ids, 1, repeats=repeats, warmup="pass")["ar"]
     return {**run.summary(), "wall_s": time.perf_counter() - t0}
 
 
@@ -64,9 +62,8 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     ``ar_source``: ``"auto"`` (the source named in the folder's ``train_config.yaml``), a model spec, or None (the
     converted weights decoded causally). ``compile=False`` runs the engine's function eagerly (backend ``engine``).
     """
-    from edlm.bench.harness import run_interleaved
+    from edlm.bench.harness import dlm_system, run_interleaved
     from edlm.bench.timing import forward_times
-    from edlm.decode import generate
     from edlm.engine import compile_dlm, compile_model
     from edlm.loading import load, load_ar
     from edlm.model import source_spec
@@ -106,7 +103,7 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     configs = {k: DecodeConfig(max_new_tokens=max_new_tokens, block_size=block, policy="fixed", tokens_per_step=k,
                                ignore_eos=True) for k in tpfs}
     t0 = time.perf_counter()
-    got = run_interleaved({k: (lambda r, c=c: generate(dlm, r, c)) for k, c in configs.items()}, ids, 1,
+    got = run_interleaved({k: dlm_system(dlm, c) for k, c in configs.items()}, ids, 1,
                           repeats=repeats, warmup="pass")  # the forced TPFs interleaved, after a pass that compiles
     wall = time.perf_counter() - t0
     dlm_rows = [{"dtype": d, "tpf_forced": k, **run.summary(), "wall_s": wall,

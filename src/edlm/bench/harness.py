@@ -57,11 +57,24 @@ class Run:
     def tokens_per_s(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
 
-
     def summary(self) -> dict[str, float]:
         """The numbers a benchmark row reports."""
         return {"tokens_per_s": self.tokens_per_s, "latency_s": self.seconds, "tokens": self.tokens,
                 "forwards": self.forwards, "tokens_per_forward": self.tokens_per_forward}
+
+
+def dlm_system(dlm, cfg) -> System:
+    """A converted model decoding in ``cfg.mode`` (:func:`edlm.decode.generate`)."""
+    from edlm.decode import generate
+
+    return lambda rows: generate(dlm, rows, cfg)
+
+
+def ar_system(model, cfg, eos_id: int | None, pad_id: int | None = None, banned: list[int] | None = None) -> System:
+    """An AR model decoding with a KV cache, ``cfg``'s length and sampling (:func:`edlm.ar.ar_generate`)."""
+    from edlm.ar import ar_generate
+
+    return lambda rows: ar_generate(model, rows, cfg, eos_id, pad_id=pad_id, banned=banned)
 
 
 def cycled(prompts: list[list[int]], batch: int) -> list[list[int]]:
@@ -85,12 +98,12 @@ def run_interleaved(systems: dict[Hashable, System], prompts: list[list[int]], b
         warmup: every system decodes the first batch once, untimed, before the timed passes; ``"pass"``: a whole
             untimed pass.
     """
+    order = list(range(len(prompts))) if order is None else list(order)
     if warmup == "pass":
         _one_pass(systems, prompts, batch, order)
     elif warmup:
-        first = (list(range(len(prompts))) if order is None else list(order))[:batch]
         for system in systems.values():
-            system([prompts[j] for j in first])
+            system([prompts[j] for j in order[:batch]])
     passes = [_one_pass(systems, prompts, batch, order, progress) for _ in range(max(repeats, 1))]
     runs = {name: sorted((p[name] for p in passes), key=lambda r: r.seconds)[len(passes) // 2] for name in systems}
     if detokenize is not None:
@@ -99,9 +112,8 @@ def run_interleaved(systems: dict[Hashable, System], prompts: list[list[int]], b
     return runs
 
 
-def _one_pass(systems: dict[Hashable, System], prompts: list[list[int]], batch: int, order: list[int] | None,
+def _one_pass(systems: dict[Hashable, System], prompts: list[list[int]], batch: int, order: list[int],
               progress: Callable[[int, int], None] | None = None) -> dict[Hashable, Run]:
-    order = list(range(len(prompts))) if order is None else list(order)
     names = list(systems)
     runs = {name: Run(name, batch, [[] for _ in prompts]) for name in names}
     for k, start in enumerate(range(0, len(order), batch)):

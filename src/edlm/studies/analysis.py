@@ -37,18 +37,11 @@ def answer_accuracy(problems: list[Problem], dlm=None, ar_model=None, tokenizer=
     AR decoding (``decode``'s ``max_new_tokens`` and sampling; greedy by default). Tokens are counted up to and
     including EOS, so both systems are measured on the same text.
     """
-    from edlm.ar import ar_generate
-    from edlm.bench.harness import run_interleaved
-    from edlm.decode import generate
+    from edlm.bench.harness import ar_system, dlm_system, run_interleaved
 
     tok = dlm.tokenizer if dlm is not None else tokenizer
     cfg = decode or DecodeConfig()
-    if dlm is not None:
-        def system(rows):
-            return generate(dlm, rows, cfg)
-    else:
-        def system(rows):
-            return ar_generate(ar_model, rows, cfg, eos_id=tok.eos_token_id)
+    system = dlm_system(dlm, cfg) if dlm is not None else ar_system(ar_model, cfg, tok.eos_token_id)
     run = run_interleaved({"run": system}, [prompt_ids(tok, p) for p in problems], batch=1,
                           detokenize=lambda ids: answer_text(tok, ids))["run"]
     correct = sum(a == p.answer for a, p in zip(run.texts, problems))

@@ -143,25 +143,11 @@ def heldout_prompts(per_domain: int, distill: DistillConfig, seed: int) -> list[
 
 def _system(source, dlm, cfg: DecodeConfig):
     """One batch -> DecodeOutput: ``mode="ar"`` decodes the unmodified source, other modes the adapter over it."""
-    import torch
-
-    from edlm.ar import iter_ar
-    from edlm.decode import iter_steps
-    from edlm.sampling import DecodeOutput
+    from edlm.bench.harness import ar_system, dlm_system
 
     tok = dlm.tokenizer
-
-    def run(batch_ids: list[list[int]]) -> DecodeOutput:
-        rows: list[list[int]] = [[] for _ in batch_ids]
-        with torch.no_grad():
-            steps = iter_ar(source, batch_ids, cfg, tok.eos_token_id, pad_id=tok.pad_token_id) if cfg.mode == "ar" \
-                else iter_steps(dlm, batch_ids, cfg)
-            for new, stats in steps:  # noqa: B007 (the last stats are the call's)
-                for row, part in zip(rows, new):
-                    row.extend(part)
-        return DecodeOutput(sequences=rows, stats=stats)
-
-    return run
+    return ar_system(source, cfg, tok.eos_token_id, pad_id=tok.pad_token_id) if cfg.mode == "ar" \
+        else dlm_system(dlm, cfg)
 
 
 def measure_drafter(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tuple[str, str]],
