@@ -16,7 +16,7 @@ What it does (one command, a few minutes on 2 cores):
 
 1. exports a converted folder (default ``runs/smol2``: ``edlm convert --config configs/smollm2-135m.yaml
    --output-dir runs/smol2 --set max_steps=2``) to GGUF F32, mask token included, and lets llama.cpp requantize it
-   to Q8_0;
+   to Q8_0 (:func:`edlm.bench.llamacpp.q8_0_gguf`);
 2. times llama.cpp calls of width 1 (causal) and 8 / 16 (non-causal, against a cached context, cells removed after);
 3. decodes the benchmark prompts with the block decoder on llama.cpp (forced k tokens per step, the ``fixed``
    policy, and AR) and compares the tokens with edlm's eager decoder on the same weights;
@@ -102,20 +102,6 @@ def export_gguf(model_dir: Path, template: Path, out: Path) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    os.replace(str(out) + ".tmp", out)
-    return out
-
-
-def quantize(src: Path, out: Path, ftype: str = "Q8_0") -> Path:
-    import llama_cpp
-
-    if out.is_file():
-        return out
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.nthread = os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode() + b".tmp", ctypes.byref(params)):
-        raise SystemExit(f"llama.cpp could not quantize {src}")
     os.replace(str(out) + ".tmp", out)
     return out
 
@@ -273,6 +259,7 @@ def main() -> None:
 
     from edlm.assets import cache_dir, default_chat_prompts
     from edlm.assets.embedded import smollm2_gguf_path
+    from edlm.bench.llamacpp import q8_0_gguf
     from edlm.config import DecodeConfig
     from edlm.decode import generate
     from edlm.model import DiffusionLM
@@ -282,7 +269,7 @@ def main() -> None:
     folder = cache_dir() / "gguf"
     folder.mkdir(parents=True, exist_ok=True)
     f32 = export_gguf(model_dir, smollm2_gguf_path(), folder / f"{model_dir.name}.F32.gguf")
-    q8 = quantize(f32, folder / f"{model_dir.name}.Q8_0.gguf")
+    q8 = q8_0_gguf(f32)  # llama.cpp's own quantizer, cached beside the F32 file
     dlm = DiffusionLM.from_pretrained(str(model_dir))
     block, mask_id = dlm.config.block_size, dlm.mask_id
     prompts = [dlm.encode(t) for t in default_chat_prompts()]
