@@ -33,6 +33,17 @@ def memory_bandwidth(mb: int = 512, repeats: int = 5) -> float:
     return x.numel() * 4 / sorted(times)[repeats // 2]
 
 
+def _source(model_dir: str | os.PathLike, ar_source: str | None):
+    """The fp32 AR model the engine benchmarks time: ``"auto"`` the source named in the folder's
+    ``train_config.yaml``, a model spec, or None: the converted weights decoded causally, as in edlm bench decode
+    (``load_ar(None)`` would be the embedded model)."""
+    from edlm.loading import load, load_ar
+    from edlm.model import source_spec
+
+    spec = source_spec(model_dir) if ar_source == "auto" else ar_source
+    return load(model_dir, "fp32").model if spec is None else load_ar(spec, "fp32")[0]
+
+
 def _ar_row(model, ids, max_new_tokens: int, repeats: int) -> dict[str, Any]:
     """Greedy AR of every prompt at batch 1, EOS ignored, through the comparison harness after a whole untimed
     pass (which compiles): the median run's summary and the wall time with warm-up."""
@@ -65,14 +76,11 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     from edlm.bench.harness import dlm_system, run_interleaved
     from edlm.bench.timing import forward_times
     from edlm.engine import compile_dlm, compile_model
-    from edlm.loading import load, load_ar
-    from edlm.model import source_spec
+    from edlm.loading import load
     from edlm.quant import cast_model
 
     bandwidth = memory_bandwidth()
-    spec = source_spec(model_dir) if ar_source == "auto" else ar_source
-    # None: the converted weights decoded causally, as in edlm bench decode (load_ar(None) is the embedded model)
-    source = load(model_dir, "fp32").model if spec is None else load_ar(spec, "fp32")[0]
+    source = _source(model_dir, ar_source)
     cache_len = sorted(len(i) for i in ids)[len(ids) // 2] + max_new_tokens // 2
     rows: list[dict[str, Any]] = []
     for d in eager_dtypes:
@@ -211,12 +219,9 @@ def profile_engine(model_dir: str | os.PathLike, dtypes: tuple[str, ...] = ("fp3
     """:func:`profile_forward` of the source's forward on the eager Hugging Face path and on the compiled engine,
     per dtype and width: ``{"eager": {dtype: {width: ...}}, "compiled": {...}, "settings": ...}``."""
     from edlm.engine import compile_model
-    from edlm.loading import load, load_ar
-    from edlm.model import source_spec
     from edlm.quant import cast_model
 
-    spec = source_spec(model_dir) if ar_source == "auto" else ar_source
-    source = load(model_dir, "fp32").model if spec is None else load_ar(spec, "fp32")[0]
+    source = _source(model_dir, ar_source)
     out: dict[str, Any] = {"eager": {}, "compiled" if compile else "engine": {}}
     for d in eager_dtypes:
         model = source if d == "fp32" else cast_model(source, d, copy=True)
