@@ -1,5 +1,7 @@
 """The comparison harness (edlm.bench.harness): rotation, bookkeeping, repeats, warm-up, on fake systems."""
 
+import pytest
+
 from edlm.bench.harness import cycled, run_interleaved
 from edlm.sampling import DecodeOutput, DecodeStats
 
@@ -57,3 +59,17 @@ def test_a_warmup_pass_decodes_every_batch_untimed_first():
     runs = run_interleaved({"a": _system("a", calls)}, [[1], [2], [3]], batch=2, warmup="pass")
     assert calls == [("a", [1, 2]), ("a", [3]), ("a", [1, 2]), ("a", [3])]
     assert len(runs["a"].chunks) == 2
+
+
+def test_one_table_renders_the_same_rows_as_cli_text_and_as_markdown():
+    from edlm.bench.table import Table, pct
+
+    t = Table("batch", "<system", "tokens/s", "<note").add(1, "ar", "42.0", None).add(16, "dLM spec", "181.5", "")
+    assert t.text().splitlines() == ["batch system   tokens/s note",
+                                     "    1 ar           42.0 n/a",
+                                     "   16 dLM spec    181.5"]
+    assert t.markdown().splitlines() == ["| batch | system | tokens/s | note |", "| ---: | --- | ---: | --- |",
+                                         "| 1 | ar | 42.0 | n/a |", "| 16 | dLM spec | 181.5 |  |"]
+    with pytest.raises(ValueError, match="a row of 2 cells for 4 columns"):
+        t.add(1, "ar")
+    assert pct(0.5) == "50.0%" and pct(0.123, ".0f") == "12%" and pct(None) is None

@@ -197,7 +197,7 @@ def test_demo_cli_runs_the_shipped_miniature_and_writes_the_documented_json(tmp_
     assert "AR source vs its dLM on 6 held-out problems" in printed and "speed-up" in printed
     # the shipped miniature lists the speculative mode: its row and its JSON (the AR mode's answers, faster)
     # the row names the dtype measured fastest on this machine (fp32 on some CPUs, bf16 on others)
-    assert re.search(r"^ +1 dLM spec (fp32|bf16) ", printed, re.M), printed
+    assert re.search(r"^ +1 dLM speculative (fp32|bf16) ", printed, re.M), printed
     assert set(saved["speculative"]) == {"accuracy", "tokens_per_s", "tokens_per_forward", "speedup"}
 
 

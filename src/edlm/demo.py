@@ -136,3 +136,67 @@ def _convert_miniature(cfg, source: Path, out: Path, steps: int | None, progress
             say(f"converting the shipped source ({tcfg.max_steps} steps; run {run.name}'s settings) -> {out / 'dlm'}")
         convert(tcfg, resume=latest_checkpoint(out / "dlm") is not None, progress=progress)
     return out / "dlm"
+
+
+# ----------------------------------------------------------------------------------------------- what it prints
+
+
+def drafter_demo_report(result: dict[str, Any]) -> str:
+    """What ``edlm demo`` prints of :func:`run_drafter_demo`'s result: per prompt the three systems, then totals."""
+    import textwrap
+
+    from edlm.bench.table import Table
+
+    def short(text: str) -> str:
+        return textwrap.shorten(text, 70, placeholder=" ...")
+
+    lines = [f"\n{result['model']}, {result['ar']['dtype']}, greedy, at most {result['settings']['max_new_tokens']} "
+             "new tokens, batch 1\n"]
+    for row in result["prompts"]:
+        t = Table("<system", "tok/s", "tok/fwd", "speed-up", "<text")
+        t.add("AR (source)", f"{row['ar']['tokens_per_s']:.1f}", "", "", short(row["ar"]["text"]))
+        for name in ("speculative", "diffusion"):
+            r = row[name]
+            text = short(r["text"]) if name == "diffusion" else \
+                "identical to the source" if r["identical"] else "DIFFERS from the source"
+            t.add(name, f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_forward']:.2f}", f"{r['speedup']:.2f}x", text)
+        lines += [f"[{row['domain']}] {row['prompt']}", textwrap.indent(t.text(), "  "), ""]
+    spec, diff = result["speculative"], result["diffusion"]
+    lines += [f"all prompts: AR {result['ar']['tokens_per_s']:.1f} tok/s; speculative {spec['tokens_per_s']:.1f} "
+              f"tok/s ({spec['tokens_per_forward']:.2f} tok/fwd, {spec['speedup']:.2f}x, identical on "
+              f"{100 * spec['identical']:.0f}% of prompts); diffusion {diff['tokens_per_s']:.1f} tok/s "
+              f"({diff['tokens_per_forward']:.2f} tok/fwd, {diff['speedup']:.2f}x)",
+              "(speculative: the adapter drafts a block, the unmodified source verifies it, so its text is the "
+              "source's; diffusion: the paper's threshold decoder, its text may differ)"]
+    return "\n".join(lines)
+
+
+def miniature_report(result: dict[str, Any]) -> str:
+    """What ``edlm demo --model miniature`` prints of :func:`run_miniature_demo`'s result."""
+    from edlm.studies.headline import comparison_table, curve_table, families
+
+    lines = [f"\nAR source vs its dLM on {result['n_problems']} held-out problems ({', '.join(families(result))}), "
+             f"greedy, dLM threshold {result['threshold']}, block {result['dlm_block_size']}:\n",
+             comparison_table(result).text()]
+    if result.get("modes"):
+        lines.append("(dLM diffusion: decoding at the threshold; dLM speculative: the same weights decoded "
+                     "speculatively, the diffusion head drafting and a causal pass verifying: the answers of their AR "
+                     "mode, by construction)")
+    lines += ["\ncurve (batch 1):", curve_table(result).text(), "\nsamples:"]
+    for rows in result["samples"].values():
+        for s in rows[:1]:
+            lines.append(f"  {s['question']}\n    expected {s['answer']}\n    AR       {s['ar']}\n"
+                         f"    dLM      {s['dlm']}")
+    lines.append(f"\nplot: {result['plot']}   dLM: {result['dlm_dir']}   (the whole experiment: edlm headline; "
+                 "the real SmolLM2-135M: edlm demo)")
+    return "\n".join(lines)
+
+
+def miniature_json(result: dict[str, Any]) -> dict[str, Any]:
+    """The documented ``edlm demo --model miniature --json`` schema: the batch-1 summary, every batch, the curve."""
+    out = {k: result[k] for k in ("ar", "dlm", "speedup", "n_problems", "machine", "by_batch", "curve", "threshold",
+                                  "dlm_block_size")}
+    spec = (result.get("modes") or {}).get("speculative", {})
+    if "1" in spec:
+        out["speculative"] = {k: spec["1"][k] for k in ("accuracy", "tokens_per_s", "tokens_per_forward", "speedup")}
+    return out

@@ -293,3 +293,42 @@ def plot_ceiling(result: dict[str, Any], path: str | os.PathLike) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+
+def decode_report(result: dict[str, Any]) -> str:
+    """What ``edlm bench decode`` prints: AR vs dLM by batch size, the ceiling, llama.cpp, the engine, overhead."""
+    from edlm.bench.engine import engine_report
+    from edlm.bench.table import Table, pct
+
+    t = Table("batch", "AR tok/s", "dLM tok/s", "tok/fwd", "speedup")
+    for n, row in result["by_batch"].items():
+        t.add(n, f"{row['ar']['tokens_per_s']:.1f}", f"{row['dlm']['tokens_per_s']:.1f}",
+              f"{row['dlm']['tokens_per_forward']:.2f}", f"{row['speedup']:.2f}")
+    parts = [f"threshold {result['settings']['threshold']}:", t.text()]
+    if "ceiling" in result:
+        t = Table("batch", "<system", "tok/fwd", "tok/s", "roofline", "reached", "vs AR")
+        for n, c in result["ceiling"]["by_batch"].items():
+            for d, r in c["ar"]["by_dtype"].items():
+                t.add(n, f"AR {d}" + ("*" if d == c["ar"]["best"] else ""), "1.00", f"{r['tokens_per_s']:.1f}",
+                      f"{r['roofline_tokens_per_s']:.1f}", pct(r["fraction_of_roofline"], ".0f"), "")
+            for r in c["dlm"]:
+                t.add(n, f"dLM {r['dtype']}", f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_s']:.1f}",
+                      f"{r['roofline_tokens_per_s']:.1f}", pct(r["fraction_of_roofline"], ".0f"),
+                      f"{r['speedup_vs_best_ar']:.2f}x")
+        parts += [f"forced tokens per forward (fixed policy, block {result['ceiling']['block']}, EOS ignored; "
+                  "* best AR):", t.text()]
+    lc = result.get("llama_cpp")
+    if lc and "skipped" in lc:
+        parts.append(lc["skipped"])
+    elif lc:
+        best = max(lc.get("ceiling_speedups", {}).items(), key=lambda kv: kv[1], default=None)
+        parts.append(f"llama.cpp AR (batch 1, {Path(lc['gguf']).name}, {lc['threads']} threads): "
+                     f"{lc['tokens_per_s']:.1f} tokens/s; dLM {lc.get('dlm_speedup', float('nan')):.2f}x of it"
+                     + (f", best forced TPF {best[0]} {best[1]:.2f}x" if best else "")
+                     + f"; agreement with the PyTorch AR ({lc['ar_reference_dtype']}) {lc['agreement_with_ar']:.2f}")
+    if "engine" in result:
+        parts.append(engine_report(result["engine"]))
+    ov = result["overhead"]
+    parts.append(f"decoder overhead per forward: {100 * ov['overhead_fraction']:.0f}% "
+                 f"({ov['decoder_s_per_forward'] * 1e3:.1f} ms vs bare {ov['bare_forward_s'] * 1e3:.1f} ms)")
+    return "\n".join(parts)

@@ -275,3 +275,53 @@ def choose_dtype(model_dir: str | os.PathLike, width: int, compile: bool = False
     tmp.write_text(json.dumps(known, indent=1) + "\n")
     os.replace(tmp, path)
     return best, {**record, "cached": False}
+
+
+def engine_report(e: dict[str, Any]) -> str:
+    """What ``edlm bench engine`` prints of :func:`engine_benchmark`'s result."""
+    from edlm.bench.table import Table
+
+    s, t = e["settings"], e["targets"]
+    rows = Table("<backend", "<dtype", "tokens/s", "bw bound", "compile s")
+    for r in e["ar"]:
+        bound, compiled = r.get("bandwidth_bound_tokens_per_s"), r.get("compile_s")
+        rows.add(r["backend"], r["dtype"], f"{r['tokens_per_s']:.1f}", bound and f"{bound:.0f}",
+                 compiled and f"{compiled:.0f}")
+    lines = [f"batch-1 AR, {s['max_new_tokens']} tokens x {s['prompts']} prompts, {s['threads']} threads; memory "
+             f"bandwidth {e['memory_bandwidth_gb_s']:.1f} GB/s", rows.text()]
+    if "skipped" in e["llamacpp"]:
+        lines.append(e["llamacpp"]["skipped"])
+    lines.append(f"compiled forward ms, {e['forward_cache_len']}-token cache, by new columns:")
+    for d, f in e["forward_ms"].items():
+        lines.append(f"  {d:<5} " + "  ".join(f"{w:>2}: {ms:6.1f}" for w, ms in f.items()))
+    for r in e["dlm"]:
+        lines.append(f"dLM on the engine ({r['dtype']}), forced TPF {r['tpf_forced']}: {r['tokens_per_s']:.1f} "
+                     f"tokens/s, {r['tokens_per_forward']:.2f} tokens/forward, {r['speedup_vs_best_ar']:.2f}x the "
+                     "best AR")
+    q8 = t["best_ar_over_llamacpp_q8"]
+
+    def num(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f}"
+
+    lines.append(f"best AR: {e['ar_best'][0]} {e['ar_best'][1]}, {e['ar_best_tokens_per_s']:.1f} tokens/s; "
+                 f"llama.cpp Q8_0 / best AR {num(None if q8 is None else 1 / q8)}; width-8 step / AR step "
+                 f"{num(t['width8_over_ar_step'])}; forced TPF 4 / best AR {num(t['tpf4_over_best_ar'])}")
+    return "\n".join(lines)
+
+
+def profile_report(p: dict[str, Any]) -> str:
+    """What ``edlm bench engine --profile`` prints of :func:`profile_engine`'s result: ms per forward by category."""
+    from edlm.bench.table import Table
+
+    paths = [(path, d, w, r) for path in ("eager", "compiled", "engine") for d, by_width in p.get(path, {}).items()
+             for w, r in by_width.items()]
+    cats = sorted({c for *_, r in paths for c in r["by_category_ms"]})
+    short = {c: c.split(" ")[0][:9] for c in cats}
+    t = Table("<path", "<dtype", "width", "wall", *(short[c] for c in cats), "outside")
+    for path, d, w, r in paths:
+        t.add(path, d, w, f"{r['wall_ms']:.1f}", *(f"{r['by_category_ms'].get(c, 0.0):.1f}" for c in cats),
+              f"{r['outside_ops_ms']:.1f}")
+    s = p["settings"]
+    return "\n".join([f"ms per forward on a {s['cache_len']}-token cache ({s['threads']} threads)", t.text(),
+                      "categories: " + "; ".join(f"{short[c]} = {c}" for c in cats)
+                      + "; outside = wall - profiled ops"])

@@ -216,3 +216,18 @@ def serve_bench(model_dir: str | Path, n_requests: int = 64, concurrency: int = 
         "speedup": {"requests_per_s": b["requests_per_s"] / max(one["requests_per_s"], 1e-9),
                     "tokens_per_s": b["tokens_per_s"] / max(one["tokens_per_s"], 1e-9)},
     }
+
+
+def serve_bench_report(result: dict[str, Any]) -> str:
+    """What ``edlm serve-bench`` prints: a row per run, then the batched server's speed-up."""
+    from edlm.bench.table import Table
+
+    t = Table("<run", "max_batch", "ok", "req/s", "tok/s", "p50 s", "rows/cohort", "left", "cancelled", "mismatched")
+    for name, run in result["runs"].items():
+        server = run["server"]
+        t.add(name, run["max_batch"], run["succeeded"], f"{run['requests_per_s']:.2f}", f"{run['tokens_per_s']:.1f}",
+              f"{run['latency_s'].get('p50', 0):.2f}", f"{server['mean_rows_per_cohort']:.1f}", run["disconnect"],
+              server["cancelled"], len(run.get("mismatched", [])))
+    s = result["speedup"]
+    return t.text() + (f"\nbatched / one at a time: {s['requests_per_s']:.2f}x requests/s, {s['tokens_per_s']:.2f}x "
+                       "tokens/s")

@@ -165,3 +165,36 @@ def training_memory(model: str = "tiny:llama@256x4", lengths: tuple[int, ...] = 
                 torch.cuda.empty_cache()
             rows.append(row)
     return {"model": model, "block": block, "dtype": str(dtype), "rows": rows, "machine": machine_info()}
+
+
+def train_report(result: dict[str, Any]) -> str:
+    """What ``edlm bench train`` prints: tokens/s and peak memory of each phase."""
+    from edlm.bench.table import Table
+
+    t = Table("<phase", "tokens/s", "peak MB")
+    for name, key in (("AR fine-tune", "ar_finetune"), ("dLM convert", "dlm_convert"),
+                      ("dLM + AR loss", "dlm_convert_joint")):
+        if key in result:
+            t.add(name, f"{result[key]['tokens_per_s']:.1f}", f"{result[key]['peak_mem_mb']:.0f}")
+    joint = f"; dLM + AR loss step / dLM step: {result['joint_over_dlm_step_time']:.2f}" \
+        if "joint_over_dlm_step_time" in result else ""
+    return t.text() + f"\ndLM step time / AR step time: {result['dlm_over_ar_step_time']:.2f}{joint}"
+
+
+def masks_report(result: dict[str, Any]) -> str:
+    """What ``edlm bench masks`` prints: the mask's bytes, dense vs flex, and the training peaks when measured."""
+    from edlm.bench.table import Table
+
+    t = Table("seq_len", "dense MB", "flex MB", "flex build s")
+    for row in result["rows"]:
+        t.add(row["seq_len"], f"{row['dense_bytes'] / 2**20:.1f}",
+              f"{row['flex_bytes'] / 2**20:.3f}" if "flex_bytes" in row else None,
+              f"{row['flex_build_s']:.3f}" if "flex_build_s" in row else None)
+    lines = [t.text()]
+    if "training" in result:
+        t = Table("<attention", "seq_len", "peak MB", "<error")
+        for row in result["training"]["rows"]:
+            t.add(row["attn_implementation"], row["seq_len"], f"{row.get('peak_mb', float('nan')):.1f}",
+                  row.get("error", ""))
+        lines += ["training forward + backward:", t.text()]
+    return "\n".join(lines)

@@ -90,7 +90,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_drafter(args: argparse.Namespace) -> int:
-    from edlm.studies.drafter import load_drafter_config, run_drafter
+    from edlm.studies.drafter import drafter_report, load_drafter_config, run_drafter
 
     cfg = load_drafter_config(args.config, args.set, output_dir=args.output_dir)
     args.logs.to_folder(cfg.output_dir)
@@ -98,33 +98,13 @@ def cmd_drafter(args: argparse.Namespace) -> int:
     bar = TrainingBar("convert")
     result = run_drafter(cfg, progress=bar, say=lambda msg: print(msg, flush=True))
     bar.close()
-    print(drafter_table(result))
+    print(drafter_report(result))
     if args.ship:
         from edlm.demo import drafter_dir
         from edlm.studies.drafter import ship_drafter
 
         print(f"shipped the adapter to {ship_drafter(result['adapter'], drafter_dir(), args.config)}")
     return 0
-
-
-def drafter_table(result: dict) -> str:
-    """The drafter's results as the CLI prints them: one row per system and batch size."""
-    lines = [f"{'batch':>5} {'system':<12} {'dtype':<5} {'tok/fwd':>7} {'tokens/s':>9} {'speed-up':>8}  identical"]
-    for batch, row in result["by_batch"].items():
-        for name in ("ar", "speculative", "diffusion"):
-            r = row[name]
-            same = f"{100 * row['identical']:.0f}%" if name == "speculative" else ""
-            lines.append(f"{batch:>5} {name:<12} {r['dtype']:<5} {r['tokens_per_forward']:7.2f} "
-                         f"{r['tokens_per_s']:9.1f} {r['speedup']:7.2f}x  {same}")
-    if result.get("budget_curve"):
-        lines.append("budget curve (speculative tokens/forward, held-out chat, batch 1): " + ", ".join(
-            f"{100 * p['fraction']:.0f}% {p['tokens_per_forward']:.2f}" for p in result["budget_curve"]))
-    exact = result.get("exact_answers")
-    if exact:
-        for family, row in exact["families"].items():
-            lines.append(f"exact answers, {family} (n={exact['n_per_family']}): source AR {100 * row['ar']:.1f}%, "
-                         f"diffusion {100 * row['diffusion']:.1f}%")
-    return "\n".join(lines)
 
 
 def _auto_dtype(args: argparse.Namespace, mode: str, block: int | None) -> None:
@@ -168,27 +148,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from edlm.bench.train import train_throughput
+    from edlm.bench.train import train_report, train_throughput
     from edlm.config import load_train_config
     from edlm.results import write_json
 
     cfg = load_train_config(args.config, args.set, model=args.model)
     result = train_throughput(cfg, steps=args.steps, warmup=args.warmup)
     write_json(result, args.json)
-    ar, dl = result["ar_finetune"], result["dlm_convert"]
-    print(f"AR fine-tune : {ar['tokens_per_s']:8.1f} tokens/s  peak {ar['peak_mem_mb']:.0f} MB")
-    print(f"dLM convert  : {dl['tokens_per_s']:8.1f} tokens/s  peak {dl['peak_mem_mb']:.0f} MB")
-    if "dlm_convert_joint" in result:
-        jo = result["dlm_convert_joint"]
-        print(f"dLM + AR loss: {jo['tokens_per_s']:8.1f} tokens/s  peak {jo['peak_mem_mb']:.0f} MB  "
-              f"(step time {result['joint_over_dlm_step_time']:.2f}x the diffusion-only step)")
-    print(f"dLM step time / AR step time: {result['dlm_over_ar_step_time']:.2f}  -> {args.json}")
+    print(f"{train_report(result)}  -> {args.json}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
-    from edlm.bench.decode import decode_benchmark, plot_ceiling, plot_sweep
+    from edlm.bench.decode import decode_benchmark, decode_report, plot_ceiling, plot_sweep
     from edlm.quant import parse_dtypes
     from edlm.results import write_json
 
@@ -204,110 +177,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plot = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
     plot_sweep(result, plot)
     plots = [str(plot)]
-    print(f"threshold {cfg.threshold}:")
-    print(f"{'batch':>5} {'AR tok/s':>9} {'dLM tok/s':>10} {'tok/fwd':>8} {'speedup':>8}")
-    for n, row in result["by_batch"].items():
-        print(f"{n:>5} {row['ar']['tokens_per_s']:9.1f} {row['dlm']['tokens_per_s']:10.1f} "
-              f"{row['dlm']['tokens_per_forward']:8.2f} {row['speedup']:8.2f}")
     if "ceiling" in result:
-        ceiling_plot = plot.with_name(plot.stem + "-ceiling.png")
-        plot_ceiling(result, ceiling_plot)
-        plots.append(str(ceiling_plot))
-        print(f"forced tokens per forward (fixed policy, block {result['ceiling']['block']}, EOS ignored):")
-        print(f"{'batch':>5} {'system':<10} {'tok/fwd':>8} {'tok/s':>8} {'roofline':>8} {'reached':>8} {'vs AR':>6}")
-        for n, c in result["ceiling"]["by_batch"].items():
-            ar_best = c["ar"]["best"]
-            for d, r in c["ar"]["by_dtype"].items():
-                name = f"AR {d}" + ("*" if d == ar_best else "")
-                print(f"{n:>5} {name:<10} {1.0:8.2f} {r['tokens_per_s']:8.1f} {r['roofline_tokens_per_s']:8.1f} "
-                      f"{100 * r['fraction_of_roofline']:7.0f}% {'':>6}")
-            for r in c["dlm"]:
-                print(f"{n:>5} {'dLM ' + r['dtype']:<10} {r['tokens_per_forward']:8.2f} {r['tokens_per_s']:8.1f} "
-                      f"{r['roofline_tokens_per_s']:8.1f} {100 * r['fraction_of_roofline']:7.0f}% "
-                      f"{r['speedup_vs_best_ar']:5.2f}x")
-    lc = result.get("llama_cpp")
-    if lc and "skipped" in lc:
-        print(lc["skipped"])
-    elif lc:
-        best = max(lc.get("ceiling_speedups", {}).items(), key=lambda kv: kv[1], default=None)
-        print(f"llama.cpp AR (batch 1, {Path(lc['gguf']).name}, {lc['threads']} threads): {lc['tokens_per_s']:.1f} "
-              f"tokens/s; dLM {lc.get('dlm_speedup', float('nan')):.2f}x of it"
-              + (f", best forced TPF {best[0]} {best[1]:.2f}x" if best else "")
-              + f"; agreement with the PyTorch AR ({lc['ar_reference_dtype']}) {lc['agreement_with_ar']:.2f}")
-    if "engine" in result:
-        print(engine_table(result["engine"]))
-    ov = result["overhead"]
-    print(f"decoder overhead per forward: {100 * ov['overhead_fraction']:.0f}% "
-          f"({ov['decoder_s_per_forward'] * 1e3:.1f} ms vs bare {ov['bare_forward_s'] * 1e3:.1f} ms)")
+        plots.append(str(plot.with_name(plot.stem + "-ceiling.png")))
+        plot_ceiling(result, plots[-1])
+    print(decode_report(result))
     print(f"-> {args.json}, {', '.join(plots)}")
     return 0
 
 
-def _num(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def engine_table(e: dict) -> str:
-    """The printout of :func:`edlm.bench.engine.engine_benchmark`'s result."""
-    s = e["settings"]
-    lines = [f"batch-1 AR, {s['max_new_tokens']} tokens x {s['prompts']} prompts, {s['threads']} threads; memory "
-             f"bandwidth {e['memory_bandwidth_gb_s']:.1f} GB/s",
-             f"{'backend':<10} {'dtype':<6} {'tokens/s':>9} {'bw bound':>9} {'compile s':>9}"]
-    for r in e["ar"]:
-        lines.append(f"{r['backend']:<10} {r['dtype']:<6} {r['tokens_per_s']:9.1f} "
-                     f"{_num(r.get('bandwidth_bound_tokens_per_s'), '9.0f'):>9} {_num(r.get('compile_s'), '9.0f'):>9}")
-    if "skipped" in e["llamacpp"]:
-        lines.append(e["llamacpp"]["skipped"])
-    lines.append(f"compiled forward ms, {e['forward_cache_len']}-token cache, by new columns:")
-    for d, f in e["forward_ms"].items():
-        lines.append(f"  {d:<5} " + "  ".join(f"{w:>2}: {ms:6.1f}" for w, ms in f.items()))
-    for r in e["dlm"]:
-        lines.append(f"dLM on the engine ({r['dtype']}), forced TPF {r['tpf_forced']}: {r['tokens_per_s']:.1f} "
-                     f"tokens/s, {r['tokens_per_forward']:.2f} tokens/forward, {r['speedup_vs_best_ar']:.2f}x the "
-                     "best AR")
-    t = e["targets"]
-    q8 = t["best_ar_over_llamacpp_q8"]
-    lines.append(f"best AR: {e['ar_best'][0]} {e['ar_best'][1]}, {e['ar_best_tokens_per_s']:.1f} tokens/s; "
-                 f"llama.cpp Q8_0 / best AR {_num(None if q8 is None else 1 / q8, '.2f')}; width-8 step / AR step "
-                 f"{_num(t['width8_over_ar_step'], '.2f')}; forced TPF 4 / best AR "
-                 f"{_num(t['tpf4_over_best_ar'], '.2f')}")
-    return "\n".join(lines)
-
-
-def profile_table(p: dict) -> str:
-    """The printout of :func:`edlm.bench.engine.profile_engine`'s result: ms per forward by category."""
-    cats = sorted({c for path in ("eager", "compiled", "engine") for d in p.get(path, {}).values()
-                   for w in d.values() for c in w["by_category_ms"]})
-    short = {c: c.split(" ")[0][:9] for c in cats}
-    lines = [f"ms per forward on a {p['settings']['cache_len']}-token cache ({p['settings']['threads']} threads)",
-             f"{'path':<9} {'dtype':<5} {'width':>5} {'wall':>7} " + " ".join(f"{short[c]:>9}" for c in cats)
-             + f" {'outside':>8}"]
-    for path in ("eager", "compiled", "engine"):
-        for d, by_width in p.get(path, {}).items():
-            for w, r in by_width.items():
-                lines.append(f"{path:<9} {d:<5} {w:>5} {r['wall_ms']:7.1f} "
-                             + " ".join(f"{r['by_category_ms'].get(c, 0.0):9.1f}" for c in cats)
-                             + f" {r['outside_ops_ms']:8.1f}")
-    lines.append("categories: " + "; ".join(f"{short[c]} = {c}" for c in cats) + "; outside = wall - profiled ops")
-    return "\n".join(lines)
-
-
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     from edlm.assets import default_chat_prompts
-    from edlm.bench.engine import engine_benchmark
+    from edlm.bench.engine import engine_benchmark, engine_report
     from edlm.loading import load
     from edlm.results import machine_info, write_json
 
     _set_threads(args)
     if args.profile:
-        from edlm.bench.engine import profile_engine
+        from edlm.bench.engine import profile_engine, profile_report
 
         result = profile_engine(args.model, dtypes=tuple(args.dtypes.split(",")),
                                 eager_dtypes=tuple(args.eager_dtypes.split(",")),
                                 widths=(1, args.block, 2 * args.block))
         result["machine"] = machine_info()
         write_json(result, args.json)
-        print(profile_table(result))
+        print(profile_report(result))
         print(f"-> {args.json}")
         return 0
     texts = args.prompt or default_chat_prompts()
@@ -320,7 +213,7 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     result["settings"].update(model=str(args.model), prompts_text=texts, chat_template=not args.no_chat)
     result["machine"] = machine_info()
     write_json(result, args.json)
-    print(engine_table(result))
+    print(engine_report(result))
     print(f"-> {args.json}")
     return 0
 
@@ -344,7 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
     require("fastapi", "uvicorn", "sse_starlette", "openai", "httpx", install=SERVE)
-    from edlm.bench.load import serve_bench
+    from edlm.bench.load import serve_bench, serve_bench_report
     from edlm.results import write_json
     from edlm.serve import load_serve_settings
 
@@ -354,22 +247,12 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
                          max_tokens=args.max_tokens, disconnect=args.disconnect, max_batch=args.max_batch,
                          settings=settings)
     write_json(result, args.json)
-    print(f"{'run':<14} {'max_batch':>9} {'ok':>4} {'req/s':>7} {'tok/s':>8} {'p50 s':>6} {'rows/cohort':>11} "
-          f"{'left':>4} {'cancelled':>9} {'mismatched':>10}")
-    for name, run in result["runs"].items():
-        server = run["server"]
-        print(f"{name:<14} {run['max_batch']:>9} {run['succeeded']:>4} {run['requests_per_s']:7.2f} "
-              f"{run['tokens_per_s']:8.1f} {run['latency_s'].get('p50', 0):6.2f} "
-              f"{server['mean_rows_per_cohort']:11.1f} {run['disconnect']:>4} {server['cancelled']:>9} "
-              f"{len(run.get('mismatched', [])):>10}")
-    speedup = result["speedup"]
-    print(f"batched / one at a time: {speedup['requests_per_s']:.2f}x requests/s, {speedup['tokens_per_s']:.2f}x "
-          f"tokens/s  -> {args.json}")
+    print(f"{serve_bench_report(result)}  -> {args.json}")
     return 0
 
 
 def cmd_bench_masks(args: argparse.Namespace) -> int:
-    from edlm.bench.train import mask_memory
+    from edlm.bench.train import mask_memory, masks_report
     from edlm.results import write_json
 
     result = mask_memory(tuple(args.lengths), block=args.block, device=args.device)
@@ -377,16 +260,8 @@ def cmd_bench_masks(args: argparse.Namespace) -> int:
         from edlm.bench.train import training_memory
 
         result["training"] = training_memory(args.training_model, tuple(args.lengths), block=args.block)
-        for row in result["training"]["rows"]:
-            print(f"training {row['attn_implementation']:>14} L={row['seq_len']:6d} "
-                  f"{row.get('peak_mb', float('nan')):10.1f} MB {row.get('error', '')}")
     write_json(result, args.json)
-    print(f"{'seq_len':>8} {'dense MB':>10} {'flex MB':>9} {'flex build s':>12}")
-    for row in result["rows"]:
-        flex = f"{row['flex_bytes'] / 2**20:9.3f}" if "flex_bytes" in row else f"{'n/a':>9}"
-        build = f"{row['flex_build_s']:12.3f}" if "flex_build_s" in row else f"{'n/a':>12}"
-        print(f"{row['seq_len']:8d} {row['dense_bytes'] / 2**20:10.1f} {flex} {build}")
-    print(f"-> {args.json}")
+    print(f"{masks_report(result)}\n-> {args.json}")
     return 0
 
 
@@ -411,7 +286,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
     _require_task(args.task)
-    from edlm.evals.run import plot_pareto, sweep
+    from edlm.evals.run import plot_pareto, sweep, sweep_report
     from edlm.results import write_json
 
     _set_threads(args)
@@ -422,11 +297,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     write_json(result, args.json)
     plot = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
     plot_pareto(result, plot)
-    print(f"{'block':>5} {'thr':>5} {'acc':>6} {'tok/s':>8} {'tok/fwd':>8}")
-    for p in result["points"]:
-        print(f"{p['block_size']:5d} {p['threshold']:5.2f} {p['acc']:6.3f} {p['tokens_per_s']:8.1f} "
-              f"{p['tokens_per_forward']:8.2f}")
-    print(f"   AR       {result['ar']['acc']:6.3f} {result['ar']['tokens_per_s']:8.1f}   -> {args.json}, {plot}")
+    print(f"{sweep_report(result)}\n-> {args.json}, {plot}")
     return 0
 
 
@@ -450,7 +321,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise EdlmError("--adapter and --prompt belong to the embedded demo (edlm demo); the miniature decodes its "
                         "held-out problems")
     from edlm.config import DecodeConfig
-    from edlm.demo import run_miniature_demo
+    from edlm.demo import miniature_json, miniature_report, run_miniature_demo
     from edlm.results import write_json
 
     out = args.output_dir or "runs/demo-miniature"
@@ -462,47 +333,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                 progress=bar,
                                 say=lambda msg: print(msg, flush=True))
     bar.close()
-    one = result["by_batch"]["1"]
-    fams = list(one["ar"]["per_family"])
-    print(f"\nAR source vs its dLM on {result['n_problems']} held-out problems ({', '.join(fams)}), greedy, "
-          f"dLM threshold {result['threshold']}, block {result['dlm_block_size']}:\n")
-    spec = result.get("modes", {}).get("speculative", {})
-    head = f"{'batch':>5} {'system':<8} {'dtype':<5} {'accuracy':>8} " + " ".join(f"{f:>7}" for f in fams)
-    print(head + f" {'tok/fwd':>7} {'tokens/s':>9} {'speed-up':>8}")
-    for batch, b in result["by_batch"].items():
-        rows = [("AR", b["ar"], 1.0), ("dLM", b["dlm"], b["speedup"])]
-        if batch in spec:
-            rows.append(("dLM spec", spec[batch], spec[batch]["speedup"]))
-        for name, r, speed in rows:
-            print(f"{batch:>5} {name:<8} {r['dtype']:<5} {100 * r['accuracy']:7.1f}% "
-                  + " ".join(f"{100 * r['per_family'][f]:6.1f}%" for f in fams)
-                  + f" {r['tokens_per_forward']:7.2f} {r['tokens_per_s']:9.1f} {speed:7.2f}x")
-    if spec:
-        print("(dLM: diffusion decoding at the threshold; dLM spec: the same weights decoded speculatively, the "
-              "diffusion head drafting and a causal pass verifying: the answers of their AR mode, by construction)")
-    print("\ncurve (batch 1): " + ", ".join(
-        f"thr {p['threshold']:g}: {100 * p['accuracy']:.1f}% at {p['tokens_per_forward']:.1f} tok/fwd, "
-        f"{p['speedup']:.2f}x" for p in result["curve"]))
-    print("\nsamples:")
-    for rows in result["samples"].values():
-        for s in rows[:1]:
-            print(f"  {s['question']}\n    expected {s['answer']}\n    AR       {s['ar']}\n    dLM      {s['dlm']}")
-    print(f"\nplot: {result['plot']}   dLM: {result['dlm_dir']}   (the whole experiment: edlm headline; "
-          "the real SmolLM2-135M: edlm demo)")
+    print(miniature_report(result))
     if args.json:
-        out = {k: result[k] for k in ("ar", "dlm", "speedup", "n_problems", "machine", "by_batch", "curve",
-                                      "threshold", "dlm_block_size")}
-        if "1" in spec:
-            out["speculative"] = {k: spec["1"][k] for k in ("accuracy", "tokens_per_s", "tokens_per_forward",
-                                                            "speedup")}
-        write_json(out, args.json)
+        write_json(miniature_json(result), args.json)
     return 0
 
 
 def _embedded_demo(args: argparse.Namespace) -> int:
-    import textwrap
-
-    from edlm.demo import run_drafter_demo
+    from edlm.demo import drafter_demo_report, run_drafter_demo
     from edlm.results import write_json
 
     if args.convert or args.steps:
@@ -512,27 +350,7 @@ def _embedded_demo(args: argparse.Namespace) -> int:
     prompts = [("prompt", p) for p in args.prompt] if args.prompt else None
     result = run_drafter_demo(args.adapter, prompts, max_new_tokens=args.max_new_tokens or 64, dtype=args.dtype,
                               threshold=args.threshold or 0.9)
-    print(f"\n{result['model']}, {args.dtype}, greedy, at most {result['settings']['max_new_tokens']} new tokens, "
-          "batch 1\n")
-    for row in result["prompts"]:
-        print(f"[{row['domain']}] {row['prompt']}")
-        ar = row["ar"]
-        print(f"  {'AR (source)':<12} {ar['tokens_per_s']:6.1f} tok/s {'':>12} {'':>6}  "
-              + textwrap.shorten(ar["text"], 70, placeholder=" ..."))
-        for name in ("speculative", "diffusion"):
-            r = row[name]
-            text = ("identical to the source" if r["identical"] else "DIFFERS from the source") \
-                if name == "speculative" else textwrap.shorten(r["text"], 70, placeholder=" ...")
-            print(f"  {name:<12} {r['tokens_per_s']:6.1f} tok/s {r['tokens_per_forward']:5.2f} tok/fwd "
-                  f"{r['speedup']:5.2f}x  {text}")
-        print()
-    spec, diff = result["speculative"], result["diffusion"]
-    print(f"all prompts: AR {result['ar']['tokens_per_s']:.1f} tok/s; speculative {spec['tokens_per_s']:.1f} tok/s "
-          f"({spec['tokens_per_forward']:.2f} tok/fwd, {spec['speedup']:.2f}x, identical on "
-          f"{100 * spec['identical']:.0f}% of prompts); diffusion {diff['tokens_per_s']:.1f} tok/s "
-          f"({diff['tokens_per_forward']:.2f} tok/fwd, {diff['speedup']:.2f}x)")
-    print("(speculative: the adapter drafts a block, the unmodified source verifies it, so its text is the "
-          "source's; diffusion: the paper's threshold decoder, its text may differ)")
+    print(drafter_demo_report(result))
     if args.json:
         write_json(result, args.json)
     return 0
@@ -574,7 +392,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_headline(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
-    from edlm.studies.headline import load_headline_config, run_headline
+    from edlm.studies.headline import load_headline_config, run_headline, targets_table
 
     cfg = load_headline_config(args.config, _study_overrides(args))
     args.logs.to_folder(cfg.study.output_dir)
@@ -586,11 +404,6 @@ def cmd_headline(args: argparse.Namespace) -> int:
         from edlm.studies.headline import ship_miniature
 
         print(f"shipped the source and the dLM into {ship_miniature(cfg, args.config)}")
-    print()
-    for system, targets in (("diffusion", result["targets"]), ("speculative", result.get("speculative_targets"))):
-        for name, t in (targets or {}).items():
-            value = t.get("value", t.get("value_points"))
-            bar = t.get("bar", t.get("bar_points"))
-            print(f"{system:<12} {name:<20} {value:8.2f}  (bar {bar:g})  {'met' if t['met'] else 'NOT met'}")
+    print(f"\n{targets_table(result).text()}")
     print(f"report: {Path(cfg.study.report_dir) / 'report.md'}")
     return 0

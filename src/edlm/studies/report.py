@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from edlm.bench.table import Table
 from edlm.config import DecodeConfig
 
 # Which variant names play which role in the claims (names as in configs/study.yaml).
@@ -77,11 +78,17 @@ def verdict(better: list[float], worse: list[float], noise: float | None) -> dic
     return {"verdict": word, "diff": diff, "se": se, "noise_from": source}
 
 
-def _summary_row(name: str, variant: dict[str, Any], thr: float) -> str:
-    """| variant | accuracy | tokens/forward | final train loss | weight drift |"""
-    losses = [r["final_loss"] for r in variant["runs"] if r.get("final_loss") is not None]
-    return (f"| {name} | {_fmt(_values(variant, thr))} | {_fmt(_values(variant, thr, 'tokens_per_forward'), '.2f')} | "
-            f"{_fmt(losses)} | {_fmt(_drifts(variant))} |")
+def _losses(variant: dict[str, Any]) -> list[float]:
+    return [r["final_loss"] for r in variant["runs"] if r.get("final_loss") is not None]
+
+
+def _summary_table(variants: dict[str, dict[str, Any]], thr: float) -> str:
+    """Per variant: accuracy, tokens per forward, final training loss and weight drift (mean ± s.d. over seeds)."""
+    t = Table("<variant", "accuracy", "tokens/forward", "final train loss", "weight drift")
+    for name, v in variants.items():
+        t.add(name, _fmt(_values(v, thr)), _fmt(_values(v, thr, "tokens_per_forward"), ".2f"), _fmt(_losses(v)),
+              _fmt(_drifts(v)))
+    return t.markdown()
 
 
 # ----------------------------------------------------------------------------------------------- plots
@@ -202,10 +209,7 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
     att = comps.get("attention")
     if att:
         names = list(att)
-        lines += ["## 1. Attention pattern and token shift", "",
-                  "| variant | accuracy | tokens/forward | final train loss | weight drift |",
-                  "| --- | --- | --- | --- | --- |"]
-        lines += [_summary_row(name, att[name], thr) for name in names]
+        lines += ["## 1. Attention pattern and token shift", "", _summary_table(att, thr)]
         _bar_plot(out / "attention.png", names, [_values(att[n], thr) for n in names], "accuracy",
                   ar["acc"] if ar else None)
         lines += ["", "![attention](attention.png)", ""]
@@ -227,13 +231,14 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
         lines += ["## 2. Weight drift from the AR source", "",
                   "The paper's argument for block-wise attention: it keeps the AR weights closer to where they were. "
                   "Weight drift is the relative Frobenius change ||W - W_AR|| / ||W_AR|| of each decoder layer "
-                  "(embeddings over the source vocabulary only).", "",
-                  "| variant | overall | embeddings | mean over layers |", "| --- | --- | --- | --- |"]
+                  "(embeddings over the source vocabulary only).", ""]
+        t = Table("<variant", "overall", "embeddings", "mean over layers")
         for name in names:
             runs = att[name]["runs"]
-            lines.append(f"| {name} | {_fmt(_drifts(att[name]), '.4f')} | "
-                         f"{_fmt([r['weight_drift']['embed'] for r in runs if r['weight_drift']['embed']], '.4f')}"
-                         f" | {_fmt([_mean(r['weight_drift']['layers']) for r in runs], '.4f')} |")
+            t.add(name, _fmt(_drifts(att[name]), ".4f"),
+                  _fmt([r["weight_drift"]["embed"] for r in runs if r["weight_drift"]["embed"]], ".4f"),
+                  _fmt([_mean(r["weight_drift"]["layers"]) for r in runs], ".4f"))
+        lines.append(t.markdown())
         _drift_plot(out / "weight_drift.png", att)
         lines += ["", "![weight drift](weight_drift.png)", ""]
         if CLEAN in att and BIDIR in att:
@@ -248,12 +253,11 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
         mthr = cfg.get("comparisons", {}).get("masking", {}).get("thresholds") or thresholds
         lines += ["## 3. Masking schedule: uniform vs position-dependent", "",
                   "Accuracy and tokens per forward across decoding thresholds (mean over seeds); the Pareto plot "
-                  "puts the AR source at 1 token per forward.", "",
-                  "| variant | " + " | ".join(f"thr {t:g}: acc / tok/fwd" for t in mthr) + " |",
-                  "| --- |" + " --- |" * len(mthr)]
+                  "puts the AR source at 1 token per forward.", ""]
+        t = Table("<variant", *(f"thr {x:g}: acc / tok/fwd" for x in mthr))
         for name, v in mask.items():
-            cells = [f"{_fmt(_values(v, t))} / {_mean(_values(v, t, 'tokens_per_forward')):.2f}" for t in mthr]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            t.add(name, *(f"{_fmt(_values(v, x))} / {_mean(_values(v, x, 'tokens_per_forward')):.2f}" for x in mthr))
+        lines.append(t.markdown())
         _pareto_plot(out / "masking_pareto.png", mask, mthr, ar)
         lines += ["", "![masking Pareto](masking_pareto.png)", ""]
         pd = [n for n in mask if n != UNIFORM]
@@ -298,8 +302,7 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
                                                        "noise_from": "second half vs first half of the offsets, 5% "
                                                                      "margin"}))
         if blocks:
-            lines += ["| variant | block size | accuracy | tokens/forward | final train loss |",
-                      "| --- | --- | --- | --- | --- |"]
+            t = Table("<variant", "block size", "accuracy", "tokens/forward", "final train loss")
             curves = {}
             for name, v in blocks.items():
                 if not v["runs"]:
@@ -307,18 +310,15 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
                 r0 = v["runs"][0]
                 size = r0["diffusion"]["block_size"]
                 curves[f"block {size}"] = r0["per_position_loss"]["by_offset"]
-                lines.append(f"| {name} | {size} | {_fmt(_values(v, thr))} | "
-                             f"{_fmt(_values(v, thr, 'tokens_per_forward'), '.2f')} | "
-                             f"{_fmt([r['final_loss'] for r in v['runs'] if r.get('final_loss') is not None])} |")
+                t.add(name, size, _fmt(_values(v, thr)), _fmt(_values(v, thr, "tokens_per_forward"), ".2f"),
+                      _fmt(_losses(v)))
+            lines.append(t.markdown())
             _position_plot(out / "loss_by_offset.png", curves, "offset inside the block")
             lines += ["", "![loss by offset](loss_by_offset.png)", ""]
 
     lora = comps.get("lora")
     if lora:
-        lines += ["## 5. Full fine-tuning vs LoRA at equal budget", "",
-                  "| variant | accuracy | tokens/forward | final train loss | weight drift |",
-                  "| --- | --- | --- | --- | --- |"]
-        lines += [_summary_row(name, v, thr) for name, v in lora.items()]
+        lines += ["## 5. Full fine-tuning vs LoRA at equal budget", "", _summary_table(lora, thr)]
         _bar_plot(out / "lora.png", list(lora), [_values(v, thr) for v in lora.values()], "accuracy",
                   ar["acc"] if ar else None)
         lines += ["", "![lora](lora.png)", ""]
@@ -334,12 +334,12 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
                                             noise)))
 
     head = ["## Verdicts", "", "Difference: the claimed-better group minus the other (positive = the paper's "
-            "direction); accuracy, or for weight drift the drift of the other group minus the claimed-smaller one.", "",
-            "| claim | verdict | difference | noise (2 x s.e.) |", "| --- | --- | --- | --- |"]
+            "direction); accuracy, or for weight drift the drift of the other group minus the claimed-smaller one.", ""]
+    t = Table("<claim", "<verdict", "difference", "<noise (2 x s.e.)")
     for text, v in claims:
-        diff = f"{v['diff']:+.3f}" if v.get("diff") is not None else "-"
-        se = f"{2 * v['se']:.3f} ({v['noise_from']})" if v.get("se") is not None else v.get("noise_from", "-")
-        head.append(f"| {text} | **{v['verdict']}** | {diff} | {se} |")
+        t.add(text, f"**{v['verdict']}**", f"{v['diff']:+.3f}" if v.get("diff") is not None else "-",
+              f"{2 * v['se']:.3f} ({v['noise_from']})" if v.get("se") is not None else v.get("noise_from", "-"))
+    head.append(t.markdown())
     if noise is not None:
         head += ["", f"Seed-to-seed standard deviation of accuracy (attention comparison): {noise:.3f}."]
     if results.get("missing"):
