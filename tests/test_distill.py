@@ -86,9 +86,9 @@ measure: {{prompts_per_domain: 1, max_new_tokens: 8, batch_sizes: [1, 2], exact_
     exact = result["exact_answers"]
     assert exact["n_per_family"] == 3 and set(exact["families"]) == {"sequence", "addition"}
     assert all(0.0 <= v <= 1.0 for row in exact["families"].values() for v in row.values())
-    from edlm.cli.commands import drafter_table
+    from edlm.studies.drafter import drafter_report
 
-    table = drafter_table(result)
+    table = drafter_report(result)
     assert "budget curve" in table and "50% " in table and "exact answers, addition (n=3)" in table
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["distilled"]["records"] == 6 and "machine" in saved
@@ -120,16 +120,19 @@ def test_embedded_demo_cli_with_an_adapter_writes_the_documented_json(tmp_path, 
 
 
 def test_exact_problems_are_deterministic_with_checkable_answers():
-    from edlm.studies.drafter import _solved, exact_problems
+    from edlm.evals.tasks import score_answer
+    from edlm.studies.drafter import exact_problems
 
     problems = exact_problems(50)
     assert problems == exact_problems(50) and len(problems) == 100
-    for family, prompt, answer in problems:
-        fields = prompt.replace("=", ",").replace("+", ",").replace("\n", ",").split(",")
+    for p in problems:
+        fields = p.question.replace("=", ",").replace("+", ",").replace("\n", ",").split(",")
         numbers = [int(x) for x in fields if x.strip()]
-        if family == "sequence":  # an arithmetic progression whose next two terms are the answer
+        answer = [int(x) for x in p.answer.split(", ")]
+        if p.family == "sequence":  # an arithmetic progression whose next two terms are the answer
             d = numbers[1] - numbers[0]
             assert d > 0 and numbers + answer == [numbers[0] + i * d for i in range(7)]
         else:  # the sum of the last two numbers, after three worked examples
-            assert prompt.count("\n") == 3 and answer == [numbers[-2] + numbers[-1]]
-    assert _solved(" 63, 70, 77", [63, 70]) and not _solved(" 63, 71", [63, 70]) and not _solved("none", [5])
+            assert p.question.count("\n") == 3 and answer == [numbers[-2] + numbers[-1]]
+    assert score_answer(" 63, 70, 77", "63, 70") and not score_answer(" 63, 71", "63, 70")
+    assert not score_answer("none", "5") and not score_answer(" 63", "63, 70")

@@ -56,8 +56,8 @@ def test_eval_on_a_code_task_names_its_isolation_and_runs_unisolated_code_only_a
     monkeypatch.setattr(isolation, "probe", lambda: isolation.Probe("none", {"namespaces": "unshare: refused"}))
     monkeypatch.delenv("EDLM_ALLOW_CODE_EVAL", raising=False)
     generated = []
-    real_generate = run_module.generate_texts
-    monkeypatch.setattr(run_module, "generate_texts", lambda *a, **k: generated.append(1) or real_generate(*a, **k))
+    real_generate = run_module.generation_system
+    monkeypatch.setattr(run_module, "generation_system", lambda *a, **k: generated.append(1) or real_generate(*a, **k))
     out.unlink()
     assert main(argv) == 2
     err = capsys.readouterr().err

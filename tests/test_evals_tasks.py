@@ -22,16 +22,22 @@ from edlm.evals.tasks import (
 @pytest.mark.parametrize("output,answer,ok", [
     ("95", "95", True), (" The answer is 1,234.", "1234", True), ("-12 apples", "-12", True),
     ("94", "95", False), ("no number", "3", False), ("3.5", "3", False),
+    (" 63, 70, 77", "63, 70", True), (" 63, 71", "63, 70", False), ("63", "63, 70", False), ("5", "", False),
 ])
 def test_exact_answer_scoring(output, answer, ok):
     assert score_answer(output, answer) is ok
+
+
+def test_exact_scoring_takes_the_whole_stripped_output():
+    assert score_answer(" 503 504\n", "503 504", exact=True)
+    assert not score_answer("503 504 505", "503 504", exact=True) and score_answer("503 504 505", "503 504")
 
 
 def test_arithmetic_task_is_seeded_and_correct():
     a, b = arithmetic_task(20, seed=1), arithmetic_task(20, seed=1)
     assert a == b and a != arithmetic_task(20, seed=2)
     for doc in a:
-        expr = doc.prompt.removeprefix("What is ").split("?")[0]
+        expr = doc.question.removeprefix("What is ").split("?")[0]
         assert str(eval(expr)) == doc.answer  # noqa: S307 (our own generated expression)
     assert isinstance(a[0], AnswerDoc)
 

@@ -14,7 +14,7 @@ import torch
 
 from edlm.config import DecodeConfig
 from edlm.decode import iter_steps
-from edlm.sampling import DecodeStats
+from edlm.sampling import DecodeOutput, DecodeStats
 from edlm.text import cut_at_stop, stop_index
 
 
@@ -44,22 +44,23 @@ def generate_text(dlm, prompts: str | list[str], config: DecodeConfig | None = N
 
 
 @torch.no_grad()
-def complete(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> tuple[list[str], DecodeStats]:
-    """``(texts, stats)`` of token-id prompts decoded in one batch with ``cfg``.
-
-    A row stops at the first block boundary where its text holds one of ``cfg.stop``, and its text is cut there
-    (:func:`edlm.text.cut_at_stop`).
-    """
+def decode_until_stop(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> DecodeOutput:
+    """Token-id prompts decoded in one batch with ``cfg``; a row stops at the first block boundary where its text
+    holds one of ``cfg.stop`` (its sequence keeps the whole block: :func:`complete` cuts the text)."""
     sequences: list[list[int]] = [[] for _ in prompts]
 
-    def decoded(row: int) -> str:
-        return dlm.tokenizer.decode(sequences[row], skip_special_tokens=True)
-
     def seen_stop(row: int) -> bool:  # asked at block boundaries
-        return stop_index(decoded(row), cfg.stop) is not None
+        return stop_index(dlm.tokenizer.decode(sequences[row], skip_special_tokens=True), cfg.stop) is not None
 
     stats = DecodeStats(rows=len(prompts))
     for new, stats in iter_steps(dlm, prompts, cfg, should_stop=seen_stop if cfg.stop else None):  # noqa: B007
         for seq, part in zip(sequences, new):
             seq.extend(part)
-    return [cut_at_stop(decoded(r), cfg.stop) for r in range(len(prompts))], stats
+    return DecodeOutput(sequences, stats)
+
+
+def complete(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> tuple[list[str], DecodeStats]:
+    """``(texts, stats)`` of token-id prompts decoded in one batch with ``cfg`` (:func:`decode_until_stop`), each
+    text cut at its first stop string (:func:`edlm.text.cut_at_stop`)."""
+    out = decode_until_stop(dlm, prompts, cfg)
+    return [cut_at_stop(dlm.tokenizer.decode(s, skip_special_tokens=True), cfg.stop) for s in out.sequences], out.stats

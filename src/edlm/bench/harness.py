@@ -64,7 +64,12 @@ class Run:
 
 
 def dlm_system(dlm, cfg) -> System:
-    """A converted model decoding in ``cfg.mode`` (:func:`edlm.decode.generate`)."""
+    """A converted model decoding in ``cfg.mode`` (:func:`edlm.decode.generate`); with ``cfg.stop``, a row stops
+    at the first block boundary after one of its stop strings (:func:`edlm.api.decode_until_stop`)."""
+    if cfg.stop:
+        from edlm.api import decode_until_stop
+
+        return lambda rows: decode_until_stop(dlm, rows, cfg)
     from edlm.decode import generate
 
     return lambda rows: generate(dlm, rows, cfg)

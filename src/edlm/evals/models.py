@@ -44,18 +44,28 @@ def banned_ids(ar_model, mask_id: int) -> list[int] | None:
     return [mask_id] if mask_id < ar_model.get_input_embeddings().num_embeddings else None
 
 
+def generation_system(cfg: DecodeConfig, tokenizer, dlm: Any = None, ar_model: Any = None,
+                      mask_id: int | None = None):
+    """The harness system (:mod:`edlm.bench.harness`) an evaluation decodes with: ``ar_model`` causally (``mask_id``
+    banned), else ``dlm``'s block decoder in ``cfg.mode``, a row stopping at the first block boundary after a stop
+    string appeared in its text."""
+    from edlm.bench.harness import ar_system, dlm_system
+
+    if ar_model is None:
+        return dlm_system(dlm, cfg)
+    return ar_system(ar_model, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                     banned_ids(ar_model, mask_id) if mask_id is not None else None)
+
+
+def text_of(tokenizer, cfg: DecodeConfig):
+    """Sequence -> its text, cut at ``cfg.stop``."""
+    return lambda seq: cut_at_stop(tokenizer.decode(seq, skip_special_tokens=True), cfg.stop)
+
+
 @torch.no_grad()
 def generate_texts(prompts: list[list[int]], cfg: DecodeConfig, tokenizer, dlm: Any = None, ar_model: Any = None,
                    mask_id: int | None = None) -> tuple[list[str], DecodeStats]:
-    """(continuation texts cut at ``cfg.stop``, decoding statistics) of a batch of token-id prompts.
-
-    With ``ar_model`` it decodes causally (``mask_id`` banned); otherwise ``dlm``'s block decoder in ``cfg.mode``,
-    where a row stops at the first block boundary after a stop string appeared in its text.
-    """
-    if ar_model is None:
-        return dlm.complete(prompts, cfg)
-    from edlm.ar import ar_generate
-
-    out = ar_generate(ar_model, prompts, cfg, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                      banned=banned_ids(ar_model, mask_id) if mask_id is not None else None)
-    return [cut_at_stop(tokenizer.decode(seq, skip_special_tokens=True), cfg.stop) for seq in out.sequences], out.stats
+    """(continuation texts cut at ``cfg.stop``, decoding statistics) of a batch of token-id prompts, decoded by
+    :func:`generation_system`."""
+    out = generation_system(cfg, tokenizer, dlm, ar_model, mask_id)(prompts)
+    return [text_of(tokenizer, cfg)(s) for s in out.sequences], out.stats

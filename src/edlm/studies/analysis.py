@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from edlm.config import DecodeConfig
-from edlm.studies.task import Problem
+from edlm.evals.tasks import Problem
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -44,7 +44,9 @@ def answer_accuracy(problems: list[Problem], dlm=None, ar_model=None, tokenizer=
     system = dlm_system(dlm, cfg) if dlm is not None else ar_system(ar_model, cfg, tok.eos_token_id)
     run = run_interleaved({"run": system}, [prompt_ids(tok, p) for p in problems], batch=1,
                           detokenize=lambda ids: answer_text(tok, ids))["run"]
-    correct = sum(a == p.answer for a, p in zip(run.texts, problems))
+    from edlm.evals.tasks import score_answer
+
+    correct = sum(score_answer(a, p.answer, exact=True) for a, p in zip(run.texts, problems))
     return {"acc": correct / len(problems), "n": len(problems), "tokens_per_forward": run.tokens_per_forward,
             "tokens_per_s": run.tokens_per_s, "threshold": cfg.threshold if dlm is not None else None}
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from edlm.config import DecodeConfig, TrainConfig, from_dict, load_yaml
 from edlm.distill import DistillConfig
 from edlm.errors import ConfigError
+from edlm.evals.tasks import Problem, score_answer
 
 if TYPE_CHECKING:
     from edlm.bench.harness import Run
@@ -228,9 +229,9 @@ def budget_curve(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tupl
 _ADDITION_SHOTS = "12 + 5 = 17\n31 + 8 = 39\n24 + 13 = 37\n"
 
 
-def exact_problems(n: int, seed: int = 0) -> list[tuple[str, str, list[int]]]:
+def exact_problems(n: int, seed: int = 0) -> list[Problem]:
     """``n`` problems of each of two arithmetic families with exact answers, as raw text (no chat template; the
-    drafter never saw this format): (family, prompt, answer numbers).
+    drafter never saw this format):
 
     - ``sequence``: five terms of an arithmetic progression; the answer is the next two terms;
     - ``addition``: two-digit addition after three worked examples; the answer is the sum.
@@ -241,36 +242,29 @@ def exact_problems(n: int, seed: int = 0) -> list[tuple[str, str, list[int]]]:
     import random
 
     rng = random.Random(seed)
-    out: list[tuple[str, str, list[int]]] = []
+    out: list[Problem] = []
     for _ in range(n):
         a, d = rng.randint(1, 30), rng.randint(1, 9)
         terms = [a + i * d for i in range(7)]
-        out.append(("sequence", ", ".join(map(str, terms[:5])) + ",", terms[5:7]))
+        out.append(Problem(", ".join(map(str, terms[:5])) + ",", f"{terms[5]}, {terms[6]}", "sequence"))
     for _ in range(n):
         a, b = rng.randint(10, 60), rng.randint(1, 30)
-        out.append(("addition", f"{_ADDITION_SHOTS}{a} + {b} =", [a + b]))
+        out.append(Problem(f"{_ADDITION_SHOTS}{a} + {b} =", str(a + b), "addition"))
     return out
-
-
-def _solved(text: str, answer: list[int]) -> bool:
-    """The first ``len(answer)`` integers of ``text`` are the answer."""
-    import re
-
-    found = [int(x) for x in re.findall(r"-?\d+", text)[:len(answer)]]
-    return found == answer
 
 
 def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", threshold: float = 0.9,
                    batch: int = 16, max_new_tokens: int = 8, say=None) -> dict[str, Any]:
-    """Greedy accuracy of the unmodified source (AR) and of the adapter's diffusion decoder on
-    :func:`exact_problems`, per family (the speculative mode's text is the source's: tested, not re-measured)."""
+    """Greedy accuracy (:func:`edlm.evals.tasks.score_answer`) of the unmodified source (AR) and of the adapter's
+    diffusion decoder on :func:`exact_problems`, per family (the speculative mode's text is the source's: tested,
+    not re-measured)."""
     from edlm.bench.harness import run_interleaved
     from edlm.loading import load, load_ar
 
     dlm = load(adapter_dir, dtype)
     source, tok = load_ar(dlm.adapter["source"]["model"], dtype)
     problems = exact_problems(n)
-    ids = [tok(prompt, add_special_tokens=False)["input_ids"] for _, prompt, _ in problems]
+    ids = [tok(p.question, add_special_tokens=False)["input_ids"] for p in problems]
     configs = {"ar": DecodeConfig(mode="ar", max_new_tokens=max_new_tokens),
                "diffusion": DecodeConfig(mode="diffusion", max_new_tokens=max_new_tokens, threshold=threshold)}
     systems = {name: _system(source, dlm, cfg) for name, cfg in configs.items()}
@@ -278,12 +272,12 @@ def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", t
                            progress=lambda done, total: say and say(f"exact answers: {done}/{total} problems"))
     texts = {name: run.texts for name, run in runs.items()}
     out: dict[str, Any] = {"n_per_family": n, "threshold": threshold, "dtype": dtype, "families": {}}
-    for family in dict.fromkeys(f for f, _, _ in problems):
-        idx = [i for i, (f, _, _) in enumerate(problems) if f == family]
-        row = {name: sum(_solved(texts[name][i], problems[i][2]) for i in idx) / len(idx) for name in systems}
-        out["families"][family] = row
+    for family in dict.fromkeys(p.family for p in problems):
+        idx = [i for i, p in enumerate(problems) if p.family == family]
+        out["families"][family] = {name: sum(score_answer(texts[name][i], problems[i].answer) for i in idx) / len(idx)
+                                   for name in systems}
     out["diffusion_tokens_per_forward"] = runs["diffusion"].tokens_per_forward
-    out["examples"] = [{"prompt": problems[i][1], "answer": problems[i][2],
+    out["examples"] = [{"prompt": problems[i].question, "answer": [int(x) for x in problems[i].answer.split(", ")],
                         **{name: texts[name][i] for name in systems}} for i in (0, n)]
     return out
 
@@ -379,3 +373,24 @@ def ship_drafter(adapter_dir: str | Path, dest: str | Path, config_path: str | P
         shutil.rmtree(dest)
     os.replace(tmp, dest)
     return dest
+
+
+def drafter_report(result: dict[str, Any]) -> str:
+    """What ``edlm drafter`` prints: one row per batch size and system, the budget curve and the exact answers."""
+    from edlm.bench.table import Table, pct
+
+    t = Table("batch", "<system", "<dtype", "tok/fwd", "tokens/s", "speed-up", "identical")
+    for batch, row in result["by_batch"].items():
+        for name in ("ar", "speculative", "diffusion"):
+            r = row[name]
+            t.add(batch, name, r["dtype"], f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_s']:.1f}",
+                  f"{r['speedup']:.2f}x", pct(row["identical"], ".0f") if name == "speculative" else "")
+    lines = [t.text()]
+    if result.get("budget_curve"):
+        lines.append("budget curve (speculative tokens/forward, held-out chat, batch 1): " + ", ".join(
+            f"{100 * p['fraction']:.0f}% {p['tokens_per_forward']:.2f}" for p in result["budget_curve"]))
+    exact = result.get("exact_answers")
+    for family, row in (exact or {}).get("families", {}).items():
+        lines.append(f"exact answers, {family} (n={exact['n_per_family']}): source AR {100 * row['ar']:.1f}%, "
+                     f"diffusion {100 * row['diffusion']:.1f}%")
+    return "\n".join(lines)

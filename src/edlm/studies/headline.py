@@ -25,11 +25,12 @@ from typing import Any
 import torch
 
 from edlm.bench.decode import MODE_VARIANTS
+from edlm.bench.table import Table, pct
 from edlm.config import DecodeConfig, from_dict, load_yaml
 from edlm.errors import ConfigError
+from edlm.evals.tasks import Problem, score_answer
 from edlm.quant import DTYPES
 from edlm.studies.grid import StudyConfig, expand, study_config_from_dict
-from edlm.studies.task import Problem
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def decode_interleaved(runs: dict[Any, Any], tokenizer, problems: list[Problem],
 def _scored(problems: list[Problem], run) -> dict[str, Any]:
     right: dict[str, list[bool]] = defaultdict(list)
     for p, a in zip(problems, run.texts):
-        right[p.family].append(a == p.answer)
+        right[p.family].append(score_answer(a, p.answer, exact=True))
     flat = [ok for oks in right.values() for ok in oks]
     return {"accuracy": sum(flat) / len(flat), "per_family": {f: sum(v) / len(v) for f, v in sorted(right.items())},
             "tokens_per_forward": run.tokens_per_forward, "tokens_per_s": run.tokens_per_s, "tokens": run.tokens,
@@ -459,49 +460,69 @@ def plot_pareto(result: dict[str, Any], path: Path) -> list[str]:
     return labels
 
 
-def _target_cells(v: dict[str, Any]) -> str:
-    value = v.get("value", v.get("value_points"))
-    bar = v.get("bar", v.get("bar_points"))
-    return f" {value:.2f} | {'met' if v['met'] else f'NOT met (gap {abs(value - bar):.2f})'} |"
+TARGET_NAMES = {
+    "accuracy": "dLM - AR accuracy, worst of overall / per family (points)",
+    "tokens_per_forward": "dLM tokens per forward", "speedup_batch1": "speed-up, batch 1",
+    "speedup_batch8": "speed-up, batch 8",
+    "ar_mode_accuracy": "AR mode - AR source accuracy, worst of overall / per family (points)",
+    "speculative_tokens_per_forward": "speculative tokens per forward",
+    "speculative_speedup_batch1": "speculative speed-up over the AR source, batch 1"}
 
 
-def _fmt_target(name: str, v: dict[str, Any]) -> str:
-    value = v.get("value", v.get("value_points"))
-    bar = v.get("bar", v.get("bar_points"))
-    status = "met" if v["met"] else f"NOT met (gap {abs(value - bar):.2f})"
-    return f"| {name} | {value:.2f} | {bar:g} | {status} |"
+def _judged(v: dict[str, Any]) -> tuple[str, str, str]:
+    """(value, bar, verdict) of one target."""
+    value, bar = v.get("value", v.get("value_points")), v.get("bar", v.get("bar_points"))
+    return f"{value:.2f}", f"{bar:g}", "met" if v["met"] else f"NOT met (gap {abs(value - bar):.2f})"
 
 
-def _modes_section(result: dict[str, Any], fams: list[str]) -> list[str]:
-    """The three decoding modes of the converted model next to the AR source (report lines)."""
-    names = {"ar_mode_accuracy": "AR mode - AR source accuracy, worst of overall / per family (points)",
-             "speculative_tokens_per_forward": "speculative tokens per forward",
-             "speculative_speedup_batch1": "speculative speed-up over the AR source, batch 1"}
-    lines = ["", "## One checkpoint, three decoding modes", "",
-             "The converted model decoded causally (`ar`), by blocks (`diffusion`, the headline setting), and "
-             "speculatively (`speculative`: the diffusion head drafts, one causal pass verifies; its output is the "
-             "`ar` mode's by construction; `speculative_separate_draft` drafts in a forward of its own), against "
-             "the AR source at its best dtype.", "",
-             "| target | measured | bar | verdict |", "| --- | ---: | ---: | --- |"]
-    lines += [_fmt_target(names[k], v) for k, v in result.get("mode_targets", {}).items()]
-    lines += ["", "| batch | system | dtype | accuracy | " + " | ".join(fams)
-              + " | tokens/forward | tokens/s | speed-up | same answer as the AR source |",
-              "| ---: | --- | --- | ---: | " + " | ".join("---:" for _ in fams) + " | ---: | ---: | ---: | ---: |"]
+def targets_table(result: dict[str, Any]) -> Table:
+    """The headline targets at batch 1 (unless named): the dLM decoded by diffusion and, where measured,
+    speculatively; then the three-modes targets."""
+    spec = result.get("speculative_targets") or {}
+    t = Table("<target", "bar", "diffusion", "<verdict", *(("speculative", "<verdict") if spec else ()))
+    for k, v in result["targets"].items():
+        value, bar, verdict = _judged(v)
+        t.add(TARGET_NAMES[k], bar, value, verdict, *((_judged(spec[k])[::2] if k in spec else ("", "")) if spec
+                                                      else ()))
+    for k, v in (result.get("mode_targets") or {}).items():
+        value, bar, verdict = _judged(v)
+        t.add(TARGET_NAMES[k], bar, *((value, verdict, "", "") if spec else (value, verdict)))
+    return t
+
+
+def families(result: dict[str, Any]) -> list[str]:
+    return list(result["by_batch"]["1"]["ar"]["per_family"])
+
+
+def comparison_table(result: dict[str, Any]) -> Table:
+    """Per batch size: the AR source, the dLM decoded by diffusion at the headline setting and in every other mode
+    measured (``result["modes"]``), each at its dtype: accuracy overall and per family, tokens per forward, tokens/s,
+    speed-up over the AR source, and for the modes how often their answer is the source's."""
+    fams = families(result)
+    t = Table("batch", "<system", "<dtype", "accuracy", *fams, "tok/fwd", "tokens/s", "speed-up", "same as AR")
     for batch, b in result["by_batch"].items():
         rows = [("AR source", b["ar"], 1.0, None), ("dLM diffusion", b["dlm"], b["speedup"], None)]
         rows += [(f"dLM {name}", m[batch], m[batch]["speedup"], m[batch]["agreement_with_ar_source"])
-                 for name, m in result["modes"].items() if batch in m]
+                 for name, m in (result.get("modes") or {}).items() if batch in m]
         for system, r, speedup, same in rows:
-            lines.append(f"| {batch} | {system} | {r['dtype']} | {100 * r['accuracy']:.1f} | "
-                         + " | ".join(f"{100 * r['per_family'][f]:.1f}" for f in fams)
-                         + f" | {r['tokens_per_forward']:.2f} | {r['tokens_per_s']:.1f} | {speedup:.2f}x | "
-                         + ("" if same is None else f"{100 * same:.1f}%") + " |")
-    return lines
+            t.add(batch, system, r["dtype"], pct(r["accuracy"]), *(pct(r["per_family"][f]) for f in fams),
+                  f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_s']:.1f}", f"{speedup:.2f}x",
+                  "" if same is None else pct(same))
+    return t
+
+
+def curve_table(result: dict[str, Any]) -> Table:
+    """The accuracy / speed curve at batch 1: one row per decoding block and threshold."""
+    fams = families(result)
+    t = Table("block", "threshold", "accuracy", *fams, "tok/fwd", "tokens/s", "speed-up")
+    for p in result["curve"]:
+        t.add(p["block_size"], f"{p['threshold']:g}", pct(p["accuracy"]), *(pct(p["per_family"][f]) for f in fams),
+              f"{p['tokens_per_forward']:.2f}", f"{p['tokens_per_s']:.1f}", f"{p['speedup']:.2f}x")
+    return t
 
 
 def render_report(result: dict[str, Any], study: StudyConfig) -> str:
-    one = result["by_batch"]["1"]
-    fams = list(one["ar"]["per_family"])
+    fams = families(result)
     m = result["machine"]
     lines = [
         "# The headline in miniature: AR source vs its converted dLM",
@@ -519,40 +540,24 @@ def render_report(result: dict[str, Any], study: StudyConfig) -> str:
         "speculatively (the same weights: the diffusion head drafts, a causal pass verifies; lossless, so its "
         "answers are the model's AR-mode answers), each against the AR source at its best dtype.",
         "",
-    ]
-    names = {"accuracy": "dLM - AR accuracy, worst of overall / per family (points)",
-             "tokens_per_forward": "dLM tokens per forward", "speedup_batch1": "speed-up, batch 1",
-             "speedup_batch8": "speed-up, batch 8"}
-    spec = result.get("speculative_targets") or {}
-    lines += ["| target | bar | diffusion | verdict |" + (" speculative | verdict |" if spec else ""),
-              "| --- | ---: | ---: | --- |" + (" ---: | --- |" if spec else "")]
-    for k, v in result["targets"].items():
-        cells = _target_cells(v) + (_target_cells(spec[k]) if k in spec else "")
-        lines.append(f"| {names[k]} | {v.get('bar', v.get('bar_points')):g} |{cells}")
-    lines += ["", "## AR vs dLM at the headline setting "
-              f"(threshold {result['threshold']}, decoding block {result['dlm_block_size']})", "",
-              "| batch | system | dtype | accuracy | " + " | ".join(fams) + " | tokens/forward | tokens/s | speed-up |",
-              "| ---: | --- | --- | ---: | " + " | ".join("---:" for _ in fams) + " | ---: | ---: | ---: |"]
-    for batch, b in result["by_batch"].items():
-        for system in ("ar", "dlm"):
-            r = b[system]
-            lines.append(f"| {batch} | {system} | {r['dtype']} | {100 * r['accuracy']:.1f} | "
-                         + " | ".join(f"{100 * r['per_family'][f]:.1f}" for f in fams)
-                         + f" | {r['tokens_per_forward']:.2f} | {r['tokens_per_s']:.1f} | "
-                         + (f"{b['speedup']:.2f}x |" if system == "dlm" else "1.00x |"))
-    lines += ["", "Every dtype measured (tokens/s): "
-              + "; ".join(f"batch {batch} {system} " + ", ".join(f"{d} {r['tokens_per_s']:.1f}"
-                                                              for d, r in b[system]["all_dtypes"].items())
-                          for batch, b in result["by_batch"].items() for system in ("ar", "dlm")) + ".",
-              "", "## The curve (batch 1): thresholds x decoding blocks", "", "![pareto](pareto.png)", "",
-              "| block | threshold | accuracy | " + " | ".join(fams) + " | tokens/forward | tokens/s | speed-up |",
-              "| ---: | ---: | ---: | " + " | ".join("---:" for _ in fams) + " | ---: | ---: | ---: |"]
-    for p in result["curve"]:
-        lines.append(f"| {p['block_size']} | {p['threshold']:g} | {100 * p['accuracy']:.1f} | "
-                     + " | ".join(f"{100 * p['per_family'][f]:.1f}" for f in fams)
-                     + f" | {p['tokens_per_forward']:.2f} | {p['tokens_per_s']:.1f} | {p['speedup']:.2f}x |")
-    if result.get("modes"):
-        lines += _modes_section(result, fams)
+        targets_table(result).markdown(),
+        "",
+        f"## AR vs dLM at the headline setting (threshold {result['threshold']}, decoding block "
+        f"{result['dlm_block_size']})",
+        "",
+        "The converted model decoded by blocks (`diffusion`, the headline setting) and, where measured, causally "
+        "(`ar`) and speculatively (`speculative`: the diffusion head drafts, one causal pass verifies; its output is "
+        "the `ar` mode's by construction; `speculative_separate_draft` drafts in a forward of its own), against the "
+        "AR source at its best dtype. Accuracy is exact match on the held-out problems.",
+        "",
+        comparison_table(result).markdown(),
+        "",
+        "Every dtype measured (tokens/s): "
+        + "; ".join(f"batch {batch} {system} " + ", ".join(f"{d} {r['tokens_per_s']:.1f}"
+                                                        for d, r in b[system]["all_dtypes"].items())
+                    for batch, b in result["by_batch"].items() for system in ("ar", "dlm")) + ".",
+        "", "## The curve (batch 1): thresholds x decoding blocks", "", "![pareto](pareto.png)", "",
+        curve_table(result).markdown()]
     if "decoder_overhead" in result:
         o = result["decoder_overhead"]
         lines += ["", f"Decoder cost per forward: {1e3 * o['decoder_s_per_forward']:.2f} ms against "

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edlm.errors import EdlmError
+from edlm.evals.tasks import Problem
 
 
 @dataclass
@@ -54,17 +55,6 @@ class TaskConfig:
             unknown = sorted(set(self.families) - set(FAMILIES))
             if unknown:
                 raise EdlmError(f"unknown task families {unknown}; choose from {sorted(FAMILIES)}")
-
-
-@dataclass
-class Problem:
-    question: str
-    answer: str
-    family: str = ""
-
-    @property
-    def text(self) -> str:
-        return f"{self.question} {self.answer}"
 
 
 def _builtin(n: int, seed: int, max_digits: int = 2, **_: Any) -> list[Problem]:
