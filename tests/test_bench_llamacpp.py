@@ -24,7 +24,7 @@ def test_source_gguf_follows_the_converted_folders_source(tmp_path, monkeypatch)
     (source / "model.Q4_0.gguf").write_bytes(b"x")
     assert llamacpp.source_gguf(tmp_path / "dlm") is None  # two GGUFs: ambiguous, the user names one
     assert llamacpp.source_gguf(tmp_path / "dlm", gguf="x.gguf").name == "x.gguf"
-    monkeypatch.setattr("edlm.assets.embedded.smollm2_gguf_path", lambda: tmp_path / "smol.gguf")
+    monkeypatch.setattr("edlm.bench.llamacpp.smollm2_gguf_path", lambda: tmp_path / "smol.gguf")
     (tmp_path / "dlm" / "train_config.yaml").write_text(yaml.safe_dump({"model": None}))  # the embedded default
     assert llamacpp.source_gguf(tmp_path / "dlm") == tmp_path / "smol.gguf"
     assert llamacpp.source_gguf(tmp_path) is None  # not a converted folder

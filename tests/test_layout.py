@@ -84,8 +84,8 @@ def test_the_import_graph_is_read_with_function_level_imports():
     modules = _modules()
     assert "edlm.config" in _imports(modules["edlm.decode"], top_level_only=True)
     assert "edlm.serve.settings" in _imports(modules["edlm.serve.engine"], top_level_only=True)
-    assert "edlm.compat" in _imports(modules["edlm.decode"], top_level_only=False)  # imported inside a method
-    assert "edlm.compat" not in _imports(modules["edlm.decode"], top_level_only=True)
+    assert "edlm.masks" in _imports(modules["edlm.config"], top_level_only=False)  # imported inside a method
+    assert "edlm.masks" not in _imports(modules["edlm.config"], top_level_only=True)
     # a submodule imported from its package is that submodule, not the package's __init__
     assert "edlm.evals.isolation" in _imports(modules["edlm.evals.sandbox"], top_level_only=True)
     assert "edlm.evals" not in _imports(modules["edlm.evals.sandbox"], top_level_only=True)
@@ -95,6 +95,82 @@ def test_no_import_cycle_even_counting_imports_inside_functions():
     assert _cycle(top_level_only=True) is None
     cycle = _cycle(top_level_only=False)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+# Imports inside functions (issue 27): only these, each for a reason; every other import is at the top of its module.
+LAZY_PACKAGES = {"torch", "transformers", "tokenizers", "datasets", "accelerate", "peft", "safetensors", "torchao",
+                 "tensorboard", "matplotlib", "tqdm", "gguf"}
+"""Heavy third-party packages (or heavy submodules of torch) kept lazy for start-up time."""
+OPTIONAL_PACKAGES = {"fastapi", "uvicorn", "sse_starlette", "starlette", "pydantic", "openai", "httpx", "lm_eval",
+                     "reasoning_gym", "llama_cpp"}
+"""Optional packages (pyproject's extras): a command checks that they are installed before it imports them, so they
+and the edlm modules that need them are imported inside the function that uses them."""
+LAZY_EDLM = {
+    ("edlm.cli", "edlm.cli.commands"): "the CLI imports the library only when a command runs: edlm --help stays fast",
+    ("edlm.config", "edlm.masks"): "the parser reads edlm.config at start-up; the registries import torch",
+    ("edlm.config", "edlm.schedules"): "the same",
+    ("edlm.assets", "edlm.checkpoints"): "old names resolved by a module __getattr__: edlm.assets stays torch-free",
+    ("edlm.evals.lm_eval", "edlm.evals.lm_eval"): "python -m runs the importable module (registration)",
+}
+
+
+def _top_level_packages(name: str, modules: dict[str, Path], seen: set[str] | None = None) -> set[str]:
+    """Third-party packages importing edlm module ``name`` imports (its parent packages' and its own module-level
+    imports, followed through edlm modules)."""
+    seen = set() if seen is None else seen
+    parts = name.split(".")
+    out: set[str] = set()
+    for k in range(2, len(parts) + 1):
+        mod = ".".join(parts[:k])
+        if mod in seen or mod not in modules:
+            continue
+        seen.add(mod)
+        for node in ast.walk(ast.Module(body=[n for n in ast.parse(modules[mod].read_text()).body
+                                               if not isinstance(n, (ast.FunctionDef, ast.ClassDef))])):
+            targets = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("edlm"):
+                targets += [f"{node.module}.{a.name}" for a in node.names]
+            for t in targets:
+                if t.startswith("edlm"):
+                    out |= _top_level_packages(t, modules, seen)
+                else:
+                    out.add(t.split(".")[0])
+    return out
+
+
+def _function_level_imports(path: Path, modules: dict[str, Path]):
+    """(module imported, line) of every import inside a function (``from pkg import sub``: the submodule)."""
+    for fn in ast.walk(ast.parse(path.read_text())):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    subs = [f"{node.module}.{a.name}" for a in node.names]
+                    yield from ((m, node.lineno) for m in (subs if all(m in modules for m in subs) else [node.module]))
+                elif isinstance(node, ast.Import):
+                    yield from ((a.name, node.lineno) for a in node.names)
+
+
+def test_imports_inside_functions_are_only_heavy_or_optional_packages():
+    modules = _modules()
+    bad = []
+    for name, path in modules.items():
+        for target, line in _function_level_imports(path, modules):
+            package = target.split(".")[0]
+            if target.startswith("edlm"):
+                ok = (name, target) in LAZY_EDLM or bool(_top_level_packages(target, modules) & OPTIONAL_PACKAGES)
+            else:
+                ok = package in LAZY_PACKAGES | OPTIONAL_PACKAGES
+            if not ok:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target} inside a function")
+    assert bad == [], "move these imports to the top of their module (or justify them here):\n" + "\n".join(bad)
+
+
+def test_the_lazy_import_rule_sees_what_needs_an_optional_package():
+    modules = _modules()
+    assert {"fastapi", "torch"} <= _top_level_packages("edlm.serve", modules)
+    assert "lm_eval" in _top_level_packages("edlm.evals.lm_eval", modules)
+    assert not _top_level_packages("edlm.decode", modules) & OPTIONAL_PACKAGES
 
 
 def test_no_module_is_longer_than_about_600_lines():

@@ -138,8 +138,8 @@ def test_study_runs_skips_and_resumes(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(edlm.train, "convert", no_training)
-    monkeypatch.setattr("edlm.studies.source.pretrain_ar", no_training)
+    monkeypatch.setattr("edlm.studies.grid.convert", no_training)
+    monkeypatch.setattr("edlm.studies.grid.pretrain_ar", no_training)
     assert run_study(cfg)["comparisons"] == results["comparisons"]
     monkeypatch.undo()
 
@@ -150,8 +150,8 @@ def test_study_runs_skips_and_resumes(tmp_path, monkeypatch):
         (run_dir / f).unlink()
     calls = []
     real = edlm.train.convert
-    monkeypatch.setattr(edlm.train, "convert", lambda c, resume, progress: calls.append(resume) or real(c, resume,
-                                                                                                          progress))
+    monkeypatch.setattr("edlm.studies.grid.convert", lambda c, resume, progress: calls.append(resume) or real(
+        c, resume, progress))
     again = run_study(cfg)
     assert calls == [True]
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

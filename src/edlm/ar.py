@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from edlm.compat import cache_kwargs, new_cache
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
 from edlm.sampling import DecodeOutput, DecodeStats, choose_rows, row_generators
@@ -33,7 +34,6 @@ def iter_ar(model, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int | No
         should_stop: asked before every forward; a row for which it returns True is finished.
         seeds: one sampling seed per row (default ``cfg.seed``): each row draws from its own generator.
     """
-    from edlm.compat import cache_kwargs, new_cache
 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EdlmError("every prompt needs at least one token")

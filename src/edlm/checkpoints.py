@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from edlm.assets import embedded
 from edlm.assets.paths import cache_dir
 from edlm.errors import EdlmError
 
@@ -156,7 +157,6 @@ def resolve_model(spec: str | None, dtype: torch.dtype = torch.float32, attn_imp
 
 def embedded_model_dir() -> Path:
     """Folder of the embedded SmolLM2-135M-Instruct as safetensors (converted from the package's GGUF once)."""
-    from edlm.assets import embedded  # the submodule (torch-free conversion code, loaded when first needed)
 
     try:
         return embedded.embedded_model_dir(cache_dir())

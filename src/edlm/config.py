@@ -6,8 +6,11 @@ errors (a typo must not silently fall back to a default).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -333,10 +336,6 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of dataclass ``cls`` (what the CLI shows as a flag's help)."""
-    import ast
-    import inspect
-    import textwrap
-
     docs: dict[str, str] = {}
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     for node, after in zip(body, body[1:]):

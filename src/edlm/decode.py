@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edlm.ar import iter_ar
+from edlm.compat import new_cache
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
 from edlm.masks import dense_mask, inference_mask_mod, padded_decoding_mask, to_attention_mask
@@ -172,8 +173,6 @@ class CachedStepper:
     next block's first step."""
 
     def __init__(self, dlm, layout: Layout):
-        from edlm.compat import new_cache
-
         self.dlm, self.layout = dlm, layout
         self.cache = new_cache(dlm.model, layout.tokens.shape[0])
         self.forwards = 0

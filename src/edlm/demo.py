@@ -17,12 +17,33 @@ one resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from edlm.assets import miniature_dir  # noqa: F401 (also public here, its old home)
+from edlm.assets.prompts import DEMO_PROMPTS
+from edlm.bench.table import Table
 from edlm.config import DecodeConfig
+from edlm.errors import EdlmError
+from edlm.model import ADAPTER_CONFIG_NAME, EDLM_CONFIG_NAME
+from edlm.results import provenance
+from edlm.studies.drafter import MeasureConfig, measure_drafter
+from edlm.studies.grid import run_config
+from edlm.studies.headline import (
+    comparison_table,
+    curve_table,
+    families,
+    load_headline_config,
+    main_run,
+    measure,
+    plot_pareto,
+    summary,
+)
+from edlm.studies.task import first_per_family, make_problems, write_task
+from edlm.train import convert, latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +59,6 @@ def run_drafter_demo(adapter_dir: str | Path | None = None, prompts: list[tuple[
     """The real model: the embedded SmolLM2-135M-Instruct (AR, unmodified) against the gated drafter adapter over it,
     speculative (the adapter drafts, the source verifies: the source's own text) and diffusion, prompt by prompt at
     batch 1; returns per-prompt rows and totals (the ``--json`` schema of ``edlm demo``)."""
-    from edlm.assets.prompts import DEMO_PROMPTS
-    from edlm.errors import EdlmError
-    from edlm.model import ADAPTER_CONFIG_NAME
-    from edlm.results import provenance
-    from edlm.studies.drafter import MeasureConfig, measure_drafter
 
     adapter = Path(adapter_dir or drafter_dir())
     if not (adapter / ADAPTER_CONFIG_NAME).is_file():
@@ -86,12 +102,6 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
     ``decode``: how the dLM decodes at the headline point (None: as the miniature's ``headline.yaml`` says; its
     ``max_new_tokens`` is the headline's in any case). ``root`` is the miniature folder (default: the shipped one).
     """
-    import dataclasses
-
-    from edlm.errors import EdlmError
-    from edlm.results import provenance
-    from edlm.studies.headline import load_headline_config, measure, plot_pareto, summary
-    from edlm.studies.task import first_per_family, make_problems
 
     root = Path(root or miniature_dir())
     if not (root / "source" / "config.json").is_file():
@@ -118,13 +128,6 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
 
 def _convert_miniature(cfg, source: Path, out: Path, steps: int | None, progress, say) -> Path:
     """Convert the shipped source with the headline's conversion settings into ``out/dlm`` (resumable)."""
-    import dataclasses
-
-    from edlm.model import EDLM_CONFIG_NAME
-    from edlm.studies.grid import run_config
-    from edlm.studies.headline import main_run
-    from edlm.studies.task import write_task
-    from edlm.train import convert, latest_checkpoint
 
     study = dataclasses.replace(cfg.study, output_dir=str(out))
     train_path, _ = write_task(study.task, out / "task")
@@ -143,9 +146,6 @@ def _convert_miniature(cfg, source: Path, out: Path, steps: int | None, progress
 
 def drafter_demo_report(result: dict[str, Any]) -> str:
     """What ``edlm demo`` prints of :func:`run_drafter_demo`'s result: per prompt the three systems, then totals."""
-    import textwrap
-
-    from edlm.bench.table import Table
 
     def short(text: str) -> str:
         return textwrap.shorten(text, 70, placeholder=" ...")
@@ -173,7 +173,6 @@ def drafter_demo_report(result: dict[str, Any]) -> str:
 
 def miniature_report(result: dict[str, Any]) -> str:
     """What ``edlm demo --model miniature`` prints of :func:`run_miniature_demo`'s result."""
-    from edlm.studies.headline import comparison_table, curve_table, families
 
     lines = [f"\nAR source vs its dLM on {result['n_problems']} held-out problems ({', '.join(families(result))}), "
              f"greedy, dLM threshold {result['threshold']}, block {result['dlm_block_size']}:\n",

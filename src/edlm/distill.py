@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from edlm.api import encode_prompt
 from edlm.ar import iter_ar
+from edlm.assets.prompts import distillation_prompts
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
 
@@ -59,7 +61,6 @@ class DistillConfig:
 
 def read_prompts(cfg: DistillConfig) -> list[tuple[str, str]]:
     """(domain, prompt) pairs of the configured set."""
-    from edlm.assets.prompts import distillation_prompts
 
     if cfg.prompts == "builtin":
         return distillation_prompts(cfg.num_prompts, seed=cfg.seed)
@@ -109,7 +110,6 @@ def distill(model, tokenizer, cfg: DistillConfig, out: str | os.PathLike,
         out: the jsonl file; prompts whose id it already holds are skipped (resume).
         progress: called as ``progress(done, total)`` after every batch.
     """
-    from edlm.api import encode_prompt
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from edlm.checkpoints import best_device, resolve_model
+from edlm.engine import compile_dlm, compile_model
+from edlm.model import DiffusionLM, source_spec
 from edlm.quant import cast_model, check_dtype, load_dtype, quantize_int8
 
 logger = logging.getLogger(__name__)
@@ -21,11 +24,8 @@ def load(path: str | os.PathLike, dtype: str = "fp32", device: str | torch.devic
          attn_implementation: str = "sdpa", compile: bool = False) -> Any:
     """Load a converted model folder as a ``DiffusionLM`` with weights in ``dtype`` (eval mode); with ``compile``
     its forwards run on the compiled engine (:mod:`edlm.engine`, CPU, Llama-family models)."""
-    from edlm.model import DiffusionLM
 
     if compile:
-        from edlm.engine import compile_dlm
-
         check_dtype(dtype, compiled=True)
         return compile_dlm(DiffusionLM.from_pretrained(path, dtype=torch.float32, device="cpu").eval(), dtype)
     dlm = DiffusionLM.from_pretrained(path, dtype=load_dtype(dtype), device=device,
@@ -40,11 +40,8 @@ def load_ar(spec: str | None, dtype: str = "fp32", device: str | torch.device = 
             compile: bool = False, attn_implementation: str = "sdpa") -> tuple[nn.Module, Any]:
     """(AR model in ``dtype``, tokenizer) for a model spec as :func:`edlm.checkpoints.resolve_model` reads it; with
     ``compile`` the model is the compiled engine over the fp32 weights (:mod:`edlm.engine`)."""
-    from edlm.checkpoints import resolve_model
 
     if compile:
-        from edlm.engine import compile_model
-
         check_dtype(dtype, compiled=True)
         model, tokenizer = resolve_model(spec, dtype=torch.float32)
         return compile_model(model.eval(), dtype), tokenizer
@@ -57,7 +54,6 @@ def load_source(model_dir: str | os.PathLike, dtype: str = "fp32", device: str |
     """The AR model a converted folder was trained from (its ``train_config.yaml`` names it:
     :func:`edlm.model.source_spec`) in ``dtype``, eval mode. A folder that records no source has its converted
     weights used as a causal LM."""
-    from edlm.model import source_spec
 
     spec = source_spec(model_dir)
     if spec is None:
@@ -73,7 +69,6 @@ def load_pair(model_dir: str | os.PathLike, ar: bool = False, dtype: str = "fp32
               device: str | torch.device | None = None) -> tuple[Any, nn.Module | None]:
     """(DiffusionLM, its AR source or None) of a converted folder, both in ``dtype``, on ``device`` (default: the
     best one here); with ``compile`` both run on the compiled engine."""
-    from edlm.checkpoints import best_device
 
     device = device or best_device()
     dlm = load(model_dir, dtype, device=device, compile=compile)

@@ -6,6 +6,7 @@ No modeling code is copied: the wrapper passes a custom 4D attention mask (or a 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -18,9 +19,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from edlm.adapter import Columns, adapter_state, attach, find_gate, load_adapter_state
+from edlm.api import complete, encode_prompt, generate_text
+from edlm.checkpoints import load_hf, resolve_model
 from edlm.compat import cache_kwargs, new_cache  # noqa: F401 (re-exported: edlm.model.new_cache)
 from edlm.config import DiffusionConfig, from_dict
 from edlm.errors import EdlmError
@@ -145,7 +149,6 @@ class DiffusionLM(nn.Module):
         A gated adapter folder (``edlm_adapter.json``) loads its source (the model it names, or ``source``: a
         Hugging Face folder, ``embedded`` or a tiny spec) and puts the adapter on it.
         """
-        from edlm.checkpoints import load_hf
 
         path = Path(path)
         cfg_file = path / EDLM_CONFIG_NAME
@@ -378,19 +381,16 @@ class DiffusionLM(nn.Module):
 
     def encode(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
         """Token ids of a user prompt or a conversation (:func:`edlm.api.encode_prompt`)."""
-        from edlm.api import encode_prompt
 
         return encode_prompt(self.tokenizer, prompt, chat)
 
     def generate(self, prompts: str | list[str], config: Any = None, chat: bool = True, **overrides: Any):
         """``(texts, stats)`` for one or more text prompts (:func:`edlm.api.generate_text`)."""
-        from edlm.api import generate_text
 
         return generate_text(self, prompts, config, chat, **overrides)
 
     def complete(self, prompts: list[list[int]], cfg: Any) -> tuple[list[str], Any]:
         """``(texts, stats)`` of token-id prompts decoded in one batch (:func:`edlm.api.complete`)."""
-        from edlm.api import complete
 
         return complete(self, prompts, cfg)
 
@@ -421,8 +421,6 @@ def _load_gated(path: Path, dtype: torch.dtype, device: str | torch.device, attn
     """A gated adapter folder on its source (see :meth:`DiffusionLM.from_pretrained`)."""
     from safetensors.torch import load_file
 
-    from edlm.checkpoints import resolve_model
-
     try:
         spec = json.loads((path / ADAPTER_CONFIG_NAME).read_text())
     except json.JSONDecodeError as e:
@@ -450,7 +448,6 @@ def _load_gated(path: Path, dtype: torch.dtype, device: str | torch.device, attn
 
 def _merged_copy(peft_model: nn.Module) -> nn.Module:
     """Merge LoRA weights into a copy of the base model, leaving the training model untouched."""
-    import copy
 
     return copy.deepcopy(peft_model).merge_and_unload()
 
@@ -469,7 +466,6 @@ def read_diffusion_config(path: str | os.PathLike) -> DiffusionConfig:
 
 def source_spec(model_dir: str | os.PathLike) -> str | None:
     """The AR source a converted folder was trained from (its train_config.yaml), or None if unknown."""
-    import yaml
 
     cfg_file = Path(model_dir) / "train_config.yaml"
     if not cfg_file.is_file():

@@ -23,6 +23,7 @@ measure with ``edlm bench --dtypes fp32,bf16,int8``.
 
 from __future__ import annotations
 
+import copy as copy_
 import logging
 import warnings
 from typing import Any
@@ -32,6 +33,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from edlm.errors import EdlmError
+from edlm.model import DiffusionLM
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +127,6 @@ def cast_model(model: nn.Module, dtype: str, copy: bool = False) -> nn.Module:
     int8 quantizes from float weights (fp32 is converted to first, so int8 from bf16 loses no more than from fp32
     would have). The original module is changed in place unless ``copy``.
     """
-    import copy as copy_
 
     check_dtype(dtype)
     if copy:
@@ -138,7 +139,6 @@ def cast_model(model: nn.Module, dtype: str, copy: bool = False) -> nn.Module:
 def cast(dlm: Any, dtype: str) -> Any:
     """A new ``DiffusionLM`` sharing ``dlm``'s tokenizer and settings, with a copy of its weights in ``dtype``;
     ``dlm`` itself when it already is (fp32 and bf16 only)."""
-    from edlm.model import DiffusionLM
 
     if dtype != "int8" and weight_dtype(dlm.model) == dtype:
         return dlm

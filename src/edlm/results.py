@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,6 @@ PROVENANCE_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "dat
 def provenance() -> dict[str, Any]:
     """:func:`machine_info` plus the git commit of the working tree (``+dirty`` when it has changes) and the
     versions of the packages that decide the numbers: what a report needs to be re-run and compared."""
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
 
     info = machine_info()
     packages = {}

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edlm.compat import new_cache
 from edlm.config import DecodeConfig
 from edlm.masks import dense_mask, speculative_mask, to_attention_mask
 from edlm.sampling import DecodeStats, pad_token_id, probabilities, row_generators, validate_prompts
@@ -163,7 +164,6 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
                      ) -> Iterator[tuple[list[list[int]], DecodeStats]]:
     """Self-speculative decoding (see module docstring), yielding after every forward: (new tokens per row, running
     stats), with the contract of :func:`edlm.decode.iter_steps`."""
-    from edlm.compat import new_cache
 
     block = validate_prompts(dlm, prompts, cfg)
     if not dlm.config.clean_causal and not getattr(dlm, "_warned_untrained_ar", False):

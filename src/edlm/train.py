@@ -32,8 +32,12 @@ from typing import Any, Protocol
 import torch
 import yaml
 
+from edlm.checkpoints import resolve_model
 from edlm.config import TrainConfig, to_dict
+from edlm.data import build_data
 from edlm.errors import EdlmError
+from edlm.model import DiffusionLM
+from edlm.noising import noise_samples
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +223,6 @@ class DiffusionObjective:
     name = "diffusion"
 
     def build(self, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig) -> torch.nn.Module:
-        from edlm.model import DiffusionLM
-
         dlm = DiffusionLM.from_ar(model, tokenizer, cfg.diffusion)
         if cfg.lora is not None and cfg.lora.gated:
             dlm.add_gated_adapter(cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.layers,
@@ -230,8 +232,6 @@ class DiffusionObjective:
         return dlm
 
     def loss(self, module, raw, x0, positions, seed):
-        from edlm.noising import noise_samples
-
         result = module(noise_samples(x0, raw.config, raw.mask_id, seed, positions))
         extras = {"masked_ce": result.masked_ce}
         if result.ar_ce is not None:
@@ -294,9 +294,6 @@ def train(cfg: TrainConfig, objective: str = "diffusion", resume: bool = False,
             and its checkpoint, on the main process.
     """
     from accelerate import Accelerator
-
-    from edlm.checkpoints import resolve_model
-    from edlm.data import build_data
 
     if objective not in OBJECTIVES:
         raise EdlmError(f"unknown training objective {objective!r}; choose one of {sorted(OBJECTIVES)}")

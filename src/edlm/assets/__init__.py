@@ -5,8 +5,11 @@ the cache (:mod:`edlm.assets.paths`), the embedded GGUF (:mod:`edlm.assets.embed
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
+import sysconfig
 from pathlib import Path
 
 from edlm.assets.paths import ASSETS_DIR, cache_dir, miniature_dir, package_dir, require_package_dir
@@ -41,8 +44,6 @@ def builtin_corpus(name: str) -> list[Path]:
     if name == "counting":
         return [counting_corpus()]
     if name == "stdlib":  # the CPython standard library's own sources: on every machine with Python
-        import sysconfig
-
         root = Path(sysconfig.get_paths()["stdlib"])
         files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)
         if not files:
@@ -63,9 +64,6 @@ def counting_corpus(n_docs: int = 4000) -> Path:
     """A synthetic, fully predictable corpus (``"count from 17: 17 18 19 ..."``): a model trained on it becomes
     confident enough to commit whole blocks per forward, which shows the decoder's parallelism in minutes of CPU
     training. Written once to the cache folder; deterministic."""
-    import json
-    import random
-
     path = cache_dir() / f"counting-{n_docs}.jsonl"
     if not path.is_file():
         rng = random.Random(0)

@@ -10,10 +10,19 @@ from typing import Any
 
 import torch
 
+from edlm.ar import ar_generate
+from edlm.assets import default_chat_prompts
+from edlm.bench.engine import HEADLINE, engine_benchmark, engine_report
 from edlm.bench.harness import cycled, dlm_system, run_interleaved
+from edlm.bench.llamacpp import llamacpp_row
+from edlm.bench.table import Table, pct
 from edlm.bench.timing import _timed, agreement, forward_times
+from edlm.checkpoints import best_device
 from edlm.config import DecodeConfig, to_dict
+from edlm.decode import generate
+from edlm.loading import load, load_ar
 from edlm.model import source_spec
+from edlm.quant import cast, cast_model, parse_dtypes
 from edlm.results import machine_info, new_figure, save_figure
 
 
@@ -41,7 +50,6 @@ def forward_overhead(dlm, prompt_len: int, block: int, repeats: int = 10) -> dic
     wider forwards: the prompt's prefill fused with the first step, and each finished block re-encoded in the
     next block's first forward (``docs/roofline/profile_decode.py`` splits the two).
     """
-    from edlm.decode import generate
 
     prompt = [int(t) for t in torch.randint(10, 1000, (prompt_len,), generator=torch.Generator().manual_seed(0))]
     prompt = [t % (dlm.mask_id or 1) for t in prompt]
@@ -117,11 +125,6 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     headline fields (``ar_best_tokens_per_s``, ``ar_best``, ``llamacpp_tokens_per_s``,
     ``bandwidth_bound_tokens_per_s``) are also copied to the top level.
     """
-    from edlm.ar import ar_generate
-    from edlm.assets import default_chat_prompts
-    from edlm.checkpoints import best_device
-    from edlm.loading import load, load_ar
-    from edlm.quant import cast, cast_model, parse_dtypes
 
     decode = decode or DecodeConfig()
     max_new_tokens = decode.max_new_tokens
@@ -177,8 +180,6 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
             models, ar_models, ids, batch_sizes, ceiling_tpf, ceiling_block, max_new_tokens, cache_len, repeats,
             run_ar=lambda m, r: generate_ar(m, r, ignore_eos=True))
     if llama_cpp:
-        from edlm.bench.llamacpp import llamacpp_row
-
         one = results["by_batch"].get("1")  # the comparison is at batch 1 (llama.cpp decodes one row at a time)
         # agreement against the unquantized AR where measured: int8 AR greedy output drifts from fp32's by itself
         ref_dtype = "fp32" if "fp32" in ar_models else first["ar"]["dtype"]
@@ -188,8 +189,6 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
         if "skipped" not in results["llama_cpp"]:
             results["llama_cpp"]["ar_reference_dtype"] = ref_dtype
     if compile:
-        from edlm.bench.engine import HEADLINE, engine_benchmark
-
         results["engine"] = engine_benchmark(model_dir, ids, max_new_tokens, dtypes=engine_dtypes, repeats=repeats,
                                              block=ceiling_block, ar_source=spec, gguf=gguf, llama_cpp=llama_cpp)
         results.update({k: results["engine"][k] for k in HEADLINE})
@@ -297,8 +296,6 @@ def plot_ceiling(result: dict[str, Any], path: str | os.PathLike) -> None:
 
 def decode_report(result: dict[str, Any]) -> str:
     """What ``edlm bench decode`` prints: AR vs dLM by batch size, the ceiling, llama.cpp, the engine, overhead."""
-    from edlm.bench.engine import engine_report
-    from edlm.bench.table import Table, pct
 
     t = Table("batch", "AR tok/s", "dLM tok/s", "tok/fwd", "speedup")
     for n, row in result["by_batch"].items():

@@ -6,14 +6,28 @@ engine, against the best AR.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from edlm.assets import cache_dir
+from edlm.bench.harness import ar_system, dlm_system, run_interleaved
+from edlm.bench.llamacpp import llamacpp_ar, q8_0_gguf, skip_reason, source_gguf
+from edlm.bench.table import Table
+from edlm.bench.timing import forward_times
+from edlm.compat import cache_kwargs, new_cache
 from edlm.config import DecodeConfig
+from edlm.engine import compile_dlm, compile_model
+from edlm.loading import load, load_ar
+from edlm.model import source_spec
+from edlm.quant import cast_model
+from edlm.results import machine_info
 
 HEADLINE = ("ar_best_tokens_per_s", "ar_best", "llamacpp_tokens_per_s", "bandwidth_bound_tokens_per_s")
 """The fields ``edlm bench decode --compile`` also copies to its JSON's top level."""
@@ -37,8 +51,6 @@ def _source(model_dir: str | os.PathLike, ar_source: str | None):
     """The fp32 AR model the engine benchmarks time: ``"auto"`` the source named in the folder's
     ``train_config.yaml``, a model spec, or None: the converted weights decoded causally, as in edlm bench decode
     (``load_ar(None)`` would be the embedded model)."""
-    from edlm.loading import load, load_ar
-    from edlm.model import source_spec
 
     spec = source_spec(model_dir) if ar_source == "auto" else ar_source
     return load(model_dir, "fp32").model if spec is None else load_ar(spec, "fp32")[0]
@@ -47,7 +59,6 @@ def _source(model_dir: str | os.PathLike, ar_source: str | None):
 def _ar_row(model, ids, max_new_tokens: int, repeats: int) -> dict[str, Any]:
     """Greedy AR of every prompt at batch 1, EOS ignored, through the comparison harness after a whole untimed
     pass (which compiles): the median run's summary and the wall time with warm-up."""
-    from edlm.bench.harness import ar_system, run_interleaved
 
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
@@ -73,11 +84,6 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     ``ar_source``: ``"auto"`` (the source named in the folder's ``train_config.yaml``), a model spec, or None (the
     converted weights decoded causally). ``compile=False`` runs the engine's function eagerly (backend ``engine``).
     """
-    from edlm.bench.harness import dlm_system, run_interleaved
-    from edlm.bench.timing import forward_times
-    from edlm.engine import compile_dlm, compile_model
-    from edlm.loading import load
-    from edlm.quant import cast_model
 
     bandwidth = memory_bandwidth()
     source = _source(model_dir, ar_source)
@@ -139,7 +145,6 @@ def llamacpp_rows(model_dir, ids: list[list[int]], max_new_tokens: int, repeats:
                   gguf: str | os.PathLike | None = None) -> dict[str, Any]:
     """llama.cpp's greedy AR at batch 1 on the source's GGUF as shipped and requantized to Q8_0 (int8's bytes per
     weight); ``{"skipped": reason}`` when it cannot run here."""
-    from edlm.bench.llamacpp import llamacpp_ar, q8_0_gguf, skip_reason, source_gguf
 
     path = source_gguf(model_dir, gguf)
     reason = skip_reason(path)
@@ -184,10 +189,6 @@ def profile_forward(model, cache_len: int, width: int, repeats: int = 5) -> dict
     """Where a forward of ``width`` new columns on a ``cache_len``-token cache spends its time: wall ms (median,
     unprofiled), then ms per forward by op category from ``torch.profiler`` (op self times), and the rest, wall
     minus every op's self time: Python, module calls and dispatch outside any op."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from edlm.bench.timing import forward_times
-    from edlm.compat import cache_kwargs, new_cache
 
     wall = forward_times(model, cache_len, (width,), repeats=repeats)[width]
     cache = new_cache(model, 1)
@@ -218,8 +219,6 @@ def profile_engine(model_dir: str | os.PathLike, dtypes: tuple[str, ...] = ("fp3
                    cache_len: int = 100, ar_source: str | None = "auto", compile: bool = True) -> dict[str, Any]:
     """:func:`profile_forward` of the source's forward on the eager Hugging Face path and on the compiled engine,
     per dtype and width: ``{"eager": {dtype: {width: ...}}, "compiled": {...}, "settings": ...}``."""
-    from edlm.engine import compile_model
-    from edlm.quant import cast_model
 
     source = _source(model_dir, ar_source)
     out: dict[str, Any] = {"eager": {}, "compiled" if compile else "engine": {}}
@@ -241,13 +240,6 @@ def choose_dtype(model_dir: str | os.PathLike, width: int, compile: bool = False
     and speculative steps) is fastest here, measured once per machine, model folder, thread count, path and width
     and remembered in ``<edlm cache>/dtype-choices.json``. Returns (dtype, the record: times per dtype, whether it
     came from the cache)."""
-    import hashlib
-    import json
-
-    from edlm.assets import cache_dir
-    from edlm.bench.timing import forward_times
-    from edlm.loading import load
-    from edlm.results import machine_info
 
     candidates = candidates or (("fp32", "bf16", "int8", "int4") if compile else ("fp32", "bf16", "int8"))
     machine = machine_info()
@@ -279,7 +271,6 @@ def choose_dtype(model_dir: str | os.PathLike, width: int, compile: bool = False
 
 def engine_report(e: dict[str, Any]) -> str:
     """What ``edlm bench engine`` prints of :func:`engine_benchmark`'s result."""
-    from edlm.bench.table import Table
 
     s, t = e["settings"], e["targets"]
     rows = Table("<backend", "<dtype", "tokens/s", "bw bound", "compile s")
@@ -311,7 +302,6 @@ def engine_report(e: dict[str, Any]) -> str:
 
 def profile_report(p: dict[str, Any]) -> str:
     """What ``edlm bench engine --profile`` prints of :func:`profile_engine`'s result: ms per forward by category."""
-    from edlm.bench.table import Table
 
     paths = [(path, d, w, r) for path in ("eager", "compiled", "engine") for d, by_width in p.get(path, {}).items()
              for w, r in by_width.items()]

@@ -22,6 +22,9 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+from edlm.api import decode_until_stop
+from edlm.ar import ar_generate
+from edlm.decode import generate
 from edlm.sampling import DecodeOutput
 
 System = Callable[[list[list[int]]], DecodeOutput]
@@ -67,17 +70,13 @@ def dlm_system(dlm, cfg) -> System:
     """A converted model decoding in ``cfg.mode`` (:func:`edlm.decode.generate`); with ``cfg.stop``, a row stops
     at the first block boundary after one of its stop strings (:func:`edlm.api.decode_until_stop`)."""
     if cfg.stop:
-        from edlm.api import decode_until_stop
-
         return lambda rows: decode_until_stop(dlm, rows, cfg)
-    from edlm.decode import generate
 
     return lambda rows: generate(dlm, rows, cfg)
 
 
 def ar_system(model, cfg, eos_id: int | None, pad_id: int | None = None, banned: list[int] | None = None) -> System:
     """An AR model decoding with a KV cache, ``cfg``'s length and sampling (:func:`edlm.ar.ar_generate`)."""
-    from edlm.ar import ar_generate
 
     return lambda rows: ar_generate(model, rows, cfg, eos_id, pad_id=pad_id, banned=banned)
 

@@ -8,11 +8,21 @@ evaluation included, as the PyTorch AR baseline is timed).
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from edlm.assets import cache_dir
+from edlm.assets.embedded import smollm2_gguf_path
+from edlm.bench.harness import run_interleaved
+from edlm.bench.timing import agreement
+from edlm.model import source_spec
+from edlm.sampling import DecodeOutput, DecodeStats
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +32,11 @@ INSTALL = "pip install llama-cpp-python (builds llama.cpp from source, a few min
 def source_gguf(model_dir: str | os.PathLike, gguf: str | os.PathLike | None = None) -> Path | None:
     """The GGUF of a converted folder's AR source: ``gguf`` when given, the embedded SmolLM2's file when the
     source is the embedded default, a single ``*.gguf`` in the source folder, else None."""
-    from edlm.model import source_spec
 
     if gguf is not None:
         return Path(gguf)
     spec = source_spec(model_dir)
     if spec == "embedded":
-        from edlm.assets.embedded import smollm2_gguf_path
-
         try:
             return smollm2_gguf_path()
         except FileNotFoundError:
@@ -58,11 +65,8 @@ def skip_reason(gguf: Path | None) -> str | None:
 def q8_0_gguf(gguf: Path) -> Path:
     """``gguf`` requantized to Q8_0 (8.5 bits per weight, int8's bytes) by llama.cpp's own quantizer, cached beside
     the edlm cache under the source file's name; written atomically (a temporary file, then a rename)."""
-    import ctypes
 
     import llama_cpp
-
-    from edlm.assets import cache_dir
 
     out = cache_dir() / "gguf" / f"{gguf.stem}.Q8_0.gguf"
     if out.is_file():
@@ -110,7 +114,6 @@ def system(llm, max_new_tokens: int):
     """llama.cpp's greedy AR as a system of the comparison harness (:mod:`edlm.bench.harness`): each prompt decoded
     from an empty cache, one forward per token. It decodes the rows of a batch one after another, so give it
     batches of one."""
-    from edlm.sampling import DecodeOutput, DecodeStats
 
     def run(rows: list[list[int]]) -> DecodeOutput:
         sequences = [greedy(llm, p, max_new_tokens) for p in rows]
@@ -131,8 +134,6 @@ def llamacpp_ar(gguf: Path, ids: list[list[int]], max_new_tokens: int, threads: 
     """
     import llama_cpp
 
-    from edlm.bench.harness import run_interleaved
-
     llm = load(gguf, threads, n_ctx)
     run = run_interleaved({"llama.cpp": system(llm, max_new_tokens)}, ids, 1, repeats=repeats,
                           warmup=True)["llama.cpp"]
@@ -148,9 +149,6 @@ def llamacpp_row(model_dir: str | os.PathLike, ids: list[list[int]], max_new_tok
     agree with the PyTorch AR's (up to where that one stopped), and the dLM's speed-up over it (at the benchmark's
     threshold, and at each forced tokens-per-forward of the batch-1 ceiling). ``{"skipped": reason}`` when it
     cannot run here."""
-    import torch
-
-    from edlm.bench.timing import agreement
 
     path = source_gguf(model_dir, gguf)
     reason = skip_reason(path)

@@ -5,25 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import openai
 
+from edlm.bench.table import Table
 from edlm.errors import EdlmError
+from edlm.model import DiffusionLM
+from edlm.results import machine_info
 from edlm.serve import Engine, ServerThread, ServeSettings, create_app, load_serve_settings
 
 logger = logging.getLogger(__name__)
 
 
 def _require_loopback(base_url: str) -> None:
-    import ipaddress
-    from urllib.parse import urlparse
-
     host = urlparse(base_url).hostname or ""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -192,8 +194,6 @@ def serve_bench(model_dir: str | Path, n_requests: int = 64, concurrency: int = 
                 disconnect: int = 3, max_batch: int = 16, settings: ServeSettings | None = None) -> dict[str, Any]:
     """Throughput of the real server under :func:`load_test`, batched (``max_batch``) vs one request at a time
     (``max_batch=1``), same model and process (``edlm serve-bench``)."""
-    from edlm.model import DiffusionLM
-    from edlm.results import machine_info
 
     base = settings or load_serve_settings(model_dir)
     dlm = DiffusionLM.from_pretrained(model_dir).eval()
@@ -220,7 +220,6 @@ def serve_bench(model_dir: str | Path, n_requests: int = 64, concurrency: int = 
 
 def serve_bench_report(result: dict[str, Any]) -> str:
     """What ``edlm serve-bench`` prints: a row per run, then the batched server's speed-up."""
-    from edlm.bench.table import Table
 
     t = Table("<run", "max_batch", "ok", "req/s", "tok/s", "p50 s", "rows/cohort", "left", "cancelled", "mismatched")
     for name, run in result["runs"].items():

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from edlm.compat import cache_kwargs, new_cache
+
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Mean over rows of the fraction of positions where two outputs hold the same token."""
@@ -29,7 +31,6 @@ def forward_times(model, cache_len: int, widths: tuple[int, ...], batch: int = 1
 
     Every logit of the new tokens is computed, as a dLM step needs them all.
     """
-    from edlm.compat import cache_kwargs, new_cache
 
     emb = model.get_input_embeddings().weight  # (V, D)
     g = torch.Generator().manual_seed(0)

@@ -9,8 +9,16 @@ from typing import Any
 
 import torch
 
-from edlm.config import TrainConfig, to_dict
+from edlm.bench.table import Table
+from edlm.checkpoints import resolve_model
+from edlm.config import DiffusionConfig, TrainConfig, to_dict
+from edlm.data import build_data
+from edlm.errors import EdlmError
+from edlm.masks import PATTERNS, flex_block_mask
+from edlm.model import DiffusionLM
+from edlm.noising import noise_samples
 from edlm.results import machine_info
+from edlm.train import OBJECTIVES
 
 
 def _peak_rss_mb() -> float:
@@ -27,10 +35,6 @@ def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict[
     The AR phase runs first, so the process's peak RSS after each phase shows the extra memory of the dLM step
     (RSS peaks never go down). On CUDA, peak allocated memory is reset and read per phase instead.
     """
-    from edlm.checkpoints import resolve_model
-    from edlm.data import build_data
-    from edlm.model import DiffusionLM
-    from edlm.train import OBJECTIVES
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -102,7 +106,6 @@ def mask_memory(lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192), block:
     from the same predicate (the GPU path; built here on ``device``, CPU by default). The dense mask grows
     quadratically; the BlockMask stores per 128x128 tile only indices of the non-empty tiles.
     """
-    from edlm.masks import PATTERNS, flex_block_mask
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
@@ -131,11 +134,6 @@ def training_memory(model: str = "tiny:llama@256x4", lengths: tuple[int, ...] = 
     Needs a CUDA GPU. Each (implementation, length) runs in a fresh model so the peaks do not mix; an out-of-memory
     is recorded as such. The dense SDPA mask is (2L)^2 per batch; flex builds a BlockMask from the same predicate.
     """
-    from edlm.checkpoints import resolve_model
-    from edlm.config import DiffusionConfig
-    from edlm.errors import EdlmError
-    from edlm.model import DiffusionLM
-    from edlm.noising import noise_samples
 
     if not torch.cuda.is_available():
         raise EdlmError("the training-memory benchmark needs a CUDA GPU; on CPU use edlm bench-masks (mask bytes)")
@@ -169,7 +167,6 @@ def training_memory(model: str = "tiny:llama@256x4", lengths: tuple[int, ...] = 
 
 def train_report(result: dict[str, Any]) -> str:
     """What ``edlm bench train`` prints: tokens/s and peak memory of each phase."""
-    from edlm.bench.table import Table
 
     t = Table("<phase", "tokens/s", "peak MB")
     for name, key in (("AR fine-tune", "ar_finetune"), ("dLM convert", "dlm_convert"),
@@ -183,7 +180,6 @@ def train_report(result: dict[str, Any]) -> str:
 
 def masks_report(result: dict[str, Any]) -> str:
     """What ``edlm bench masks`` prints: the mask's bytes, dense vs flex, and the training peaks when measured."""
-    from edlm.bench.table import Table
 
     t = Table("seq_len", "dense MB", "flex MB", "flex build s")
     for row in result["rows"]:

@@ -6,41 +6,30 @@ command, ``console`` the log routing and progress bar; this module maps command 
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Callable
 
-from edlm.cli.commands import (
-    cmd_bench,
-    cmd_bench_engine,
-    cmd_bench_masks,
-    cmd_bench_train,
-    cmd_convert,
-    cmd_demo,
-    cmd_distill,
-    cmd_drafter,
-    cmd_eval,
-    cmd_generate,
-    cmd_headline,
-    cmd_serve,
-    cmd_serve_bench,
-    cmd_study,
-    cmd_sweep,
-    cmd_table,
-    decode_config,
-)
 from edlm.cli.console import Logs, TrainingBar
 from edlm.cli.parser import build_parser
 from edlm.errors import EdlmError
 
 __all__ = ["ALIASES", "COMMANDS", "Logs", "TrainingBar", "decode_config", "build_parser", "canonical_argv", "main"]
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "convert": cmd_convert, "distill": cmd_distill, "drafter": cmd_drafter, "generate": cmd_generate,
-    "eval": cmd_eval, "sweep": cmd_sweep, "table": cmd_table,
-    "demo": cmd_demo, "study": cmd_study, "headline": cmd_headline, "serve": cmd_serve,
-    "bench decode": cmd_bench, "bench engine": cmd_bench_engine, "bench train": cmd_bench_train,
-    "bench masks": cmd_bench_masks, "bench load": cmd_serve_bench}
+COMMANDS: dict[str, str] = {
+    "convert": "cmd_convert", "distill": "cmd_distill", "drafter": "cmd_drafter", "generate": "cmd_generate",
+    "eval": "cmd_eval", "sweep": "cmd_sweep", "table": "cmd_table", "demo": "cmd_demo", "study": "cmd_study",
+    "headline": "cmd_headline", "serve": "cmd_serve", "bench decode": "cmd_bench", "bench engine": "cmd_bench_engine",
+    "bench train": "cmd_bench_train", "bench masks": "cmd_bench_masks", "bench load": "cmd_serve_bench"}
+"""Command name -> its function in :mod:`edlm.cli.commands`, which is imported only when a command runs (it
+imports the library; ``edlm --help`` stays fast)."""
+
+
+def __getattr__(name: str):
+    if name == "decode_config":  # public here before the commands were loaded lazily
+        from edlm.cli.commands import decode_config
+
+        return decode_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Earlier command names, still accepted: the words they stand for now.
 ALIASES = {"bench-train": ["bench", "train"], "bench-masks": ["bench", "masks"], "serve-bench": ["bench", "load"]}
@@ -66,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     command = f"bench {args.bench_command}" if args.command == "bench" else args.command
     args.logs = Logs(args.verbose)
     try:
-        return COMMANDS[command](args)
+        from edlm.cli import commands
+
+        return getattr(commands, COMMANDS[command])(args)
     except EdlmError as e:
         print(f"edlm {command}: error: {e}", file=sys.stderr)
         return 2

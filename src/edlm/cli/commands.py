@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import shlex
 import sys
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from edlm.assets import default_chat_prompts
+from edlm.bench.decode import decode_benchmark, decode_report, plot_ceiling, plot_sweep
+from edlm.bench.engine import choose_dtype, engine_benchmark, engine_report, profile_engine, profile_report
+from edlm.bench.train import mask_memory, masks_report, train_report, train_throughput, training_memory
+from edlm.checkpoints import best_device, resolve_model
 from edlm.cli.console import Bars, TrainingBar
+from edlm.config import DecodeConfig, load_train_config
+from edlm.demo import (
+    drafter_demo_report,
+    drafter_dir,
+    miniature_json,
+    miniature_report,
+    run_drafter_demo,
+    run_miniature_demo,
+)
+from edlm.distill import DistillConfig, distill, distilled_tokens
 from edlm.errors import EdlmError, require
+from edlm.evals.run import evaluate, plot_pareto, results_table, sweep, sweep_report
+from edlm.evals.tasks import default_max_new_tokens
+from edlm.loading import load
+from edlm.model import read_diffusion_config
+from edlm.quant import parse_dtypes
+from edlm.results import machine_info, write_json
+from edlm.studies import collect, load_study_config, run_study, write_report
+from edlm.studies.drafter import drafter_report, load_drafter_config, run_drafter, ship_drafter
+from edlm.studies.headline import load_headline_config, run_headline, ship_miniature, targets_table
+from edlm.train import convert
 
 # How to install what some commands need beyond the core dependencies (pyproject.toml's extras).
 PLOTS = "pip install matplotlib"
@@ -18,7 +49,6 @@ LM_EVAL = "pip install 'lm-eval>=0.4.13,<0.5'"
 
 def _require_task(task: str) -> None:
     """Fail before any work when an evaluation task needs a package that is not installed."""
-    from edlm.evals.tasks import default_max_new_tokens
 
     if task.startswith("rg:"):
         require("reasoning_gym", install=REASONING_GYM)
@@ -28,9 +58,6 @@ def _require_task(task: str) -> None:
 
 def decode_given(args: argparse.Namespace) -> dict[str, object]:
     """The decoding flags given on the command line (see :func:`edlm.cli.parser.decode_flags`), by field name."""
-    import dataclasses
-
-    from edlm.config import DecodeConfig
 
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodeConfig)
             if getattr(args, f.name, None) is not None}
@@ -38,7 +65,6 @@ def decode_given(args: argparse.Namespace) -> dict[str, object]:
 
 def decode_config(args: argparse.Namespace, **fields: object):
     """The :class:`edlm.config.DecodeConfig` of the decoding flags given, then ``fields``."""
-    from edlm.config import DecodeConfig
 
     return DecodeConfig(**{**decode_given(args), **{k: v for k, v in fields.items() if v is not None}})
 
@@ -46,15 +72,10 @@ def decode_config(args: argparse.Namespace, **fields: object):
 def _set_threads(args: argparse.Namespace) -> None:
     """Apply ``--threads`` (CPU threads for torch) when given."""
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from edlm.config import load_train_config
-    from edlm.train import convert
-
     cfg = load_train_config(args.config, args.set, model=args.model, output_dir=args.output_dir,
                             max_steps=args.max_steps)
     args.logs.to_folder(cfg.output_dir)
@@ -66,14 +87,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from edlm.checkpoints import resolve_model
-    from edlm.distill import DistillConfig, distill, distilled_tokens
-
     _set_threads(args)
     cfg = DistillConfig(prompts=args.prompts, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, temperature=args.temperature, seed=args.seed,
                         chat=not args.no_chat)
-    from tqdm import tqdm
 
     model, tok = resolve_model(args.model)
     bar = tqdm(desc="distill", unit="prompt", dynamic_ncols=True)
@@ -90,8 +107,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_drafter(args: argparse.Namespace) -> int:
-    from edlm.studies.drafter import drafter_report, load_drafter_config, run_drafter
-
     cfg = load_drafter_config(args.config, args.set, output_dir=args.output_dir)
     args.logs.to_folder(cfg.output_dir)
     _set_threads(args)
@@ -100,9 +115,6 @@ def cmd_drafter(args: argparse.Namespace) -> int:
     bar.close()
     print(drafter_report(result))
     if args.ship:
-        from edlm.demo import drafter_dir
-        from edlm.studies.drafter import ship_drafter
-
         print(f"shipped the adapter to {ship_drafter(result['adapter'], drafter_dir(), args.config)}")
     return 0
 
@@ -111,8 +123,6 @@ def _auto_dtype(args: argparse.Namespace, mode: str, block: int | None) -> None:
     """``--dtype auto``: replace it by the dtype whose decoding step is fastest here (measured once, cached)."""
     if getattr(args, "dtype", None) != "auto":
         return
-    from edlm.bench.engine import choose_dtype
-    from edlm.model import read_diffusion_config
 
     width = 1 if mode == "ar" else block or read_diffusion_config(args.model).block_size
     args.dtype, record = choose_dtype(args.model, width, compile=getattr(args, "compile", False))
@@ -127,8 +137,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt or []
     if not prompts:
         raise EdlmError("give at least one --prompt TEXT")
-    from edlm.checkpoints import best_device
-    from edlm.loading import load
 
     _auto_dtype(args, cfg.mode, cfg.block_size)
     dlm = load(args.model, args.dtype, device=best_device(), compile=args.compile)
@@ -148,10 +156,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from edlm.bench.train import train_report, train_throughput
-    from edlm.config import load_train_config
-    from edlm.results import write_json
-
     cfg = load_train_config(args.config, args.set, model=args.model)
     result = train_throughput(cfg, steps=args.steps, warmup=args.warmup)
     write_json(result, args.json)
@@ -161,9 +165,6 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
-    from edlm.bench.decode import decode_benchmark, decode_report, plot_ceiling, plot_sweep
-    from edlm.quant import parse_dtypes
-    from edlm.results import write_json
 
     _set_threads(args)
     cfg = decode_config(args)
@@ -186,15 +187,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
-    from edlm.assets import default_chat_prompts
-    from edlm.bench.engine import engine_benchmark, engine_report
-    from edlm.loading import load
-    from edlm.results import machine_info, write_json
-
     _set_threads(args)
     if args.profile:
-        from edlm.bench.engine import profile_engine, profile_report
-
         result = profile_engine(args.model, dtypes=tuple(args.dtypes.split(",")),
                                 eager_dtypes=tuple(args.eager_dtypes.split(",")),
                                 widths=(1, args.block, 2 * args.block))
@@ -219,8 +213,6 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import dataclasses
-
     require("fastapi", "uvicorn", "sse_starlette", "openai", install=SERVE)
     from edlm.serve import load_serve_settings, serve
 
@@ -238,7 +230,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_serve_bench(args: argparse.Namespace) -> int:
     require("fastapi", "uvicorn", "sse_starlette", "openai", "httpx", install=SERVE)
     from edlm.bench.load import serve_bench, serve_bench_report
-    from edlm.results import write_json
     from edlm.serve import load_serve_settings
 
     _set_threads(args)
@@ -252,12 +243,8 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_masks(args: argparse.Namespace) -> int:
-    from edlm.bench.train import mask_memory, masks_report
-    from edlm.results import write_json
-
     result = mask_memory(tuple(args.lengths), block=args.block, device=args.device)
     if args.training_model:  # GPU: peak memory of a real training forward + backward, SDPA vs flex
-        from edlm.bench.train import training_memory
 
         result["training"] = training_memory(args.training_model, tuple(args.lengths), block=args.block)
     write_json(result, args.json)
@@ -267,8 +254,6 @@ def cmd_bench_masks(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _require_task(args.task)
-    from edlm.evals.run import evaluate
-    from edlm.results import write_json
 
     _set_threads(args)
     decode = decode_config(args)
@@ -286,8 +271,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
     _require_task(args.task)
-    from edlm.evals.run import plot_pareto, sweep, sweep_report
-    from edlm.results import write_json
 
     _set_threads(args)
     result = sweep(args.model, args.task, thresholds=tuple(args.thresholds),
@@ -302,10 +285,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    import json
-
-    from edlm.evals.run import results_table
-
     results = [json.loads(Path(f).read_text()) for f in args.results]
     text = results_table(results)
     if args.output:
@@ -320,9 +299,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.adapter or args.prompt:
         raise EdlmError("--adapter and --prompt belong to the embedded demo (edlm demo); the miniature decodes its "
                         "held-out problems")
-    from edlm.config import DecodeConfig
-    from edlm.demo import miniature_json, miniature_report, run_miniature_demo
-    from edlm.results import write_json
 
     out = args.output_dir or "runs/demo-miniature"
     args.logs.to_folder(out)
@@ -340,9 +316,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _embedded_demo(args: argparse.Namespace) -> int:
-    from edlm.demo import drafter_demo_report, run_drafter_demo
-    from edlm.results import write_json
-
     if args.convert or args.steps:
         raise EdlmError("--convert and --steps belong to the miniature demo (edlm demo --model miniature); the "
                         "embedded demo uses a trained adapter: --adapter FOLDER (edlm drafter trains one)")
@@ -366,10 +339,7 @@ def _study_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    import shlex
-
     require("matplotlib", install=PLOTS)
-    from edlm.studies import collect, load_study_config, run_study, write_report
 
     cfg = load_study_config(args.config, _study_overrides(args))
     args.logs.to_folder(cfg.output_dir)
@@ -392,7 +362,6 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_headline(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
-    from edlm.studies.headline import load_headline_config, run_headline, targets_table
 
     cfg = load_headline_config(args.config, _study_overrides(args))
     args.logs.to_folder(cfg.study.output_dir)
@@ -401,8 +370,6 @@ def cmd_headline(args: argparse.Namespace) -> int:
     result = run_headline(cfg, progress=lambda msg: print(msg, flush=True), new_bar=bars, config_path=args.config)
     bars.close()
     if args.ship:
-        from edlm.studies.headline import ship_miniature
-
         print(f"shipped the source and the dLM into {ship_miniature(cfg, args.config)}")
     print(f"\n{targets_table(result).text()}")
     print(f"report: {Path(cfg.study.report_dir) / 'report.md'}")

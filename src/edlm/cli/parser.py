@@ -4,6 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
+
+from edlm.config import DECODE_MODES, DecodeConfig, field_docs
 
 DTYPE_NAMES = ["fp32", "bf16", "int8", "int4", "auto"]  # edlm.quant's names (+ int4, auto); no torch import here
 
@@ -14,11 +19,6 @@ def decode_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: t
     help taken from the field's docstring. A flag not given stays None, so the defaults are DecodeConfig's, except
     for the few a command sets in ``defaults`` (e.g. a benchmark's shorter ``max_new_tokens``). ``only`` / ``skip``
     choose the fields."""
-    import dataclasses
-    import types
-    import typing
-
-    from edlm.config import DECODE_MODES, DecodeConfig, field_docs
 
     docs, hints = field_docs(DecodeConfig), typing.get_type_hints(DecodeConfig)
     for f in dataclasses.fields(DecodeConfig):

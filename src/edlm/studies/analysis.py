@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
+from edlm.bench.harness import ar_system, dlm_system, run_interleaved
 from edlm.config import DecodeConfig
-from edlm.evals.tasks import Problem
+from edlm.evals.tasks import Problem, score_answer
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -37,14 +38,12 @@ def answer_accuracy(problems: list[Problem], dlm=None, ar_model=None, tokenizer=
     AR decoding (``decode``'s ``max_new_tokens`` and sampling; greedy by default). Tokens are counted up to and
     including EOS, so both systems are measured on the same text.
     """
-    from edlm.bench.harness import ar_system, dlm_system, run_interleaved
 
     tok = dlm.tokenizer if dlm is not None else tokenizer
     cfg = decode or DecodeConfig()
     system = dlm_system(dlm, cfg) if dlm is not None else ar_system(ar_model, cfg, tok.eos_token_id)
     run = run_interleaved({"run": system}, [prompt_ids(tok, p) for p in problems], batch=1,
                           detokenize=lambda ids: answer_text(tok, ids))["run"]
-    from edlm.evals.tasks import score_answer
 
     correct = sum(score_answer(a, p.answer, exact=True) for a, p in zip(run.texts, problems))
     return {"acc": correct / len(problems), "n": len(problems), "tokens_per_forward": run.tokens_per_forward,

@@ -16,15 +16,33 @@ identical to the source's by construction, checked per prompt) and with the pape
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edlm.config import DecodeConfig, TrainConfig, from_dict, load_yaml
-from edlm.distill import DistillConfig
+import torch
+import yaml
+
+from edlm.adapter import adapter_state, load_adapter_state
+from edlm.api import encode_prompt
+from edlm.assets.prompts import DOMAINS, distillation_prompts
+from edlm.bench.harness import ar_system, dlm_system, run_interleaved
+from edlm.bench.table import Table, pct
+from edlm.checkpoints import resolve_model
+from edlm.config import DecodeConfig, TrainConfig, apply_overrides, from_dict, load_yaml
+from edlm.decode import generate
+from edlm.distill import DistillConfig, distill, distilled_tokens, read_prompts
 from edlm.errors import ConfigError
 from edlm.evals.tasks import Problem, score_answer
+from edlm.loading import load, load_ar
+from edlm.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, EDLM_CONFIG_NAME
+from edlm.results import provenance, write_json
+from edlm.train import CHECKPOINT_PREFIX, STATE_FILE, convert, latest_checkpoint
 
 if TYPE_CHECKING:
     from edlm.bench.harness import Run
@@ -80,7 +98,6 @@ class DrafterConfig:
 def load_drafter_config(path: str | Path, overrides: list[str] | None = None,
                         output_dir: str | None = None) -> DrafterConfig:
     """Read a drafter YAML (first line: the command that runs it), apply ``key=value`` overrides."""
-    from edlm.config import apply_overrides
 
     data = apply_overrides(load_yaml(path), overrides or [])
     if output_dir:
@@ -131,7 +148,6 @@ class Measurement:
 
 def heldout_prompts(per_domain: int, distill: DistillConfig, seed: int) -> list[tuple[str, str]]:
     """``per_domain`` built-in prompts of each domain that the distillation set does not hold."""
-    from edlm.assets.prompts import DOMAINS, distillation_prompts
 
     train = {p for _, p in distillation_prompts(distill.num_prompts, seed=distill.seed)} \
         if distill.prompts == "builtin" else set()
@@ -144,7 +160,6 @@ def heldout_prompts(per_domain: int, distill: DistillConfig, seed: int) -> list[
 
 def _system(source, dlm, cfg: DecodeConfig):
     """One batch -> DecodeOutput: ``mode="ar"`` decodes the unmodified source, other modes the adapter over it."""
-    from edlm.bench.harness import ar_system, dlm_system
 
     tok = dlm.tokenizer
     return ar_system(source, cfg, tok.eos_token_id, pad_id=tok.pad_token_id) if cfg.mode == "ar" \
@@ -155,9 +170,6 @@ def measure_drafter(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[t
                     say=None) -> Measurement:
     """Decode ``prompts`` with the unmodified source (AR), the adapter speculatively and by diffusion, through the
     comparison harness (interleaved per batch of prompts); all greedy, at ``cfg.dtype``."""
-    from edlm.api import encode_prompt
-    from edlm.bench.harness import run_interleaved
-    from edlm.loading import load, load_ar
 
     dlm = load(adapter_dir, cfg.dtype)
     source, tok = load_ar(dlm.adapter["source"]["model"], cfg.dtype)
@@ -188,14 +200,6 @@ def budget_curve(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tupl
                  fractions: tuple[float, ...] = (0.25, 0.5)) -> list[dict[str, float]]:
     """Speculative tokens per forward (batch 1, greedy) of the adapter as it was after each fraction of its
     conversion run (from the run's checkpoints) and at the end: what more compute buys."""
-    import torch
-    import yaml
-
-    from edlm.adapter import adapter_state, load_adapter_state
-    from edlm.api import encode_prompt
-    from edlm.decode import generate
-    from edlm.loading import load
-    from edlm.train import CHECKPOINT_PREFIX, STATE_FILE
 
     dlm = load(adapter_dir, "fp32")
     final = {k: v.clone() for k, v in adapter_state(dlm.model).items()}
@@ -239,7 +243,6 @@ def exact_problems(n: int, seed: int = 0) -> list[Problem]:
     SmolLM2-135M-Instruct solved 44% of the addition family and 36.5% of the sequence family greedily (200 each,
     docs/drafter.md), which leaves room to see a drop; it solves almost none of the same sums asked as chat
     questions."""
-    import random
 
     rng = random.Random(seed)
     out: list[Problem] = []
@@ -258,8 +261,6 @@ def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", t
     """Greedy accuracy (:func:`edlm.evals.tasks.score_answer`) of the unmodified source (AR) and of the adapter's
     diffusion decoder on :func:`exact_problems`, per family (the speculative mode's text is the source's: tested,
     not re-measured)."""
-    from edlm.bench.harness import run_interleaved
-    from edlm.loading import load, load_ar
 
     dlm = load(adapter_dir, dtype)
     source, tok = load_ar(dlm.adapter["source"]["model"], dtype)
@@ -288,11 +289,6 @@ def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", t
 def run_drafter(cfg: DrafterConfig, progress=None, say=None) -> dict[str, Any]:
     """Distil, convert, measure (each stage skipped when its output is complete); returns the results dict also
     written to ``OUTPUT_DIR/results.json``."""
-    from edlm.checkpoints import resolve_model
-    from edlm.distill import distill, distilled_tokens, read_prompts
-    from edlm.model import ADAPTER_CONFIG_NAME
-    from edlm.results import provenance, write_json
-    from edlm.train import convert, latest_checkpoint
 
     out = Path(cfg.output_dir)
     data = out / "distill.jsonl"
@@ -311,7 +307,6 @@ def run_drafter(cfg: DrafterConfig, progress=None, say=None) -> dict[str, Any]:
     results = out / "results.json"
     stamp = _adapter_stamp(adapter)
     if results.is_file():  # measured already, for this adapter and these settings: reuse
-        import json
 
         done = json.loads(results.read_text())
         if done.get("adapter_stamp") == stamp and done.get("settings") == dataclasses.asdict(cfg.measure):
@@ -337,7 +332,6 @@ def run_drafter(cfg: DrafterConfig, progress=None, say=None) -> dict[str, Any]:
 
 def _adapter_stamp(adapter: Path) -> str:
     """Identifies the trained adapter a measurement belongs to: its weights' size and modification time."""
-    from edlm.model import ADAPTER_WEIGHTS_NAME
 
     info = (adapter / ADAPTER_WEIGHTS_NAME).stat()
     return f"{info.st_size}:{info.st_mtime_ns}"
@@ -346,13 +340,8 @@ def _adapter_stamp(adapter: Path) -> str:
 def ship_drafter(adapter_dir: str | Path, dest: str | Path, config_path: str | Path) -> Path:
     """Copy a trained adapter folder into ``dest`` (the package's shipped drafter) with its weights in fp16, and a
     README naming the command that rebuilds it; written to a temporary sibling and renamed into place."""
-    import json
-    import os
-    import shutil
 
     from safetensors.torch import load_file, save_file
-
-    from edlm.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, EDLM_CONFIG_NAME
 
     src, dest = Path(adapter_dir), Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -377,7 +366,6 @@ def ship_drafter(adapter_dir: str | Path, dest: str | Path, config_path: str | P
 
 def drafter_report(result: dict[str, Any]) -> str:
     """What ``edlm drafter`` prints: one row per batch size and system, the budget curve and the exact answers."""
-    from edlm.bench.table import Table, pct
 
     t = Table("batch", "<system", "<dtype", "tok/fwd", "tokens/s", "speed-up", "identical")
     for batch, row in result["by_batch"].items():

@@ -26,10 +26,15 @@ from typing import Any
 
 import yaml
 
-from edlm.config import DecodeConfig, TrainConfig, from_dict, load_yaml
+from edlm.checkpoints import embedded_model_dir, load_hf
+from edlm.config import DecodeConfig, TrainConfig, apply_overrides, from_dict, load_yaml
 from edlm.errors import ConfigError, EdlmError
-from edlm.results import provenance
-from edlm.studies.task import TaskConfig
+from edlm.model import DiffusionLM
+from edlm.results import provenance, write_json
+from edlm.studies.analysis import answer_accuracy, pack_problems, per_position_loss, weight_drift
+from edlm.studies.source import is_trained, pretrain_ar
+from edlm.studies.task import TaskConfig, read_test, write_task
+from edlm.train import config_fingerprint, convert, latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +81,6 @@ class StudyConfig:
 
 
 def load_study_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
-    from edlm.config import apply_overrides
-
     data = load_yaml(path) if path else {}
     apply_overrides(data, overrides or [])
     if "headline" in data:
@@ -179,9 +182,6 @@ Progress = Callable[[str], None]
 
 
 def evaluate_source(cfg: StudyConfig, source: Path, problems) -> dict[str, Any]:
-    from edlm.checkpoints import load_hf
-    from edlm.studies.analysis import answer_accuracy
-
     model, tok = load_hf(source)
     model.eval()
     return {"answers": answer_accuracy(problems, ar_model=model, tokenizer=tok,
@@ -190,10 +190,6 @@ def evaluate_source(cfg: StudyConfig, source: Path, problems) -> dict[str, Any]:
 
 
 def evaluate_run(cfg: StudyConfig, run_dir: Path, source: Path, problems, thresholds: list[float]) -> dict[str, Any]:
-    from edlm.checkpoints import load_hf
-    from edlm.model import DiffusionLM
-    from edlm.studies.analysis import answer_accuracy, pack_problems, per_position_loss, weight_drift
-
     dlm = DiffusionLM.from_pretrained(run_dir).eval()
     src, _ = load_hf(source)
     seq_len = yaml.safe_load((run_dir / "train_config.yaml").read_text())["data"]["seq_len"]
@@ -213,7 +209,6 @@ def evaluate_run(cfg: StudyConfig, run_dir: Path, source: Path, problems, thresh
 
 def _check_same_settings(run_dir: Path, tcfg: TrainConfig) -> None:
     """A finished or started run must have been trained with the settings the study now asks for."""
-    from edlm.train import config_fingerprint
 
     saved = run_dir / "train_config.yaml"
     if not saved.is_file():
@@ -230,10 +225,6 @@ def run_study(cfg: StudyConfig, progress: Progress | None = None,
     ``progress(message)`` announces each step; ``new_bar(name)`` returns a ``progress(step, total, info)``
     callback for one training run (a fresh progress bar in the CLI).
     """
-    from edlm.results import write_json
-    from edlm.studies.source import is_trained, pretrain_ar
-    from edlm.studies.task import read_test, write_task
-    from edlm.train import convert, latest_checkpoint
 
     say = progress or (lambda msg: logger.info(msg))
     out = Path(cfg.output_dir)
@@ -244,8 +235,6 @@ def run_study(cfg: StudyConfig, progress: Progress | None = None,
     corpus = [str(train_path.resolve()), *cfg.task.text_corpus]
 
     if cfg.source.get("pretrained"):
-        from edlm.checkpoints import embedded_model_dir
-
         spec = cfg.source["pretrained"]
         source = embedded_model_dir() if spec == "embedded" else Path(spec)
         if not (source / "config.json").is_file():

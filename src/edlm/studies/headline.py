@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,13 +25,22 @@ from typing import Any
 
 import torch
 
-from edlm.bench.decode import MODE_VARIANTS
+from edlm.ar import ar_generate
+from edlm.assets import miniature_dir
+from edlm.bench.decode import MODE_VARIANTS, forward_overhead
+from edlm.bench.harness import run_interleaved
 from edlm.bench.table import Table, pct
-from edlm.config import DecodeConfig, from_dict, load_yaml
-from edlm.errors import ConfigError
+from edlm.checkpoints import load_hf
+from edlm.config import DecodeConfig, apply_overrides, from_dict, load_yaml
+from edlm.decode import generate
+from edlm.errors import ConfigError, EdlmError
 from edlm.evals.tasks import Problem, score_answer
-from edlm.quant import DTYPES
-from edlm.studies.grid import StudyConfig, expand, study_config_from_dict
+from edlm.model import DiffusionLM
+from edlm.quant import DTYPES, cast, cast_model
+from edlm.results import new_figure, provenance, save_figure, write_json
+from edlm.studies.analysis import answer_text, prompt_ids
+from edlm.studies.grid import StudyConfig, expand, run_config, run_study, source_config, study_config_from_dict
+from edlm.studies.task import read_test
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +97,6 @@ class HeadlineConfig:
 
 def load_headline_config(path: str | Path, overrides: list[str] | None = None) -> HeadlineConfig:
     """A study YAML with an extra ``headline:`` section; its first comparison's first variant is the dLM."""
-    from edlm.config import apply_overrides
 
     data = load_yaml(path)
     apply_overrides(data, overrides or [])
@@ -128,8 +137,6 @@ def decode_interleaved(runs: dict[Any, Any], tokenizer, problems: list[Problem],
     """:func:`decode_problems` for several systems at once, through the comparison harness
     (:func:`edlm.bench.harness.run_interleaved`: each batch of prompts is decoded by every run in turn, the order
     rotating from batch to batch). Returns ``{name: result}`` for ``runs = {name: run}``."""
-    from edlm.bench.harness import run_interleaved
-    from edlm.studies.analysis import answer_text, prompt_ids
 
     order = sorted(range(len(problems)), key=lambda i: (problems[i].family, i))
     prompts = [prompt_ids(tokenizer, p) for p in problems]
@@ -155,13 +162,6 @@ def _public(result: dict[str, Any]) -> dict[str, Any]:
 def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: HeadlineSettings,
             max_new_tokens: int, progress=None) -> dict[str, Any]:
     """AR source vs dLM on ``problems``: every number of the headline, measured in this process."""
-    from edlm.ar import ar_generate
-    from edlm.bench.decode import forward_overhead
-    from edlm.checkpoints import load_hf
-    from edlm.decode import generate
-    from edlm.model import DiffusionLM
-    from edlm.quant import cast, cast_model
-    from edlm.studies.analysis import prompt_ids
 
     say = progress or (lambda msg: logger.info(msg))
     ar32, tok = load_hf(source_dir)
@@ -321,9 +321,6 @@ def mode_verdicts(measured: dict[str, Any], settings: HeadlineSettings) -> dict[
 def run_headline(cfg: HeadlineConfig, progress=None, new_bar=None,
                  config_path: str | None = None) -> dict[str, Any]:
     """Train (or reuse) source and conversion through the study, then measure; writes results.json + report."""
-    from edlm.results import provenance, write_json
-    from edlm.studies.grid import run_study
-    from edlm.studies.task import read_test
 
     say = progress or (lambda msg: logger.info(msg))
     study = cfg.study
@@ -337,7 +334,6 @@ def run_headline(cfg: HeadlineConfig, progress=None, new_bar=None,
     run_dir = main_run_dir(study)
     say(f"measuring AR source ({source}) vs dLM ({run_dir}) on {len(problems)} held-out problems")
     measured = measure(source, run_dir, problems, cfg.headline, study.max_new_tokens, progress=say)
-    from edlm.studies.grid import run_config, source_config
 
     corpus = ["unused"]
     pretrain_tokens = None if study.source.get("pretrained") else _tokens(source_config(study, corpus))
@@ -371,12 +367,6 @@ def ship_miniature(cfg: HeadlineConfig, config_path: str | Path, dest: Path | No
 
     The folder is written beside its final name and swapped in, so an interrupted call never leaves half of it.
     """
-    import shutil
-
-    from edlm.assets import miniature_dir
-    from edlm.checkpoints import load_hf
-    from edlm.errors import EdlmError
-    from edlm.model import DiffusionLM
 
     dest = Path(dest or miniature_dir())
     study = cfg.study
@@ -427,7 +417,6 @@ def plot_pareto(result: dict[str, Any], path: Path) -> list[str]:
     """Accuracy vs tokens/s at batch 1: one line per dLM decoding block across thresholds, the headline dLM point,
     a point per other decoding mode of the same weights (``result["modes"]``) and the AR points. Returns the
     legend's labels, one per series plotted."""
-    from edlm.results import new_figure, save_figure
 
     fig, ax = new_figure()
     blocks = sorted({p["block_size"] for p in result["curve"]})

@@ -18,6 +18,7 @@ from typing import Any
 
 from edlm.bench.table import Table
 from edlm.config import DecodeConfig
+from edlm.results import new_figure, save_figure
 
 # Which variant names play which role in the claims (names as in configs/study.yaml).
 CLEAN, NOISY, BIDIR = "block_causal_clean", "block_causal_noisy", "bidirectional"
@@ -95,8 +96,6 @@ def _summary_table(variants: dict[str, dict[str, Any]], thr: float) -> str:
 
 
 def _bar_plot(path: Path, names: list[str], groups: list[list[float]], ylabel: str, ar: float | None) -> None:
-    from edlm.results import new_figure, save_figure
-
     fig, ax = new_figure()
     means = [_mean(g) for g in groups]
     errs = [(_std(g) if len(g) >= 2 else 0.0) for g in groups]
@@ -111,8 +110,6 @@ def _bar_plot(path: Path, names: list[str], groups: list[list[float]], ylabel: s
 
 
 def _drift_plot(path: Path, variants: dict[str, dict[str, Any]]) -> None:
-    from edlm.results import new_figure, save_figure
-
     fig, ax = new_figure()
     for name, v in variants.items():
         layers = [r["weight_drift"]["layers"] for r in v["runs"]]
@@ -127,8 +124,6 @@ def _drift_plot(path: Path, variants: dict[str, dict[str, Any]]) -> None:
 
 def _pareto_plot(path: Path, variants: dict[str, dict[str, Any]], thresholds: list[float],
                  ar: dict[str, Any] | None) -> None:
-    from edlm.results import new_figure, save_figure
-
     fig, ax = new_figure()
     for name, v in variants.items():
         pts = [(_mean(_values(v, t, "tokens_per_forward")), _mean(_values(v, t)), t) for t in thresholds
@@ -145,8 +140,6 @@ def _pareto_plot(path: Path, variants: dict[str, dict[str, Any]], thresholds: li
 
 
 def _position_plot(path: Path, curves: dict[str, list[float | None]], xlabel: str, block: int | None = None) -> None:
-    from edlm.results import new_figure, save_figure
-
     fig, ax = new_figure()
     for name, ys in curves.items():
         ax.plot(range(len(ys)), [float("nan") if y is None else y for y in ys], ".-", label=name)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from edlm.config import TrainConfig
-from edlm.train import AR_DONE_FILE, ProgressFn
+from edlm.train import AR_DONE_FILE, ProgressFn, latest_checkpoint, train
 
 DONE_FILE = AR_DONE_FILE
 
@@ -27,7 +27,6 @@ def pretrain_ar(cfg: TrainConfig, out: str | os.PathLike, progress: ProgressFn |
     A finished folder is left alone; an interrupted run resumes from its latest checkpoint in ``out`` (an error if
     its settings differ).
     """
-    from edlm.train import latest_checkpoint, train
 
     out = Path(out)
     if is_trained(out):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edlm.errors import EdlmError
-from edlm.evals.tasks import Problem
+from edlm.evals.tasks import Problem, arithmetic, load_reasoning_gym
 
 
 @dataclass
@@ -58,8 +58,6 @@ class TaskConfig:
 
 
 def _builtin(n: int, seed: int, max_digits: int = 2, **_: Any) -> list[Problem]:
-    from edlm.evals.tasks import arithmetic
-
     return [Problem(f"{p.expression} =", str(p.value))
             for p in arithmetic(n, seed, max_digits=max_digits, ops="+-", exact_digits=False)]
 
@@ -113,8 +111,6 @@ def _families(families: dict[str, dict[str, Any]], n: int, seed: int) -> list[Pr
 
 
 def _reasoning_gym(name: str, n: int, seed: int, options: dict[str, Any]) -> list[Problem]:
-    from edlm.evals.tasks import load_reasoning_gym
-
     items = load_reasoning_gym(
         name, n, seed, options,
         missing="task.generator reasoning_gym needs the package: pip install reasoning-gym (or set task.generator: "
