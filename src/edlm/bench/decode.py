@@ -10,10 +10,9 @@ from typing import Any
 
 import torch
 
-from edlm.ar import ar_generate
 from edlm.assets import default_chat_prompts
 from edlm.bench.engine import HEADLINE, engine_benchmark, engine_report
-from edlm.bench.harness import cycled, dlm_system, run_interleaved
+from edlm.bench.harness import ar_system, cycled, dlm_system, run_interleaved
 from edlm.bench.llamacpp import llamacpp_row
 from edlm.bench.table import Table, pct
 from edlm.bench.timing import _timed, agreement, forward_times
@@ -140,14 +139,14 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
         ar_model, ar_tok = dlm32.model, dlm32.tokenizer
     eos = dlm32.tokenizer.eos_token_id
 
-    def generate_ar(model, rows, ignore_eos=False):
-        return ar_generate(model, rows, decode, eos_id=None if ignore_eos else eos, pad_id=ar_tok.pad_token_id)
+    def generate_ar(model, ignore_eos=False):
+        return ar_system(model, decode, None if ignore_eos else eos, ar_tok.pad_token_id)
 
     results: dict[str, Any] = {"by_batch": {}}
     models = {d: cast(dlm32, d) for d in dtypes}
     ar_models = {d: (ar_model if d == "fp32" else cast_model(ar_model, d, copy=True)) for d in dtypes}
     for n in batch_sizes:
-        systems = {("ar", d): (lambda r, m=m: generate_ar(m, r)) for d, m in ar_models.items()}
+        systems = {("ar", d): generate_ar(m) for d, m in ar_models.items()}
         systems.update({("dlm", d): dlm_system(m, decode) for d, m in models.items()})
         got = run_interleaved(systems, cycled(ids, n), n, repeats=repeats, warmup=True)
         ar_by_dtype = {d: got[("ar", d)].summary() for d in ar_models}
@@ -167,7 +166,7 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     def once(system) -> Any:  # an untimed reference decode, batch 1
         return run_interleaved({"run": system}, ids, 1)["run"]
 
-    ar_ref = once(lambda r: generate_ar(ar_models[first["ar"]["dtype"]], r))
+    ar_ref = once(generate_ar(ar_models[first["ar"]["dtype"]]))
     outputs = run_interleaved({thr: dlm_system(best, dataclasses.replace(decode, threshold=thr)) for thr in sweep},
                               ids, 1, repeats=repeats, warmup=True)
     results["sweep"] = [{"threshold": thr, **out.summary(),
@@ -178,12 +177,12 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
         cache_len = sorted(len(i) for i in ids)[len(ids) // 2] + max_new_tokens // 2  # a typical step's cache
         results["ceiling"] = ceiling(
             models, ar_models, ids, batch_sizes, ceiling_tpf, ceiling_block, max_new_tokens, cache_len, repeats,
-            run_ar=lambda m, r: generate_ar(m, r, ignore_eos=True))
+            run_ar=lambda m: generate_ar(m, ignore_eos=True))
     if llama_cpp:
         one = results["by_batch"].get("1")  # the comparison is at batch 1 (llama.cpp decodes one row at a time)
         # agreement against the unquantized AR where measured: int8 AR greedy output drifts from fp32's by itself
         ref_dtype = "fp32" if "fp32" in ar_models else first["ar"]["dtype"]
-        ref = ar_ref if ref_dtype == first["ar"]["dtype"] else once(lambda r: generate_ar(ar_models[ref_dtype], r))
+        ref = ar_ref if ref_dtype == first["ar"]["dtype"] else once(generate_ar(ar_models[ref_dtype]))
         results["llama_cpp"] = llamacpp_row(model_dir, ids, max_new_tokens, repeats, ref.sequences,
                                             one["dlm"]["tokens_per_s"] if one else None, results.get("ceiling"), gguf)
         if "skipped" not in results["llama_cpp"]:
@@ -213,12 +212,13 @@ def ceiling(models: dict[str, Any], ar_models: dict[str, Any], ids: list[list[in
             tpfs: tuple[int, ...], block: int, max_new_tokens: int, cache_len: int, repeats: int,
             run_ar) -> dict[str, Any]:
     """The forced-TPF ceiling of :func:`decode_benchmark` (see there): per batch size, ``forward_ms`` (bare forward
-    of w new tokens per dtype), ``ar`` (per dtype, with ``best``), ``dlm`` (one row per dtype and forced TPF)."""
+    of w new tokens per dtype), ``ar`` (per dtype, with ``best``), ``dlm`` (one row per dtype and forced TPF).
+    ``run_ar(model)`` is the AR system (:func:`edlm.bench.harness.ar_system`) of a model of ``ar_models``."""
     widths = tuple(sorted({1, block, 2 * block}))
     out: dict[str, Any] = {"block": block, "cache_len": cache_len, "by_batch": {}}
     for n in batch_sizes:
         fwd = {d: forward_times(m.model, cache_len, widths, batch=n, token=m.mask_id) for d, m in models.items()}
-        systems = {("ar", d): (lambda r, m=m: run_ar(m, r)) for d, m in ar_models.items()}
+        systems = {("ar", d): run_ar(m) for d, m in ar_models.items()}
         for d, m in models.items():
             for k in tpfs:
                 cfg = DecodeConfig(max_new_tokens=max_new_tokens, block_size=block, policy="fixed", tokens_per_step=k,

@@ -20,8 +20,7 @@ from edlm.assets import cache_dir
 from edlm.bench.harness import ar_system, dlm_system, run_interleaved
 from edlm.bench.llamacpp import llamacpp_ar, q8_0_gguf, skip_reason, source_gguf
 from edlm.bench.table import Table
-from edlm.bench.timing import forward_times
-from edlm.compat import cache_kwargs, new_cache
+from edlm.bench.timing import forward_step, forward_times
 from edlm.config import DecodeConfig
 from edlm.engine import compile_dlm, compile_model
 from edlm.loading import load, load_ar
@@ -191,20 +190,11 @@ def profile_forward(model, cache_len: int, width: int, repeats: int = 5) -> dict
     minus every op's self time: Python, module calls and dispatch outside any op."""
 
     wall = forward_times(model, cache_len, (width,), repeats=repeats)[width]
-    cache = new_cache(model, 1)
-    prefix = torch.randint(0, 1000, (1, cache_len), generator=torch.Generator().manual_seed(0))
-    model(input_ids=prefix, use_cache=True, **cache_kwargs(model, cache))
-    ids = torch.zeros((1, width), dtype=torch.long)
-    pos = torch.arange(cache_len, cache_len + width)[None]
-
-    def step():
-        model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
-        cache.crop(-width)
-
-    step()
+    step = forward_step(model, cache_len)
+    step(width)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(repeats):
-            step()
+            step(width)
     ms: dict[str, float] = {}
     for event in prof.key_averages():
         category = _category(event.key)

@@ -23,31 +23,42 @@ def _timed(fn, repeats: int, warmup=None):
     return runs[len(runs) // 2]
 
 
+def forward_step(model, cache_len: int, batch: int = 1):
+    """A KV cache holding ``cache_len`` seeded random tokens per row, and ``step(width, token=0)``: one bare forward
+    of ``width`` new tokens per row on it, every logit computed (as a dLM step needs them all), the cache cropped
+    back after."""
+    emb = model.get_input_embeddings().weight  # (V, D)
+    device = emb.device
+    prefix = torch.randint(0, min(1000, emb.shape[0]), (batch, cache_len), generator=torch.Generator().manual_seed(0))
+    cache = new_cache(model, batch)
+    model(input_ids=prefix.to(device), use_cache=True, **cache_kwargs(model, cache))
+    inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def step(width: int, token: int = 0) -> None:
+        if (width, token) not in inputs:
+            pos = torch.arange(cache_len, cache_len + width, device=device)[None].expand(batch, -1)
+            inputs[width, token] = torch.full((batch, width), token, device=device), pos
+        ids, pos = inputs[width, token]
+        model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
+        cache.crop(-width)
+
+    return step
+
+
 @torch.no_grad()
 def forward_times(model, cache_len: int, widths: tuple[int, ...], batch: int = 1, repeats: int = 7,
                   token: int = 0) -> dict[int, float]:
     """Median seconds of a bare model forward of ``w`` new tokens per row on a ``cache_len``-token KV cache, for each
-    ``w`` in ``widths``, ``batch`` rows: the cost a decoder step cannot go below (no masks, no commit rule).
-
-    Every logit of the new tokens is computed, as a dLM step needs them all.
-    """
-
-    emb = model.get_input_embeddings().weight  # (V, D)
-    g = torch.Generator().manual_seed(0)
-    prefix = torch.randint(0, min(1000, emb.shape[0]), (batch, cache_len), generator=g).to(emb.device)
-    device = emb.device
-    cache = new_cache(model, batch)
-    model(input_ids=prefix, use_cache=True, **cache_kwargs(model, cache))
+    ``w`` in ``widths``, ``batch`` rows (:func:`forward_step`): the cost a decoder step cannot go below (no masks, no
+    commit rule)."""
+    step = forward_step(model, cache_len, batch)
     out = {}
     for w in widths:
-        ids = torch.full((batch, w), token, device=device)
-        pos = torch.arange(cache_len, cache_len + w, device=device)[None].expand(batch, -1)
         times = []
         for _ in range(repeats + 1):  # the first call of a new shape is a warm-up
             t0 = time.perf_counter()
-            model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
+            step(w, token)
             times.append(time.perf_counter() - t0)
-            cache.crop(-w)
         times = sorted(times[1:])
         out[w] = times[len(times) // 2]
     return out
