@@ -303,15 +303,15 @@ def decode_report(result: dict[str, Any]) -> str:
               f"{row['dlm']['tokens_per_forward']:.2f}", f"{row['speedup']:.2f}")
     parts = [f"threshold {result['settings']['threshold']}:", t.text()]
     if "ceiling" in result:
-        t = Table("batch", "<system", "tok/fwd", "tok/s", "roofline", "reached", "vs AR")
+        t = Table("batch", "<system", "forced", "tok/fwd", "tok/s", "roofline", "reached", "vs AR")
         for n, c in result["ceiling"]["by_batch"].items():
             for d, r in c["ar"]["by_dtype"].items():
-                t.add(n, f"AR {d}" + ("*" if d == c["ar"]["best"] else ""), "1.00", f"{r['tokens_per_s']:.1f}",
+                t.add(n, f"AR {d}" + ("*" if d == c["ar"]["best"] else ""), "", "1.00", f"{r['tokens_per_s']:.1f}",
                       f"{r['roofline_tokens_per_s']:.1f}", pct(r["fraction_of_roofline"], ".0f"), "")
             for r in c["dlm"]:
-                t.add(n, f"dLM {r['dtype']}", f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_s']:.1f}",
-                      f"{r['roofline_tokens_per_s']:.1f}", pct(r["fraction_of_roofline"], ".0f"),
-                      f"{r['speedup_vs_best_ar']:.2f}x")
+                t.add(n, f"dLM {r['dtype']}", r["tpf_forced"], f"{r['tokens_per_forward']:.2f}",
+                      f"{r['tokens_per_s']:.1f}", f"{r['roofline_tokens_per_s']:.1f}",
+                      pct(r["fraction_of_roofline"], ".0f"), f"{r['speedup_vs_best_ar']:.2f}x")
         parts += [f"forced tokens per forward (fixed policy, block {result['ceiling']['block']}, EOS ignored; "
                   "* best AR):", t.text()]
     lc = result.get("llama_cpp")
