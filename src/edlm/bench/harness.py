@@ -11,9 +11,10 @@ or with ``warmup="pass"`` a whole untimed pass (a compiled engine compiles each 
 
 Users: ``edlm bench decode`` (:mod:`edlm.bench.decode`), ``edlm bench engine`` and llama.cpp's rows
 (:mod:`edlm.bench.engine`, :func:`edlm.bench.llamacpp.system`), ``edlm headline`` and ``edlm demo``
-(:func:`edlm.studies.headline.decode_interleaved`), the study's answer accuracy
+(:func:`edlm.studies.analysis.decode_interleaved`), the study's answer accuracy
 (:func:`edlm.studies.analysis.answer_accuracy`), the gated-drafter study and its demo
-(:func:`edlm.studies.drafter.measure_drafter`).
+(:func:`edlm.studies.drafter.measure_drafter`), ``edlm eval``'s generation tasks and ``edlm sweep``
+(:mod:`edlm.evals.run`).
 """
 
 from __future__ import annotations

@@ -29,25 +29,52 @@ def answer_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids).strip()
 
 
+def decode_problems(run, tokenizer, problems: list[Problem], batch: int) -> dict[str, Any]:
+    """Decode every problem with ``run(prompts) -> DecodeOutput``, ``batch`` prompts at a time (grouped by family).
+
+    Returns accuracy overall and per family, tokens per forward (per row), tokens/s (generated tokens up to and
+    including EOS over the decoding wall time) and the answers in problem order.
+    """
+    return decode_interleaved({"run": run}, tokenizer, problems, batch)["run"]
+
+
+def decode_interleaved(runs: dict[Any, Any], tokenizer, problems: list[Problem], batch: int) -> dict[Any, Any]:
+    """:func:`decode_problems` for several systems at once, through the comparison harness
+    (:func:`edlm.bench.harness.run_interleaved`: each batch of prompts is decoded by every run in turn, the order
+    rotating from batch to batch). Returns ``{name: result}`` for ``runs = {name: run}``."""
+
+    order = sorted(range(len(problems)), key=lambda i: (problems[i].family, i))
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    got = run_interleaved(runs, prompts, batch, order=order, detokenize=lambda ids: answer_text(tokenizer, ids))
+    return {name: _scored(problems, r) for name, r in got.items()}
+
+
+def _scored(problems: list[Problem], run) -> dict[str, Any]:
+    right: dict[str, list[bool]] = defaultdict(list)
+    for p, a in zip(problems, run.texts):
+        right[p.family].append(score_answer(a, p.answer, exact=True))
+    flat = [ok for oks in right.values() for ok in oks]
+    return {"accuracy": sum(flat) / len(flat), "per_family": {f: sum(v) / len(v) for f, v in sorted(right.items())},
+            "tokens_per_forward": run.tokens_per_forward, "tokens_per_s": run.tokens_per_s, "tokens": run.tokens,
+            "seconds": run.seconds, "n": len(problems), "batch": run.batch, "answers": run.texts}
+
+
 @torch.no_grad()
 def answer_accuracy(problems: list[Problem], dlm=None, ar_model=None, tokenizer=None,
                     decode: DecodeConfig | None = None) -> dict[str, Any]:
-    """Exact-answer accuracy, tokens per forward and tokens/s, decoding one problem at a time (batch 1).
+    """Exact-answer accuracy, tokens per forward and tokens/s, decoding one problem at a time (batch 1,
+    :func:`decode_problems`).
 
     Give ``dlm`` to decode it with ``decode`` (None: ``DecodeConfig()``), or ``ar_model`` (+ ``tokenizer``) for
     AR decoding (``decode``'s ``max_new_tokens`` and sampling; greedy by default). Tokens are counted up to and
     including EOS, so both systems are measured on the same text.
     """
-
     tok = dlm.tokenizer if dlm is not None else tokenizer
     cfg = decode or DecodeConfig()
     system = dlm_system(dlm, cfg) if dlm is not None else ar_system(ar_model, cfg, tok.eos_token_id)
-    run = run_interleaved({"run": system}, [prompt_ids(tok, p) for p in problems], batch=1,
-                          detokenize=lambda ids: answer_text(tok, ids))["run"]
-
-    correct = sum(score_answer(a, p.answer, exact=True) for a, p in zip(run.texts, problems))
-    return {"acc": correct / len(problems), "n": len(problems), "tokens_per_forward": run.tokens_per_forward,
-            "tokens_per_s": run.tokens_per_s, "threshold": cfg.threshold if dlm is not None else None}
+    r = decode_problems(system, tok, problems, 1)
+    return {"acc": r["accuracy"], "n": r["n"], "tokens_per_forward": r["tokens_per_forward"],
+            "tokens_per_s": r["tokens_per_s"], "threshold": cfg.threshold if dlm is not None else None}
 
 
 def weight_drift(source: torch.nn.Module, converted: torch.nn.Module) -> dict[str, Any]:

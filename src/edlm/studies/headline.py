@@ -28,17 +28,16 @@ import torch
 from edlm.ar import ar_generate
 from edlm.assets import miniature_dir
 from edlm.bench.decode import MODE_VARIANTS, forward_overhead
-from edlm.bench.harness import run_interleaved
 from edlm.bench.table import Table, pct
 from edlm.checkpoints import load_hf
 from edlm.config import DecodeConfig, apply_overrides, from_dict, load_yaml
 from edlm.decode import generate
 from edlm.errors import ConfigError, EdlmError
-from edlm.evals.tasks import Problem, score_answer
+from edlm.evals.tasks import Problem
 from edlm.model import DiffusionLM
 from edlm.quant import DTYPES, cast, cast_model
 from edlm.results import new_figure, provenance, save_figure, write_json
-from edlm.studies.analysis import answer_text, prompt_ids
+from edlm.studies.analysis import decode_interleaved, decode_problems, prompt_ids  # noqa: F401 (public here)
 from edlm.studies.grid import StudyConfig, expand, run_config, run_study, source_config, study_config_from_dict
 from edlm.studies.task import read_test
 
@@ -122,36 +121,6 @@ def main_run_dir(study: StudyConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- decoding
-
-
-def decode_problems(run, tokenizer, problems: list[Problem], batch: int) -> dict[str, Any]:
-    """Decode every problem with ``run(prompts) -> DecodeOutput``, ``batch`` prompts at a time (grouped by family).
-
-    Returns accuracy overall and per family, tokens per forward (per row), tokens/s (generated tokens up to and
-    including EOS over the decoding wall time) and the answers in problem order.
-    """
-    return decode_interleaved({"run": run}, tokenizer, problems, batch)["run"]
-
-
-def decode_interleaved(runs: dict[Any, Any], tokenizer, problems: list[Problem], batch: int) -> dict[Any, Any]:
-    """:func:`decode_problems` for several systems at once, through the comparison harness
-    (:func:`edlm.bench.harness.run_interleaved`: each batch of prompts is decoded by every run in turn, the order
-    rotating from batch to batch). Returns ``{name: result}`` for ``runs = {name: run}``."""
-
-    order = sorted(range(len(problems)), key=lambda i: (problems[i].family, i))
-    prompts = [prompt_ids(tokenizer, p) for p in problems]
-    got = run_interleaved(runs, prompts, batch, order=order, detokenize=lambda ids: answer_text(tokenizer, ids))
-    return {name: _scored(problems, r) for name, r in got.items()}
-
-
-def _scored(problems: list[Problem], run) -> dict[str, Any]:
-    right: dict[str, list[bool]] = defaultdict(list)
-    for p, a in zip(problems, run.texts):
-        right[p.family].append(score_answer(a, p.answer, exact=True))
-    flat = [ok for oks in right.values() for ok in oks]
-    return {"accuracy": sum(flat) / len(flat), "per_family": {f: sum(v) / len(v) for f, v in sorted(right.items())},
-            "tokens_per_forward": run.tokens_per_forward, "tokens_per_s": run.tokens_per_s, "tokens": run.tokens,
-            "seconds": run.seconds, "n": len(problems), "batch": run.batch, "answers": run.texts}
 
 
 def _public(result: dict[str, Any]) -> dict[str, Any]:
