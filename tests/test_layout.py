@@ -171,6 +171,8 @@ def test_the_lazy_import_rule_sees_what_needs_an_optional_package():
     assert {"fastapi", "torch"} <= _top_level_packages("edlm.serve", modules)
     assert "lm_eval" in _top_level_packages("edlm.evals.lm_eval", modules)
     assert not _top_level_packages("edlm.decode", modules) & OPTIONAL_PACKAGES
+    # every command's module imports on a core install (CI installs the extras, which would hide it)
+    assert not _top_level_packages("edlm.cli.commands", modules) & OPTIONAL_PACKAGES
 
 
 def test_no_module_is_longer_than_about_600_lines():
