@@ -49,13 +49,21 @@ def _study_arguments(p: argparse.ArgumentParser, kind: str, example: str) -> Non
     p.add_argument("--report-dir", help="report folder (overrides report_dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a setting, e.g. --set {example}")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    _threads(p)
 
 
 def _unsandboxed_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-unsandboxed-code", action="store_true",
                    help="humaneval, mbpp: run the model's code even where it cannot be isolated (no Linux namespaces "
                         "or bwrap); it can then do anything your user can. Same as EDLM_ALLOW_CODE_EVAL=1")
+
+
+def _threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
+
+
+def _no_chat(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
 
 
 def _compile_flag(p: argparse.ArgumentParser) -> None:
@@ -94,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default: 16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy answers (default); > 0 samples")
     p.add_argument("--seed", type=int, default=0, help="seeds the built-in prompt set and sampling (default: 0)")
-    p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    _no_chat(p)
+    _threads(p)
 
     about = ("the gated-drafter recipe in one command: distil the source's answers, train a gated adapter over the "
              "frozen source, measure source AR vs speculative vs diffusion on held-out prompts (results.json). "
@@ -108,14 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a setting, e.g. --set convert.max_steps=100 --set measure.batch_sizes=[1]")
     p.add_argument("--ship", action="store_true",
                    help="then copy the adapter (fp16) into the package, where edlm demo finds it")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    _threads(p)
 
     p = sub.add_parser("generate", help="generate text with a converted model")
     p.add_argument("--model", required=True, help="converted model folder (output of edlm convert)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
     decode_flags(p)
-    p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    _no_chat(p)
+    _threads(p)
     p.add_argument("--stats", action="store_true", help="print tokens/s and tokens per forward")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                    help="weights: fp32, bf16 or int8 (quantized Linear layers), int4 (--compile only), or auto (the "
@@ -135,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     _compile_flag(p)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task (16 arithmetic, 256 code)")
     decode_flags(p, skip=("stop", "max_new_tokens"))
-    p.add_argument("--no-chat", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
+    _no_chat(p)
+    _threads(p)
     p.add_argument("--json", help="write the result here")
     _unsandboxed_flag(p)
 
@@ -147,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-sizes", type=int, nargs="+", default=None, help="default: the model's block size")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--no-chat", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
+    _no_chat(p)
+    _threads(p)
     p.add_argument("--json", required=True)
     p.add_argument("--plot", help="PNG path (default: JSON path with .png)")
     _unsandboxed_flag(p)
@@ -175,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="miniature --convert: conversion steps (default 600)")
     p.add_argument("--json", help="write the comparison as JSON to this file")
     decode_flags(p, only=("max_new_tokens", "threshold"), max_new_tokens=64)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    _threads(p)
 
     about = ("grid of conversion runs from one AR source model, each evaluated on held-out problems; writes a "
              "markdown report with PNG plots and a verdict per paper claim. Re-running finishes an interrupted study.")
@@ -203,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights: fp32 (default), bf16 or int8, int4 (--compile only), auto (measured once, cached); "
                         "same as --set dtype=...")
     _compile_flag(p)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    _threads(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any ServeSettings field, e.g. --set max_tokens_limit=1024 --set threshold=0.8")
     decode_flags(p, skip=("seed",))  # the server's defaults for requests; a request's own fields win
@@ -240,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the llama.cpp AR row (it runs when llama-cpp-python is installed and a GGUF is found)")
     p.add_argument("--ar-model", default="auto",
                    help="AR baseline: 'auto' (the source in train_config.yaml), a folder, or 'self'")
-    p.add_argument("--no-chat", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
+    _no_chat(p)
+    _threads(p)
 
     p = bench.add_parser("engine", help="batch-1 AR on every backend and dtype (eager, compiled, llama.cpp), the "
                                         "compiled engine's step cost by width, and forced-TPF decoding on it (JSON)")
@@ -259,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="instead: where a forward's time goes (torch.profiler by op category, and the time outside "
                         "any op), eager and compiled, per dtype and width 1 / block / 2 x block")
-    p.add_argument("--no-chat", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
+    _no_chat(p)
+    _threads(p)
 
     p = bench.add_parser("train", help="conversion vs AR fine-tuning throughput (JSON)")
     p.add_argument("--config", help="YAML preset; model, batch, seq_len and block come from it")
@@ -287,6 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request")
     p.add_argument("--disconnect", type=int, default=3, help="streamed requests that hang up mid-stream")
     p.add_argument("--max-batch", type=int, default=16, help="max_batch of the batched configuration")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    _threads(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any ServeSettings field")
     return parser
