@@ -73,3 +73,12 @@ def test_one_table_renders_the_same_rows_as_cli_text_and_as_markdown():
     with pytest.raises(ValueError, match="a row of 2 cells for 4 columns"):
         t.add(1, "ar")
     assert pct(0.5) == "50.0%" and pct(0.123, ".0f") == "12%" and pct(None) is None
+
+
+def test_versus_reports_each_side_at_its_fastest_dtype():
+    from edlm.bench.harness import versus
+
+    row = versus({"fp32": {"tokens_per_s": 10.0}, "int8": {"tokens_per_s": 20.0}},
+                 {"fp32": {"tokens_per_s": 50.0}, "bf16": {"tokens_per_s": 40.0}}, threshold=0.9)
+    assert row["ar"]["dtype"] == "int8" and row["dlm"]["dtype"] == "fp32" and row["speedup"] == 2.5
+    assert row["dlm"]["threshold"] == 0.9 and set(row["dlm"]["all_dtypes"]) == {"fp32", "bf16"}

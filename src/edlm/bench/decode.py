@@ -12,7 +12,7 @@ import torch
 
 from edlm.assets import default_chat_prompts
 from edlm.bench.engine import HEADLINE, engine_benchmark, engine_report
-from edlm.bench.harness import ar_system, cycled, dlm_system, run_interleaved
+from edlm.bench.harness import ar_system, cycled, dlm_system, run_interleaved, versus
 from edlm.bench.llamacpp import llamacpp_row
 from edlm.bench.table import Table, pct
 from edlm.bench.timing import _timed, agreement, forward_times
@@ -149,15 +149,9 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
         systems = {("ar", d): generate_ar(m) for d, m in ar_models.items()}
         systems.update({("dlm", d): dlm_system(m, decode) for d, m in models.items()})
         got = run_interleaved(systems, cycled(ids, n), n, repeats=repeats, warmup=True)
-        ar_by_dtype = {d: got[("ar", d)].summary() for d in ar_models}
-        dlm_by_dtype = {d: got[("dlm", d)].summary() for d in models}
-        ar_best, dlm_best = _best(ar_by_dtype), _best(dlm_by_dtype)
-        results["by_batch"][str(n)] = {
-            "ar": {**ar_by_dtype[ar_best], "dtype": ar_best, "all_dtypes": ar_by_dtype},
-            "dlm": {**dlm_by_dtype[dlm_best], "dtype": dlm_best, "threshold": decode.threshold,
-                    "all_dtypes": dlm_by_dtype},
-            "speedup": dlm_by_dtype[dlm_best]["tokens_per_s"] / ar_by_dtype[ar_best]["tokens_per_s"],
-        }
+        results["by_batch"][str(n)] = versus({d: got[("ar", d)].summary() for d in ar_models},
+                                             {d: got[("dlm", d)].summary() for d in models},
+                                             threshold=decode.threshold)
     first = results["by_batch"][str(batch_sizes[0])]
     results.update(ar=first["ar"], dlm=first["dlm"], speedup=first["speedup"])
 

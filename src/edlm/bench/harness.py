@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 from edlm.api import decode_until_stop
 from edlm.ar import ar_generate
@@ -80,6 +81,19 @@ def ar_system(model, cfg, eos_id: int | None, pad_id: int | None = None, banned:
     """An AR model decoding with a KV cache, ``cfg``'s length and sampling (:func:`edlm.ar.ar_generate`)."""
 
     return lambda rows: ar_generate(model, rows, cfg, eos_id, pad_id=pad_id, banned=banned)
+
+
+def versus(ar: dict[str, dict[str, Any]], dlm: dict[str, dict[str, Any]], **dlm_fields: Any) -> dict[str, Any]:
+    """The AR baseline and the dLM at one batch size, each measured at every weight dtype (``{dtype: numbers}``)
+    and reported at its fastest: ``{"ar": {numbers, dtype, all_dtypes}, "dlm": {numbers, dtype, dlm_fields,
+    all_dtypes}, "speedup"}``, the speed-up dividing the two fastest."""
+
+    def fastest(by_dtype: dict[str, dict[str, Any]], **fields: Any) -> dict[str, Any]:
+        best = max(by_dtype, key=lambda d: by_dtype[d]["tokens_per_s"])
+        return {**by_dtype[best], "dtype": best, **fields, "all_dtypes": by_dtype}
+
+    a, d = fastest(ar), fastest(dlm, **dlm_fields)
+    return {"ar": a, "dlm": d, "speedup": d["tokens_per_s"] / a["tokens_per_s"]}
 
 
 def cycled(prompts: list[list[int]], batch: int) -> list[list[int]]:

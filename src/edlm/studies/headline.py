@@ -28,6 +28,7 @@ import torch
 from edlm.ar import ar_generate
 from edlm.assets import miniature_dir
 from edlm.bench.decode import MODE_VARIANTS, forward_overhead
+from edlm.bench.harness import versus
 from edlm.bench.table import Table, pct
 from edlm.checkpoints import load_hf
 from edlm.config import DecodeConfig, apply_overrides, from_dict, load_yaml
@@ -169,19 +170,11 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
         runs = {("ar", d): ar_run(ars[d]) for d in settings.dtypes}
         runs.update({("dlm", d): dlm_run(dlms[d]) for d in settings.dtypes})
         got = decode_interleaved(runs, tok, problems, batch)
-        ar_all = {d: got[("ar", d)] for d in settings.dtypes}
-        dlm_all = {d: got[("dlm", d)] for d in settings.dtypes}
-        ar_best = max(ar_all, key=lambda d: ar_all[d]["tokens_per_s"])
-        dlm_best = max(dlm_all, key=lambda d: dlm_all[d]["tokens_per_s"])
-        answers.setdefault("ar", ar_all[ar_best]["answers"])
-        answers.setdefault("dlm", dlm_all[dlm_best]["answers"])
-        by_batch[str(batch)] = {
-            "ar": {**_public(ar_all[ar_best]), "dtype": ar_best,
-                   "all_dtypes": {d: _public(r) for d, r in ar_all.items()}},
-            "dlm": {**_public(dlm_all[dlm_best]), "dtype": dlm_best,
-                    "all_dtypes": {d: _public(r) for d, r in dlm_all.items()}},
-            "speedup": dlm_all[dlm_best]["tokens_per_s"] / ar_all[ar_best]["tokens_per_s"],
-        }
+        row = by_batch[str(batch)] = versus({d: _public(got[("ar", d)]) for d in settings.dtypes},
+                                            {d: _public(got[("dlm", d)]) for d in settings.dtypes})
+        ar_best = row["ar"]["dtype"]
+        answers.setdefault("ar", got[("ar", ar_best)]["answers"])
+        answers.setdefault("dlm", got[("dlm", row["dlm"]["dtype"])]["answers"])
         dtype = by_batch["1"]["dlm"]["dtype"]  # batch 1 comes first (HeadlineSettings checks)
         extra: dict[Any, Any] = {}
         points = [(block or dlm32.config.block_size, thr) for block in settings.sweep_block_sizes
@@ -200,7 +193,7 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
         for block, thr in points:
             point = {"block_size": block, "threshold": thr, "dtype": dtype}
             if (block, thr) == (headline_block, headline.threshold):
-                r, ref = dlm_all[dtype], ar_all[ar_best]["tokens_per_s"]
+                r, ref = row["dlm"]["all_dtypes"][dtype], row["ar"]["tokens_per_s"]
             else:
                 r, ref = more[("curve", block, thr)], reference
             curve.append({**point, **_public(r), "speedup": r["tokens_per_s"] / ref})
