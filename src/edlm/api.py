@@ -59,8 +59,13 @@ def decode_until_stop(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> Decod
     return DecodeOutput(sequences, stats)
 
 
+def stopped_text(tokenizer: Any, sequence: list[int], stop: list[str] | tuple[str, ...]) -> str:
+    """A generated sequence's text, cut at its first stop string (:func:`edlm.text.cut_at_stop`)."""
+    return cut_at_stop(tokenizer.decode(sequence, skip_special_tokens=True), stop)
+
+
 def complete(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> tuple[list[str], DecodeStats]:
     """``(texts, stats)`` of token-id prompts decoded in one batch with ``cfg`` (:func:`decode_until_stop`), each
-    text cut at its first stop string (:func:`edlm.text.cut_at_stop`)."""
+    text cut at its first stop string (:func:`stopped_text`)."""
     out = decode_until_stop(dlm, prompts, cfg)
-    return [cut_at_stop(dlm.tokenizer.decode(s, skip_special_tokens=True), cfg.stop) for s in out.sequences], out.stats
+    return [stopped_text(dlm.tokenizer, s, cfg.stop) for s in out.sequences], out.stats

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
+from edlm.api import stopped_text
 from edlm.bench.harness import ar_system, dlm_system
 from edlm.config import DecodeConfig
 from edlm.loading import load_pair, load_source
 from edlm.quant import DTYPES
 from edlm.sampling import DecodeStats
-from edlm.text import cut_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +56,10 @@ def generation_system(cfg: DecodeConfig, tokenizer, dlm: Any = None, ar_model: A
                      banned_ids(ar_model, mask_id) if mask_id is not None else None)
 
 
-def text_of(tokenizer, cfg: DecodeConfig):
-    """Sequence -> its text, cut at ``cfg.stop``."""
-    return lambda seq: cut_at_stop(tokenizer.decode(seq, skip_special_tokens=True), cfg.stop)
-
-
 @torch.no_grad()
 def generate_texts(prompts: list[list[int]], cfg: DecodeConfig, tokenizer, dlm: Any = None, ar_model: Any = None,
                    mask_id: int | None = None) -> tuple[list[str], DecodeStats]:
     """(continuation texts cut at ``cfg.stop``, decoding statistics) of a batch of token-id prompts, decoded by
     :func:`generation_system`."""
     out = generation_system(cfg, tokenizer, dlm, ar_model, mask_id)(prompts)
-    return [text_of(tokenizer, cfg)(s) for s in out.sequences], out.stats
+    return [stopped_text(tokenizer, s, cfg.stop) for s in out.sequences], out.stats

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edlm.api import stopped_text
 from edlm.bench.harness import run_interleaved
 from edlm.bench.table import Table
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
 from edlm.evals.likelihood import Scorer
-from edlm.evals.models import generation_system, load_for_eval, text_of
+from edlm.evals.models import generation_system, load_for_eval
 from edlm.evals.tasks import (
     CHOICE_TASKS,
     GENERATION_TASKS,
@@ -141,7 +142,7 @@ def _decode_task(task: str, dlm, configs: dict[Any, DecodeConfig], ar_model, lim
     runs = run_interleaved(systems, prompts, max(len(prompts), 1))
     out = {}
     for name, run in runs.items():
-        texts = [text_of(tok, configs[name])(s) for s in run.sequences]
+        texts = [stopped_text(tok, s, configs[name].stop) for s in run.sequences]
         out[name] = {**score(texts), "n": len(prompts), "tokens_per_s": run.tokens_per_s,
                      "tokens_per_forward": run.tokens_per_forward,
                      "examples": [{**e, "output": t} for e, t in list(zip(examples, texts))[:5]]}

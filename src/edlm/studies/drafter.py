@@ -31,13 +31,14 @@ import yaml
 from edlm.adapter import adapter_state, load_adapter_state
 from edlm.api import encode_prompt
 from edlm.assets.prompts import DOMAINS, distillation_prompts
-from edlm.bench.harness import ar_system, dlm_system, run_interleaved
+from edlm.bench.harness import run_interleaved
 from edlm.bench.table import Table, pct
 from edlm.checkpoints import resolve_model
 from edlm.config import DecodeConfig, TrainConfig, apply_overrides, from_dict, load_yaml
 from edlm.decode import generate
 from edlm.distill import DistillConfig, distill, distilled_tokens, read_prompts
 from edlm.errors import ConfigError
+from edlm.evals.models import generation_system
 from edlm.evals.tasks import Problem, score_answer
 from edlm.loading import load, load_ar
 from edlm.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, EDLM_CONFIG_NAME
@@ -159,11 +160,9 @@ def heldout_prompts(per_domain: int, distill: DistillConfig, seed: int) -> list[
 
 
 def _system(source, dlm, cfg: DecodeConfig):
-    """One batch -> DecodeOutput: ``mode="ar"`` decodes the unmodified source, other modes the adapter over it."""
-
-    tok = dlm.tokenizer
-    return ar_system(source, cfg, tok.eos_token_id, pad_id=tok.pad_token_id) if cfg.mode == "ar" \
-        else dlm_system(dlm, cfg)
+    """One batch -> DecodeOutput: ``mode="ar"`` decodes the unmodified source, other modes the adapter over it
+    (:func:`edlm.evals.models.generation_system`)."""
+    return generation_system(cfg, dlm.tokenizer, dlm=dlm, ar_model=source if cfg.mode == "ar" else None)
 
 
 def measure_drafter(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tuple[str, str]],

@@ -25,14 +25,12 @@ from typing import Any
 
 import torch
 
-from edlm.ar import ar_generate
 from edlm.assets import miniature_dir
 from edlm.bench.decode import MODE_VARIANTS, forward_overhead
-from edlm.bench.harness import versus
+from edlm.bench.harness import ar_system, dlm_system, versus
 from edlm.bench.table import Table, pct
 from edlm.checkpoints import load_hf
 from edlm.config import DecodeConfig, apply_overrides, from_dict, load_yaml
-from edlm.decode import generate
 from edlm.errors import ConfigError, EdlmError
 from edlm.evals.tasks import Problem
 from edlm.model import DiffusionLM
@@ -142,15 +140,13 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
     eos = tok.eos_token_id
 
     def ar_run(model):
-        return lambda rows: ar_generate(model, rows, DecodeConfig(max_new_tokens=max_new_tokens), eos_id=eos,
-                                        pad_id=tok.pad_token_id)
+        return ar_system(model, DecodeConfig(max_new_tokens=max_new_tokens), eos, tok.pad_token_id)
 
     headline = dataclasses.replace(settings.decode, max_new_tokens=max_new_tokens)
 
     def dlm_run(dlm, **fields):
         """Decode with the headline's settings, ``fields`` replaced."""
-        cfg = dataclasses.replace(headline, **fields)
-        return lambda rows: generate(dlm, rows, cfg)
+        return dlm_system(dlm, dataclasses.replace(headline, **fields))
 
     warm = problems[:4]
     for d in settings.dtypes:  # first calls pay one-time costs (allocator, kernels): keep them out of the timings
