@@ -34,7 +34,6 @@ def iter_ar(model, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int | No
         should_stop: asked before every forward; a row for which it returns True is finished.
         seeds: one sampling seed per row (default ``cfg.seed``): each row draws from its own generator.
     """
-
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EdlmError("every prompt needs at least one token")
     rows, width = len(prompts), max(len(p) for p in prompts)

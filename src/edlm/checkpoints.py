@@ -157,7 +157,6 @@ def resolve_model(spec: str | None, dtype: torch.dtype = torch.float32, attn_imp
 
 def embedded_model_dir() -> Path:
     """Folder of the embedded SmolLM2-135M-Instruct as safetensors (converted from the package's GGUF once)."""
-
     try:
         return embedded.embedded_model_dir(cache_dir())
     except FileNotFoundError as e:

@@ -59,7 +59,6 @@ def run_drafter_demo(adapter_dir: str | Path | None = None, prompts: list[tuple[
     """The real model: the embedded SmolLM2-135M-Instruct (AR, unmodified) against the gated drafter adapter over it,
     speculative (the adapter drafts, the source verifies: the source's own text) and diffusion, prompt by prompt at
     batch 1; returns per-prompt rows and totals (the ``--json`` schema of ``edlm demo``)."""
-
     adapter = Path(adapter_dir or drafter_dir())
     if not (adapter / ADAPTER_CONFIG_NAME).is_file():
         raise EdlmError(f"no gated adapter in {str(adapter)!r} (no {ADAPTER_CONFIG_NAME}); train one with edlm drafter "
@@ -102,7 +101,6 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
     ``decode``: how the dLM decodes at the headline point (None: as the miniature's ``headline.yaml`` says; its
     ``max_new_tokens`` is the headline's in any case). ``root`` is the miniature folder (default: the shipped one).
     """
-
     root = Path(root or miniature_dir())
     if not (root / "source" / "config.json").is_file():
         raise EdlmError(f"the shipped miniature is missing from {root}; rebuild it with: edlm headline --ship")
@@ -128,7 +126,6 @@ def run_miniature_demo(output_dir: str = "runs/demo-miniature", per_family: int 
 
 def _convert_miniature(cfg, source: Path, out: Path, steps: int | None, progress, say) -> Path:
     """Convert the shipped source with the headline's conversion settings into ``out/dlm`` (resumable)."""
-
     study = dataclasses.replace(cfg.study, output_dir=str(out))
     train_path, _ = write_task(study.task, out / "task")
     run = main_run(study)
@@ -173,7 +170,6 @@ def drafter_demo_report(result: dict[str, Any]) -> str:
 
 def miniature_report(result: dict[str, Any]) -> str:
     """What ``edlm demo --model miniature`` prints of :func:`run_miniature_demo`'s result."""
-
     lines = [f"\nAR source vs its dLM on {result['n_problems']} held-out problems ({', '.join(families(result))}), "
              f"greedy, dLM threshold {result['threshold']}, block {result['dlm_block_size']}:\n",
              comparison_table(result).text()]

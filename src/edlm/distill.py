@@ -61,7 +61,6 @@ class DistillConfig:
 
 def read_prompts(cfg: DistillConfig) -> list[tuple[str, str]]:
     """(domain, prompt) pairs of the configured set."""
-
     if cfg.prompts == "builtin":
         return distillation_prompts(cfg.num_prompts, seed=cfg.seed)
     path = Path(cfg.prompts)
@@ -110,7 +109,6 @@ def distill(model, tokenizer, cfg: DistillConfig, out: str | os.PathLike,
         out: the jsonl file; prompts whose id it already holds are skipped (resume).
         progress: called as ``progress(done, total)`` after every batch.
     """
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(cfg)

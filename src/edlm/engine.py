@@ -160,7 +160,6 @@ _HANDLES = itertools.count()
 
 def _pack_int8(weight: torch.Tensor) -> int:
     """Pack a float (N, K) weight for fbgemm (per-channel scales, as ``edlm.quant`` int8 does); returns its handle."""
-
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         lin.weight.copy_(weight)
@@ -493,7 +492,6 @@ def compile_model(model: nn.Module, dtype: str = "fp32", compile: bool = True) -
 
 def compile_dlm(dlm, dtype: str = "fp32", compile: bool = True):
     """A ``DiffusionLM`` sharing ``dlm``'s tokenizer and settings whose forwards run on the engine."""
-
     engine = compile_model(dlm.model, dtype, compile)
     out = DiffusionLM(dlm.model, dlm.tokenizer, dlm.config).eval()
     out.model = engine

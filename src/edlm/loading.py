@@ -24,7 +24,6 @@ def load(path: str | os.PathLike, dtype: str = "fp32", device: str | torch.devic
          attn_implementation: str = "sdpa", compile: bool = False) -> Any:
     """Load a converted model folder as a ``DiffusionLM`` with weights in ``dtype`` (eval mode); with ``compile``
     its forwards run on the compiled engine (:mod:`edlm.engine`, CPU, Llama-family models)."""
-
     if compile:
         check_dtype(dtype, compiled=True)
         return compile_dlm(DiffusionLM.from_pretrained(path, dtype=torch.float32, device="cpu").eval(), dtype)
@@ -40,7 +39,6 @@ def load_ar(spec: str | None, dtype: str = "fp32", device: str | torch.device = 
             compile: bool = False, attn_implementation: str = "sdpa") -> tuple[nn.Module, Any]:
     """(AR model in ``dtype``, tokenizer) for a model spec as :func:`edlm.checkpoints.resolve_model` reads it; with
     ``compile`` the model is the compiled engine over the fp32 weights (:mod:`edlm.engine`)."""
-
     if compile:
         check_dtype(dtype, compiled=True)
         model, tokenizer = resolve_model(spec, dtype=torch.float32)
@@ -54,7 +52,6 @@ def load_source(model_dir: str | os.PathLike, dtype: str = "fp32", device: str |
     """The AR model a converted folder was trained from (its ``train_config.yaml`` names it:
     :func:`edlm.model.source_spec`) in ``dtype``, eval mode. A folder that records no source has its converted
     weights used as a causal LM."""
-
     spec = source_spec(model_dir)
     if spec is None:
         logger.warning("%s records no AR source (no train_config.yaml); the converted weights are used as a causal "
@@ -69,7 +66,6 @@ def load_pair(model_dir: str | os.PathLike, ar: bool = False, dtype: str = "fp32
               device: str | torch.device | None = None) -> tuple[Any, nn.Module | None]:
     """(DiffusionLM, its AR source or None) of a converted folder, both in ``dtype``, on ``device`` (default: the
     best one here); with ``compile`` both run on the compiled engine."""
-
     device = device or best_device()
     dlm = load(model_dir, dtype, device=device, compile=compile)
     return dlm, load_source(model_dir, dtype, device, compile) if ar else None

@@ -149,7 +149,6 @@ class DiffusionLM(nn.Module):
         A gated adapter folder (``edlm_adapter.json``) loads its source (the model it names, or ``source``: a
         Hugging Face folder, ``embedded`` or a tiny spec) and puts the adapter on it.
         """
-
         path = Path(path)
         cfg_file = path / EDLM_CONFIG_NAME
         if not path.is_dir():
@@ -381,17 +380,14 @@ class DiffusionLM(nn.Module):
 
     def encode(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
         """Token ids of a user prompt or a conversation (:func:`edlm.api.encode_prompt`)."""
-
         return encode_prompt(self.tokenizer, prompt, chat)
 
     def generate(self, prompts: str | list[str], config: Any = None, chat: bool = True, **overrides: Any):
         """``(texts, stats)`` for one or more text prompts (:func:`edlm.api.generate_text`)."""
-
         return generate_text(self, prompts, config, chat, **overrides)
 
     def complete(self, prompts: list[list[int]], cfg: Any) -> tuple[list[str], Any]:
         """``(texts, stats)`` of token-id prompts decoded in one batch (:func:`edlm.api.complete`)."""
-
         return complete(self, prompts, cfg)
 
 
@@ -448,7 +444,6 @@ def _load_gated(path: Path, dtype: torch.dtype, device: str | torch.device, attn
 
 def _merged_copy(peft_model: nn.Module) -> nn.Module:
     """Merge LoRA weights into a copy of the base model, leaving the training model untouched."""
-
     return copy.deepcopy(peft_model).merge_and_unload()
 
 
@@ -466,7 +461,6 @@ def read_diffusion_config(path: str | os.PathLike) -> DiffusionConfig:
 
 def source_spec(model_dir: str | os.PathLike) -> str | None:
     """The AR source a converted folder was trained from (its train_config.yaml), or None if unknown."""
-
     cfg_file = Path(model_dir) / "train_config.yaml"
     if not cfg_file.is_file():
         return None

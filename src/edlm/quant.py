@@ -127,7 +127,6 @@ def cast_model(model: nn.Module, dtype: str, copy: bool = False) -> nn.Module:
     int8 quantizes from float weights (fp32 is converted to first, so int8 from bf16 loses no more than from fp32
     would have). The original module is changed in place unless ``copy``.
     """
-
     check_dtype(dtype)
     if copy:
         model = copy_.deepcopy(model)
@@ -139,7 +138,6 @@ def cast_model(model: nn.Module, dtype: str, copy: bool = False) -> nn.Module:
 def cast(dlm: Any, dtype: str) -> Any:
     """A new ``DiffusionLM`` sharing ``dlm``'s tokenizer and settings, with a copy of its weights in ``dtype``;
     ``dlm`` itself when it already is (fp32 and bf16 only)."""
-
     if dtype != "int8" and weight_dtype(dlm.model) == dtype:
         return dlm
     return DiffusionLM(cast_model(dlm.model, dtype, copy=True), dlm.tokenizer, dlm.config).eval()

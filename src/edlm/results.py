@@ -51,7 +51,6 @@ PROVENANCE_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "dat
 def provenance() -> dict[str, Any]:
     """:func:`machine_info` plus the git commit of the working tree (``+dirty`` when it has changes) and the
     versions of the packages that decide the numbers: what a report needs to be re-run and compared."""
-
     info = machine_info()
     packages = {}
     for name in PROVENANCE_PACKAGES:

@@ -164,7 +164,6 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
                      ) -> Iterator[tuple[list[list[int]], DecodeStats]]:
     """Self-speculative decoding (see module docstring), yielding after every forward: (new tokens per row, running
     stats), with the contract of :func:`edlm.decode.iter_steps`."""
-
     block = validate_prompts(dlm, prompts, cfg)
     if not dlm.config.clean_causal and not getattr(dlm, "_warned_untrained_ar", False):
         dlm._warned_untrained_ar = True  # once per model, not once per call

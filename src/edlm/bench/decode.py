@@ -49,7 +49,6 @@ def forward_overhead(dlm, prompt_len: int, block: int, repeats: int = 10) -> dic
     wider forwards: the prompt's prefill fused with the first step, and each finished block re-encoded in the
     next block's first forward (``docs/roofline/profile_decode.py`` splits the two).
     """
-
     prompt = [int(t) for t in torch.randint(10, 1000, (prompt_len,), generator=torch.Generator().manual_seed(0))]
     prompt = [t % (dlm.mask_id or 1) for t in prompt]
     cfg = DecodeConfig(max_new_tokens=4 * block, block_size=block, policy="fixed", tokens_per_step=1)
@@ -124,7 +123,6 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     headline fields (``ar_best_tokens_per_s``, ``ar_best``, ``llamacpp_tokens_per_s``,
     ``bandwidth_bound_tokens_per_s``) are also copied to the top level.
     """
-
     decode = decode or DecodeConfig()
     max_new_tokens = decode.max_new_tokens
     dtypes = parse_dtypes(",".join(dtypes))
@@ -290,7 +288,6 @@ def plot_ceiling(result: dict[str, Any], path: str | os.PathLike) -> None:
 
 def decode_report(result: dict[str, Any]) -> str:
     """What ``edlm bench decode`` prints: AR vs dLM by batch size, the ceiling, llama.cpp, the engine, overhead."""
-
     t = Table("batch", "AR tok/s", "dLM tok/s", "tok/fwd", "speedup")
     for n, row in result["by_batch"].items():
         t.add(n, f"{row['ar']['tokens_per_s']:.1f}", f"{row['dlm']['tokens_per_s']:.1f}",

@@ -50,7 +50,6 @@ def _source(model_dir: str | os.PathLike, ar_source: str | None):
     """The fp32 AR model the engine benchmarks time: ``"auto"`` the source named in the folder's
     ``train_config.yaml``, a model spec, or None: the converted weights decoded causally, as in edlm bench decode
     (``load_ar(None)`` would be the embedded model)."""
-
     spec = source_spec(model_dir) if ar_source == "auto" else ar_source
     return load(model_dir, "fp32").model if spec is None else load_ar(spec, "fp32")[0]
 
@@ -58,7 +57,6 @@ def _source(model_dir: str | os.PathLike, ar_source: str | None):
 def _ar_row(model, ids, max_new_tokens: int, repeats: int) -> dict[str, Any]:
     """Greedy AR of every prompt at batch 1, EOS ignored, through the comparison harness after a whole untimed
     pass (which compiles): the median run's summary and the wall time with warm-up."""
-
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
     run = run_interleaved({"ar": ar_system(model, cfg, None)}, ids, 1, repeats=repeats, warmup="pass")["ar"]
@@ -83,7 +81,6 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     ``ar_source``: ``"auto"`` (the source named in the folder's ``train_config.yaml``), a model spec, or None (the
     converted weights decoded causally). ``compile=False`` runs the engine's function eagerly (backend ``engine``).
     """
-
     bandwidth = memory_bandwidth()
     source = _source(model_dir, ar_source)
     cache_len = sorted(len(i) for i in ids)[len(ids) // 2] + max_new_tokens // 2
@@ -144,7 +141,6 @@ def llamacpp_rows(model_dir, ids: list[list[int]], max_new_tokens: int, repeats:
                   gguf: str | os.PathLike | None = None) -> dict[str, Any]:
     """llama.cpp's greedy AR at batch 1 on the source's GGUF as shipped and requantized to Q8_0 (int8's bytes per
     weight); ``{"skipped": reason}`` when it cannot run here."""
-
     path = source_gguf(model_dir, gguf)
     reason = skip_reason(path)
     if reason is not None:
@@ -188,7 +184,6 @@ def profile_forward(model, cache_len: int, width: int, repeats: int = 5) -> dict
     """Where a forward of ``width`` new columns on a ``cache_len``-token cache spends its time: wall ms (median,
     unprofiled), then ms per forward by op category from ``torch.profiler`` (op self times), and the rest, wall
     minus every op's self time: Python, module calls and dispatch outside any op."""
-
     wall = forward_times(model, cache_len, (width,), repeats=repeats)[width]
     step = forward_step(model, cache_len)
     step(width)
@@ -209,7 +204,6 @@ def profile_engine(model_dir: str | os.PathLike, dtypes: tuple[str, ...] = ("fp3
                    cache_len: int = 100, ar_source: str | None = "auto", compile: bool = True) -> dict[str, Any]:
     """:func:`profile_forward` of the source's forward on the eager Hugging Face path and on the compiled engine,
     per dtype and width: ``{"eager": {dtype: {width: ...}}, "compiled": {...}, "settings": ...}``."""
-
     source = _source(model_dir, ar_source)
     out: dict[str, Any] = {"eager": {}, "compiled" if compile else "engine": {}}
     for d in eager_dtypes:
@@ -230,7 +224,6 @@ def choose_dtype(model_dir: str | os.PathLike, width: int, compile: bool = False
     and speculative steps) is fastest here, measured once per machine, model folder, thread count, path and width
     and remembered in ``<edlm cache>/dtype-choices.json``. Returns (dtype, the record: times per dtype, whether it
     came from the cache)."""
-
     candidates = candidates or (("fp32", "bf16", "int8", "int4") if compile else ("fp32", "bf16", "int8"))
     machine = machine_info()
     folder = Path(model_dir).resolve()
@@ -261,7 +254,6 @@ def choose_dtype(model_dir: str | os.PathLike, width: int, compile: bool = False
 
 def engine_report(e: dict[str, Any]) -> str:
     """What ``edlm bench engine`` prints of :func:`engine_benchmark`'s result."""
-
     s, t = e["settings"], e["targets"]
     rows = Table("<backend", "<dtype", "tokens/s", "bw bound", "compile s")
     for r in e["ar"]:
@@ -292,7 +284,6 @@ def engine_report(e: dict[str, Any]) -> str:
 
 def profile_report(p: dict[str, Any]) -> str:
     """What ``edlm bench engine --profile`` prints of :func:`profile_engine`'s result: ms per forward by category."""
-
     paths = [(path, d, w, r) for path in ("eager", "compiled", "engine") for d, by_width in p.get(path, {}).items()
              for w, r in by_width.items()]
     cats = sorted({c for *_, r in paths for c in r["by_category_ms"]})

@@ -79,7 +79,6 @@ def dlm_system(dlm, cfg) -> System:
 
 def ar_system(model, cfg, eos_id: int | None, pad_id: int | None = None, banned: list[int] | None = None) -> System:
     """An AR model decoding with a KV cache, ``cfg``'s length and sampling (:func:`edlm.ar.ar_generate`)."""
-
     return lambda rows: ar_generate(model, rows, cfg, eos_id, pad_id=pad_id, banned=banned)
 
 

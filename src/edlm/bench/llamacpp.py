@@ -32,7 +32,6 @@ INSTALL = "pip install llama-cpp-python (builds llama.cpp from source, a few min
 def source_gguf(model_dir: str | os.PathLike, gguf: str | os.PathLike | None = None) -> Path | None:
     """The GGUF of a converted folder's AR source: ``gguf`` when given, the embedded SmolLM2's file when the
     source is the embedded default, a single ``*.gguf`` in the source folder, else None."""
-
     if gguf is not None:
         return Path(gguf)
     spec = source_spec(model_dir)
@@ -65,7 +64,6 @@ def skip_reason(gguf: Path | None) -> str | None:
 def q8_0_gguf(gguf: Path) -> Path:
     """``gguf`` requantized to Q8_0 (8.5 bits per weight, int8's bytes) by llama.cpp's own quantizer, cached beside
     the edlm cache under the source file's name; written atomically (a temporary file, then a rename)."""
-
     import llama_cpp
 
     out = cache_dir() / "gguf" / f"{gguf.stem}.Q8_0.gguf"
@@ -149,7 +147,6 @@ def llamacpp_row(model_dir: str | os.PathLike, ids: list[list[int]], max_new_tok
     agree with the PyTorch AR's (up to where that one stopped), and the dLM's speed-up over it (at the benchmark's
     threshold, and at each forced tokens-per-forward of the batch-1 ceiling). ``{"skipped": reason}`` when it
     cannot run here."""
-
     path = source_gguf(model_dir, gguf)
     reason = skip_reason(path)
     if reason is not None:

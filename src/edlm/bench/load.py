@@ -194,7 +194,6 @@ def serve_bench(model_dir: str | Path, n_requests: int = 64, concurrency: int = 
                 disconnect: int = 3, max_batch: int = 16, settings: ServeSettings | None = None) -> dict[str, Any]:
     """Throughput of the real server under :func:`load_test`, batched (``max_batch``) vs one request at a time
     (``max_batch=1``), same model and process (``edlm serve-bench``)."""
-
     base = settings or load_serve_settings(model_dir)
     dlm = DiffusionLM.from_pretrained(model_dir).eval()
     runs: dict[str, Any] = {}
@@ -220,7 +219,6 @@ def serve_bench(model_dir: str | Path, n_requests: int = 64, concurrency: int = 
 
 def serve_bench_report(result: dict[str, Any]) -> str:
     """What ``edlm serve-bench`` prints: a row per run, then the batched server's speed-up."""
-
     t = Table("<run", "max_batch", "ok", "req/s", "tok/s", "p50 s", "rows/cohort", "left", "cancelled", "mismatched")
     for name, run in result["runs"].items():
         server = run["server"]

@@ -35,7 +35,6 @@ def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict[
     The AR phase runs first, so the process's peak RSS after each phase shows the extra memory of the dLM step
     (RSS peaks never go down). On CUDA, peak allocated memory is reset and read per phase instead.
     """
-
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,7 +105,6 @@ def mask_memory(lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192), block:
     from the same predicate (the GPU path; built here on ``device``, CPU by default). The dense mask grows
     quadratically; the BlockMask stores per 128x128 tile only indices of the non-empty tiles.
     """
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for n in lengths:
@@ -134,7 +132,6 @@ def training_memory(model: str = "tiny:llama@256x4", lengths: tuple[int, ...] = 
     Needs a CUDA GPU. Each (implementation, length) runs in a fresh model so the peaks do not mix; an out-of-memory
     is recorded as such. The dense SDPA mask is (2L)^2 per batch; flex builds a BlockMask from the same predicate.
     """
-
     if not torch.cuda.is_available():
         raise EdlmError("the training-memory benchmark needs a CUDA GPU; on CPU use edlm bench-masks (mask bytes)")
     rows = []
@@ -167,7 +164,6 @@ def training_memory(model: str = "tiny:llama@256x4", lengths: tuple[int, ...] = 
 
 def train_report(result: dict[str, Any]) -> str:
     """What ``edlm bench train`` prints: tokens/s and peak memory of each phase."""
-
     t = Table("<phase", "tokens/s", "peak MB")
     for name, key in (("AR fine-tune", "ar_finetune"), ("dLM convert", "dlm_convert"),
                       ("dLM + AR loss", "dlm_convert_joint")):
@@ -180,7 +176,6 @@ def train_report(result: dict[str, Any]) -> str:
 
 def masks_report(result: dict[str, Any]) -> str:
     """What ``edlm bench masks`` prints: the mask's bytes, dense vs flex, and the training peaks when measured."""
-
     t = Table("seq_len", "dense MB", "flex MB", "flex build s")
     for row in result["rows"]:
         t.add(row["seq_len"], f"{row['dense_bytes'] / 2**20:.1f}",

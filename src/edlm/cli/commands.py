@@ -49,7 +49,6 @@ LM_EVAL = "pip install 'lm-eval>=0.4.13,<0.5'"
 
 def _require_task(task: str) -> None:
     """Fail before any work when an evaluation task needs a package that is not installed."""
-
     if task.startswith("rg:"):
         require("reasoning_gym", install=REASONING_GYM)
     elif not task.startswith("ppl:") and default_max_new_tokens(task) is None:  # a choice task: run by lm-eval
@@ -58,14 +57,12 @@ def _require_task(task: str) -> None:
 
 def decode_given(args: argparse.Namespace) -> dict[str, object]:
     """The decoding flags given on the command line (see :func:`edlm.cli.parser.decode_flags`), by field name."""
-
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodeConfig)
             if getattr(args, f.name, None) is not None}
 
 
 def decode_config(args: argparse.Namespace, **fields: object):
     """The :class:`edlm.config.DecodeConfig` of the decoding flags given, then ``fields``."""
-
     return DecodeConfig(**{**decode_given(args), **{k: v for k, v in fields.items() if v is not None}})
 
 

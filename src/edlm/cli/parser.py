@@ -19,7 +19,6 @@ def decode_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: t
     help taken from the field's docstring. A flag not given stays None, so the defaults are DecodeConfig's, except
     for the few a command sets in ``defaults`` (e.g. a benchmark's shorter ``max_new_tokens``). ``only`` / ``skip``
     choose the fields."""
-
     docs, hints = field_docs(DecodeConfig), typing.get_type_hints(DecodeConfig)
     for f in dataclasses.fields(DecodeConfig):
         if f.name in skip or (only is not None and f.name not in only):

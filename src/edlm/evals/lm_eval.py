@@ -300,7 +300,6 @@ class EdlmLM(TemplateLM):
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """The requests grouped by (fitted) context: the choices of a question are scored together."""
-
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (_, context, continuation) in enumerate(requests):
             groups.setdefault(tuple(self._fit(context, continuation)), []).append(i)
@@ -316,7 +315,6 @@ class EdlmLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood (dlm: ELBO) of whole texts, scored in lm-eval's disjoint rolling windows."""
-
         # A disjoint window holds (window length + 1) tokens; that must fit max_length.
         window = self.max_length - 1
         results = []
@@ -351,7 +349,6 @@ class EdlmLM(TemplateLM):
 
     def _fit_prompt(self, prompt: list[int], cfg: DecodeConfig) -> list[int]:
         """A non-empty prompt cut from the left so that it, the new tokens (and a dlm's last block) fit."""
-
         prompt = prompt or [self.prefix_token_id]
         room = self.max_length - cfg.max_new_tokens - (decode_block_size(self.dlm, cfg) if self.dlm is not None else 0)
         if room < 1:
@@ -369,7 +366,6 @@ class EdlmLM(TemplateLM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Generated continuations, ``batch_size`` rows at a time (requests grouped by equal generation settings,
         longest prompts first); a row's text never depends on its batch neighbours."""
-
         groups: dict[str, list[int]] = {}
         configs, prompts = [], []
         for i, req in enumerate(requests):

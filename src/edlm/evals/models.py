@@ -28,14 +28,12 @@ def load_ar_source(model_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
                    device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
     """The AR model a converted folder was trained from, in eval mode on ``device``
     (:func:`edlm.loading.load_source`, with a float ``dtype``)."""
-
     name = next(n for n, d in DTYPES.items() if d == dtype)
     return load_source(model_dir, name, device, attn_implementation=attn_implementation)
 
 
 def load_for_eval(model_dir: str, ar: bool = False, dtype: str = "fp32", compile: bool = False):
     """(DiffusionLM, AR source model or None) of a converted folder (:func:`edlm.loading.load_pair`)."""
-
     return load_pair(model_dir, ar, dtype, compile)
 
 
@@ -49,7 +47,6 @@ def generation_system(cfg: DecodeConfig, tokenizer, dlm: Any = None, ar_model: A
     """The harness system (:mod:`edlm.bench.harness`) an evaluation decodes with: ``ar_model`` causally (``mask_id``
     banned), else ``dlm``'s block decoder in ``cfg.mode``, a row stopping at the first block boundary after a stop
     string appeared in its text."""
-
     if ar_model is None:
         return dlm_system(dlm, cfg)
     return ar_system(ar_model, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,

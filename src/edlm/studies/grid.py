@@ -209,7 +209,6 @@ def evaluate_run(cfg: StudyConfig, run_dir: Path, source: Path, problems, thresh
 
 def _check_same_settings(run_dir: Path, tcfg: TrainConfig) -> None:
     """A finished or started run must have been trained with the settings the study now asks for."""
-
     saved = run_dir / "train_config.yaml"
     if not saved.is_file():
         return
@@ -225,7 +224,6 @@ def run_study(cfg: StudyConfig, progress: Progress | None = None,
     ``progress(message)`` announces each step; ``new_bar(name)`` returns a ``progress(step, total, info)``
     callback for one training run (a fresh progress bar in the CLI).
     """
-
     say = progress or (lambda msg: logger.info(msg))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

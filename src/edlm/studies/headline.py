@@ -95,7 +95,6 @@ class HeadlineConfig:
 
 def load_headline_config(path: str | Path, overrides: list[str] | None = None) -> HeadlineConfig:
     """A study YAML with an extra ``headline:`` section; its first comparison's first variant is the dLM."""
-
     data = load_yaml(path)
     apply_overrides(data, overrides or [])
     section = data.pop("headline", {}) or {}
@@ -130,7 +129,6 @@ def _public(result: dict[str, Any]) -> dict[str, Any]:
 def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: HeadlineSettings,
             max_new_tokens: int, progress=None) -> dict[str, Any]:
     """AR source vs dLM on ``problems``: every number of the headline, measured in this process."""
-
     say = progress or (lambda msg: logger.info(msg))
     ar32, tok = load_hf(source_dir)
     ar32.eval()
@@ -279,7 +277,6 @@ def mode_verdicts(measured: dict[str, Any], settings: HeadlineSettings) -> dict[
 def run_headline(cfg: HeadlineConfig, progress=None, new_bar=None,
                  config_path: str | None = None) -> dict[str, Any]:
     """Train (or reuse) source and conversion through the study, then measure; writes results.json + report."""
-
     say = progress or (lambda msg: logger.info(msg))
     study = cfg.study
     t0 = time.perf_counter()
@@ -325,7 +322,6 @@ def ship_miniature(cfg: HeadlineConfig, config_path: str | Path, dest: Path | No
 
     The folder is written beside its final name and swapped in, so an interrupted call never leaves half of it.
     """
-
     dest = Path(dest or miniature_dir())
     study = cfg.study
     source, run_dir = Path(study.output_dir) / "source", main_run_dir(study)
@@ -375,7 +371,6 @@ def plot_pareto(result: dict[str, Any], path: Path) -> list[str]:
     """Accuracy vs tokens/s at batch 1: one line per dLM decoding block across thresholds, the headline dLM point,
     a point per other decoding mode of the same weights (``result["modes"]``) and the AR points. Returns the
     legend's labels, one per series plotted."""
-
     fig, ax = new_figure()
     blocks = sorted({p["block_size"] for p in result["curve"]})
     for block in blocks:

@@ -27,7 +27,6 @@ def pretrain_ar(cfg: TrainConfig, out: str | os.PathLike, progress: ProgressFn |
     A finished folder is left alone; an interrupted run resumes from its latest checkpoint in ``out`` (an error if
     its settings differ).
     """
-
     out = Path(out)
     if is_trained(out):
         return out
