@@ -86,6 +86,7 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: str):
         self.dtype, self.out_features = dtype, weight.shape[0]
+        self.scale: torch.Tensor | None = None
         weight = weight.detach().float()
         self.bias = None if bias is None else bias.detach().float()
         if dtype == "fp32":
@@ -96,7 +97,6 @@ class Linear:
         elif dtype == "int8":  # fbgemm's packed int8 weights, kept in a registry the custom op reads
             self.weight = torch.tensor(_pack_int8(weight))  # a handle: a tensor, so chunks share one graph
             weakref.finalize(self, _INT8.pop, int(self.weight), None)  # the packed weights go with this Linear
-            self.nbytes_ = weight.numel() + 4 * weight.shape[0]  # int8 weights, one fp32 scale per channel
         elif dtype == "int4":
             n, k = weight.shape
             if k % INT4_GROUP:
@@ -114,20 +114,18 @@ class Linear:
             self.scale = self.scale.bfloat16().contiguous()
         else:
             raise EdlmError(f"unknown engine dtype {dtype!r}; choose one of {', '.join(ENGINE_DTYPES)}")
+        # the bytes a forward reads; int8's: its int8 weights and one fp32 scale per output channel (not the handle)
+        if dtype == "int8":
+            self.nbytes = weight.numel() + 4 * weight.shape[0]
+        else:
+            self.nbytes = sum(t.numel() * t.element_size() for t in (self.weight, self.scale) if t is not None)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(weight, scale or None, bias or None): what :func:`linear` takes."""
-        return self.weight, getattr(self, "scale", None), self.bias
+        return self.weight, self.scale, self.bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self.dtype, self.out_features, x, *self.tensors())
-
-    def nbytes(self) -> int:
-        if hasattr(self, "nbytes_"):
-            return self.nbytes_
-        extra = getattr(self, "scale", None)
-        return self.weight.numel() * self.weight.element_size() + (0 if extra is None else
-                                                                     extra.numel() * extra.element_size())
 
 
 def linear(dtype: str, out_features: int, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
@@ -334,8 +332,8 @@ class Engine(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of weights a one-column forward reads (the layers and the LM head; the embedding row is one
         gather)."""
-        return self.lm_head.nbytes() + sum(
-            lin.nbytes() for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        return self.lm_head.nbytes + sum(
+            lin.nbytes for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
 
     def _rope(self, length: int) -> None:
         """cos/sin tables for positions [0, length), from the source's own rotary module (any RoPE scaling)."""

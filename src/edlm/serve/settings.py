@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from edlm.config import DecodeConfig, apply_overrides, from_dict
-from edlm.errors import ConfigError
-from edlm.quant import DTYPES, ENGINE_ONLY
+from edlm.errors import ConfigError, EdlmError
+from edlm.quant import check_dtype
 
 # Flat keys of the old settings, still accepted by ``--set`` and load_serve_settings (``threshold=0.8`` is
 # ``decode.threshold=0.8``).
@@ -77,9 +77,10 @@ class ServeSettings:
               f"max_tokens_limit ({self.max_tokens_limit})")
         check(self.batch_window_ms >= 0 and self.batch_gap_ms >= 0,
               f"batch_window_ms and batch_gap_ms must be >= 0, got {self.batch_window_ms}, {self.batch_gap_ms}")
-        allowed = (*DTYPES, *ENGINE_ONLY) if self.compile else tuple(DTYPES)
-        check(self.dtype in allowed, f"unknown weight dtype {self.dtype!r} (int4 needs compile); choose one of "
-                                     f"{', '.join(allowed)}")
+        try:
+            check_dtype(self.dtype, compiled=self.compile)
+        except EdlmError as e:
+            raise ConfigError(str(e)) from None
 
     def decode_config(self, **fields: Any) -> DecodeConfig:
         """The server's decoding defaults with ``fields`` (None values ignored) replacing them."""
