@@ -68,34 +68,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from edlm.evals.isolation_init import (
-    CLONE_NEWIPC,
-    CLONE_NEWNET,
-    CLONE_NEWNS,
-    CLONE_NEWPID,
-    CLONE_NEWUSER,
-    MS_BIND,
-    MS_NOATIME,
-    MS_NODEV,
-    MS_NODIRATIME,
-    MS_NOEXEC,
-    MS_NOSUID,
-    MS_PRIVATE,
-    MS_RDONLY,
-    MS_REC,
-    MS_RELATIME,
-    MS_REMOUNT,
-    MS_STRICTATIME,
-    check,
-    libc,
-    mount,
-)
+from edlm.evals.isolation_init import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, check, libc, mount
 
 logger = logging.getLogger(__name__)
 
 Isolation = Literal["namespaces", "bwrap", "none"]
 ISOLATIONS: tuple[Isolation, ...] = ("namespaces", "bwrap", "none")
 
+# <linux/sched.h>, <linux/mount.h>: the flags stage one alone uses (isolation_init has those both use)
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x20000, 0x08000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE = 32, 1024, 2048, 4096, 16384, 1 << 18
+MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
 _TMP_SIZE = b"64m"
 _DEVICES = (b"null", b"zero", b"full", b"random", b"urandom", b"tty")
 _DEV_LINKS = ((b"fd", b"/proc/self/fd"), (b"stdin", b"/proc/self/fd/0"), (b"stdout", b"/proc/self/fd/1"),
@@ -157,10 +141,7 @@ def _kept_flags(path: bytes) -> int:
     """The flags a bind remount of the mount at ``path`` must repeat: in a user namespace they are locked, and
     leaving one out is refused. No atime flag means strictatime (a remount would otherwise default to relatime)."""
     st = os.statvfs(path).f_flag
-    flags = 0
-    for st_flag, ms_flag in _ST_TO_MS:
-        if st & st_flag:
-            flags |= ms_flag
+    flags = sum(ms_flag for st_flag, ms_flag in _ST_TO_MS if st & st_flag)  # distinct bits: the sum is their OR
     return flags | (0 if flags & (MS_NOATIME | MS_RELATIME) else MS_STRICTATIME)
 
 
@@ -223,17 +204,13 @@ def _namespaces_preexec(plan: _Plan, before_exec: Callable[[], None] | None) -> 
 
 
 @functools.cache
-def _init_source() -> tuple[str, int]:
+def _init_args() -> tuple[str, str]:
+    """isolation_init's source and CAP_LAST, read once."""
     try:
         cap_last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     except (OSError, ValueError):
         cap_last = 63
-    return _INIT.read_text(), cap_last
-
-
-def _init_command(argv: list[str], unprivileged: bool) -> list[str]:
-    source, cap_last = _init_source()
-    return [sys.executable, "-I", "-S", "-c", source, str(cap_last), "1" if unprivileged else "0", "--", *argv]
+    return _INIT.read_text(), str(cap_last)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,7 +247,8 @@ def confine(isolation: Isolation, argv: list[str], root: Path, workdir: Path,
     if isolation == "namespaces":
         libc()  # loaded here, in the parent
         plan = _Plan(os.fsencode(root), os.fsencode(workdir), os.geteuid(), os.getegid(), interpreter_under_tmp())
-        return _init_command(argv, plan.uid != 0), _namespaces_preexec(plan, before_exec)
+        init = [sys.executable, "-I", "-S", "-c", *_init_args(), "1" if plan.uid else "0", "--", *argv]
+        return init, _namespaces_preexec(plan, before_exec)
     if isolation == "bwrap":
         bwrap = shutil.which("bwrap")
         if bwrap is None:
@@ -318,11 +296,6 @@ class Probe:
     """Why each backend tried before it failed, e.g. ``{"namespaces": "unshare: Operation not permitted"}``."""
 
 
-def _tmp_names() -> list[str]:
-    """The names in the sandbox's /tmp that lead to the interpreter's folders."""
-    return sorted({os.fsdecode(path).split("/")[2] for path in interpreter_under_tmp()})
-
-
 def try_isolation(isolation: Isolation, timeout_s: float = 10.0) -> str:
     """Run a check program confined by ``isolation``; returns "" when it is isolated, otherwise why not."""
     if sys.platform != "linux":
@@ -333,8 +306,9 @@ def try_isolation(isolation: Isolation, timeout_s: float = 10.0) -> str:
     try:
         (root / "work").mkdir()
         server = socket.create_server(("127.0.0.1", 0))
-        probe_source = _PROBE.format(name=root.name, port=server.getsockname()[1], kept=_tmp_names(),
-                                     kept_paths=[os.fsdecode(p) for p in interpreter_under_tmp()])
+        kept = [os.fsdecode(p) for p in interpreter_under_tmp()]  # the names in /tmp that lead to them: kept
+        probe_source = _PROBE.format(name=root.name, port=server.getsockname()[1], kept_paths=kept,
+                                     kept=sorted({p.split("/")[2] for p in kept}))
         argv = [sys.executable, "-I", "-c", probe_source]
         try:
             argv, preexec = confine(isolation, argv, root, root / "work")

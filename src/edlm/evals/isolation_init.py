@@ -22,12 +22,8 @@ import ctypes
 import os
 import sys
 
-# <linux/sched.h>, <linux/mount.h>, <linux/prctl.h>, <linux/securebits.h>, <linux/capability.h>, <signal.h>
-CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (0x20000, 0x08000000, 0x10000000, 0x20000000,
-                                                                        0x40000000)
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = (1024, 2048, 4096, 16384,
-                                                                                       1 << 18, 1 << 21, 1 << 24)
+# <linux/mount.h>, <linux/prctl.h>, <linux/securebits.h>, <linux/capability.h>, <signal.h>
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8  # shared with isolation, which has the other flags
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 28, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _SECUREBITS = 0b11101111  # noroot, no_setuid_fixup, no_cap_ambient_raise, each locked; keep_caps off and locked

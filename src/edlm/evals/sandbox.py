@@ -22,6 +22,7 @@ A program *passes* when it runs to its last line and exits with status 0; a prog
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -147,8 +148,9 @@ def resolve_sandbox(allow_unsandboxed: bool = False) -> Isolation:
         f"with --allow-unsandboxed-code or {ALLOW_ENV}=1")
 
 
-def _limits(timeout_s: float, memory_mb: int) -> list[tuple[int, tuple[int, int]]]:
-    """Resource limits for the child, never above the hard limits the parent already has (those cannot be raised)."""
+def _preexec(timeout_s: float, memory_mb: int) -> Callable[[], None]:
+    """The function run in the forked child before ``exec``: only ``setrlimit`` calls, no imports or locks. The
+    limits are computed here, never above the hard limits the parent already has (those cannot be raised)."""
     cpu = math.ceil(timeout_s) + 1  # SIGXCPU at the soft limit, SIGKILL one second later
     wanted = [(resource.RLIMIT_AS, memory_mb * 2**20, memory_mb * 2**20),
               (resource.RLIMIT_CPU, cpu, cpu + 1),
@@ -162,18 +164,12 @@ def _limits(timeout_s: float, memory_mb: int) -> list[tuple[int, tuple[int, int]
         if old_hard != resource.RLIM_INFINITY:
             soft, hard = min(soft, old_hard), min(hard, old_hard)
         limits.append((res, (soft, hard)))
-    return limits
-
-
-def _preexec(limits: list[tuple[int, tuple[int, int]]]) -> Callable[[], None]:
-    """The function run in the forked child before ``exec``: only ``setrlimit`` calls, no imports or locks."""
 
     def apply() -> None:
         for res, value in limits:
-            try:
+            # e.g. RLIMIT_NPROC refused in some containers; the timeout and group kill still apply
+            with contextlib.suppress(ValueError, OSError):
                 resource.setrlimit(res, value)
-            except (ValueError, OSError):
-                pass  # e.g. RLIMIT_NPROC refused in some containers; the timeout and group kill still apply
 
     return apply
 
@@ -187,70 +183,43 @@ def _child_env(workdir: Path, marker: str) -> dict[str, str]:
             _MARKER_VAR: marker}
 
 
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill_escaped(marker: str) -> int:
+def _kill_escaped(marker: str) -> None:
     """SIGKILL every process whose environment holds ``marker`` (those that left the group with ``setsid``).
 
-    Linux only (reads ``/proc/*/environ``); a no-op elsewhere. Returns how many processes were signalled.
+    Linux only (reads ``/proc/*/environ``); a no-op elsewhere.
     """
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return 0
     needle = f"{_MARKER_VAR}={marker}".encode()
-    killed = 0
     for _ in range(5):  # a few passes catch processes forked while we were looking
-        found = 0
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
+        found = False
+        for entry in Path("/proc").glob("[0-9]*"):
             try:
-                environ = (entry / "environ").read_bytes()
-            except OSError:
-                continue
-            if needle in environ.split(b"\0"):
-                found += 1
-                try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found = True
                     os.kill(int(entry.name), signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        killed += found
+            except OSError:  # gone already, or not ours
+                continue
         if not found:
             break
-    return killed
 
 
 def _remove_tree(root: Path) -> None:
     """Delete ``root`` even when the program made folders in it unreadable."""
     for dirpath, dirnames, _ in os.walk(root):
         for name in dirnames:
-            try:
+            with contextlib.suppress(OSError, NotImplementedError):
                 os.chmod(os.path.join(dirpath, name), 0o700, follow_symlinks=False)
-            except (OSError, NotImplementedError):
-                pass
     shutil.rmtree(root, ignore_errors=True)
     if root.exists():
         logger.warning("could not remove the sandbox folder %s", root)
 
 
-def _read_head(path: Path, n: int) -> str:
+def _read(path: Path, n: int, tail: bool = False) -> str:
+    """The first (or last) ``n`` bytes of ``path`` as text; "" when it cannot be read."""
     try:
         with open(path, "rb") as f:
+            if tail:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - n))
             return f.read(n).decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
-def _read_tail(path: Path, n: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - n))
-            return f.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
 
@@ -271,11 +240,8 @@ def run_program(source: str, timeout_s: float = 5.0, memory_mb: int = 1024,
                 sandbox: Isolation | None = None) -> ExecResult:
     """Run a Python program in a sandboxed subprocess and report whether it ran to its end without error.
 
-    The program runs under ``sys.executable -I`` (isolated mode) in an empty temporary working directory that is
-    deleted afterwards, confined by ``sandbox``, with a scrubbed environment, limits on address space
-    (``memory_mb``), CPU time (``ceil(timeout_s) + 1`` s), file size (8 MiB, stdout included) and processes, and in
-    its own session: when ``timeout_s`` of wall-clock time have passed, or when the program ends, its whole process
-    group is killed.
+    Folder, environment, limits and clean-up are as the module docstring describes; the CPU-time limit is
+    ``ceil(timeout_s) + 1`` s and the file-size limit 8 MiB (stdout included).
 
     Args:
         source: The program text.
@@ -310,7 +276,7 @@ def run_program(source: str, timeout_s: float = 5.0, memory_mb: int = 1024,
         with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
             argv = [sys.executable, "-I", "-X", "utf8", "-c", _BOOTSTRAP, str(program), str(status_file)]
             try:
-                argv, preexec = isolation.confine(sandbox, argv, root, workdir, _preexec(_limits(timeout_s, memory_mb)))
+                argv, preexec = isolation.confine(sandbox, argv, root, workdir, _preexec(timeout_s, memory_mb))
                 proc = subprocess.Popen(
                     argv, cwd=workdir, env=_child_env(workdir, marker), stdin=subprocess.DEVNULL, stdout=out,
                     stderr=err, close_fds=True, start_new_session=True, preexec_fn=preexec)
@@ -323,12 +289,13 @@ def run_program(source: str, timeout_s: float = 5.0, memory_mb: int = 1024,
             except subprocess.TimeoutExpired:
                 timed_out = True
             # start_new_session: the program's pid is its process group id; anything it left behind dies with it
-            _kill_group(proc.pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             _kill_escaped(marker)
-        stdout = _read_head(root / "stdout", _MAX_OUTPUT_CHARS)
-        stderr = _read_tail(root / "stderr", _MAX_OUTPUT_CHARS)
-        status = _read_head(status_file, 16)
+        stdout = _read(root / "stdout", _MAX_OUTPUT_CHARS)
+        stderr = _read(root / "stderr", _MAX_OUTPUT_CHARS, tail=True)
+        status = _read(status_file, 16)
         rc = isolation.exit_code(sandbox, proc.returncode)
     finally:
         _remove_tree(root)
@@ -369,12 +336,7 @@ def check_completion(prompt: str, completion: str, test: str, entry_point: str |
         completion: The model's code (see :func:`extract_code` to take it out of a chat answer).
         test: The test code of the problem.
         entry_point: The function under test for HumanEval, None for assert-style tests.
-        timeout_s: Wall-clock limit in seconds.
-        memory_mb: Address-space limit in MiB.
-        sandbox: The isolation (see :func:`run_program`).
-
-    Returns:
-        The outcome of :func:`run_program`.
+        timeout_s, memory_mb, sandbox: As for :func:`run_program`, which gives the outcome.
     """
     if entry_point is not None:
         program = f"{prompt}{completion}\n{test}\ncheck({entry_point})\n"
