@@ -139,9 +139,8 @@ async def _load_test(base_url: str, n_requests: int, concurrency: int, max_token
     ok = len(kept) - len(failed)
     counters = ("completed", "cancelled", "stopped", "failed", "cohorts", "rows", "blocks")
     server = {k: after[k] - before[k] for k in counters}
-    server.update(largest_cohort=after["largest_cohort"], active_after=after["active"],
-                  waiting_after=after["waiting"])
-    server["mean_rows_per_cohort"] = server["rows"] / max(server["cohorts"], 1)
+    server.update(largest_cohort=after["largest_cohort"], active_after=after["active"], waiting_after=after["waiting"],
+                  mean_rows_per_cohort=server["rows"] / max(server["cohorts"], 1))
     result: dict[str, Any] = {
         "n_requests": n_requests, "concurrency": concurrency, "max_tokens": max_tokens, "disconnect": len(left),
         "succeeded": ok, "failed": len(failed), "errors": [f"#{o.index}: {o.error or o.finish_reason}"

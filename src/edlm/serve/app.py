@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -76,10 +77,11 @@ async def _next_event(job: Job, request: Request | None) -> Event:
                 raise _ClientGone() from None
 
 
-async def _pieces(engine: Engine, job: Job, stop: list[str], request: Request | None) -> AsyncIterator[_Piece]:
-    """Text pieces of a job as its blocks arrive; the last piece has a finish_reason. Raises ApiError."""
+async def _pieces(engine: Engine, job: Job, request: Request | None) -> AsyncIterator[_Piece]:
+    """Text pieces of a job as its blocks arrive, cut at ``job.cfg.stop``; the last piece has a finish_reason.
+    Raises ApiError."""
     tokenizer = engine.dlm.tokenizer
-    text = TextStream(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), stop)
+    text = TextStream(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), job.cfg.stop)
     produced = 0
     while True:
         event = await _next_event(job, request)
@@ -101,15 +103,7 @@ async def _pieces(engine: Engine, job: Job, stop: list[str], request: Request | 
 # ----------------------------------------------------------------------------------------------- handlers
 
 
-@dataclass
-class _Plan:
-    job: Job
-    stop: list[str]
-    stream: bool
-    include_usage: bool
-
-
-def _plan(request: Request, body: SamplingRequest, prompt: list[int], max_tokens: int | None, param: str) -> _Plan:
+def _job(request: Request, body: SamplingRequest, prompt: list[int], max_tokens: int | None, param: str) -> Job:
     """Check a request against the server's limits and build its job (ApiError 400 on bad input)."""
     settings: ServeSettings = request.app.state.settings
     engine: Engine = request.app.state.engine
@@ -132,39 +126,15 @@ def _plan(request: Request, body: SamplingRequest, prompt: list[int], max_tokens
     seed = body.seed if body.seed is not None else settings.seed
     if seed is None:
         seed = secrets.randbelow(2**31)
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or None  # None (or []): the server's
     try:
         cfg = settings.decode_config(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                      seed=seed, threshold=body.threshold, block_size=body.block_size,
-                                     mode=body.mode)
+                                     mode=body.mode, stop=stop)
         validate(engine.dlm, [prompt], cfg)
     except EdlmError as e:
         raise ApiError(400, str(e)) from None
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or cfg.stop)
-    job = Job(prompt=prompt, cfg=cfg, loop=asyncio.get_running_loop())
-    return _Plan(job, stop, body.stream, bool(body.stream_options and body.stream_options.include_usage))
-
-
-def _submit(engine: Engine, job: Job) -> None:
-    try:
-        engine.submit(job)
-    except QueueFullError as e:
-        raise ApiError(429, str(e), code="queue_full") from None
-    except EngineStoppedError as e:
-        raise ApiError(503, str(e)) from None
-
-
-async def _run_to_end(engine: Engine, plan: _Plan, request: Request) -> tuple[str, FinishReason, int]:
-    """(text, finish_reason, completion tokens) of a non-streamed request."""
-    parts: list[str] = []
-    reason: FinishReason = "length"
-    produced = 0
-    try:
-        async for piece in _pieces(engine, plan.job, plan.stop, request):
-            parts.append(piece.text)
-            reason, produced = piece.finish_reason or reason, piece.completion_tokens
-    finally:
-        engine.cancel(plan.job, "disconnect")  # no-op when finished
-    return "".join(parts), reason, produced
+    return Job(prompt=prompt, cfg=cfg, loop=asyncio.get_running_loop())
 
 
 def _data(payload: BaseModel) -> str:
@@ -172,70 +142,58 @@ def _data(payload: BaseModel) -> str:
     return payload.model_dump_json(exclude_unset=True)
 
 
-async def _events(engine: Engine, plan: _Plan, bodies: CompletionBodies) -> AsyncIterator[str]:
+async def _events(engine: Engine, job: Job, bodies: CompletionBodies, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent event data: a chunk per text piece, a finishing chunk, optional usage, ``[DONE]``. A client that
     goes away cancels this generator (sse-starlette watches the connection), which cancels the job."""
-    prompt_tokens, produced = len(plan.job.prompt), 0
+    produced = 0
     try:
         if (head := bodies.head()) is not None:
             yield _data(head)
         try:
-            async for piece in _pieces(engine, plan.job, plan.stop, None):
+            async for piece in _pieces(engine, job, None):
                 produced = piece.completion_tokens
                 if piece.text:
                     yield _data(bodies.chunk(piece.text, None))
                 if piece.finish_reason:
                     yield _data(bodies.chunk(None, piece.finish_reason))
-            if plan.include_usage:
-                yield _data(bodies.usage_chunk(usage(prompt_tokens, produced)))
+            if include_usage:
+                yield _data(bodies.usage_chunk(usage(len(job.prompt), produced)))
         except ApiError as e:
             yield json.dumps(error_body(e.message, "server_error", code=e.code))
         yield "[DONE]"
     finally:
-        engine.cancel(plan.job, "disconnect")
+        engine.cancel(job, "disconnect")
 
 
 async def _respond(request: Request, body: SamplingRequest, prompt: list[int], max_tokens: int | None, param: str,
                    kind: type[CompletionBodies]) -> Response:
     """Decode one request and answer it whole or as a stream; ``kind`` shapes the bodies (completion or chat)."""
     engine: Engine = request.app.state.engine
-    plan = _plan(request, body, prompt, max_tokens, param)
-    _submit(engine, plan.job)
-    bodies = kind(id=f"{kind.prefix}-{plan.job.id}", created=int(time.time()),
-                  model=request.app.state.settings.model_id)
-    if plan.stream:
-        return EventSourceResponse(_events(engine, plan, bodies), sep="\n")
+    job = _job(request, body, prompt, max_tokens, param)
     try:
-        text, reason, produced = await _run_to_end(engine, plan, request)
+        engine.submit(job)
+    except QueueFullError as e:
+        raise ApiError(429, str(e), code="queue_full") from None
+    except EngineStoppedError as e:
+        raise ApiError(503, str(e)) from None
+    bodies = kind(id=f"{kind.prefix}-{job.id}", created=int(time.time()), model=request.app.state.settings.model_id)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(_events(engine, job, bodies, include_usage), sep="\n")
+    try:
+        pieces = [piece async for piece in _pieces(engine, job, request)]
     except _ClientGone:
         return Response(status_code=499)
-    return JSONResponse(to_json(bodies.whole(text, reason, usage(len(prompt), produced))))
-
-
-async def _complete(request: Request, body: CompletionRequest) -> Response:
-    engine: Engine = request.app.state.engine
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        if len(prompt) != 1:
-            raise ApiError(400, f"got {len(prompt)} prompts; this server takes one prompt per request",
-                           param="prompt")
-        prompt = prompt[0]
-    ids = engine.dlm.encode(prompt, chat=False) if isinstance(prompt, str) else list(prompt)
-    return await _respond(request, body, ids, body.max_tokens, "prompt", CompletionBodies)
+    finally:
+        engine.cancel(job, "disconnect")  # no-op when finished
+    text, last = "".join(piece.text for piece in pieces), pieces[-1]
+    return JSONResponse(to_json(bodies.whole(text, last.finish_reason, usage(len(prompt), last.completion_tokens))))
 
 
 def _message_text(content: str | list[ContentPart] | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     return "".join(part.text or "" for part in content if part.type == "text")
-
-
-async def _chat(request: Request, body: ChatCompletionRequest) -> Response:
-    engine: Engine = request.app.state.engine
-    messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
-    ids = engine.dlm.encode(messages, chat=True)  # chat template, else contents joined by newlines
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return await _respond(request, body, ids, max_tokens, "messages", ChatBodies)
 
 
 class _ApiKeyMiddleware:
@@ -281,7 +239,7 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+        return error_response(exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -317,11 +275,21 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _complete(request, body)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise ApiError(400, f"got {len(prompt)} prompts; this server takes one prompt per request",
+                               param="prompt")
+            prompt = prompt[0]
+        ids = engine.dlm.encode(prompt, chat=False) if isinstance(prompt, str) else list(prompt)
+        return await _respond(request, body, ids, body.max_tokens, "prompt", CompletionBodies)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await _chat(request, body)
+        messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
+        ids = engine.dlm.encode(messages, chat=True)  # chat template, else contents joined by newlines
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await _respond(request, body, ids, max_tokens, "messages", ChatBodies)
 
     return app
 
@@ -331,8 +299,6 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
 
 def serve(model_dir: str | Path, settings: ServeSettings) -> None:
     """Load a converted model and serve it until interrupted (``edlm serve``)."""
-    import uvicorn
-
     engine = Engine.from_pretrained(model_dir, settings)
     app = create_app(settings, engine)
     logger.info("serving %s as %r on http://%s:%d/v1%s", model_dir, settings.model_id, settings.host,
@@ -343,12 +309,10 @@ def serve(model_dir: str | Path, settings: ServeSettings) -> None:
 class ServerThread:
     """Run an app with uvicorn in a background thread on a free loopback port (tests, ``serve-bench``).
 
-    Use as a context manager; entering waits until ``/health`` answers 200.
+    Use as a context manager; entering waits until the server has started (and the engine with it).
     """
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", startup_timeout: float = 60.0):
-        import uvicorn
-
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
@@ -364,21 +328,16 @@ class ServerThread:
         return f"http://{self.host}:{self.port}"
 
     def __enter__(self) -> ServerThread:
-        import httpx
-
         self.thread.start()
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
+            if self.server.started:  # set once the lifespan has started the engine
+                return self
             if not self.thread.is_alive():
                 raise EdlmError("the server thread exited during startup; see the log")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
             time.sleep(0.05)
         self.__exit__(None, None, None)
-        raise EdlmError(f"the server did not answer /health within {self.startup_timeout:.0f} s")
+        raise EdlmError(f"the server did not start within {self.startup_timeout:.0f} s")
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True

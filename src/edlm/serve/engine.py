@@ -9,6 +9,7 @@ handler (stop string, client gone) is dropped by ``should_stop`` at its cohort's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -89,10 +90,8 @@ class Job:
 
     def push(self, event: Event) -> None:
         """Hand an event to the handler's loop (thread-safe); a closed loop means nobody is listening."""
-        try:
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:
-            pass
 
 
 @dataclass(eq=False)
@@ -203,10 +202,7 @@ class Engine:
                     self.settings.max_active, self.settings.max_queue)
         try:
             with torch.no_grad():  # grad mode is per thread: this is the thread that runs the model
-                while True:
-                    admitted = self._admit()
-                    if admitted is None:
-                        break
+                while (admitted := self._admit()) is not None:
                     self._active.extend(admitted)
                     if self._active:
                         cohort = self._active.popleft()

@@ -112,19 +112,22 @@ class CompletionBodies:
     created: int
     model: str
     prefix: ClassVar[str] = "cmpl"
+    chunk_type: ClassVar[type[BaseModel]] = CompletionChunk
+    chunk_object: ClassVar[str] = "text_completion"
 
     def head(self) -> BaseModel | None:
         """The chunk sent before any text (none here)."""
         return None
 
     def chunk(self, text: str | None, finish: FinishReason | None) -> BaseModel:
-        choice = CompletionChunkChoice(index=0, text=text or "", finish_reason=finish, logprobs=None)
-        return CompletionChunk(id=self.id, object="text_completion", created=self.created, model=self.model,
-                               choices=[choice], usage=None)
+        return self._chunk([CompletionChunkChoice(index=0, text=text or "", finish_reason=finish, logprobs=None)])
 
     def usage_chunk(self, counts: CompletionUsage) -> BaseModel:
-        return CompletionChunk(id=self.id, object="text_completion", created=self.created, model=self.model,
-                               choices=[], usage=counts)
+        return self._chunk([], counts)
+
+    def _chunk(self, choices: list, counts: CompletionUsage | None = None) -> BaseModel:
+        return self.chunk_type(id=self.id, object=self.chunk_object, created=self.created, model=self.model,
+                               choices=choices, usage=counts)
 
     def whole(self, text: str, finish: FinishReason, counts: CompletionUsage) -> BaseModel:
         choice = CompletionChoice(index=0, text=text, finish_reason=finish, logprobs=None)
@@ -137,23 +140,16 @@ class ChatBodies(CompletionBodies):
     """Bodies of one ``/v1/chat/completions`` response; a stream opens with the assistant's role."""
 
     prefix: ClassVar[str] = "chatcmpl"
+    chunk_type: ClassVar[type[BaseModel]] = ChatCompletionChunk
+    chunk_object: ClassVar[str] = "chat.completion.chunk"
 
     def head(self) -> BaseModel | None:
-        return self._chunk("", None, role="assistant")
+        return self.chunk("", None, role="assistant")
 
-    def chunk(self, text: str | None, finish: FinishReason | None) -> BaseModel:
-        return self._chunk(text, finish)
-
-    def _chunk(self, text: str | None, finish: FinishReason | None,
-               role: Literal["assistant"] | None = None) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(index=0, delta=ChoiceDelta(role=role, content=text), finish_reason=finish,
-                                 logprobs=None)
-        return ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created,
-                                   model=self.model, choices=[choice], usage=None)
-
-    def usage_chunk(self, counts: CompletionUsage) -> BaseModel:
-        return ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created,
-                                   model=self.model, choices=[], usage=counts)
+    def chunk(self, text: str | None, finish: FinishReason | None,
+              role: Literal["assistant"] | None = None) -> BaseModel:
+        delta = ChoiceDelta(role=role, content=text)
+        return self._chunk([ChatChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=None)])
 
     def whole(self, text: str, finish: FinishReason, counts: CompletionUsage) -> BaseModel:
         choice = ChatChoice(index=0, message=ChatCompletionMessage(role="assistant", content=text),
@@ -165,8 +161,7 @@ class ChatBodies(CompletionBodies):
 # ----------------------------------------------------------------------------------------------- errors
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                405: "invalid_request_error", 429: "rate_limit_error", 503: "server_unavailable"}
+_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 503: "server_unavailable"}
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -185,6 +180,3 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code)
