@@ -54,8 +54,7 @@ def drafter_dir() -> Path:
 
 
 def run_drafter_demo(adapter_dir: str | Path | None = None, prompts: list[tuple[str, str]] | None = None,
-                     max_new_tokens: int = 64, dtype: str = "fp32", threshold: float = 0.9,
-                     say=None) -> dict[str, Any]:
+                     max_new_tokens: int = 64, dtype: str = "fp32", threshold: float = 0.9) -> dict[str, Any]:
     """The real model: the embedded SmolLM2-135M-Instruct (AR, unmodified) against the gated drafter adapter over it,
     speculative (the adapter drafts, the source verifies: the source's own text) and diffusion, prompt by prompt at
     batch 1; returns per-prompt rows and totals (the ``--json`` schema of ``edlm demo``)."""
@@ -65,7 +64,7 @@ def run_drafter_demo(adapter_dir: str | Path | None = None, prompts: list[tuple[
                         "--config configs/smollm2-135m-drafter.yaml, or use edlm demo --model miniature")
     prompts = list(prompts or DEMO_PROMPTS)
     cfg = MeasureConfig(max_new_tokens=max_new_tokens, batch_sizes=[1], dtype=dtype, threshold=threshold)
-    m = measure_drafter(adapter, cfg, prompts, say=say)
+    m = measure_drafter(adapter, cfg, prompts)
     runs = {name: m.runs[name][1] for name in m.runs}
     rows = []
     for k, (domain, prompt) in enumerate(prompts):

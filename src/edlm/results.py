@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -75,27 +76,41 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``result`` as indented JSON, atomically (a temporary file renamed over ``path``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def new_figure():
-    """(figure, axes) for a PNG plot, on the non-interactive backend."""
+def replace_dir(tmp: Path, dest: Path) -> Path:
+    """Swap the finished folder ``tmp`` in as ``dest``, by renames: an interrupted call leaves the old ``dest`` (or
+    ``dest.old``) and ``tmp`` whole, never half a folder. Returns ``dest``."""
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def new_figure(**subplots: Any):
+    """(figure, axes) for a PNG plot, on the non-interactive backend (``subplots``: ``plt.subplots`` arguments)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(6, 4))
+    return plt.subplots(**{"figsize": (6, 4), **subplots})
 
 
-def save_figure(fig, ax, path: str | os.PathLike) -> None:
-    """Grid, legend, tight layout, write the PNG, free the figure."""
+def save_figure(fig, ax, path: str | os.PathLike, **legend: Any) -> None:
+    """Grid and legend (``legend``: its arguments) on ``ax`` (every panel of ``axes.flat``), tight layout, write the
+    PNG, free the figure."""
     import matplotlib.pyplot as plt
 
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for a in getattr(ax, "flat", [ax]):
+        a.grid(alpha=0.3)
+        a.legend(**legend)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

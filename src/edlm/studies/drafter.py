@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from edlm.evals.models import generation_system
 from edlm.evals.tasks import Problem, score_answer
 from edlm.loading import load, load_ar
 from edlm.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, EDLM_CONFIG_NAME
-from edlm.results import provenance, write_json
+from edlm.results import provenance, replace_dir, write_json
 from edlm.train import CHECKPOINT_PREFIX, STATE_FILE, convert, latest_checkpoint
 
 if TYPE_CHECKING:
@@ -169,7 +168,6 @@ def measure_drafter(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[t
     comparison harness (interleaved per batch of prompts); all greedy, at ``cfg.dtype``."""
     dlm = load(adapter_dir, cfg.dtype)
     source, tok = load_ar(dlm.adapter["source"]["model"], cfg.dtype)
-    source.eval()
     ids = [encode_prompt(tok, p) for _, p in prompts]
     common = dict(max_new_tokens=cfg.max_new_tokens, block_size=cfg.block_size)
     systems = {"ar": _system(source, dlm, DecodeConfig(mode="ar", max_new_tokens=cfg.max_new_tokens)),
@@ -180,13 +178,8 @@ def measure_drafter(adapter_dir: str | Path, cfg: MeasureConfig, prompts: list[t
     runs: dict[str, dict[int, Run]] = {name: {} for name in systems}
     for batch in cfg.batch_sizes:
         systems["ar"](ids[:batch])  # warm-up, not counted
-
-        def progress(done: int, total: int, batch=batch) -> None:
-            if say:
-                say(f"batch {batch}: {done}/{total} prompts")
-
-        got = run_interleaved(systems, ids, batch, progress=progress,
-                              detokenize=lambda s: tok.decode(s, skip_special_tokens=True))
+        got = run_interleaved(systems, ids, batch, detokenize=lambda s: tok.decode(s, skip_special_tokens=True),
+                              progress=lambda done, total, b=batch: say and say(f"batch {b}: {done}/{total} prompts"))
         for name, run in got.items():
             runs[name][batch] = run
     return Measurement(prompts=[p for _, p in prompts], domains=[d for d, _ in prompts], runs=runs, dtype=cfg.dtype)
@@ -282,35 +275,30 @@ def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", t
 def run_drafter(cfg: DrafterConfig, progress=None, say=None) -> dict[str, Any]:
     """Distil, convert, measure (each stage skipped when its output is complete); returns the results dict also
     written to ``OUTPUT_DIR/results.json``."""
+    say = say or (lambda _msg: None)
     out = Path(cfg.output_dir)
     data = out / "distill.jsonl"
     distilled = distilled_tokens(data)[0] if data.is_file() else 0
     if distilled < len(read_prompts(cfg.distill)):
-        if say:
-            say(f"distilling the source's answers to {len(read_prompts(cfg.distill))} prompts -> {data}")
+        say(f"distilling the source's answers to {len(read_prompts(cfg.distill))} prompts -> {data}")
         model, tok = resolve_model(cfg.convert.model)
         distill(model, tok, cfg.distill, data)
         del model
     adapter = Path(cfg.convert.output_dir)
     if not (adapter / ADAPTER_CONFIG_NAME).is_file():
-        if say:
-            say(f"training the gated adapter ({cfg.convert.max_steps} steps) -> {adapter}")
+        say(f"training the gated adapter ({cfg.convert.max_steps} steps) -> {adapter}")
         convert(cfg.convert, resume=latest_checkpoint(adapter) is not None, progress=progress)
     results = out / "results.json"
     stamp = _adapter_stamp(adapter)
     if results.is_file():  # measured already, for this adapter and these settings: reuse
-
         done = json.loads(results.read_text())
         if done.get("adapter_stamp") == stamp and done.get("settings") == dataclasses.asdict(cfg.measure):
-            if say:
-                say(f"reusing the measurement in {results} (delete it to measure again)")
+            say(f"reusing the measurement in {results} (delete it to measure again)")
             return done
     prompts = heldout_prompts(cfg.measure.prompts_per_domain, cfg.distill, cfg.measure.seed)
-    if say:
-        say(f"measuring on {len(prompts)} held-out prompts")
+    say(f"measuring on {len(prompts)} held-out prompts")
     measured = measure_drafter(adapter, cfg.measure, prompts, say=say)
-    if say:
-        say("budget curve: speculative tokens per forward along the run, on the held-out chat prompts")
+    say("budget curve: speculative tokens per forward along the run, on the held-out chat prompts")
     curve = budget_curve(adapter, cfg.measure, [p for p in prompts if p[0] == "chat"])
     exact = exact_accuracy(adapter, cfg.measure.exact_problems, cfg.measure.dtype, cfg.measure.threshold, say=say) \
         if cfg.measure.exact_problems else None
@@ -348,10 +336,7 @@ def ship_drafter(adapter_dir: str | Path, dest: str | Path, config_path: str | P
         f"    edlm drafter --config {config_path} --ship\n")
     for item in tmp.iterdir():
         item.chmod(0o644)  # safetensors writes 0600; a package's data must be readable by whoever installs it
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    return dest
+    return replace_dir(tmp, dest)
 
 
 def drafter_report(result: dict[str, Any]) -> str:

@@ -109,12 +109,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        if not self.overrides:
-            slug = "default"
-        else:
-            slug = ",".join(f"{k.split('.')[-1]}={v}" for k, v in self.overrides)
-            slug = re.sub(r"[^A-Za-z0-9_.,=-]", "_", slug)
-        return f"{slug}__s{self.seed}"
+        slug = ",".join(f"{k.split('.')[-1]}={v}" for k, v in self.overrides)
+        return f"{re.sub(r'[^A-Za-z0-9_.,=-]', '_', slug) or 'default'}__s{self.seed}"
 
 
 def _freeze(overrides: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -129,12 +125,7 @@ def expand(cfg: StudyConfig) -> dict[str, dict[str, list[Run]]]:
 
 
 def unique_runs(grid: dict[str, dict[str, list[Run]]]) -> list[Run]:
-    seen: dict[Run, None] = {}
-    for variants in grid.values():
-        for runs in variants.values():
-            for r in runs:
-                seen.setdefault(r)
-    return list(seen)
+    return list(dict.fromkeys(r for variants in grid.values() for runs in variants.values() for r in runs))
 
 
 def thresholds_for(cfg: StudyConfig, run: Run, grid) -> list[float]:
@@ -178,9 +169,6 @@ def source_config(cfg: StudyConfig, corpus: list[str]) -> TrainConfig:
 # ----------------------------------------------------------------------------------------------- running
 
 
-Progress = Callable[[str], None]
-
-
 def evaluate_source(cfg: StudyConfig, source: Path, problems) -> dict[str, Any]:
     model, tok = load_hf(source)
     model.eval()
@@ -217,7 +205,16 @@ def _check_same_settings(run_dir: Path, tcfg: TrainConfig) -> None:
                         "use a new output_dir for changed settings, or delete that run folder to retrain it")
 
 
-def run_study(cfg: StudyConfig, progress: Progress | None = None,
+def source_dir(cfg: StudyConfig) -> Path:
+    """The AR source's folder: ``source.pretrained`` (``embedded``: the embedded SmolLM2-135M), else the one the
+    study trains in ``OUTPUT_DIR/source``."""
+    spec = cfg.source.get("pretrained")
+    if not spec:
+        return Path(cfg.output_dir) / "source"
+    return embedded_model_dir() if spec == "embedded" else Path(spec)
+
+
+def run_study(cfg: StudyConfig, progress: Callable[[str], None] | None = None,
               new_bar: Callable[[str], Callable] | None = None) -> dict[str, Any]:
     """Run (or finish) every step of the study; returns the collected results (also written to study.json).
 
@@ -232,15 +229,13 @@ def run_study(cfg: StudyConfig, progress: Progress | None = None,
     problems = read_test(test_path)
     corpus = [str(train_path.resolve()), *cfg.task.text_corpus]
 
+    source = source_dir(cfg)
     if cfg.source.get("pretrained"):
-        spec = cfg.source["pretrained"]
-        source = embedded_model_dir() if spec == "embedded" else Path(spec)
         if not (source / "config.json").is_file():
             raise EdlmError(f"source.pretrained {str(source)!r} is not a Hugging Face model folder")
         source_eval_dir = out / "source"
         source_eval_dir.mkdir(exist_ok=True)
     else:
-        source = out / "source"
         if not is_trained(source):
             say(f"training the AR source model -> {source}")
             pretrain_ar(source_config(cfg, corpus), source, progress=new_bar("source") if new_bar else None)

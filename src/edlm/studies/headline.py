@@ -35,16 +35,23 @@ from edlm.errors import ConfigError, EdlmError
 from edlm.evals.tasks import Problem
 from edlm.model import DiffusionLM
 from edlm.quant import DTYPES, cast, cast_model
-from edlm.results import new_figure, provenance, save_figure, write_json
+from edlm.results import new_figure, provenance, replace_dir, save_figure, write_json
 from edlm.studies.analysis import decode_interleaved, decode_problems, prompt_ids  # noqa: F401 (public here)
-from edlm.studies.grid import StudyConfig, expand, run_config, run_study, source_config, study_config_from_dict
+from edlm.studies.grid import (
+    EVAL_FILE,
+    StudyConfig,
+    expand,
+    run_config,
+    run_study,
+    source_config,
+    source_dir,
+    study_config_from_dict,
+)
 from edlm.studies.task import read_test
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
-# Old names of ``decode`` fields in the ``headline:`` section, still accepted.
-_LEGACY_DECODE_KEYS = ("threshold", "block_size")
 
 
 @dataclass
@@ -98,7 +105,7 @@ def load_headline_config(path: str | Path, overrides: list[str] | None = None) -
     data = load_yaml(path)
     apply_overrides(data, overrides or [])
     section = data.pop("headline", {}) or {}
-    for key in _LEGACY_DECODE_KEYS:  # headline.threshold: 0.9 -> headline.decode.threshold: 0.9 (an old key wins)
+    for key in ("threshold", "block_size"):  # old keys: headline.threshold -> headline.decode.threshold (they win)
         if key in section:
             section["decode"] = {**(section.get("decode") or {}), key: section.pop(key)}
     settings = from_dict(HeadlineSettings, section, where="headline.")
@@ -199,14 +206,13 @@ def measure(source_dir: Path, dlm_dir: Path, problems: list[Problem], settings: 
                 "agreement_with_ar_source": sum(a == b for a, b in zip(r["answers"], answers["ar"])) / len(problems)}
     # The decoder's own cost per forward (masks, commit rule, cache bookkeeping) over a bare model forward of the
     # same shape: at this model size it decides how much of the tokens per forward becomes speed.
-    overhead = forward_overhead(dlms[dtype], prompt_len=len(prompt_ids(tok, problems[0])),
-                                block=headline.block_size or dlm32.config.block_size)
+    overhead = forward_overhead(dlms[dtype], prompt_len=len(prompt_ids(tok, problems[0])), block=headline_block)
     samples = defaultdict(list)
     for p, a, d in zip(problems, answers["ar"], answers["dlm"]):
         if len(samples[p.family]) < settings.samples:
             samples[p.family].append({"question": p.question, "answer": p.answer, "ar": a, "dlm": d})
     return {"by_batch": by_batch, "curve": curve, "modes": modes, "samples": dict(samples),
-            "decoder_overhead": overhead, "dlm_block_size": headline.block_size or dlm32.config.block_size,
+            "decoder_overhead": overhead, "dlm_block_size": headline_block,
             "threshold": headline.threshold}
 
 
@@ -227,6 +233,15 @@ def worst_gap_points(system: dict[str, Any], reference: dict[str, Any]) -> float
     return round(100 * min(diffs), 6)
 
 
+def _at_least(value: float, bar: float) -> dict[str, Any]:
+    return {"value": value, "bar": bar, "met": value >= bar}
+
+
+def _within(system: dict[str, Any], reference: dict[str, Any], gap: float, what: str) -> dict[str, Any]:
+    worst = worst_gap_points(system, reference)
+    return {"value_points": worst, "bar_points": -gap, "met": worst >= -gap, "what": what}
+
+
 def verdicts(measured: dict[str, Any], settings: HeadlineSettings, mode: str | None = None) -> dict[str, Any]:
     """Each target: the measured value, the bar, met or not, and the gap; for the dLM at the headline setting, or
     (``mode``, e.g. ``speculative``) for the same weights decoded in that mode (``{}`` when it was not measured)."""
@@ -238,16 +253,12 @@ def verdicts(measured: dict[str, Any], settings: HeadlineSettings, mode: str | N
         if "1" not in runs:
             return {}
         one, speedups = runs["1"], {b: r["speedup"] for b, r in runs.items()}
-    out: dict[str, Any] = {}
-    worst = worst_gap_points(one, measured["by_batch"]["1"]["ar"])
-    out["accuracy"] = {"value_points": worst, "bar_points": -t["accuracy_gap_points"],
-                       "met": worst >= -t["accuracy_gap_points"],
-                       "what": "worst of (dLM - AR) overall and per family, in points"}
-    out["tokens_per_forward"] = {"value": one["tokens_per_forward"], "bar": t["tokens_per_forward"],
-                                 "met": one["tokens_per_forward"] >= t["tokens_per_forward"]}
+    out = {"accuracy": _within(one, measured["by_batch"]["1"]["ar"], t["accuracy_gap_points"],
+                               "worst of (dLM - AR) overall and per family, in points"),
+           "tokens_per_forward": _at_least(one["tokens_per_forward"], t["tokens_per_forward"])}
     for key, batch in (("speedup_batch1", "1"), ("speedup_batch8", "8")):
         if batch in speedups:
-            out[key] = {"value": speedups[batch], "bar": t[key], "met": speedups[batch] >= t[key]}
+            out[key] = _at_least(speedups[batch], t[key])
     return out
 
 
@@ -257,17 +268,12 @@ def mode_verdicts(measured: dict[str, Any], settings: HeadlineSettings) -> dict[
     source = measured["by_batch"]["1"]["ar"]
     out: dict[str, Any] = {}
     if "1" in modes.get("ar", {}):
-        worst = worst_gap_points(modes["ar"]["1"], source)
-        out["ar_mode_accuracy"] = {"value_points": worst, "bar_points": -t["ar_mode_gap_points"],
-                                   "met": worst >= -t["ar_mode_gap_points"],
-                                   "what": "worst of (AR mode - AR source) overall and per family, in points"}
+        out["ar_mode_accuracy"] = _within(modes["ar"]["1"], source, t["ar_mode_gap_points"],
+                                          "worst of (AR mode - AR source) overall and per family, in points")
     if "1" in modes.get("speculative", {}):
         sp = modes["speculative"]["1"]
-        out["speculative_tokens_per_forward"] = {"value": sp["tokens_per_forward"],
-                                                 "bar": t["speculative_tokens_per_forward"],
-                                                 "met": sp["tokens_per_forward"] >= t["speculative_tokens_per_forward"]}
-        out["speculative_speedup_batch1"] = {"value": sp["speedup"], "bar": t["speculative_speedup_batch1"],
-                                             "met": sp["speedup"] >= t["speculative_speedup_batch1"]}
+        out["speculative_tokens_per_forward"] = _at_least(sp["tokens_per_forward"], t["speculative_tokens_per_forward"])
+        out["speculative_speedup_batch1"] = _at_least(sp["speedup"], t["speculative_speedup_batch1"])
     return out
 
 
@@ -283,9 +289,7 @@ def run_headline(cfg: HeadlineConfig, progress=None, new_bar=None,
     studied = run_study(study, progress=say, new_bar=new_bar)
     out = Path(study.output_dir)
     problems = read_test(out / "task" / "test.jsonl")
-    source = out / "source"
-    if study.source.get("pretrained"):
-        source = Path(study.source["pretrained"])
+    source = source_dir(study)
     run_dir = main_run_dir(study)
     say(f"measuring AR source ({source}) vs dLM ({run_dir}) on {len(problems)} held-out problems")
     measured = measure(source, run_dir, problems, cfg.headline, study.max_new_tokens, progress=say)
@@ -303,7 +307,7 @@ def run_headline(cfg: HeadlineConfig, progress=None, new_bar=None,
         "training": {"source_tokens": pretrain_tokens, "conversion_tokens": convert_tokens,
                      "conversion_fraction": convert_tokens / pretrain_tokens if pretrain_tokens else None,
                      "source_parameters": (studied.get("source") or {}).get("parameters"),
-                     "weight_drift": _run_eval(studied, run_dir).get("weight_drift"),
+                     "weight_drift": json.loads((run_dir / EVAL_FILE).read_text()).get("weight_drift"),
                      "study_seconds_this_call": time.perf_counter() - t0},
         "settings": dataclasses.asdict(cfg.headline),
         "machine": {**provenance(), "config": config_path},
@@ -341,27 +345,12 @@ def ship_miniature(cfg: HeadlineConfig, config_path: str | Path, dest: Path | No
         "# The headline miniature\n\n`source/`: the AR model pretrained from scratch by `edlm headline`; `dlm/`: its "
         "conversion; `headline.yaml`: the settings that made both. Weights are stored in fp16 and loaded as fp32.\n"
         f"Rebuild: `edlm headline --config {config_path} --ship` (see docs/headline/report.md).\n")
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
+    return replace_dir(tmp, dest)
 
 
 def _tokens(tcfg) -> int:
     """Training tokens of a run's settings (one process)."""
     return tcfg.max_steps * tcfg.micro_batch_size * tcfg.grad_accum * tcfg.data.seq_len
-
-
-def _run_eval(studied: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    for variants in studied.get("comparisons", {}).values():
-        for v in variants.values():
-            for r in v["runs"]:
-                if r["run"] == run_dir.name:
-                    return r
-    return {}
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -469,7 +458,7 @@ def render_report(result: dict[str, Any], study: StudyConfig) -> str:
     lines = [
         "# The headline in miniature: AR source vs its converted dLM",
         "",
-        f"Command: `edlm headline --config {m.get('config', 'configs/headline.yaml')}` "
+        f"Command: `edlm headline --config {m.get('config') or 'configs/headline.yaml'}` "
         f"(commit {m.get('commit', '?')}). Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}"
         f"{'; ATen kernels ' + m['cpu_kernels'] if m.get('cpu_kernels') else ''}), "
         f"{m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}, torch {m['torch']}, "
@@ -500,14 +489,13 @@ def render_report(result: dict[str, Any], study: StudyConfig) -> str:
                     for batch, b in result["by_batch"].items() for system in ("ar", "dlm")) + ".",
         "", "## The curve (batch 1): thresholds x decoding blocks", "", "![pareto](pareto.png)", "",
         curve_table(result).markdown()]
-    if "decoder_overhead" in result:
-        o = result["decoder_overhead"]
-        lines += ["", f"Decoder cost per forward: {1e3 * o['decoder_s_per_forward']:.2f} ms against "
-                  f"{1e3 * o['bare_forward_s']:.2f} ms for a bare model forward of the same shape "
-                  f"({100 * o['overhead_fraction']:+.0f}%; {o['block']}-token block on a {o['prompt_len']}-token "
-                  "prompt, one token per forward): the decoder's Python work (masks, commit rule, cache crop) plus "
-                  "its wider forwards (the prompt's prefill, and each finished block re-encoded in the next "
-                  "block's first forward)."]
+    o = result["decoder_overhead"]
+    lines += ["", f"Decoder cost per forward: {1e3 * o['decoder_s_per_forward']:.2f} ms against "
+              f"{1e3 * o['bare_forward_s']:.2f} ms for a bare model forward of the same shape "
+              f"({100 * o['overhead_fraction']:+.0f}%; {o['block']}-token block on a {o['prompt_len']}-token "
+              "prompt, one token per forward): the decoder's Python work (masks, commit rule, cache crop) plus "
+              "its wider forwards (the prompt's prefill, and each finished block re-encoded in the next "
+              "block's first forward)."]
     tr = result["training"]
     lines += ["", "## Training", "",
               f"- Source: {tr['source_parameters']:,} parameters ({study.source.get('model')}), "

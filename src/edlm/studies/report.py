@@ -26,17 +26,9 @@ SHIFT, NO_SHIFT = "clean_token_shift", "clean_no_shift"  # the variant that flip
 UNIFORM = "uniform"
 
 
-def _answers(run: dict[str, Any], threshold: float) -> dict[str, Any] | None:
-    return next((a for a in run["answers"] if a["threshold"] == threshold), None)
-
-
 def _values(variant: dict[str, Any], threshold: float, key: str = "acc") -> list[float]:
-    out = []
-    for run in variant["runs"]:
-        a = _answers(run, threshold)
-        if a is not None:
-            out.append(a[key])
-    return out
+    """``key`` of each run's answers at ``threshold`` (runs not evaluated there are skipped)."""
+    return [a[key] for run in variant["runs"] for a in run["answers"] if a["threshold"] == threshold]
 
 
 def _drifts(variant: dict[str, Any]) -> list[float]:
@@ -70,12 +62,7 @@ def verdict(better: list[float], worse: list[float], noise: float | None) -> dic
         se, source = noise * math.sqrt(1 / len(better) + 1 / len(worse)), "seed spread of the attention comparison"
     else:
         return {"verdict": "inconclusive", "diff": diff, "se": None, "noise_from": "none (one seed)"}
-    if diff > 2 * se and diff > 0:
-        word = "reproduced"
-    elif diff < -2 * se and diff < 0:
-        word = "not reproduced"
-    else:
-        word = "inconclusive"
+    word = "reproduced" if diff > 2 * se else "not reproduced" if diff < -2 * se else "inconclusive"
     return {"verdict": word, "diff": diff, "se": se, "noise_from": source}
 
 
@@ -257,12 +244,8 @@ def write_report(results: dict[str, Any], report_dir: str | Path, command: str) 
         if UNIFORM in mask and pd:
             best = pd[0]  # the first listed position-dependent variant is the paper's setting
 
-            def avg(v):  # mean accuracy over the thresholds, per seed
-                per_seed = {}
-                for r in v["runs"]:
-                    accs = [a["acc"] for a in r["answers"] if a["threshold"] in mthr]
-                    per_seed[r["seed"]] = _mean(accs)
-                return list(per_seed.values())
+            def avg(v):  # mean accuracy over the thresholds, per seed (one run each)
+                return [_mean([a["acc"] for a in r["answers"] if a["threshold"] in mthr]) for r in v["runs"]]
 
             claims.append((f"Position-dependent masking ({best}) beats uniform masking at equal training tokens "
                            "(accuracy averaged over the thresholds; paper: +2.6 points)",

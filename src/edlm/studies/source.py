@@ -12,12 +12,10 @@ from pathlib import Path
 from edlm.config import TrainConfig
 from edlm.train import AR_DONE_FILE, ProgressFn, latest_checkpoint, train
 
-DONE_FILE = AR_DONE_FILE
-
 
 def is_trained(out: str | os.PathLike) -> bool:
     """Whether ``out`` holds a finished source model (its done-file is written last)."""
-    return (Path(out) / DONE_FILE).is_file()
+    return (Path(out) / AR_DONE_FILE).is_file()
 
 
 def pretrain_ar(cfg: TrainConfig, out: str | os.PathLike, progress: ProgressFn | None = None) -> Path:
