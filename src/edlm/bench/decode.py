@@ -15,7 +15,7 @@ from edlm.bench.engine import HEADLINE, engine_benchmark, engine_report
 from edlm.bench.harness import ar_system, cycled, dlm_system, run_interleaved, versus
 from edlm.bench.llamacpp import llamacpp_row
 from edlm.bench.table import Table, pct
-from edlm.bench.timing import _timed, agreement, forward_times
+from edlm.bench.timing import agreement, forward_times
 from edlm.checkpoints import best_device
 from edlm.config import DecodeConfig, to_dict
 from edlm.decode import generate
@@ -52,7 +52,8 @@ def forward_overhead(dlm, prompt_len: int, block: int, repeats: int = 10) -> dic
     prompt = [int(t) for t in torch.randint(10, 1000, (prompt_len,), generator=torch.Generator().manual_seed(0))]
     prompt = [t % (dlm.mask_id or 1) for t in prompt]
     cfg = DecodeConfig(max_new_tokens=4 * block, block_size=block, policy="fixed", tokens_per_step=1)
-    dec = _timed(lambda: generate(dlm, [prompt], cfg), 3)
+    generate(dlm, [prompt], cfg)  # warm-up; then the median of three runs
+    dec = sorted((generate(dlm, [prompt], cfg) for _ in range(3)), key=lambda o: o.stats.seconds)[1]
     per_forward_decoder = dec.stats.seconds / dec.stats.forwards
     bare = forward_times(dlm.model, prompt_len, (block,), repeats=repeats, token=dlm.mask_id)[block]
     return {"decoder_s_per_forward": per_forward_decoder, "bare_forward_s": bare,
@@ -80,10 +81,6 @@ def decoding_modes(dlm, ids: list[list[int]], decode: DecodeConfig, repeats: int
                    "agreement_with_ar": agreement(run.sequences, ar_reference),
                    "agreement_with_ar_mode": agreement(run.sequences, runs["ar"].sequences)}
             for name, run in runs.items()}
-
-
-def _best(by_dtype: dict[str, dict[str, Any]]) -> str:
-    return max(by_dtype, key=lambda d: by_dtype[d]["tokens_per_s"])
 
 
 def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = None,
@@ -131,10 +128,8 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
     dlm32 = load(model_dir, "fp32", device=device)
     ids = [dlm32.encode(t, chat) for t in texts]
     spec = source_spec(model_dir) if ar_source == "auto" else ar_source
-    if spec is not None:
-        ar_model, ar_tok = load_ar(spec, "fp32", device=device)  # "embedded" resolves like None
-    else:
-        ar_model, ar_tok = dlm32.model, dlm32.tokenizer
+    # "embedded" resolves like None in load_ar; None here means the converted weights, decoded causally
+    ar_model, ar_tok = load_ar(spec, "fp32", device=device) if spec is not None else (dlm32.model, dlm32.tokenizer)
     eos = dlm32.tokenizer.eos_token_id
 
     def generate_ar(model, ignore_eos=False):
@@ -222,7 +217,7 @@ def ceiling(models: dict[str, Any], ar_models: dict[str, Any], ids: list[list[in
             s = got[("ar", d)].summary()
             ar[d] = {**s, "roofline_tokens_per_s": n / fwd[d][1],
                      "fraction_of_roofline": s["tokens_per_s"] * fwd[d][1] / n}
-        ar_best = _best(ar)
+        ar_best = max(ar, key=lambda d: ar[d]["tokens_per_s"])
         rows = []
         for d in models:
             for k in tpfs:
@@ -257,13 +252,8 @@ def plot_sweep(result: dict[str, Any], path: str | os.PathLike) -> None:
 def plot_ceiling(result: dict[str, Any], path: str | os.PathLike) -> None:
     """PNG, one panel per batch size: dLM tokens/s at each forced TPF per dtype (solid) and its roofline (dashed),
     with the best AR as a horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     by_batch = result["ceiling"]["by_batch"]
-    fig, axes = plt.subplots(1, len(by_batch), figsize=(5.5 * len(by_batch), 4), squeeze=False)
+    fig, axes = new_figure(ncols=len(by_batch), figsize=(5.5 * len(by_batch), 4), squeeze=False)
     for ax, (n, c) in zip(axes[0], by_batch.items()):
         for i, d in enumerate(dict.fromkeys(r["dtype"] for r in c["dlm"])):
             rows = [r for r in c["dlm"] if r["dtype"] == d]
@@ -278,12 +268,7 @@ def plot_ceiling(result: dict[str, Any], path: str | os.PathLike) -> None:
         ax.set_xlabel(f"forced tokens per forward (block {result['ceiling']['block']})")
         ax.set_ylabel("tokens/s")
         ax.set_title(f"batch {n}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+    save_figure(fig, axes, path, fontsize=7)
 
 
 def decode_report(result: dict[str, Any]) -> str:

@@ -20,13 +20,13 @@ from edlm.assets import cache_dir
 from edlm.bench.harness import ar_system, dlm_system, run_interleaved
 from edlm.bench.llamacpp import llamacpp_ar, q8_0_gguf, skip_reason, source_gguf
 from edlm.bench.table import Table
-from edlm.bench.timing import forward_step, forward_times
+from edlm.bench.timing import forward_step, forward_times, median_seconds
 from edlm.config import DecodeConfig
 from edlm.engine import compile_dlm, compile_model
 from edlm.loading import load, load_ar
 from edlm.model import source_spec
 from edlm.quant import cast_model
-from edlm.results import machine_info
+from edlm.results import machine_info, write_json
 
 HEADLINE = ("ar_best_tokens_per_s", "ar_best", "llamacpp_tokens_per_s", "bandwidth_bound_tokens_per_s")
 """The fields ``edlm bench decode --compile`` also copies to its JSON's top level."""
@@ -37,13 +37,7 @@ def memory_bandwidth(mb: int = 512, repeats: int = 5) -> float:
 
     Random contents: a freshly filled constant tensor measured several times faster than DRAM here."""
     x = torch.randn(mb * 1024 * 1024 // 4, generator=torch.Generator().manual_seed(0))
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return x.numel() * 4 / sorted(times)[repeats // 2]
+    return x.numel() * 4 / median_seconds(x.sum, repeats)
 
 
 def _source(model_dir: str | os.PathLike, ar_source: str | None):
@@ -110,11 +104,10 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     engine_best = max((r for r in rows if r["backend"] == backend), key=lambda r: r["tokens_per_s"])
     d = min(forward_ms, key=lambda name: forward_ms[name][str(block)])  # the cheapest block-wide step
     dlm = compile_dlm(load(model_dir, "fp32"), d, compile=compile)
-    configs = {k: DecodeConfig(max_new_tokens=max_new_tokens, block_size=block, policy="fixed", tokens_per_step=k,
-                               ignore_eos=True) for k in tpfs}
-    t0 = time.perf_counter()
-    got = run_interleaved({k: dlm_system(dlm, c) for k, c in configs.items()}, ids, 1,
-                          repeats=repeats, warmup="pass")  # the forced TPFs interleaved, after a pass that compiles
+    systems = {k: dlm_system(dlm, DecodeConfig(max_new_tokens=max_new_tokens, block_size=block, policy="fixed",
+                                               tokens_per_step=k, ignore_eos=True)) for k in tpfs}
+    t0 = time.perf_counter()  # the forced TPFs interleaved, after a pass that compiles
+    got = run_interleaved(systems, ids, 1, repeats=repeats, warmup="pass")
     wall = time.perf_counter() - t0
     dlm_rows = [{"dtype": d, "tpf_forced": k, **run.summary(), "wall_s": wall,
                  "speedup_vs_best_ar": run.tokens_per_s / best["tokens_per_s"]} for k, run in got.items()]
@@ -205,14 +198,14 @@ def profile_engine(model_dir: str | os.PathLike, dtypes: tuple[str, ...] = ("fp3
     """:func:`profile_forward` of the source's forward on the eager Hugging Face path and on the compiled engine,
     per dtype and width: ``{"eager": {dtype: {width: ...}}, "compiled": {...}, "settings": ...}``."""
     source = _source(model_dir, ar_source)
-    out: dict[str, Any] = {"eager": {}, "compiled" if compile else "engine": {}}
+    engine_path = "compiled" if compile else "engine"
+    out: dict[str, Any] = {"eager": {}, engine_path: {}}
     for d in eager_dtypes:
         model = source if d == "fp32" else cast_model(source, d, copy=True)
         out["eager"][d] = {str(w): profile_forward(model, cache_len, w) for w in widths}
     for d in dtypes:
         engine = compile_model(source, d, compile=compile)
-        out["compiled" if compile else "engine"][d] = {str(w): profile_forward(engine, cache_len, w)
-                                                       for w in widths}
+        out[engine_path][d] = {str(w): profile_forward(engine, cache_len, w) for w in widths}
     out["settings"] = {"cache_len": cache_len, "widths": list(widths), "threads": torch.get_num_threads(),
                        "model": str(model_dir)}
     return out
@@ -245,10 +238,7 @@ def choose_dtype(model_dir: str | os.PathLike, width: int, compile: bool = False
     best = min(times, key=times.get)
     record = {"dtype": best, "forward_ms": times, "width": width, "compile": compile, "model": str(folder)}
     known[key] = record
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(known, path)
     return best, {**record, "cached": False}
 
 

@@ -26,7 +26,6 @@ from typing import Any
 
 from edlm.api import decode_until_stop
 from edlm.ar import ar_generate
-from edlm.decode import generate
 from edlm.sampling import DecodeOutput
 
 System = Callable[[list[list[int]]], DecodeOutput]
@@ -70,11 +69,9 @@ class Run:
 
 def dlm_system(dlm, cfg) -> System:
     """A converted model decoding in ``cfg.mode`` (:func:`edlm.decode.generate`); with ``cfg.stop``, a row stops
-    at the first block boundary after one of its stop strings (:func:`edlm.api.decode_until_stop`)."""
-    if cfg.stop:
-        return lambda rows: decode_until_stop(dlm, rows, cfg)
-
-    return lambda rows: generate(dlm, rows, cfg)
+    at the first block boundary after one of its stop strings (:func:`edlm.api.decode_until_stop`, which is
+    :func:`edlm.decode.generate` when there are none)."""
+    return lambda rows: decode_until_stop(dlm, rows, cfg)
 
 
 def ar_system(model, cfg, eos_id: int | None, pad_id: int | None = None, banned: list[int] | None = None) -> System:

@@ -12,6 +12,7 @@ import ctypes
 import importlib.util
 import logging
 import os
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +101,8 @@ def load(gguf: Path, threads: int, n_ctx: int = 2048):
 def greedy(llm, prompt: list[int], max_new_tokens: int) -> list[int]:
     """``max_new_tokens`` greedy tokens after ``prompt`` (EOS ignored), from an empty llama.cpp cache."""
     llm.reset()
-    out: list[int] = []
-    for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-        out.append(int(token))
-        if len(out) == max_new_tokens:
-            break
-    return out
+    tokens = llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True)
+    return [int(t) for t in islice(tokens, max_new_tokens)]
 
 
 def system(llm, max_new_tokens: int):

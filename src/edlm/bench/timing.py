@@ -16,11 +16,15 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-def _timed(fn, repeats: int, warmup=None):
-    """Run ``warmup`` (default: ``fn`` itself) once, then ``fn`` ``repeats`` times; returns the median-time run."""
-    (warmup or fn)()
-    runs = sorted((fn() for _ in range(repeats)), key=lambda o: o.stats.seconds)
-    return runs[len(runs) // 2]
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn``, after one untimed call (first calls pay one-time costs)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[repeats // 2]
 
 
 def forward_step(model, cache_len: int, batch: int = 1):
@@ -52,13 +56,4 @@ def forward_times(model, cache_len: int, widths: tuple[int, ...], batch: int = 1
     ``w`` in ``widths``, ``batch`` rows (:func:`forward_step`): the cost a decoder step cannot go below (no masks, no
     commit rule)."""
     step = forward_step(model, cache_len, batch)
-    out = {}
-    for w in widths:
-        times = []
-        for _ in range(repeats + 1):  # the first call of a new shape is a warm-up
-            t0 = time.perf_counter()
-            step(w, token)
-            times.append(time.perf_counter() - t0)
-        times = sorted(times[1:])
-        out[w] = times[len(times) // 2]
-    return out
+    return {w: median_seconds(lambda: step(w, token), repeats) for w in widths}  # noqa: B023 (called at once)

@@ -21,10 +21,6 @@ from edlm.results import machine_info
 from edlm.train import OBJECTIVES
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict[str, Any]:
     """Tokens/s of a conversion step vs a plain AR fine-tuning step of the same model, batch and length, and (for
     patterns with a clean copy) of the joint objective's step: the same conversion step plus the AR loss on the
@@ -62,9 +58,9 @@ def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict[
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         step_s = sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
-        out = {"step_s_median": step_s, "tokens_per_s": mb * cfg.data.seq_len / step_s}
-        out["peak_mem_mb"] = (torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else _peak_rss_mb()
-        return out
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB
+        return {"step_s_median": step_s, "tokens_per_s": mb * cfg.data.seq_len / step_s, "peak_mem_mb": peak / 2**20}
 
     def loss_of(objective: str, module):
         """A phase's step loss: the training loop's own objective on the batch at stream position i * mb."""

@@ -66,6 +66,13 @@ def decode_config(args: argparse.Namespace, **fields: object):
     return DecodeConfig(**{**decode_given(args), **{k: v for k, v in fields.items() if v is not None}})
 
 
+def _written(result: dict, path: str, report: str) -> int:
+    """Write ``result`` as JSON to ``path``, print ``report`` and where the JSON went; the command's exit code."""
+    write_json(result, path)
+    print(f"{report}\n-> {path}")
+    return 0
+
+
 def _set_threads(args: argparse.Namespace) -> None:
     """Apply ``--threads`` (CPU threads for torch) when given."""
     if args.threads:
@@ -120,7 +127,6 @@ def _auto_dtype(args: argparse.Namespace, mode: str, block: int | None) -> None:
     """``--dtype auto``: replace it by the dtype whose decoding step is fastest here (measured once, cached)."""
     if getattr(args, "dtype", None) != "auto":
         return
-
     width = 1 if mode == "ar" else block or read_diffusion_config(args.model).block_size
     args.dtype, record = choose_dtype(args.model, width, compile=getattr(args, "compile", False))
     times = ", ".join(f"{d} {ms:.1f}" for d, ms in record["forward_ms"].items())
@@ -131,10 +137,9 @@ def _auto_dtype(args: argparse.Namespace, mode: str, block: int | None) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     _set_threads(args)
     cfg = decode_config(args)
-    prompts = args.prompt or []
+    prompts = args.prompt
     if not prompts:
         raise EdlmError("give at least one --prompt TEXT")
-
     _auto_dtype(args, cfg.mode, cfg.block_size)
     dlm = load(args.model, args.dtype, device=best_device(), compile=args.compile)
     texts, stats = dlm.generate(prompts, cfg, chat=not args.no_chat)
@@ -155,14 +160,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench_train(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config, args.set, model=args.model)
     result = train_throughput(cfg, steps=args.steps, warmup=args.warmup)
-    write_json(result, args.json)
-    print(f"{train_report(result)}  -> {args.json}")
-    return 0
+    return _written(result, args.json, train_report(result))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
-
     _set_threads(args)
     cfg = decode_config(args)
     result = decode_benchmark(args.model, prompts=args.prompt, decode=cfg, batch_sizes=tuple(args.batch_sizes),
@@ -185,28 +187,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     _set_threads(args)
+    dtypes, eager_dtypes = tuple(args.dtypes.split(",")), tuple(args.eager_dtypes.split(","))
     if args.profile:
-        result = profile_engine(args.model, dtypes=tuple(args.dtypes.split(",")),
-                                eager_dtypes=tuple(args.eager_dtypes.split(",")),
+        result = profile_engine(args.model, dtypes=dtypes, eager_dtypes=eager_dtypes,
                                 widths=(1, args.block, 2 * args.block))
         result["machine"] = machine_info()
-        write_json(result, args.json)
-        print(profile_report(result))
-        print(f"-> {args.json}")
-        return 0
+        return _written(result, args.json, profile_report(result))
     texts = args.prompt or default_chat_prompts()
     tokenizer = load(args.model, "fp32")
     ids = [tokenizer.encode(t, not args.no_chat) for t in texts]
-    result = engine_benchmark(args.model, ids, args.max_new_tokens, dtypes=tuple(args.dtypes.split(",")),
-                              eager_dtypes=tuple(args.eager_dtypes.split(",")), repeats=args.repeats,
-                              block=args.block, tpfs=tuple(args.tpf), gguf=args.gguf,
+    result = engine_benchmark(args.model, ids, args.max_new_tokens, dtypes=dtypes, eager_dtypes=eager_dtypes,
+                              repeats=args.repeats, block=args.block, tpfs=tuple(args.tpf), gguf=args.gguf,
                               llama_cpp=not args.no_llama_cpp)
     result["settings"].update(model=str(args.model), prompts_text=texts, chat_template=not args.no_chat)
     result["machine"] = machine_info()
-    write_json(result, args.json)
-    print(engine_report(result))
-    print(f"-> {args.json}")
-    return 0
+    return _written(result, args.json, engine_report(result))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -234,24 +229,18 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     result = serve_bench(args.model, n_requests=args.requests, concurrency=args.concurrency,
                          max_tokens=args.max_tokens, disconnect=args.disconnect, max_batch=args.max_batch,
                          settings=settings)
-    write_json(result, args.json)
-    print(f"{serve_bench_report(result)}  -> {args.json}")
-    return 0
+    return _written(result, args.json, serve_bench_report(result))
 
 
 def cmd_bench_masks(args: argparse.Namespace) -> int:
     result = mask_memory(tuple(args.lengths), block=args.block, device=args.device)
     if args.training_model:  # GPU: peak memory of a real training forward + backward, SDPA vs flex
-
         result["training"] = training_memory(args.training_model, tuple(args.lengths), block=args.block)
-    write_json(result, args.json)
-    print(f"{masks_report(result)}\n-> {args.json}")
-    return 0
+    return _written(result, args.json, masks_report(result))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _require_task(args.task)
-
     _set_threads(args)
     decode = decode_config(args)
     _auto_dtype(args, "ar" if args.ar else decode.mode, decode.block_size)
@@ -268,7 +257,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
     _require_task(args.task)
-
     _set_threads(args)
     result = sweep(args.model, args.task, thresholds=tuple(args.thresholds),
                    block_sizes=tuple(args.block_sizes) if args.block_sizes else (None,), limit=args.limit,
@@ -303,8 +291,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     bar = TrainingBar("convert")
     result = run_miniature_demo(out, per_family=args.problems, convert=args.convert, steps=args.steps,
                                 decode=None if args.threshold is None else DecodeConfig(threshold=args.threshold),
-                                progress=bar,
-                                say=lambda msg: print(msg, flush=True))
+                                progress=bar, say=lambda msg: print(msg, flush=True))
     bar.close()
     print(miniature_report(result))
     if args.json:
@@ -327,17 +314,12 @@ def _embedded_demo(args: argparse.Namespace) -> int:
 
 
 def _study_overrides(args: argparse.Namespace) -> list[str]:
-    overrides = list(args.set)
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    if args.report_dir:
-        overrides.append(f"report_dir={args.report_dir}")
-    return overrides
+    folders = {"output_dir": args.output_dir, "report_dir": args.report_dir}
+    return [*args.set, *(f"{key}={value}" for key, value in folders.items() if value)]
 
 
 def cmd_study(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
-
     cfg = load_study_config(args.config, _study_overrides(args))
     args.logs.to_folder(cfg.output_dir)
     _set_threads(args)
@@ -359,7 +341,6 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_headline(args: argparse.Namespace) -> int:
     require("matplotlib", install=PLOTS)
-
     cfg = load_headline_config(args.config, _study_overrides(args))
     args.logs.to_folder(cfg.study.output_dir)
     _set_threads(args)

