@@ -189,6 +189,9 @@ def test_ar_mode_scores_the_recorded_source_exactly(model_dir, tmp_path):
     lm = EdlmLM(pretrained=str(model_dir), mode="ar", device="cpu")
     (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)], disable_tqdm=True)
     assert ll == pytest.approx(converted, abs=1e-5)
+    # float16, which edlm's loaders do not name, is the fp32 model cast (it raised a bare StopIteration)
+    half = EdlmLM(pretrained=str(model_dir), mode="ar", device="cpu", dtype="float16")
+    assert half.ar_model.dtype == torch.float16
     # and generates with edlm's AR decoder (mask token banned)
     from edlm.ar import ar_generate
 

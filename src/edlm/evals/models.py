@@ -27,19 +27,14 @@ logger = logging.getLogger(__name__)
 def load_ar_source(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
     """The AR model a converted folder was trained from, in eval mode on ``device``
-    (:func:`edlm.loading.load_source`, with a float ``dtype``)."""
-    name = next(n for n, d in DTYPES.items() if d == dtype)
-    return load_source(model_dir, name, device, attn_implementation=attn_implementation)
+    (:func:`edlm.loading.load_source`, with a float ``dtype``; one edlm has no weight dtype of, such as float16, is
+    the fp32 model cast)."""
+    name = next((n for n, d in DTYPES.items() if d == dtype), None)
+    model = load_source(model_dir, name or "fp32", device, attn_implementation=attn_implementation)
+    return model if name else model.to(dtype)
 
 
-def load_for_eval(model_dir: str, ar: bool = False, dtype: str = "fp32", compile: bool = False):
-    """(DiffusionLM, AR source model or None) of a converted folder (:func:`edlm.loading.load_pair`)."""
-    return load_pair(model_dir, ar, dtype, compile)
-
-
-def banned_ids(ar_model, mask_id: int) -> list[int] | None:
-    """The ids AR decoding must never produce: the dLM's mask token, when the AR vocabulary has it."""
-    return [mask_id] if mask_id < ar_model.get_input_embeddings().num_embeddings else None
+load_for_eval = load_pair  # (DiffusionLM, AR source model or None) of a converted folder
 
 
 def generation_system(cfg: DecodeConfig, tokenizer, dlm: Any = None, ar_model: Any = None,
@@ -49,8 +44,9 @@ def generation_system(cfg: DecodeConfig, tokenizer, dlm: Any = None, ar_model: A
     string appeared in its text."""
     if ar_model is None:
         return dlm_system(dlm, cfg)
-    return ar_system(ar_model, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                     banned_ids(ar_model, mask_id) if mask_id is not None else None)
+    vocab = ar_model.get_input_embeddings().num_embeddings  # the mask token is banned where the AR vocabulary has it
+    banned = [mask_id] if mask_id is not None and mask_id < vocab else None
+    return ar_system(ar_model, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id, banned)
 
 
 @torch.no_grad()
