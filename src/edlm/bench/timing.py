@@ -4,6 +4,7 @@ forward's time, and the agreement of two outputs token by token."""
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
@@ -56,4 +57,4 @@ def forward_times(model, cache_len: int, widths: tuple[int, ...], batch: int = 1
     ``w`` in ``widths``, ``batch`` rows (:func:`forward_step`): the cost a decoder step cannot go below (no masks, no
     commit rule)."""
     step = forward_step(model, cache_len, batch)
-    return {w: median_seconds(lambda: step(w, token), repeats) for w in widths}  # noqa: B023 (called at once)
+    return {w: median_seconds(partial(step, w, token), repeats) for w in widths}

@@ -58,8 +58,8 @@ def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict[
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         step_s = sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss
         return {"step_s_median": step_s, "tokens_per_s": mb * cfg.data.seq_len / step_s, "peak_mem_mb": peak / 2**20}
 
     def loss_of(objective: str, module):
