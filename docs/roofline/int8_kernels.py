@@ -11,23 +11,18 @@ Then the memory bandwidth a reduction over 1 GB of random fp32 reaches at 1 and 
 """
 
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edlm.bench.timing import median_seconds
 from edlm.quant import quantize_int8
 
 
 def bench(fn, n=7):
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[n // 2] * 1e3
+    """Median milliseconds of ``n`` calls after one untimed call."""
+    return median_seconds(fn, n) * 1e3
 
 
 def main() -> None:
