@@ -12,7 +12,7 @@ from edlm.checkpoints import tiny_model
 from edlm.errors import EdlmError
 from edlm.studies import Comparison, StudyConfig, expand, run_study, verdict, write_report
 from edlm.studies.analysis import per_position_loss, weight_drift
-from edlm.studies.grid import load_study_config, run_config, source_dir, unique_runs
+from edlm.studies.grid import load_study_config, run_config, study_source, unique_runs
 from edlm.studies.task import TaskConfig, read_test, write_task
 
 
@@ -195,8 +195,8 @@ def test_changed_settings_are_refused_not_silently_reused(tmp_path):
         run_study(cfg)
 
 
-def test_source_dir_is_the_given_model_or_the_one_the_study_trains(tmp_path):
-    assert source_dir(StudyConfig(output_dir=str(tmp_path))) == tmp_path / "source"
-    assert source_dir(StudyConfig(source={"pretrained": str(tmp_path / "m")})) == tmp_path / "m"
+def test_study_source_is_the_given_model_or_the_one_the_study_trains(tmp_path):
+    assert study_source(StudyConfig(output_dir=str(tmp_path))) == tmp_path / "source"
+    assert study_source(StudyConfig(source={"pretrained": str(tmp_path / "m")})) == tmp_path / "m"
     # the headline measured Path("embedded") here, while the study trained on the embedded model's folder
-    assert source_dir(StudyConfig(source={"pretrained": "embedded"})) == embedded_model_dir()
+    assert study_source(StudyConfig(source={"pretrained": "embedded"})) == embedded_model_dir()

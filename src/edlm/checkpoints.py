@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 TINY_VOCAB_SPECIALS = ["<|endoftext|>"]
 
+
 def best_device() -> str:
     """``cuda`` when a CUDA GPU is visible, else ``cpu`` (where evaluation, benchmarks and generation run)."""
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -205,7 +205,7 @@ def _check_same_settings(run_dir: Path, tcfg: TrainConfig) -> None:
                         "use a new output_dir for changed settings, or delete that run folder to retrain it")
 
 
-def source_dir(cfg: StudyConfig) -> Path:
+def study_source(cfg: StudyConfig) -> Path:
     """The AR source's folder: ``source.pretrained`` (``embedded``: the embedded SmolLM2-135M), else the one the
     study trains in ``OUTPUT_DIR/source``."""
     spec = cfg.source.get("pretrained")
@@ -229,7 +229,7 @@ def run_study(cfg: StudyConfig, progress: Callable[[str], None] | None = None,
     problems = read_test(test_path)
     corpus = [str(train_path.resolve()), *cfg.task.text_corpus]
 
-    source = source_dir(cfg)
+    source = study_source(cfg)
     if cfg.source.get("pretrained"):
         if not (source / "config.json").is_file():
             raise EdlmError(f"source.pretrained {str(source)!r} is not a Hugging Face model folder")

@@ -44,8 +44,8 @@ from edlm.studies.grid import (
     run_config,
     run_study,
     source_config,
-    source_dir,
     study_config_from_dict,
+    study_source,
 )
 from edlm.studies.task import read_test
 
@@ -289,7 +289,7 @@ def run_headline(cfg: HeadlineConfig, progress=None, new_bar=None,
     studied = run_study(study, progress=say, new_bar=new_bar)
     out = Path(study.output_dir)
     problems = read_test(out / "task" / "test.jsonl")
-    source = source_dir(study)
+    source = study_source(study)
     run_dir = main_run_dir(study)
     say(f"measuring AR source ({source}) vs dLM ({run_dir}) on {len(problems)} held-out problems")
     measured = measure(source, run_dir, problems, cfg.headline, study.max_new_tokens, progress=say)
