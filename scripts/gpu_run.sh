@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 
 # 1. flex-attention vs SDPA: same loss and gradients on the same batch; training memory vs length.
 python -m pytest -m gpu -q tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
-edlm bench-masks --training-model tiny:llama@256x4 --lengths 1024 2048 4096 8192 16384 \
+edlm bench masks --training-model tiny:llama@256x4 --lengths 1024 2048 4096 8192 16384 \
     --json "$OUT/bench_masks_gpu.json"
 
 # 2. convert SmolLM2-135M on one GPU: bf16, flex-attention, batch 16 x 256 tokens (4,096 tokens per step).

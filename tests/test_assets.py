@@ -22,13 +22,3 @@ def test_bundled_corpus_is_in_the_assets_folder():
     (path,) = builtin_corpus("tiny")
     assert path.parent == ASSETS_DIR and json.loads(path.read_text().splitlines()[0])["text"]
     assert (ASSETS_DIR / "miniature" / "headline.yaml").is_file()
-
-
-def test_model_loaders_moved_to_checkpoints_stay_importable_from_assets():
-    import edlm.assets
-    import edlm.checkpoints
-
-    for name in ("tiny_model", "load_hf", "resolve_model", "best_device", "TINY_FAMILIES", "embedded_model_dir"):
-        assert getattr(edlm.assets, name) is getattr(edlm.checkpoints, name)
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        edlm.assets.nope  # noqa: B018

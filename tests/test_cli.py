@@ -67,24 +67,23 @@ def test_every_subcommand_is_dispatched_through_the_command_table():
         assert r.returncode == 0 and f"edlm {name}" in r.stdout
 
 
-def test_old_command_names_and_bare_bench_still_work():
+def test_bare_bench_is_bench_decode_and_old_command_names_are_gone():
     from edlm.cli import canonical_argv
 
-    assert canonical_argv(["bench-train", "--json", "x"]) == ["bench", "train", "--json", "x"]
-    assert canonical_argv(["-v", "serve-bench", "--model", "m"]) == ["-v", "bench", "load", "--model", "m"]
-    assert canonical_argv(["bench-masks"]) == ["bench", "masks"]
+    assert canonical_argv(["-v", "bench", "--model", "m"]) == ["-v", "bench", "decode", "--model", "m"]
     assert canonical_argv(["bench", "--model", "m"]) == ["bench", "decode", "--model", "m"]
     assert canonical_argv(["bench", "train", "--steps", "1"]) == ["bench", "train", "--steps", "1"]
     assert canonical_argv(["bench", "--help"]) == ["bench", "--help"]
     assert canonical_argv(["generate", "--model", "bench"]) == ["generate", "--model", "bench"]
     r = run("bench-masks", "--help")
-    assert r.returncode == 0 and "edlm bench masks" in r.stdout
+    assert r.returncode == 2 and "invalid choice: 'bench-masks'" in r.stderr
 
 
 def test_decoding_flags_come_from_decode_config_and_keep_its_defaults():
     import dataclasses
 
-    from edlm.cli import build_parser, decode_config
+    from edlm.cli import build_parser
+    from edlm.cli.commands import decode_config
     from edlm.config import DecodeConfig
 
     parser = build_parser()
@@ -129,7 +128,7 @@ SERVE_INSTALL = "pip install fastapi uvicorn sse-starlette openai httpx"
 @pytest.mark.parametrize("argv, missing, install", [
     (["serve", "--model", "M"], "uvicorn", SERVE_INSTALL),
     (["serve", "--model", "M"], "sse_starlette", SERVE_INSTALL),
-    (["serve-bench", "--model", "M", "--json", "r.json"], "httpx", SERVE_INSTALL),
+    (["bench", "load", "--model", "M", "--json", "r.json"], "httpx", SERVE_INSTALL),
     (["bench", "load", "--model", "M", "--json", "r.json"], "openai", SERVE_INSTALL),
     (["bench", "--model", "M", "--json", "r.json"], "matplotlib", "pip install matplotlib"),
     (["sweep", "--model", "M", "--json", "r.json"], "matplotlib", "pip install matplotlib"),
@@ -146,7 +145,7 @@ def test_a_missing_optional_package_stops_the_command_before_any_work(argv, miss
     assert main(argv) == 2
     err = capsys.readouterr().err
     # the model folder M and the config do not exist: any work would have failed on them first
-    command = " ".join(canonical_argv(argv)[:2]) if argv[0] in ("bench", "serve-bench") else argv[0]
+    command = " ".join(canonical_argv(argv)[:2]) if argv[0] == "bench" else argv[0]
     assert err == f"edlm {command}: error: the Python package {missing!r} is not installed; install it with: " \
                   f"{install}\n"
     assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,7 @@ from conftest import make_dlm
 
 from edlm.evals import sandbox
 from edlm.evals.tasks import (
-    AnswerDoc,
+    Problem,
     arithmetic,
     arithmetic_choices,
     arithmetic_task,
@@ -39,7 +39,7 @@ def test_arithmetic_task_is_seeded_and_correct():
     for doc in a:
         expr = doc.question.removeprefix("What is ").split("?")[0]
         assert str(eval(expr)) == doc.answer  # noqa: S307 (our own generated expression)
-    assert isinstance(a[0], AnswerDoc)
+    assert isinstance(a[0], Problem)
 
 
 def test_one_arithmetic_generator_behind_every_arithmetic_task():

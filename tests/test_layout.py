@@ -9,7 +9,7 @@ import edlm
 ROOT = Path(edlm.__file__).parent
 CORE = {"adapter", "distill", "config", "masks", "schedules", "noising", "data", "decode", "ar", "errors",
         "model", "train", "sampling", "speculative", "quant", "text", "results", "assets", "engine", "compat",
-        "loading", "api", "checkpoints", "baseline", "generation"}  # the last two: old names of ar and sampling
+        "loading", "api", "checkpoints"}
 OUTER = {"cli", "serve", "evals", "bench", "studies", "demo", "lm_eval_adapter"}
 MAX_LINES = 600
 
@@ -109,7 +109,6 @@ LAZY_EDLM = {
     ("edlm.cli", "edlm.cli.commands"): "the CLI imports the library only when a command runs: edlm --help stays fast",
     ("edlm.config", "edlm.masks"): "the parser reads edlm.config at start-up; the registries import torch",
     ("edlm.config", "edlm.schedules"): "the same",
-    ("edlm.assets", "edlm.checkpoints"): "old names resolved by a module __getattr__: edlm.assets stays torch-free",
     ("edlm.evals.lm_eval", "edlm.evals.lm_eval"): "python -m runs the importable module (registration)",
 }
 
@@ -178,6 +177,13 @@ def test_the_lazy_import_rule_sees_what_needs_an_optional_package():
 def test_no_module_is_longer_than_about_600_lines():
     lines = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in ROOT.rglob("*.py")}
     assert {name: n for name, n in lines.items() if n > MAX_LINES} == {}
+
+
+def test_no_module_resolves_names_lazily():
+    """One name per thing (issue 36): no module-level ``__getattr__`` forwarding old or moved names."""
+    lazy = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
+            if any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in ast.parse(p.read_text()).body)]
+    assert lazy == []
 
 
 def test_every_integration_module_exists():

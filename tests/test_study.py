@@ -7,8 +7,7 @@ import pytest
 import torch
 from conftest import make_dlm
 
-from edlm.assets import embedded_model_dir
-from edlm.checkpoints import tiny_model
+from edlm.checkpoints import embedded_model_dir, tiny_model
 from edlm.errors import EdlmError
 from edlm.studies import Comparison, StudyConfig, expand, run_study, verdict, write_report
 from edlm.studies.analysis import per_position_loss, weight_drift

@@ -330,9 +330,6 @@ def iter_steps(dlm, prompts: list[list[int]], cfg: DecodeConfig,
     return MODES[cfg.mode](dlm, prompts, cfg, should_stop=should_stop, seeds=seeds)
 
 
-iter_blocks = iter_steps  # the old name: it yields after every step, not every block
-
-
 @torch.no_grad()
 def generate(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> DecodeOutput:
     """Decode token-id prompts with a DiffusionLM in ``cfg.mode``; all rows in one batch."""

@@ -23,7 +23,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from edlm.assets import miniature_dir  # noqa: F401 (also public here, its old home)
+from edlm.assets import miniature_dir
 from edlm.assets.prompts import DEMO_PROMPTS
 from edlm.bench.table import Table
 from edlm.config import DecodeConfig

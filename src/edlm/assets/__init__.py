@@ -18,19 +18,6 @@ from edlm.errors import EdlmError
 __all__ = ["ASSETS_DIR", "builtin_corpus", "cache_dir", "counting_corpus", "default_chat_prompts", "miniature_dir",
            "package_dir", "require_package_dir"]
 
-_MOVED = {"TINY_VOCAB_SPECIALS", "TINY_FAMILIES", "best_device", "tiny_tokenizer", "tiny_model", "load_hf",
-          "parse_tiny_spec", "resolve_model", "embedded_model_dir", "describe_model"}
-"""Names that lived here before :mod:`edlm.checkpoints` held them; still importable from here."""
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import edlm.checkpoints
-
-        return getattr(edlm.checkpoints, name)
-    raise AttributeError(f"module 'edlm.assets' has no attribute {name!r}")
-
-
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------- corpora

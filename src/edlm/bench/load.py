@@ -192,7 +192,7 @@ def load_test(base_url: str, n_requests: int = 64, concurrency: int = 16, max_to
 def serve_bench(model_dir: str | Path, n_requests: int = 64, concurrency: int = 16, max_tokens: int = 32,
                 disconnect: int = 3, max_batch: int = 16, settings: ServeSettings | None = None) -> dict[str, Any]:
     """Throughput of the real server under :func:`load_test`, batched (``max_batch``) vs one request at a time
-    (``max_batch=1``), same model and process (``edlm serve-bench``)."""
+    (``max_batch=1``), same model and process (``edlm bench load``)."""
     base = settings or load_serve_settings(model_dir)
     dlm = DiffusionLM.from_pretrained(model_dir).eval()
     runs: dict[str, Any] = {}
@@ -200,13 +200,13 @@ def serve_bench(model_dir: str | Path, n_requests: int = 64, concurrency: int = 
         cfg = dataclasses.replace(base, max_batch=batch, max_active=max(base.max_active, batch),
                                   max_queue=max(base.max_queue, n_requests), api_key=None)
         with ServerThread(create_app(cfg, Engine(dlm, cfg))) as server:
-            logger.info("serve-bench: %s (max_batch=%d), %d requests, %d concurrent", name, batch, n_requests,
+            logger.info("bench load: %s (max_batch=%d), %d requests, %d concurrent", name, batch, n_requests,
                         concurrency)
             runs[name] = {"max_batch": batch, **load_test(server.base_url, n_requests, concurrency, max_tokens,
                                                           disconnect)}
     b, one = runs["batched"], runs["one_at_a_time"]
     return {
-        "command": f"edlm serve-bench --model {model_dir}",
+        "command": f"edlm bench load --model {model_dir}",
         "model": str(model_dir), "machine": machine_info(),
         "settings": {**dataclasses.asdict(base), "api_key": None, "n_requests": n_requests,
                      "concurrency": concurrency, "max_tokens": max_tokens, "disconnect": disconnect},
@@ -217,7 +217,7 @@ def serve_bench(model_dir: str | Path, n_requests: int = 64, concurrency: int = 
 
 
 def serve_bench_report(result: dict[str, Any]) -> str:
-    """What ``edlm serve-bench`` prints: a row per run, then the batched server's speed-up."""
+    """What ``edlm bench load`` prints: a row per run, then the batched server's speed-up."""
     t = Table("<run", "max_batch", "ok", "req/s", "tok/s", "p50 s", "rows/cohort", "left", "cancelled", "mismatched")
     for name, run in result["runs"].items():
         server = run["server"]

@@ -129,7 +129,7 @@ def training_memory(model: str = "tiny:llama@256x4", lengths: tuple[int, ...] = 
     is recorded as such. The dense SDPA mask is (2L)^2 per batch; flex builds a BlockMask from the same predicate.
     """
     if not torch.cuda.is_available():
-        raise EdlmError("the training-memory benchmark needs a CUDA GPU; on CPU use edlm bench-masks (mask bytes)")
+        raise EdlmError("the training-memory benchmark needs a CUDA GPU; on CPU use edlm bench masks (mask bytes)")
     rows = []
     for impl in impls:
         for n in lengths:

