@@ -113,6 +113,7 @@ def test_embedded_demo_cli_with_an_adapter_writes_the_documented_json(tmp_path, 
     assert set(saved["ar"]) == {"tokens_per_s", "dtype"}
     assert set(saved["speculative"]) == {"tokens_per_forward", "tokens_per_s", "speedup", "identical"}
     assert set(saved["diffusion"]) == {"tokens_per_forward", "tokens_per_s", "speedup"}
+    assert saved["settings"]["threshold"] == DecodeConfig().threshold  # no --threshold: DecodeConfig's default
     assert saved["speculative"]["identical"] == 1.0 and len(saved["prompts"]) == 4
     assert all(p["speculative"]["text"] == p["ar"]["text"] for p in saved["prompts"])
     printed = capsys.readouterr().out

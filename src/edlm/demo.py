@@ -54,16 +54,19 @@ def drafter_dir() -> Path:
 
 
 def run_drafter_demo(adapter_dir: str | Path | None = None, prompts: list[tuple[str, str]] | None = None,
-                     max_new_tokens: int = 64, dtype: str = "fp32", threshold: float = 0.9) -> dict[str, Any]:
+                     max_new_tokens: int = 64, dtype: str = "fp32", threshold: float | None = None) -> dict[str, Any]:
     """The real model: the embedded SmolLM2-135M-Instruct (AR, unmodified) against the gated drafter adapter over it,
-    speculative (the adapter drafts, the source verifies: the source's own text) and diffusion, prompt by prompt at
-    batch 1; returns per-prompt rows and totals (the ``--json`` schema of ``edlm demo``)."""
+    speculative (the adapter drafts, the source verifies: the source's own text) and diffusion at ``threshold``
+    (None: :class:`~edlm.config.DecodeConfig`'s), prompt by prompt at batch 1; returns per-prompt rows and totals
+    (the ``--json`` schema of ``edlm demo``)."""
     adapter = Path(adapter_dir or drafter_dir())
     if not (adapter / ADAPTER_CONFIG_NAME).is_file():
         raise EdlmError(f"no gated adapter in {str(adapter)!r} (no {ADAPTER_CONFIG_NAME}); train one with edlm drafter "
                         "--config configs/smollm2-135m-drafter.yaml, or use edlm demo --model miniature")
     prompts = list(prompts or DEMO_PROMPTS)
-    cfg = MeasureConfig(max_new_tokens=max_new_tokens, batch_sizes=[1], dtype=dtype, threshold=threshold)
+    cfg = MeasureConfig(max_new_tokens=max_new_tokens, batch_sizes=[1], dtype=dtype)
+    if threshold is not None:
+        cfg = dataclasses.replace(cfg, threshold=threshold)
     m = measure_drafter(adapter, cfg, prompts)
     runs = {name: m.runs[name][1] for name in m.runs}
     rows = []
@@ -84,7 +87,7 @@ def run_drafter_demo(adapter_dir: str | Path | None = None, prompts: list[tuple[
                             "speedup": m.speedup("speculative", 1), "identical": m.identical(1)},
             "diffusion": {"tokens_per_forward": diff.tokens_per_forward, "tokens_per_s": diff.tokens_per_s,
                           "speedup": m.speedup("diffusion", 1)},
-            "settings": {"max_new_tokens": max_new_tokens, "threshold": threshold, "batch": 1, "greedy": True},
+            "settings": {"max_new_tokens": max_new_tokens, "threshold": cfg.threshold, "batch": 1, "greedy": True},
             "machine": provenance()}
 
 

@@ -305,8 +305,8 @@ def _embedded_demo(args: argparse.Namespace) -> int:
                         "embedded demo uses a trained adapter: --adapter FOLDER (edlm drafter trains one)")
     _set_threads(args)
     prompts = [("prompt", p) for p in args.prompt] if args.prompt else None
-    result = run_drafter_demo(args.adapter, prompts, max_new_tokens=args.max_new_tokens or 64, dtype=args.dtype,
-                              threshold=args.threshold or 0.9)
+    result = run_drafter_demo(args.adapter, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                              threshold=args.threshold)
     print(drafter_demo_report(result))
     if args.json:
         write_json(result, args.json)

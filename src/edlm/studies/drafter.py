@@ -62,8 +62,8 @@ class MeasureConfig:
     """Batch sizes to measure (each system decodes the same prompts at each)."""
     dtype: str = "fp32"
     """Weights of both the source and the drafter (``fp32``, ``bf16``, ``int8``)."""
-    threshold: float = 0.9
-    """Diffusion mode's commit threshold."""
+    threshold: float = DecodeConfig().threshold
+    """Diffusion mode's commit threshold (default: :class:`~edlm.config.DecodeConfig`'s)."""
     draft_hypotheses: int = 1
     """Speculative mode: acceptance lengths drafted for per forward."""
     aligned_draft: bool = True
@@ -243,22 +243,24 @@ def exact_problems(n: int, seed: int = 0) -> list[Problem]:
     return out
 
 
-def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", threshold: float = 0.9,
+def exact_accuracy(adapter_dir: str | Path, n: int = 200, dtype: str = "fp32", threshold: float | None = None,
                    batch: int = 16, max_new_tokens: int = 8, say=None) -> dict[str, Any]:
     """Greedy accuracy (:func:`edlm.evals.tasks.score_answer`) of the unmodified source (AR) and of the adapter's
-    diffusion decoder on :func:`exact_problems`, per family (the speculative mode's text is the source's: tested,
-    not re-measured)."""
+    diffusion decoder at ``threshold`` (None: :class:`~edlm.config.DecodeConfig`'s) on :func:`exact_problems`, per
+    family (the speculative mode's text is the source's: tested, not re-measured)."""
     dlm = load(adapter_dir, dtype)
     source, tok = load_ar(dlm.adapter["source"]["model"], dtype)
     problems = exact_problems(n)
     ids = [tok(p.question, add_special_tokens=False)["input_ids"] for p in problems]
-    configs = {"ar": DecodeConfig(mode="ar", max_new_tokens=max_new_tokens),
-               "diffusion": DecodeConfig(mode="diffusion", max_new_tokens=max_new_tokens, threshold=threshold)}
+    diffusion = DecodeConfig(mode="diffusion", max_new_tokens=max_new_tokens)
+    if threshold is not None:
+        diffusion = dataclasses.replace(diffusion, threshold=threshold)
+    configs = {"ar": DecodeConfig(mode="ar", max_new_tokens=max_new_tokens), "diffusion": diffusion}
     systems = {name: _system(source, dlm, cfg) for name, cfg in configs.items()}
     runs = run_interleaved(systems, ids, batch, detokenize=lambda r: tok.decode(r, skip_special_tokens=True),
                            progress=lambda done, total: say and say(f"exact answers: {done}/{total} problems"))
     texts = {name: run.texts for name, run in runs.items()}
-    out: dict[str, Any] = {"n_per_family": n, "threshold": threshold, "dtype": dtype, "families": {}}
+    out: dict[str, Any] = {"n_per_family": n, "threshold": diffusion.threshold, "dtype": dtype, "families": {}}
     for family in dict.fromkeys(p.family for p in problems):
         idx = [i for i, p in enumerate(problems) if p.family == family]
         out["families"][family] = {name: sum(score_answer(texts[name][i], problems[i].answer) for i in idx) / len(idx)
