@@ -25,7 +25,6 @@ from typing import Any
 
 from edlm.assets import miniature_dir
 from edlm.assets.prompts import DEMO_PROMPTS
-from edlm.bench.table import Table
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
 from edlm.model import ADAPTER_CONFIG_NAME, EDLM_CONFIG_NAME
@@ -43,6 +42,7 @@ from edlm.studies.headline import (
     summary,
 )
 from edlm.studies.task import first_per_family, make_problems, write_task
+from edlm.table import Table
 from edlm.train import convert, latest_checkpoint
 
 logger = logging.getLogger(__name__)

@@ -12,17 +12,17 @@ import torch
 
 from edlm.assets import default_chat_prompts
 from edlm.bench.engine import HEADLINE, engine_benchmark, engine_report
-from edlm.bench.harness import ar_system, cycled, dlm_system, run_interleaved, versus
 from edlm.bench.llamacpp import llamacpp_row
-from edlm.bench.table import Table, pct
 from edlm.bench.timing import agreement, forward_times
 from edlm.checkpoints import best_device
 from edlm.config import DecodeConfig, to_dict
 from edlm.decode import generate
+from edlm.harness import ar_system, cycled, dlm_system, run_interleaved, versus
 from edlm.loading import load, load_ar
 from edlm.model import source_spec
 from edlm.quant import cast, cast_model, parse_dtypes
 from edlm.results import machine_info, new_figure, save_figure
+from edlm.table import Table, pct
 
 
 def roofline(forward_s: dict[int, float], tokens_per_forward: float, block: int, batch: int = 1) -> dict[str, float]:
@@ -92,7 +92,7 @@ def decode_benchmark(model_dir: str | os.PathLike, prompts: list[str] | None = N
                      gguf: str | os.PathLike | None = None, compile: bool = False,
                      engine_dtypes: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")) -> dict[str, Any]:
     """AR decoding vs dLM decoding of the same prompts, same process, after warm-up; what is compared is decoded
-    interleaved, batch by batch, through :func:`edlm.bench.harness.run_interleaved` (with ``repeats``, each system's
+    interleaved, batch by batch, through :func:`edlm.harness.run_interleaved` (with ``repeats``, each system's
     median pass counts).
 
     At batch size n every prompt is decoded, n at a time (prompts are cycled when n exceeds their number), and the
@@ -200,7 +200,7 @@ def ceiling(models: dict[str, Any], ar_models: dict[str, Any], ids: list[list[in
             run_ar) -> dict[str, Any]:
     """The forced-TPF ceiling of :func:`decode_benchmark` (see there): per batch size, ``forward_ms`` (bare forward
     of w new tokens per dtype), ``ar`` (per dtype, with ``best``), ``dlm`` (one row per dtype and forced TPF).
-    ``run_ar(model)`` is the AR system (:func:`edlm.bench.harness.ar_system`) of a model of ``ar_models``."""
+    ``run_ar(model)`` is the AR system (:func:`edlm.harness.ar_system`) of a model of ``ar_models``."""
     widths = tuple(sorted({1, block, 2 * block}))
     out: dict[str, Any] = {"block": block, "cache_len": cache_len, "by_batch": {}}
     for n in batch_sizes:

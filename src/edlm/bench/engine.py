@@ -17,16 +17,16 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from edlm.assets import cache_dir
-from edlm.bench.harness import ar_system, dlm_system, run_interleaved
 from edlm.bench.llamacpp import llamacpp_ar, q8_0_gguf, skip_reason, source_gguf
-from edlm.bench.table import Table
 from edlm.bench.timing import forward_step, forward_times, median_seconds
 from edlm.config import DecodeConfig
 from edlm.engine import compile_dlm, compile_model
+from edlm.harness import ar_system, dlm_system, run_interleaved
 from edlm.loading import load, load_ar
 from edlm.model import source_spec
 from edlm.quant import cast_model
 from edlm.results import machine_info, write_json
+from edlm.table import Table
 
 HEADLINE = ("ar_best_tokens_per_s", "ar_best", "llamacpp_tokens_per_s", "bandwidth_bound_tokens_per_s")
 """The fields ``edlm bench decode --compile`` also copies to its JSON's top level."""

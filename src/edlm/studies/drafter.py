@@ -30,8 +30,6 @@ import yaml
 from edlm.adapter import adapter_state, load_adapter_state
 from edlm.api import encode_prompt
 from edlm.assets.prompts import DOMAINS, distillation_prompts
-from edlm.bench.harness import run_interleaved
-from edlm.bench.table import Table, pct
 from edlm.checkpoints import resolve_model
 from edlm.config import DecodeConfig, TrainConfig, apply_overrides, from_dict, load_yaml
 from edlm.decode import generate
@@ -39,13 +37,15 @@ from edlm.distill import DistillConfig, distill, distilled_tokens, read_prompts
 from edlm.errors import ConfigError
 from edlm.evals.models import generation_system
 from edlm.evals.tasks import Problem, score_answer
+from edlm.harness import run_interleaved
 from edlm.loading import load, load_ar
 from edlm.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, EDLM_CONFIG_NAME
 from edlm.results import provenance, replace_dir, write_json
+from edlm.table import Table, pct
 from edlm.train import CHECKPOINT_PREFIX, STATE_FILE, convert, latest_checkpoint
 
 if TYPE_CHECKING:
-    from edlm.bench.harness import Run
+    from edlm.harness import Run
 
 logger = logging.getLogger(__name__)
 

@@ -27,12 +27,11 @@ import torch
 
 from edlm.assets import miniature_dir
 from edlm.bench.decode import MODE_VARIANTS, forward_overhead
-from edlm.bench.harness import ar_system, dlm_system, versus
-from edlm.bench.table import Table, pct
 from edlm.checkpoints import load_hf
 from edlm.config import DecodeConfig, apply_overrides, from_dict, load_yaml
 from edlm.errors import ConfigError, EdlmError
 from edlm.evals.tasks import Problem
+from edlm.harness import ar_system, dlm_system, versus
 from edlm.model import DiffusionLM
 from edlm.quant import DTYPES, cast, cast_model
 from edlm.results import new_figure, provenance, replace_dir, save_figure, write_json
@@ -48,6 +47,7 @@ from edlm.studies.grid import (
     study_source,
 )
 from edlm.studies.task import read_test
+from edlm.table import Table, pct
 
 logger = logging.getLogger(__name__)
 

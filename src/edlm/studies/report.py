@@ -16,9 +16,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from edlm.bench.table import Table
 from edlm.config import DecodeConfig
 from edlm.results import new_figure, save_figure
+from edlm.table import Table
 
 # Which variant names play which role in the claims (names as in configs/study.yaml).
 CLEAN, NOISY, BIDIR = "block_causal_clean", "block_causal_noisy", "bidirectional"

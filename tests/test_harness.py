@@ -1,8 +1,8 @@
-"""The comparison harness (edlm.bench.harness): rotation, bookkeeping, repeats, warm-up, on fake systems."""
+"""The comparison harness (edlm.harness): rotation, bookkeeping, repeats, warm-up, on fake systems."""
 
 import pytest
 
-from edlm.bench.harness import cycled, run_interleaved
+from edlm.harness import cycled, run_interleaved
 from edlm.sampling import DecodeOutput, DecodeStats
 
 
@@ -62,7 +62,7 @@ def test_a_warmup_pass_decodes_every_batch_untimed_first():
 
 
 def test_one_table_renders_the_same_rows_as_cli_text_and_as_markdown():
-    from edlm.bench.table import Table, pct
+    from edlm.table import Table, pct
 
     t = Table("batch", "<system", "tokens/s", "<note").add(1, "ar", "42.0", None).add(16, "dLM spec", "181.5", "")
     assert t.text().splitlines() == ["batch system   tokens/s note",
@@ -76,7 +76,7 @@ def test_one_table_renders_the_same_rows_as_cli_text_and_as_markdown():
 
 
 def test_versus_reports_each_side_at_its_fastest_dtype():
-    from edlm.bench.harness import versus
+    from edlm.harness import versus
 
     row = versus({"fp32": {"tokens_per_s": 10.0}, "int8": {"tokens_per_s": 20.0}},
                  {"fp32": {"tokens_per_s": 50.0}, "bf16": {"tokens_per_s": 40.0}}, threshold=0.9)
