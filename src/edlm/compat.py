@@ -11,7 +11,7 @@ from torch import nn
 
 def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
     """The keyword that passes a KV cache to ``model``'s forward: ``cache`` (transformers >= 5.24, which warns on
-    the old name) or ``past_key_values``."""
+    ``past_key_values``) or ``past_key_values`` (earlier versions)."""
     return {_cache_keyword(type(model)): cache}
 
 
