@@ -9,7 +9,8 @@ import edlm
 ROOT = Path(edlm.__file__).parent
 CORE = {"adapter", "distill", "config", "masks", "schedules", "noising", "data", "decode", "ar", "errors",
         "model", "train", "sampling", "speculative", "quant", "text", "results", "assets", "engine", "compat",
-        "loading", "api", "checkpoints", "harness", "table"}  # harness, table: below every outer user
+        "loading", "api", "checkpoints", "harness", "table",  # harness, table: below every outer user
+        "drafter", "drafter_train"}
 OUTER = {"cli", "serve", "evals", "bench", "studies", "demo", "lm_eval_adapter"}
 MAX_LINES = 600
 

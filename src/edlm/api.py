@@ -14,7 +14,8 @@ import torch
 
 from edlm.config import DecodeConfig
 from edlm.decode import iter_steps
-from edlm.sampling import DecodeOutput, DecodeStats
+from edlm.sampling import DecodeOutput, DecodeStats, pad_token_id
+from edlm.speculative import iter_drafted
 from edlm.text import cut_at_stop, stop_index
 
 
@@ -54,6 +55,27 @@ def decode_until_stop(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> Decod
 
     stats = DecodeStats(rows=len(prompts))
     for new, stats in iter_steps(dlm, prompts, cfg, should_stop=seen_stop if cfg.stop else None):  # noqa: B007
+        for seq, part in zip(sequences, new):
+            seq.extend(part)
+    return DecodeOutput(sequences, stats)
+
+
+@torch.no_grad()
+def drafted_until_stop(source, drafter, tokenizer: Any, prompts: list[list[int]], cfg: DecodeConfig,
+                       ) -> DecodeOutput:
+    """Token-id prompts decoded in one batch by the unmodified ``source`` with a block ``drafter``
+    (:func:`edlm.speculative.iter_drafted`): the source's own continuation; a row stops after the verify where its
+    text first holds one of ``cfg.stop`` (:func:`stopped_text` cuts it) or at EOS."""
+    sequences: list[list[int]] = [[] for _ in prompts]
+
+    def seen_stop(row: int) -> bool:
+        return stop_index(tokenizer.decode(sequences[row], skip_special_tokens=True), cfg.stop) is not None
+
+    eos = None if cfg.ignore_eos else tokenizer.eos_token_id
+    stats = DecodeStats(rows=len(prompts))
+    steps = iter_drafted(source, drafter, prompts, cfg, eos, pad_token_id(tokenizer),
+                         should_stop=seen_stop if cfg.stop else None)
+    for new, stats in steps:  # noqa: B007
         for seq, part in zip(sequences, new):
             seq.extend(part)
     return DecodeOutput(sequences, stats)

@@ -251,6 +251,9 @@ class DecodeConfig:
     diffusion decoder place blocks, so a draft ends at the block's end (and is empty at its last position). False:
     the drafted block starts at the next open position, so every draft has ``block_size - 1`` guesses (with token
     shift) whatever the position; a drafted block then sees the same clean context as a training block does."""
+    draft_cut: float = 0.0
+    """``speculative`` with a drafter: cut each draft where the running product of its guesses' confidences falls
+    below this (0: verify every guess; the verify's cost grows with its width)."""
     block_size: int | None = None
     """Decoding block size; None uses the model's training block size. Must be a multiple or divisor of it."""
     policy: str = "threshold"
@@ -281,6 +284,7 @@ class DecodeConfig:
         _check(self.mode in DECODE_MODES, f"unknown decoding mode {self.mode!r}; choose one of {list(DECODE_MODES)}")
         _check(self.block_size is None or self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         _check(0.0 < self.threshold <= 1.0, f"threshold must be in (0, 1], got {self.threshold}")
+        _check(0.0 <= self.draft_cut < 1.0, f"draft_cut must be in [0, 1), got {self.draft_cut}")
         _check(self.draft_hypotheses >= 1, f"draft_hypotheses must be >= 1, got {self.draft_hypotheses}")
         _check(self.tokens_per_step >= 1, f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
         _check(math.isfinite(self.entropy_bound) and self.entropy_bound >= 0,

@@ -23,10 +23,19 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from edlm.api import encode_prompt, stopped_text
 from edlm.assets import miniature_dir
+from edlm.assets.embedded import smollm2_gguf_path
 from edlm.assets.prompts import DEMO_PROMPTS
+from edlm.bench import llamacpp
+from edlm.checkpoints import resolve_model
 from edlm.config import DecodeConfig
+from edlm.drafter import Drafter
+from edlm.engine import compile_model
 from edlm.errors import EdlmError
+from edlm.harness import ar_system, drafter_system, run_interleaved
 from edlm.model import ADAPTER_CONFIG_NAME, EDLM_CONFIG_NAME
 from edlm.results import provenance
 from edlm.studies.drafter import MeasureConfig, measure_drafter
@@ -89,6 +98,118 @@ def run_drafter_demo(adapter_dir: str | Path | None = None, prompts: list[tuple[
                           "speedup": m.speedup("diffusion", 1)},
             "settings": {"max_new_tokens": max_new_tokens, "threshold": cfg.threshold, "batch": 1, "greedy": True},
             "machine": provenance()}
+
+
+# ----------------------------------------------------------------------------------------------- the block drafter
+
+
+def block_drafter_dir() -> Path:
+    """The block drafter for the embedded SmolLM2-135M-Instruct shipped in the package (``edlm drafter --config
+    configs/smollm2-135m-block-drafter.yaml`` rebuilds it)."""
+    return Path(__file__).parent / "assets" / "block_drafter"
+
+
+def run_block_drafter_demo(drafter_dir: str | Path | None = None, prompts: list[tuple[str, str]] | None = None,
+                           max_new_tokens: int = 64, dtype: str = "fp32", draft_cut: float | None = None,
+                           llama_cpp: bool = True, threads: int | None = None) -> dict[str, Any]:
+    """The real model with the block drafter: the embedded SmolLM2-135M-Instruct decodes each prompt as it is (AR:
+    eager fp32, and on the compiled engine at ``dtype``), then with the drafter drafting after every verify of the
+    unmodified source on the same engine (its text is the source's), and, when llama-cpp-python is installed,
+    through llama.cpp (Q8_0). Batch 1, greedy, interleaved prompt by prompt after an untimed pass that compiles
+    every shape; returns per-prompt rows and totals (the ``--json`` schema of ``edlm demo``)."""
+    folder = Path(drafter_dir or block_drafter_dir())
+    source, tokenizer = resolve_model("embedded", dtype=torch.float32)
+    source.eval()
+    drafter = Drafter.load(folder, source)
+    prompts = list(prompts or DEMO_PROMPTS)
+    ids = [encode_prompt(tokenizer, p) for _, p in prompts]
+    cfg = DecodeConfig(mode="speculative", max_new_tokens=max_new_tokens,
+                       **({} if draft_cut is None else {"draft_cut": draft_cut}))
+    engine = compile_model(source, dtype)
+    eos = tokenizer.eos_token_id
+    systems = {"ar_eager": ar_system(source, cfg, eos, tokenizer.pad_token_id),
+               "ar": ar_system(engine, cfg, eos, tokenizer.pad_token_id),
+               "speculative": drafter_system(engine, drafter, tokenizer, cfg)}
+    skipped = None
+    if llama_cpp:
+        gguf = smollm2_gguf_path()
+        skipped = llamacpp.skip_reason(gguf)
+        if skipped is None:
+            systems["llamacpp"] = llamacpp.system(llamacpp.load(llamacpp.q8_0_gguf(gguf), threads or 2),
+                                                  max_new_tokens)
+    with torch.no_grad():
+        runs = run_interleaved(systems, ids, 1, detokenize=lambda s: stopped_text(tokenizer, s, []), warmup="pass")
+    ar_best = max(("ar", "ar_eager"), key=lambda n: runs[n].tokens_per_s)
+    rows = []
+    for k, (domain, prompt) in enumerate(prompts):
+        row: dict[str, Any] = {"domain": domain, "prompt": prompt}
+        for name, r in runs.items():
+            tokens, forwards, seconds = r.chunks[k]
+            row[name] = {"text": r.texts[k], "tokens": tokens, "tokens_per_forward": tokens / max(forwards, 1),
+                         "tokens_per_s": tokens / max(seconds, 1e-9)}
+        row["speculative"]["identical"] = runs["speculative"].texts[k] == runs["ar"].texts[k]
+        row["speculative"]["speedup"] = row["speculative"]["tokens_per_s"] / max(row[ar_best]["tokens_per_s"], 1e-9)
+        rows.append(row)
+    spec = runs["speculative"]
+    result: dict[str, Any] = {
+        "model": f"SmolLM2-135M-Instruct (embedded) + block drafter {folder}", "prompts": rows,
+        "ar": {"tokens_per_s": runs[ar_best].tokens_per_s, "dtype": "fp32" if ar_best == "ar_eager" else dtype,
+               "compiled": ar_best == "ar", "eager_fp32_tokens_per_s": runs["ar_eager"].tokens_per_s,
+               "compiled_tokens_per_s": runs["ar"].tokens_per_s},
+        "speculative": {"tokens_per_forward": spec.tokens / max(spec.forwards, 1), "tokens_per_s": spec.tokens_per_s,
+                        "speedup": spec.tokens_per_s / max(runs[ar_best].tokens_per_s, 1e-9),
+                        "identical": sum(r["speculative"]["identical"] for r in rows) / len(rows),
+                        "accepted_per_verify": _accepted_per_verify(spec, len(rows)), "dtype": dtype,
+                        "draft_cut": cfg.draft_cut},
+        "settings": {"max_new_tokens": max_new_tokens, "batch": 1, "greedy": True,
+                     "block_size": drafter.cfg.block_size},
+        "machine": provenance()}
+    if "llamacpp" in runs:
+        result["llamacpp"] = {"tokens_per_s": runs["llamacpp"].tokens_per_s, "quant": "Q8_0"}
+        result["speculative"]["vs_llamacpp"] = spec.tokens_per_s / max(runs["llamacpp"].tokens_per_s, 1e-9)
+    else:
+        result["llamacpp_skipped"] = skipped or "not asked for"
+    return result
+
+
+def _accepted_per_verify(run, prompts: int) -> float:
+    """Accepted draft tokens per verify: every source forward commits its accepted drafts plus the source's own
+    token, and each prompt's first forward (the prefill) verifies no draft."""
+    return (run.tokens - run.forwards) / max(run.forwards - prompts, 1)
+
+
+def block_drafter_demo_report(result: dict[str, Any]) -> str:
+    """What ``edlm demo`` prints of :func:`run_block_drafter_demo`'s result."""
+
+    def short(text: str) -> str:
+        return textwrap.shorten(text, 70, placeholder=" ...")
+
+    spec, ar = result["speculative"], result["ar"]
+    lines = [f"\n{result['model']}, greedy, at most {result['settings']['max_new_tokens']} new tokens, batch 1; "
+             f"the drafter's verify on the compiled engine at {spec['dtype']}\n"]
+    names = {"ar_eager": "AR (source, eager fp32)", "ar": f"AR (source, compiled {spec['dtype']})",
+             "speculative": "block drafter + source", "llamacpp": "llama.cpp Q8_0 (AR)"}
+    for row in result["prompts"]:
+        t = Table("<system", "tok/s", "tok/fwd", "<text")
+        for key, label in names.items():
+            if key not in row:
+                continue
+            r = row[key]
+            text = ("identical to the source" if r["identical"] else "DIFFERS from the source") \
+                if key == "speculative" else short(r["text"])
+            t.add(label, f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_forward']:.2f}", text)
+        lines += [f"[{row['domain']}] {row['prompt']}", textwrap.indent(t.text(), "  "), ""]
+    best = f"compiled {ar['dtype']}" if ar["compiled"] else "eager fp32"
+    lines.append(f"all prompts: best AR {ar['tokens_per_s']:.1f} tok/s ({best}); "
+                 f"block drafter {spec['tokens_per_s']:.1f} tok/s ({spec['tokens_per_forward']:.2f} tokens per "
+                 f"source forward, {spec['accepted_per_verify']:.2f} drafts accepted per verify, "
+                 f"{spec['speedup']:.2f}x the best AR, identical text on {100 * spec['identical']:.0f}% of prompts)")
+    if "llamacpp" in result:
+        lines.append(f"llama.cpp Q8_0: {result['llamacpp']['tokens_per_s']:.1f} tok/s; the block drafter is "
+                     f"{spec['vs_llamacpp']:.2f}x that")
+    else:
+        lines.append(result["llamacpp_skipped"])
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- the miniature

@@ -6,8 +6,15 @@ in batches of prompts of similar length, and appends one record per prompt::
 
     {"id": 17, "domain": "math", "prompt": "...", "completion": "...", "text": "<chat template>...<completion><eos>"}
 
-``text`` is what conversion trains on (``data.text_field: text``). A rerun skips the ids already in the file, so an
-interrupted run resumes where it stopped; records are appended whole, one line each.
+``text`` is what conversion trains on (``data.text_field: text``); ``ids`` are the prompt's and the answer's token
+ids (``prompt_tokens`` of them the prompt's). A rerun skips the ids already in the file, so an interrupted run resumes
+where it stopped; records are appended whole, one line each.
+
+With ``feature_layers`` (what a drafter reads, :mod:`edlm.drafter`) the decoding loop also keeps the outputs of
+those source layers at every position it computes anyway (the prompt's in the prefill, each answer token's in the
+step that reads it): no extra forward. They go to ``<out>.features/`` as one safetensors shard per batch (fp16,
+``"<id>"`` -> (len(ids) - 1, layers, D)), written before the batch's lines, so every record in the jsonl has its
+features unless the folder was removed; :func:`rebuild_features` then recomputes them by a batched prefill.
 """
 
 from __future__ import annotations
@@ -20,12 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from edlm.api import encode_prompt
 from edlm.ar import iter_ar
 from edlm.assets.prompts import distillation_prompts
+from edlm.compat import new_cache
 from edlm.config import DecodeConfig
+from edlm.drafter import source_forward
 from edlm.errors import EdlmError
+from edlm.sampling import choose_rows, row_generators
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +62,8 @@ class DistillConfig:
     """Seeds the built-in prompt set and, when sampling, each prompt's generator (seed + id)."""
     chat: bool = True
     """Wrap each prompt in the tokenizer's chat template (with the generation prompt)."""
+    feature_layers: list[int] | None = None
+    """Source layers whose outputs to keep for a drafter (None: token ids only)."""
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
@@ -112,8 +125,11 @@ def distill(model, tokenizer, cfg: DistillConfig, out: str | os.PathLike,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(cfg)
+    seen: dict[str, int] = {}
+    for i, (_, text) in enumerate(prompts):
+        seen.setdefault(text, i)  # a prompt asked twice is answered once
     done = _done_ids(out)
-    todo = [i for i in range(len(prompts)) if i not in done]
+    todo = [i for i in range(len(prompts)) if i not in done and seen[prompts[i][1]] == i]
     encoded = {i: encode_prompt(tokenizer, prompts[i][1], cfg.chat) for i in todo}
     # Similar lengths share a batch (little padding), sorted within windows of a few batches taken in prompt order:
     # a run stopped early holds a prefix of the prompt set, window by window, not its shortest prompts.
@@ -127,13 +143,21 @@ def distill(model, tokenizer, cfg: DistillConfig, out: str | os.PathLike,
     for at in range(0, len(todo), cfg.batch_size):
         batch = todo[at:at + cfg.batch_size]
         records = []
-        for row, i in zip(_decode(model, [encoded[i] for i in batch], batch, cfg, eos), batch):
+        if cfg.feature_layers:
+            _write_layers(features_dir(out), cfg.feature_layers)
+            rows, feats = generate_with_features(model, [encoded[i] for i in batch], cfg, eos,
+                                                 seeds=[cfg.seed + i for i in batch])
+            _write_shard(features_dir(out), batch, [(encoded[i] + row, f) for i, row, f in zip(batch, rows, feats)])
+        else:
+            rows = _decode(model, [encoded[i] for i in batch], batch, cfg, eos)
+        for row, i in zip(rows, batch):
             ids = row[:-1] if row and row[-1] == eos else row
             completion = tokenizer.decode(ids, skip_special_tokens=True)
             prompt_text = tokenizer.decode(encoded[i], skip_special_tokens=False)
             text = prompt_text + tokenizer.decode(row, skip_special_tokens=False)
             records.append({"id": i, "domain": prompts[i][0], "prompt": prompts[i][1], "completion": completion,
-                            "text": text, "tokens": len(row)})
+                            "text": text, "tokens": len(row), "prompt_tokens": len(encoded[i]),
+                            "ids": encoded[i] + row})
         with out.open("a") as f:  # whole lines, flushed per batch
             f.write("".join(json.dumps(r) + "\n" for r in records))
         finished += len(batch)
@@ -152,6 +176,110 @@ def _decode(model, prompts: list[list[int]], ids: list[int], cfg: DistillConfig,
             for row, part in zip(rows, new):
                 row.extend(part)
     return rows
+
+
+def features_dir(out: str | os.PathLike) -> Path:
+    """Where the features of a distilled jsonl file go."""
+    out = Path(out)
+    return out.with_name(out.name + ".features")
+
+
+def _write_layers(folder: Path, layers: list[int]) -> None:
+    """Record which source layers the features are (a rerun with other layers is refused)."""
+    path = folder / "layers.json"
+    if path.is_file() and json.loads(path.read_text()) != list(layers):
+        raise EdlmError(f"{folder} holds features of layers {json.loads(path.read_text())}, not {list(layers)}; "
+                        "distil into a new --output or use the same --features")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(list(layers)) + "\n")
+
+
+def feature_layers(out: str | os.PathLike) -> list[int] | None:
+    """The source layers whose features a distilled file holds (None: none)."""
+    path = features_dir(out) / "layers.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_shard(folder: Path, ids: list[int], seqs: list[tuple[list[int], torch.Tensor]]) -> None:
+    """One shard of features (fp16), written atomically; named by its first id."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {str(i): f[:len(s) - 1].to(torch.float16).contiguous() for i, (s, f) in zip(ids, seqs)}
+    path = folder / f"shard-{min(ids):07d}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_features(out: str | os.PathLike) -> dict[int, torch.Tensor]:
+    """Every record's features of a distilled file: id -> (len(ids) - 1, layers, D) fp16."""
+    found: dict[int, torch.Tensor] = {}
+    for shard in sorted(features_dir(out).glob("shard-*.safetensors")):
+        found.update({int(k): v for k, v in load_file(str(shard)).items()})
+    return found
+
+
+@torch.no_grad()
+def rebuild_features(model, out: str | os.PathLike, layers: list[int], batch_size: int = 8) -> int:
+    """Recompute, by a batched prefill of the source, the features of the records of ``out`` that have none (a
+    fresh clone: token ids are committed, features are not); returns how many were rebuilt."""
+    records = [json.loads(line) for line in Path(out).read_text().splitlines() if line.strip()]
+    have = set(load_features(out))
+    todo = [r for r in records if r["id"] not in have and "ids" in r]
+    todo.sort(key=lambda r: len(r["ids"]))
+    for at in range(0, len(todo), batch_size):
+        part = todo[at:at + batch_size]
+        seqs = [r["ids"][:-1] for r in part]  # the last token's features are never read
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        for k, s in enumerate(seqs):  # right padding: every row's positions start at 0
+            ids[k, :len(s)] = torch.tensor(s)
+            attn[k, :len(s)] = 1
+        pos = torch.arange(width)[None].expand(len(seqs), -1)
+        _, feats = source_forward(model, ids, pos, attn, new_cache(model, len(seqs)), tuple(layers), logits_to_keep=1)
+        _write_shard(features_dir(out), [r["id"] for r in part],
+                     [(r["ids"], feats[k, :len(r["ids"]) - 1]) for k, r in enumerate(part)])
+    return len(todo)
+
+
+@torch.no_grad()
+def generate_with_features(model, prompts: list[list[int]], cfg: DistillConfig, eos: int | None,
+                           seeds: list[int] | None = None) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """AR continuations of a batch (as :func:`edlm.ar.iter_ar`: left padding, greedy or sampled per row) and, per
+    row, the features (len(prompt + answer) - 1, layers, D) of every position but the last, taken from the
+    forwards that decode it."""
+    rows, width = len(prompts), max(len(p) for p in prompts)
+    pad = eos if eos is not None else 0
+    ids = torch.full((rows, width), pad, dtype=torch.long)
+    attn = torch.zeros((rows, width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        attn[r, width - len(p):] = 1
+    positions = (attn.cumsum(-1) - 1).clamp_min(0)
+    decode = DecodeConfig(mode="ar", max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    generators = row_generators(seeds, decode, rows, ids.device)
+    cache = new_cache(model, rows)
+    layers = tuple(cfg.feature_layers or ())
+    logits, feats = source_forward(model, ids, positions, attn, cache, layers, logits_to_keep=1)
+    per_row = [[feats[r, width - len(p):]] for r, p in enumerate(prompts)]
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * rows
+    everything = torch.ones((rows, 1), dtype=torch.bool)
+    next_pos = positions[:, -1:] + 1
+    while True:
+        tokens = choose_rows(logits[:, -1:], everything, decode, generators)[0][:, 0]
+        for r, t in enumerate(tokens.tolist()):
+            if not done[r]:
+                out[r].append(t)
+                done[r] = t == eos or len(out[r]) >= cfg.max_new_tokens
+        if all(done):
+            break
+        attn = torch.cat([attn, torch.ones((rows, 1), dtype=attn.dtype)], dim=1)
+        logits, feats = source_forward(model, tokens[:, None], next_pos, attn, cache, layers, logits_to_keep=1)
+        next_pos = next_pos + 1
+        for r in range(rows):  # the features of the token this step read (a finished row's are cut below)
+            per_row[r].append(feats[r])
+    return out, [torch.cat(f)[:len(p) + len(o) - 1] for f, p, o in zip(per_row, prompts, out)]
 
 
 def distilled_tokens(path: str | os.PathLike) -> tuple[int, int]:

@@ -357,8 +357,11 @@ class Engine(nn.Module):
         var = x.float().pow(2).mean(-1, keepdim=True)
         return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * weight
 
-    def _forward(self, ids, cos, sin, slots, mask, keys: list[torch.Tensor], values: list[torch.Tensor]):
-        """Hidden states (R, Q, D) after the final norm; writes the Q columns' keys/values at ``slots``.
+    def _forward(self, ids, cos, sin, slots, mask, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 layers: tuple[int, ...] = ()):
+        """Hidden states (R, Q, D) after the final norm, and the outputs (R, Q, D) of the decoder layers numbered
+        in ``layers`` (0-based; Hugging Face's ``hidden_states[i + 1]``); writes the Q columns' keys/values at
+        ``slots``.
 
         ids (R, Q); cos/sin (R, Q, head_dim); slots (Q,) cache columns; mask (R, 1, Q, capacity) bool. Every
         layer runs the same compiled function (one graph per shape, whatever the depth: compiling the whole
@@ -366,10 +369,12 @@ class Engine(nn.Module):
         """
         x = F.embedding(ids, self.embed).to(self.act_dtype)
         cos, sin = cos[:, None], sin[:, None]  # (R, 1, Q, hd)
-        for i, layers in enumerate(self._chunks):
+        outputs: list[torch.Tensor] = []
+        for i, chunk in enumerate(self._chunks):
             at = slice(i * self.chunk, (i + 1) * self.chunk)
-            x = self._run_chunk(x, cos, sin, slots, mask, tuple(keys[at]), tuple(values[at]), layers)
-        return self._norm(x, self.norm)
+            x, per_layer = self._run_chunk(x, cos, sin, slots, mask, tuple(keys[at]), tuple(values[at]), chunk)
+            outputs.extend(per_layer)
+        return self._norm(x, self.norm), [outputs[i] for i in layers]
 
     def _attend(self, q, k, v, mask):
         """Attention of q (R, H, Q, hd) over the whole cache k, v (R, KV, C, hd) under mask (R, 1, Q, C), written
@@ -385,10 +390,13 @@ class Engine(nn.Module):
 
     def _chunk(self, x, cos, sin, slots, mask, keys: tuple, values: tuple, layers: tuple):
         """``len(layers)`` consecutive layers: the unit that is compiled (every chunk of the same size runs the same
-        graph, its weights being inputs)."""
+        graph, its weights being inputs). Returns the last layer's output and every layer's (a drafter reads some:
+        returning them costs a few small copies)."""
+        outputs = []
         for tensors, k_cache, v_cache in zip(layers, keys, values):
             x = self._layer(x, cos, sin, slots, mask, k_cache, v_cache, *tensors)
-        return x
+            outputs.append(x)
+        return x, tuple(outputs)
 
     def _layer(self, x, cos, sin, slots, mask, k_cache, v_cache, norm1, qkv_w, qkv_s, qkv_b, o_w, o_s, o_b,
                norm2, gu_w, gu_s, gu_b, down_w, down_s, down_b):
@@ -418,11 +426,13 @@ class Engine(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values: StaticCache | None = None,
                 use_cache: bool = False, logits_to_keep: int | torch.Tensor | None = None,
-                cache: StaticCache | None = None, **unused: Any):
+                cache: StaticCache | None = None, feature_layers: tuple[int, ...] = (), **unused: Any):
         """One forward of ``input_ids`` (R, Q) after the cache's columns, as a Hugging Face causal LM does it.
 
         ``attention_mask``: None (causal), (R, K) padding over all K = cached + Q columns (causal within), or a
-        (R|1, 1, Q, K) bool or additive mask. Returns ``.logits`` (R, kept, V) in fp32.
+        (R|1, 1, Q, K) bool or additive mask. Returns ``.logits`` (R, kept, V) in fp32 and, with
+        ``feature_layers``, ``.features`` (R, Q, len(feature_layers), D) fp32: those decoder layers' outputs at
+        every column (what a drafter reads; Hugging Face's ``hidden_states[i + 1]``).
         """
         store = cache if cache is not None else past_key_values
         rows, q_len = input_ids.shape
@@ -449,7 +459,9 @@ class Engine(nn.Module):
         cos, sin = self.cos[position_ids], self.sin[position_ids]
         key = (rows, width)
         t0 = time.perf_counter() if key not in self.widths else None
-        hidden = self._forward(input_ids, cos, sin, slots, mask, store.keys, store.values)[:, :q_len]
+        hidden, features = self._forward(input_ids, cos, sin, slots, mask, store.keys, store.values,
+                                         tuple(feature_layers))
+        hidden = hidden[:, :q_len]
         if t0 is not None:
             self.widths.add(key)
             self.compile_s[key] = time.perf_counter() - t0
@@ -460,7 +472,10 @@ class Engine(nn.Module):
             kept = hidden[:, -logits_to_keep:]
         else:
             kept = hidden[:, logits_to_keep]
-        return SimpleNamespace(logits=self.lm_head(kept).float())
+        out = SimpleNamespace(logits=self.lm_head(kept).float())
+        if feature_layers:
+            out.features = torch.stack(features, dim=2)[:, :q_len].float()  # (R, Q, n, D)
+        return out
 
     @staticmethod
     def _mask(attention_mask, rows: int, q_len: int, start: int, width: int, cap: int, device) -> torch.Tensor:

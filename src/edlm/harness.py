@@ -24,7 +24,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from edlm.api import decode_until_stop
+from edlm.api import decode_until_stop, drafted_until_stop
 from edlm.ar import ar_generate
 from edlm.sampling import DecodeOutput
 
@@ -77,6 +77,12 @@ def dlm_system(dlm, cfg) -> System:
 def ar_system(model, cfg, eos_id: int | None, pad_id: int | None = None, banned: list[int] | None = None) -> System:
     """An AR model decoding with a KV cache, ``cfg``'s length and sampling (:func:`edlm.ar.ar_generate`)."""
     return lambda rows: ar_generate(model, rows, cfg, eos_id, pad_id=pad_id, banned=banned)
+
+
+def drafter_system(source, drafter, tokenizer, cfg) -> System:
+    """The unmodified ``source`` decoding with a block ``drafter`` (:func:`edlm.api.drafted_until_stop`): the
+    source's own text; ``forwards`` counts the source's forwards."""
+    return lambda rows: drafted_until_stop(source, drafter, tokenizer, rows, cfg)
 
 
 def versus(ar: dict[str, dict[str, Any]], dlm: dict[str, dict[str, Any]], **dlm_fields: Any) -> dict[str, Any]:

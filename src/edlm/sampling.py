@@ -26,11 +26,20 @@ class DecodeStats:
     """Wall time of the call."""
     rows: int = 1
     """Prompts in the call."""
+    accepted: int = 0
+    """Draft tokens accepted (speculative decoding)."""
+    verifies: int = 0
+    """Forwards that verified a non-empty draft."""
 
     @property
     def tokens_per_forward(self) -> float:
         """Tokens committed per forward, per row (1.0 for AR decoding)."""
         return self.tokens / max(self.forwards * self.rows, 1)
+
+    @property
+    def accepted_per_verify(self) -> float:
+        """Mean accepted draft tokens per verify of a non-empty draft."""
+        return self.accepted / max(self.verifies, 1)
 
     @property
     def tokens_per_s(self) -> float:

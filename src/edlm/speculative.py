@@ -35,8 +35,10 @@ import torch
 
 from edlm.compat import new_cache
 from edlm.config import DecodeConfig
+from edlm.drafter import DraftContext, Drafter, source_forward
+from edlm.errors import EdlmError
 from edlm.masks import dense_mask, speculative_mask, to_attention_mask
-from edlm.sampling import DecodeStats, pad_token_id, probabilities, row_generators, validate_prompts
+from edlm.sampling import DecodeOutput, DecodeStats, pad_token_id, probabilities, row_generators, validate_prompts
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +117,12 @@ def _step_inputs(rows: list[_Row], hyps: list[list[int]], block: int, mask_id: i
     return ids.to(device), pos.to(device), attn.to(device), starts
 
 
-def _accept(row: _Row, ar_logits: torch.Tensor, cfg: DecodeConfig, generator: torch.Generator) -> list[int]:
-    """Verify ``row.draft`` against the AR logits at the row's clean columns (L, V); return the new tokens (the
-    accepted prefix of the draft, then the AR model's own next token)."""
-    base = len(row.seq) - 1 - row.cached  # clean column whose logits predict position len(row.seq)
+def _accept(row: _Row, ar_logits: torch.Tensor, cfg: DecodeConfig, generator: torch.Generator,
+            skipped: int = 0) -> list[int]:
+    """Verify ``row.draft`` against the AR logits at the row's clean columns (L, V), of which the first ``skipped``
+    were not computed; return the new tokens (the accepted prefix of the draft, then the AR model's own next
+    token)."""
+    base = len(row.seq) - 1 - row.cached - skipped  # clean column whose logits predict position len(row.seq)
     if cfg.temperature == 0.0:
         ar = ar_logits[base:base + len(row.draft) + 1].argmax(dim=-1).tolist()
         accepted = 0
@@ -236,3 +240,123 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
         stats.tokens = sum(r.produced for r in rows)
         stats.seconds = time.perf_counter() - t0
         yield new_tokens, stats
+
+
+# ------------------------------------------------------------------------------------------------ with a drafter
+
+
+def iter_drafted(source, drafter: Drafter, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int | None,
+                 pad_id: int = 0, should_stop: Callable[[int], bool] | None = None,
+                 seeds: list[int] | None = None) -> Iterator[tuple[list[list[int]], DecodeStats]]:
+    """Speculative decoding of an unmodified ``source`` (Hugging Face causal LM or compiled engine) with a
+    :class:`edlm.drafter.Drafter`, drafting *after* the verify. Each cycle, per row:
+
+    1. the source verifies ``[its last token ; the draft]`` causally; the longest agreeing prefix plus the
+       source's own next token are committed (greedy output is the source's, token for token; sampling keeps its
+       distribution by the standard acceptance rule);
+    2. the source's features at the verified positions extend the drafter's context;
+    3. the drafter drafts the next block from the newly committed token, cut where its running confidence falls
+       below ``cfg.draft_cut``.
+
+    Yields after every source forward (the contract of :func:`edlm.decode.iter_steps`); ``stats.forwards`` counts
+    source forwards.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise EdlmError("every prompt needs at least one token")
+    t0 = time.perf_counter()
+    block = drafter.cfg.block_size
+    layers = tuple(drafter.cfg.target_layer_ids)
+    device = source.get_input_embeddings().weight.device
+    impl = getattr(source.config, "_attn_implementation", None) or "sdpa"
+    generators = row_generators(seeds, cfg, len(prompts), device)
+    rows = [_Row(seq=list(p), prompt_len=len(p)) for p in prompts]
+    cache = new_cache(source, len(prompts))
+    context = DraftContext(drafter, len(prompts))
+    col_pos = torch.empty((len(rows), 0), dtype=torch.long)
+    stats = DecodeStats(rows=len(rows))
+    while True:
+        if should_stop is not None:
+            for i, row in enumerate(rows):
+                row.done = row.done or should_stop(i)
+        if all(r.done for r in rows):
+            return
+        ids, pos, attn, _ = _step_inputs(rows, [[] for _ in rows], block, 0, pad_id, False, col_pos, device)
+        width = ids.shape[1]
+        # Only the columns from each row's last committed token on predict anything: the rest (a prompt's) need no
+        # logits.
+        skipped = min(len(r.seq) - 1 - r.cached for r in rows if not r.done)
+        logits, feats = source_forward(source, ids, pos, to_attention_mask(attn, torch.float32, impl), cache, layers,
+                                       logits_to_keep=width - skipped)
+        stats.forwards += 1
+        new_pos = torch.full((len(rows), width), -1, dtype=torch.long)
+        new_tokens: list[list[int]] = []
+        for i, row in enumerate(rows):
+            if row.done:
+                new_tokens.append([])
+                continue
+            new = _accept(row, logits[i], cfg, generators[i], skipped)
+            if row.draft:
+                stats.verifies += 1
+                stats.accepted += len(new) - 1
+            new = new[:cfg.max_new_tokens - row.produced]
+            if eos_id is not None and eos_id in new:
+                new = new[:new.index(eos_id) + 1]
+                row.done = True
+            verified = len(row.seq) + len(new) - 1 - row.cached  # columns whose inputs were all right
+            new_pos[i, :verified] = torch.arange(row.cached, row.cached + verified)
+            context.extend(i, feats[i, :verified])
+            row.cached += verified
+            row.seq.extend(new)
+            row.done = row.done or row.produced >= cfg.max_new_tokens
+            row.draft, row.draft_probs = [], None
+            new_tokens.append(new)
+        col_pos = torch.cat([col_pos, new_pos], dim=1)
+        keep = int((col_pos >= 0).any(dim=0).nonzero().max()) + 1 if bool((col_pos >= 0).any()) else 0
+        if keep < col_pos.shape[1]:
+            cache.crop(keep - col_pos.shape[1])
+            col_pos = col_pos[:, :keep]
+        live = [i for i, r in enumerate(rows) if not r.done]
+        if live:
+            drafted = context.draft(live, [rows[i].seq[-1] for i in live])  # (len(live), B, Vd)
+            for k, i in enumerate(live):
+                _set_draft(rows[i], drafted[k, 1:], drafter.d2t, drafter.cfg.vocab_size, cfg, generators[i])
+        stats.tokens = sum(r.produced for r in rows)
+        stats.seconds = time.perf_counter() - t0
+        yield new_tokens, stats
+
+
+def _set_draft(row: _Row, logits: torch.Tensor, d2t: torch.Tensor, vocab: int, cfg: DecodeConfig,
+               generator: torch.Generator) -> None:
+    """The row's next draft from draft-vocabulary logits (B-1, Vd): at most the budget left after the source's next
+    token, cut where the running confidence falls below ``cfg.draft_cut``."""
+    room = row.prompt_len + cfg.max_new_tokens - len(row.seq) - 1
+    logits = logits[:max(room, 0)]
+    if logits.shape[0] == 0:
+        return
+    if cfg.temperature == 0.0:
+        conf, idx = torch.softmax(logits.float(), -1).max(-1)
+        q = None
+    else:
+        q = probabilities(logits, cfg)  # (n, Vd)
+        idx = torch.multinomial(q, 1, generator=generator).squeeze(-1)
+        conf = q.gather(-1, idx[:, None]).squeeze(-1)
+    if cfg.draft_cut > 0:
+        n = int((conf.cumprod(0) >= cfg.draft_cut).sum())
+        idx, conf = idx[:n], conf[:n]
+        q = None if q is None else q[:n]
+    row.draft = d2t[idx].tolist()
+    if q is not None:  # the drafter's distribution over the whole vocabulary, for the acceptance rule
+        row.draft_probs = torch.zeros((q.shape[0], vocab), dtype=q.dtype).index_copy_(1, d2t, q)
+
+
+@torch.no_grad()
+def drafted_generate(source, drafter: Drafter, prompts: list[list[int]], cfg: DecodeConfig, eos_id: int | None,
+                     pad_id: int = 0) -> DecodeOutput:
+    """Collect :func:`iter_drafted`: generated ids per row (prompt excluded; ending with EOS when one was
+    produced)."""
+    sequences: list[list[int]] = [[] for _ in prompts]
+    stats = DecodeStats(rows=len(prompts))
+    for new, stats in iter_drafted(source, drafter, prompts, cfg, eos_id, pad_id):  # noqa: B007
+        for seq, part in zip(sequences, new):
+            seq.extend(part)
+    return DecodeOutput(sequences=sequences, stats=stats)

@@ -8,30 +8,38 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
+from edlm.api import drafted_until_stop, encode_prompt, stopped_text
 from edlm.assets import default_chat_prompts
 from edlm.bench.decode import decode_benchmark, decode_report, plot_ceiling, plot_sweep
 from edlm.bench.engine import choose_dtype, engine_benchmark, engine_report, profile_engine, profile_report
 from edlm.bench.train import mask_memory, masks_report, train_report, train_throughput, training_memory
-from edlm.checkpoints import best_device, resolve_model
+from edlm.checkpoints import best_device
 from edlm.cli.console import Bars, TrainingBar
 from edlm.config import DecodeConfig, load_train_config
 from edlm.demo import (
+    block_drafter_demo_report,
+    block_drafter_dir,
     drafter_demo_report,
     drafter_dir,
     miniature_json,
     miniature_report,
+    run_block_drafter_demo,
     run_drafter_demo,
     run_miniature_demo,
 )
 from edlm.distill import DistillConfig, distill, distilled_tokens
+from edlm.drafter import Drafter, drafter_source
+from edlm.drafter_train import is_block_drafter_config, load_config, train_drafter
+from edlm.engine import compile_model
 from edlm.errors import EdlmError, require
 from edlm.evals.run import evaluate, plot_pareto, results_table, sweep, sweep_report
 from edlm.evals.tasks import default_max_new_tokens
-from edlm.loading import load
+from edlm.loading import load, load_ar
 from edlm.model import read_diffusion_config
 from edlm.quant import parse_dtypes
 from edlm.results import machine_info, write_json
@@ -94,9 +102,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     _set_threads(args)
     cfg = DistillConfig(prompts=args.prompts, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, temperature=args.temperature, seed=args.seed,
-                        chat=not args.no_chat)
+                        chat=not args.no_chat, feature_layers=_layer_list(args.features))
 
-    model, tok = resolve_model(args.model)
+    model, tok = load_ar(args.model, "fp32", compile=args.compile)
     bar = tqdm(desc="distill", unit="prompt", dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:
@@ -110,7 +118,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise EdlmError(f"--features takes comma-separated layer numbers like 1,8,14,20,27, not {text!r}") from None
+
+
 def cmd_drafter(args: argparse.Namespace) -> int:
+    if is_block_drafter_config(args.config):
+        return _block_drafter(args)
     cfg = load_drafter_config(args.config, args.set, output_dir=args.output_dir)
     args.logs.to_folder(cfg.output_dir)
     _set_threads(args)
@@ -120,6 +139,18 @@ def cmd_drafter(args: argparse.Namespace) -> int:
     print(drafter_report(result))
     if args.ship:
         print(f"shipped the adapter to {ship_drafter(result['adapter'], drafter_dir(), args.config)}")
+    return 0
+
+
+def _block_drafter(args: argparse.Namespace) -> int:
+    """``edlm drafter`` on a block-drafter recipe: distil, then train, resuming what is done."""
+    cfg = load_config(args.config, args.set, output_dir=args.output_dir)
+    args.logs.to_folder(cfg.output_dir)
+    _set_threads(args)
+    bar = TrainingBar("drafter")
+    folder = train_drafter(cfg, progress=bar, say=lambda msg: print(msg, flush=True))
+    bar.close()
+    print(f"drafter: {folder}")
     return 0
 
 
@@ -140,9 +171,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt
     if not prompts:
         raise EdlmError("give at least one --prompt TEXT")
-    _auto_dtype(args, cfg.mode, cfg.block_size)
-    dlm = load(args.model, args.dtype, device=best_device(), compile=args.compile)
-    texts, stats = dlm.generate(prompts, cfg, chat=not args.no_chat)
+    if args.drafter:
+        texts, stats, dlm = _generate_drafted(args, prompts, cfg)
+    elif not args.model:
+        raise EdlmError("give --model FOLDER (a converted model), or --drafter FOLDER (an AR source's drafter)")
+    else:
+        _auto_dtype(args, cfg.mode, cfg.block_size)
+        dlm = load(args.model, args.dtype, device=best_device(), compile=args.compile)
+        texts, stats = dlm.generate(prompts, cfg, chat=not args.no_chat)
     for prompt, text in zip(prompts, texts):
         if len(prompts) > 1:
             print(f"### {prompt}")
@@ -155,6 +191,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"[of which compiling {len(compiled)} forward shapes: {sum(compiled.values()):.1f} s; later calls "
                   "of the same shapes reuse them]", file=sys.stderr)
     return 0
+
+
+def _generate_drafted(args: argparse.Namespace, prompts: list[str], cfg: DecodeConfig):
+    """``edlm generate --drafter``: the source (eager, or on the compiled engine) with its block drafter."""
+    if args.dtype == "auto":
+        raise EdlmError("--dtype auto is not available with --drafter yet; give fp32, bf16, int8 or int4")
+    source, tokenizer = load_ar(args.model or drafter_source(args.drafter), "fp32")
+    drafter = Drafter.load(args.drafter, source)
+    model = compile_model(source, args.dtype, compile=args.compile) if args.compile or args.dtype != "fp32" \
+        else source
+    ids = [encode_prompt(tokenizer, p, not args.no_chat) for p in prompts]
+    out = drafted_until_stop(model, drafter, tokenizer, ids, dataclasses.replace(cfg, mode="speculative"))
+    return [stopped_text(tokenizer, s, cfg.stop) for s in out.sequences], out.stats, SimpleNamespace(model=model)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
@@ -281,7 +330,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.model == "embedded":
         return _embedded_demo(args)
-    if args.adapter or args.prompt:
+    if args.adapter or args.prompt or args.drafter:
         raise EdlmError("--adapter and --prompt belong to the embedded demo (edlm demo); the miniature decodes its "
                         "held-out problems")
 
@@ -305,9 +354,15 @@ def _embedded_demo(args: argparse.Namespace) -> int:
                         "embedded demo uses a trained adapter: --adapter FOLDER (edlm drafter trains one)")
     _set_threads(args)
     prompts = [("prompt", p) for p in args.prompt] if args.prompt else None
-    result = run_drafter_demo(args.adapter, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                              threshold=args.threshold)
-    print(drafter_demo_report(result))
+    if args.adapter or not (args.drafter or (block_drafter_dir() / "drafter_config.json").is_file()):
+        result = run_drafter_demo(args.adapter, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                                  threshold=args.threshold)
+        print(drafter_demo_report(result))
+    else:
+        result = run_block_drafter_demo(args.drafter, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                                        draft_cut=args.draft_cut, llama_cpp=not args.no_llama_cpp,
+                                        threads=args.threads)
+        print(block_drafter_demo_report(result))
     if args.json:
         write_json(result, args.json)
     return 0

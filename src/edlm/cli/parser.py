@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default: 16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy answers (default); > 0 samples")
     p.add_argument("--seed", type=int, default=0, help="seeds the built-in prompt set and sampling (default: 0)")
+    p.add_argument("--features", default=None, metavar="LAYERS",
+                   help="also keep these source layers' outputs (comma-separated, 0-based) for a drafter, in "
+                        "OUTPUT.features/ (no extra forward: the decoding loop computes them anyway)")
+    _compile_flag(p)
     _no_chat(p)
     _threads(p)
 
@@ -117,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then copy the adapter (fp16) into the package, where edlm demo finds it")
     _threads(p)
 
-    p = sub.add_parser("generate", help="generate text with a converted model")
-    p.add_argument("--model", required=True, help="converted model folder (output of edlm convert)")
+    p = sub.add_parser("generate", help="generate text with a converted model, or with an AR source and its drafter")
+    p.add_argument("--model", help="converted model folder (output of edlm convert); with --drafter: the AR source "
+                                   "(default: the source the drafter names)")
+    p.add_argument("--drafter", help="a block drafter folder (edlm drafter): the unmodified source decodes, the "
+                                     "drafter drafts after every verify; the text is the source's own")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
     decode_flags(p)
     _no_chat(p)
@@ -172,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=["embedded", "miniature"], default="embedded")
     p.add_argument("--output-dir", default=None, help="miniature: default runs/demo-miniature")
     p.add_argument("--adapter", default=None,
-                   help="embedded: a gated adapter folder (default: the one shipped in the package)")
+                   help="embedded: show a gated adapter folder instead of the block drafter")
+    p.add_argument("--drafter", default=None,
+                   help="embedded: a block drafter folder (default: the one shipped in the package)")
+    p.add_argument("--draft-cut", type=float, default=None,
+                   help="embedded: cut drafts where their running confidence falls below this (default: none)")
+    p.add_argument("--no-llama-cpp", action="store_true", help="embedded: skip llama.cpp's row")
     p.add_argument("--prompt", action="append", help="embedded: prompt text (repeat); default: four built-in prompts")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="embedded: weights of both systems")
     p.add_argument("--problems", type=int, default=40, help="miniature: held-out problems per task family")

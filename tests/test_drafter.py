@@ -1,0 +1,257 @@
+"""The block-diffusion drafter over a frozen source: its view of the context, its artefact, its training, and the
+guarantee of speculative decoding with it (greedy output == the unmodified source's ``generate``)."""
+
+import json
+
+import pytest
+import torch
+
+import edlm.drafter as drafter_mod
+from edlm.checkpoints import tiny_model
+from edlm.compat import new_cache
+from edlm.config import DecodeConfig
+from edlm.distill import DistillConfig, distill, generate_with_features, load_features, rebuild_features
+from edlm.drafter import DraftContext, Drafter, DrafterConfig, position_weights, training_mask
+from edlm.drafter_train import DrafterTrainConfig, load_answers, score, train_drafter
+from edlm.engine import compile_model
+from edlm.errors import EdlmError
+from edlm.speculative import drafted_generate, iter_drafted
+
+PROMPTS = [[5, 17, 99, 3], [120, 44, 8, 61, 200, 7, 19, 33, 2, 90, 14], [250]]
+LAYERS = [0, 1, 2]
+
+
+def varied_source(family: str = "llama", seed: int = 1):
+    """A tiny random source with a random (untied) head: with the tied head its greedy output just repeats the last
+    token, which would make "drafted == source" nearly vacuous."""
+    model, tok = tiny_model(family, seed=seed, layers=4)
+    head = model.get_output_embeddings()
+    g = torch.Generator().manual_seed(seed)
+    model.lm_head = torch.nn.Linear(head.weight.shape[1], head.weight.shape[0], bias=False)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=g) * 2)
+    model.config.tie_word_embeddings = False
+    return model.eval(), tok
+
+
+def make_drafter(model, block: int = 4, **settings) -> Drafter:
+    cfg = DrafterConfig.for_source(model, source="tiny", target_layer_ids=LAYERS, block_size=block, **settings)
+    return Drafter(cfg, model).eval()
+
+
+def reference(model, prompts, budget):
+    """Hugging Face ``generate`` of the unmodified source, greedy, no EOS stop."""
+    out = []
+    for p in prompts:
+        g = model.generate(torch.tensor([p]), max_new_tokens=budget, do_sample=False, eos_token_id=None,
+                           pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        out.append(g[0, len(p):].tolist())
+    return out
+
+
+def oracle(monkeypatch, truth: dict[tuple, list[int]], prompts, wrong_every: int):
+    """Make the drafter guess the source's continuation, wrong at every ``wrong_every``-th generated position, so
+    drafts are accepted whole, in part or not at all (a random drafter is never right)."""
+    real = DraftContext.draft
+
+    def draft(self, rows, first):
+        logits = real(self, rows, first)
+        for k, r in enumerate(rows):
+            p = prompts[r]
+            start = self.length[r] + 1 - len(p)  # generated index of the block's first guess
+            cont = truth[tuple(p)]
+            for j in range(1, logits.shape[1]):
+                g = start + j - 1
+                if g < len(cont):
+                    t = cont[g] if not wrong_every or g % wrong_every else (cont[g] + 1) % 250
+                    logits[k, j] = -10.0
+                    logits[k, j, t] = 10.0
+        return logits
+
+    monkeypatch.setattr(DraftContext, "draft", draft)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_greedy_drafted_output_equals_hugging_face_generate(monkeypatch, family):
+    model, _ = varied_source(family)
+    drafter = make_drafter(model)
+    for budget in (1, 6, 13):  # 6 and 13 end mid-block
+        truth = reference(model, PROMPTS, budget)
+        assert len({t for row in truth for t in row}) > budget // 2  # varied continuations, not one token repeated
+        for wrong_every in (None, 0, 3):  # None: the drafter's own (random) guesses
+            if wrong_every is not None:
+                oracle(monkeypatch, {tuple(p): s for p, s in zip(PROMPTS, truth)}, PROMPTS, wrong_every)
+            for cut in ((0.0, 0.5) if wrong_every == 3 else (0.0,)):
+                cfg = DecodeConfig(max_new_tokens=budget, mode="speculative", draft_cut=cut)
+                out = drafted_generate(model, drafter, PROMPTS, cfg, eos_id=None)
+                assert out.sequences == truth, (budget, wrong_every, cut)
+                if wrong_every == 3:  # rows accept different lengths: each row must still equal its lone run
+                    alone = [drafted_generate(model, drafter, [p], cfg, eos_id=None).sequences[0] for p in PROMPTS]
+                    assert alone == truth
+                if wrong_every == 0 and budget == 13:  # perfect drafts: a whole block per forward
+                    assert out.stats.forwards <= -(-budget // 4) + 1
+                    assert out.stats.accepted_per_verify > 2
+            monkeypatch.undo()
+
+
+def test_drafted_decoding_on_the_compiled_engine_equals_the_source(monkeypatch):
+    model, _ = varied_source("llama")
+    drafter = make_drafter(model)
+    truth = reference(model, PROMPTS, 9)
+    oracle(monkeypatch, {tuple(p): s for p, s in zip(PROMPTS, truth)}, PROMPTS, 3)
+    engine = compile_model(model, "fp32", compile=False)
+    cfg = DecodeConfig(max_new_tokens=9, mode="speculative")
+    assert drafted_generate(engine, drafter, PROMPTS, cfg, eos_id=None).sequences == truth
+
+
+def test_eos_ends_a_row_and_a_stop_request_is_honoured(monkeypatch):
+    model, _ = varied_source("llama")
+    drafter = make_drafter(model)
+    truth = reference(model, PROMPTS, 12)
+    eos = truth[1][4]  # a token row 1 produces at its 5th step
+    oracle(monkeypatch, {tuple(p): s for p, s in zip(PROMPTS, truth)}, PROMPTS, 0)
+    out = drafted_generate(model, drafter, PROMPTS, DecodeConfig(max_new_tokens=12, mode="speculative"), eos_id=eos)
+    for seq, full in zip(out.sequences, truth):
+        expected = full[:full.index(eos) + 1] if eos in full else full
+        assert seq == expected
+    produced = [0]
+    steps = iter_drafted(model, drafter, [PROMPTS[0]], DecodeConfig(max_new_tokens=12, mode="speculative"), None,
+                         should_stop=lambda i: produced[0] >= 3)
+    for new, _ in steps:
+        produced[0] += len(new[0])
+    assert 3 <= produced[0] < 12
+
+
+def test_draft_logits_come_from_the_committed_prefix_only():
+    """What the decoder's drafter sees equals a reference computation from the source's features of the committed
+    prefix: no feature of an unverified column, nothing at or after the block's first position."""
+    model, _ = varied_source("llama")
+    drafter = make_drafter(model)
+    captured = []
+    real = DraftContext.draft
+
+    def spy(self, rows, first):
+        out = real(self, rows, first)
+        captured.append(([self.length[r] for r in rows], first, out.clone()))
+        return out
+
+    DraftContext.draft = spy
+    try:
+        out = drafted_generate(model, drafter, [PROMPTS[1]], DecodeConfig(max_new_tokens=7, mode="speculative"), None)
+    finally:
+        DraftContext.draft = real
+    seq = PROMPTS[1] + out.sequences[0]
+    hs = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+    feats = torch.stack([hs[i + 1][0] for i in LAYERS], dim=1)  # (L, n, D)
+    b = drafter.cfg.block_size
+    assert captured
+    for (length,), (first,), logits in captured:
+        assert seq[length] == first  # the block opens on the newest committed token, at the next position
+        ctx = drafter.context(feats[None, :length])
+        mask = torch.ones(1, b, length + b, dtype=torch.bool)
+        ref = drafter(torch.tensor([[first]]), torch.arange(length, length + b)[None], ctx,
+                      torch.arange(length)[None], mask)
+        torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_training_mask_matches_a_brute_force_loop():
+    anchors = torch.tensor([[2, 4], [0, 5]])
+    c, b = 6, 3
+    m = training_mask(anchors, c, b)
+    for r in range(2):
+        for q in range(2 * b):
+            for k in range(c + 2 * b):
+                a = q // b
+                want = k < anchors[r, a] if k < c else (k - c) // b == a
+                assert bool(m[r, q, k]) == bool(want)
+
+
+def test_position_weights_decay_along_the_block():
+    w = position_weights(8, 4.0)
+    assert w[0] == 0 and w[1] == 1 and torch.all(w[2:] < w[1:-1])
+    assert float(w[5]) == pytest.approx(torch.exp(torch.tensor(-1.0)).item())
+
+
+def test_save_load_round_trip_and_refusal_of_another_source(tmp_path):
+    model, _ = varied_source("llama")
+    d2t = torch.tensor([0, 3, 5, 7, 9, 11, 40, 250])
+    drafter = make_drafter(model, draft_vocab_size=8, init="random")
+    drafter = Drafter(drafter.cfg, model, d2t=d2t)
+    drafter.save(tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "drafter_config.json").read_text())
+    assert cfg["target_layer_ids"] == LAYERS and cfg["block_size"] == 4 and "mask_token_id" in cfg
+    again = Drafter.load(tmp_path / "d", model)
+    assert torch.equal(again.d2t, d2t)
+    for (name, a), (_, b) in zip(drafter.state_dict().items(), again.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2, msg=name)  # saved in bf16
+    other, _ = varied_source("llama", seed=2)
+    with pytest.raises(EdlmError, match="another source"):
+        Drafter.load(tmp_path / "d", other)
+    with pytest.raises(EdlmError, match="no drafter"):
+        Drafter.load(tmp_path / "missing", model)
+
+
+def test_config_refuses_the_last_layer_and_bad_sizes():
+    model, _ = varied_source("llama")
+    with pytest.raises(EdlmError, match="out of range"):
+        DrafterConfig.for_source(model, target_layer_ids=[3])
+    with pytest.raises(EdlmError, match="draft_vocab_size"):
+        DrafterConfig.for_source(model, target_layer_ids=[1], draft_vocab_size=10**6)
+
+
+def test_distilled_features_are_the_source_hidden_states():
+    model, tok = varied_source("llama")
+    cfg = DistillConfig(max_new_tokens=6, feature_layers=LAYERS)
+    rows, feats = generate_with_features(model, PROMPTS, cfg, eos=None)
+    engine_rows, engine_feats = generate_with_features(compile_model(model, "fp32", compile=False), PROMPTS, cfg,
+                                                       eos=None)
+    assert rows == engine_rows == reference(model, PROMPTS, 6)
+    for p, r, f, g in zip(PROMPTS, rows, feats, engine_feats):
+        hs = model(torch.tensor([p + r]), output_hidden_states=True).hidden_states
+        ref = torch.stack([hs[i + 1][0] for i in LAYERS], dim=1)[:len(p) + len(r) - 1]
+        torch.testing.assert_close(f, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(g, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_distil_train_resume_and_budget_curve(tmp_path, monkeypatch):
+    """Distil with features, drop them and rebuild them by prefill, train a few steps, resume, and learn."""
+    model, tok = varied_source("llama")
+    monkeypatch.setattr("edlm.drafter_train.resolve_model", lambda spec, dtype: (model, tok))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"say {w} {i}" for i, w in enumerate(["a", "bb", "ccc", "dd", "e", "ff"] * 2)))
+    out = tmp_path / "d.jsonl"
+    distill(model, tok, DistillConfig(prompts=str(prompts), max_new_tokens=24, batch_size=4, chat=False,
+                                      feature_layers=LAYERS), out)
+    kept = load_features(out)
+    assert len(kept) == 12
+    for shard in (tmp_path / "d.jsonl.features").glob("shard-*"):
+        shard.unlink()
+    assert rebuild_features(model, out, LAYERS) == 12
+    for i, f in load_features(out).items():
+        torch.testing.assert_close(f.float(), kept[i].float(), atol=2e-3, rtol=2e-3)
+
+    def cfg(steps):
+        return DrafterTrainConfig(data=str(out), output_dir=str(tmp_path / "run"), steps=steps, batch_size=4,
+                                  anchors=4, lr=3e-3, warmup_steps=2, heldout=2, eval_every=10, save_every=10,
+                                  drafter={"block_size": 4, "num_hidden_layers": 1, "draft_vocab_size": 64})
+    train_drafter(cfg(10))
+    first = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    folder = train_drafter(cfg(60))  # resumes at step 10
+    curve = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [10, 20, 30, 40, 50, 60] and curve[0] == first[0]
+    assert curve[-1]["loss"] < 0.8 * curve[0]["loss"]
+    drafter = Drafter.load(folder, model)
+    assert drafter.cfg.draft_vocab_size == 64 and drafter.cfg.target_layer_ids == LAYERS
+    trained = score(drafter, load_answers(out)[:10])["tau"]
+    fresh = score(make_drafter(model, draft_vocab_size=64), load_answers(out)[:10])["tau"]
+    assert trained > fresh
+
+
+def test_source_forward_features_on_hf_and_engine_agree():
+    model, _ = varied_source("qwen2")
+    ids = torch.tensor([PROMPTS[1]])
+    pos = torch.arange(ids.shape[1])[None]
+    logits_hf, f_hf = drafter_mod.source_forward(model, ids, pos, None, new_cache(model, 1), (0, 2))
+    engine = compile_model(model, "fp32", compile=False)
+    logits_e, f_e = drafter_mod.source_forward(engine, ids, pos, None, new_cache(engine, 1), (0, 2))
+    torch.testing.assert_close(f_hf, f_e, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits_hf, logits_e, atol=1e-3, rtol=1e-3)
