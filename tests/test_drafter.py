@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import edlm.drafter as drafter_mod
+import edlm.speculative as spec
 from edlm.checkpoints import tiny_model
 from edlm.compat import new_cache
 from edlm.config import DecodeConfig
@@ -255,3 +256,34 @@ def test_source_forward_features_on_hf_and_engine_agree():
     logits_e, f_e = drafter_mod.source_forward(engine, ids, pos, None, new_cache(engine, 1), (0, 2))
     torch.testing.assert_close(f_hf, f_e, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits_hf, logits_e, atol=1e-3, rtol=1e-3)
+
+
+def test_sampled_drafts_carry_the_distribution_they_were_drawn_from():
+    """With sampling the acceptance rule needs q over the whole vocabulary: the draft-vocabulary distribution the
+    guesses were drawn from, zero elsewhere; the draft is cut where the running confidence falls."""
+    d2t = torch.tensor([3, 7, 11, 250])
+    logits = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    row = spec._Row(seq=[1, 2], prompt_len=2, cached=1)
+    cfg = DecodeConfig(mode="speculative", temperature=1.0, max_new_tokens=10)
+    spec._set_draft(row, logits, d2t, 257, cfg, torch.Generator().manual_seed(0))
+    assert len(row.draft) == 3 and set(row.draft) <= set(d2t.tolist())
+    q = torch.softmax(logits, -1)
+    assert row.draft_probs.shape == (3, 257)
+    torch.testing.assert_close(row.draft_probs[:, d2t], q)
+    assert float(row.draft_probs.sum(-1).sub(1).abs().max()) < 1e-6
+    greedy = spec._Row(seq=[1, 2], prompt_len=2, cached=1)
+    spec._set_draft(greedy, logits, d2t, 257, DecodeConfig(mode="speculative", draft_cut=0.5, max_new_tokens=10),
+                    torch.Generator())
+    assert greedy.draft == [3, 7]  # confidences ~0.95, ~0.87, 0.25: the running product falls below 0.5 at the third
+    budget = spec._Row(seq=[1, 2], prompt_len=2, cached=1)
+    spec._set_draft(budget, logits, d2t, 257, DecodeConfig(mode="speculative", max_new_tokens=2), torch.Generator())
+    assert budget.draft == [3]  # two tokens left: the source's own next one, and one guess
+
+
+def test_sampled_drafted_decoding_is_reproducible_per_seed():
+    model, _ = varied_source("llama")
+    drafter = make_drafter(model)
+    cfg = dict(max_new_tokens=10, mode="speculative", temperature=5.0)  # the random head is peaked: flatten it
+    a = drafted_generate(model, drafter, PROMPTS, DecodeConfig(seed=1, **cfg), None).sequences
+    assert a == drafted_generate(model, drafter, PROMPTS, DecodeConfig(seed=1, **cfg), None).sequences
+    assert a != drafted_generate(model, drafter, PROMPTS, DecodeConfig(seed=2, **cfg), None).sequences
