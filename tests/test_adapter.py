@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_speculative import oracle_drafts
+from test_speculative import assert_drafts_equal_diffusion_steps, oracle_drafts
 
 from edlm.adapter import GatedLoRALinear
 from edlm.checkpoints import tiny_model
@@ -89,6 +89,12 @@ def test_gated_speculative_with_stop_strings_equals_the_source_cut_at_the_stop()
     texts, _ = dlm.complete([prompt], DecodeConfig(mode="speculative", max_new_tokens=24, ignore_eos=True,
                                                    stop=[stop]))
     assert stop and texts[0] == full[:full.index(stop)]
+
+
+def test_a_gated_drafted_block_predicts_as_a_diffusion_step_on_its_prefix():
+    """The adapters act on the speculative step's noisy blocks alone: a drafted block's logits are those of a
+    diffusion step on its prefix, the clean columns (source weights) seen only before the block's start."""
+    assert_drafts_equal_diffusion_steps(gated()[0])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

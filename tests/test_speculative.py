@@ -6,9 +6,12 @@ from conftest import make_dlm
 
 import edlm.speculative as spec
 from edlm.ar import ar_generate
+from edlm.compat import new_cache
 from edlm.config import DecodeConfig
-from edlm.decode import generate, iter_steps
+from edlm.decode import FullStepper, Layout, generate, iter_steps
 from edlm.errors import ConfigError
+from edlm.masks import to_attention_mask
+from edlm.sampling import pad_token_id
 
 PROMPTS = [[5, 17, 99, 3], [120, 44, 8, 61, 200, 7, 19, 33, 2, 90, 14], [250]]
 
@@ -166,3 +169,83 @@ def test_the_untrained_ar_pass_warning_comes_once_per_model(caplog):
         generate(dlm, [[5, 6, 7]], cfg)
         generate(dlm, [[5, 6, 7]], cfg)
     assert sum("rarely accepted" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("causal_in_block", [False, True])
+def test_a_drafted_block_sees_exactly_the_clean_keys_before_its_start(aligned, causal_in_block):
+    """The step's mask, read back through the key positions: a noisy query sees the clean keys (cached or verified
+    in this step) before its block's first position and none at or after it, although every draft reaches past
+    some block's start; and it sees its own block, no other."""
+    block = 4
+    rows = [spec._Row(seq=list(range(10, 20)), prompt_len=4, cached=7, draft=[30, 31, 32]),  # clean: positions 7..12
+            spec._Row(seq=[40, 41, 42, 43, 44], prompt_len=5, draft=[50, 51, 52]),  # clean 0..7, nothing cached
+            spec._Row(seq=[60, 61], prompt_len=2, done=True)]
+    hyps = [spec._hypotheses(r, 3) for r in rows]
+    assert hyps == [[3, 0, 1], [3, 0, 1], []]
+    col_pos = torch.tensor([list(range(7)), [-1] * 7, [-1] * 7])  # (R, K) the cache holds row 0's positions 0..6
+    ids, pos, attn, starts = spec._step_inputs(rows, hyps, block, 1000, 0, causal_in_block, col_pos, "cpu",
+                                               aligned=aligned)
+    kv_old, width = col_pos.shape[1], ids.shape[1] - 3 * block
+    clean_pos = torch.full((3, width), -1)
+    for i, row in enumerate(rows[:2]):
+        n = len(row.seq) - row.cached + len(row.draft)
+        clean_pos[i, :n] = torch.arange(row.cached, row.cached + n)
+    key_pos = torch.cat([col_pos, clean_pos], dim=1)  # (R, K + W) position of every clean key, -1: none
+    in_block = torch.ones(block, block, dtype=torch.bool)
+    in_block = in_block.tril() if causal_in_block else in_block
+    beyond = 0
+    for i, row in enumerate(rows[:2]):
+        filled = row.seq + row.draft
+        for j, accepted in enumerate(hyps[i]):
+            end = len(row.seq) + accepted
+            first = end // block * block if aligned else end
+            cols = slice(width + j * block, width + (j + 1) * block)
+            assert starts[i][j] == first and pos[i, cols].tolist() == list(range(first, first + block))
+            assert ids[i, cols].tolist() == filled[first:end] + [1000] * (first + block - end)
+            visible = (key_pos[i] >= 0) & (key_pos[i] < first)
+            seen = attn[i, cols, :kv_old + width]  # (B, K + W)
+            assert torch.equal(seen, visible.expand(block, -1)), \
+                f"row {i}, hypothesis {j}: block at {first} sees clean positions {key_pos[i][seen.any(0)].tolist()}"
+            noisy = attn[i, cols, kv_old + width:].reshape(block, 3, block)  # (B, hypotheses, B)
+            assert torch.equal(noisy[:, j], in_block) and not noisy[:, [k for k in range(3) if k != j]].any()
+            beyond += int((key_pos[i] >= first).any())
+    assert beyond >= 4  # most blocks had clean keys at or after their start to leak: the check is not vacuous
+
+
+def assert_drafts_equal_diffusion_steps(dlm) -> None:
+    """One speculative step (as ``iter_speculative`` builds it, first step: empty cache) over two rows whose drafts
+    reach into a block that some hypothesis leaves all-mask: that block's logits equal those of a plain diffusion
+    step (``FullStepper``) on the same prefix with an all-mask block."""
+    block = dlm.config.block_size
+    rows = [spec._Row(seq=PROMPTS[1][:8], prompt_len=4, draft=[7, 8, 9]),  # none accepted: block 8..11, draft in it
+            spec._Row(seq=PROMPTS[1][:5], prompt_len=5, draft=[21, 22, 23])]  # all accepted: block 8..11
+    hyps = [[3, 0], [3, 0]]
+    ids, pos, attn, starts = spec._step_inputs(rows, hyps, block, dlm.mask_id, pad_token_id(dlm.tokenizer),
+                                               dlm.pattern.causal_in_block, torch.empty((2, 0), dtype=torch.long),
+                                               dlm.device)
+    width = ids.shape[1] - 2 * block
+    dtype = dlm.model.get_input_embeddings().weight.dtype
+    checked = 0
+    with torch.no_grad():
+        logits = dlm.run(ids, pos, to_attention_mask(attn, dtype, dlm.attn_implementation),
+                         past_key_values=new_cache(dlm.model, 2), use_cache=True,
+                         noisy=slice(width, ids.shape[1])).logits  # (R, W + H*B, V)
+        for i, row in enumerate(rows):
+            for j, start in enumerate(starts[i]):
+                cols = slice(width + j * block, width + (j + 1) * block)
+                if not bool((ids[i, cols] == dlm.mask_id).all()):
+                    continue
+                layout = Layout.build([(row.seq + row.draft)[:start]], block, pad_token_id(dlm.tokenizer),
+                                      dlm.device)
+                layout.tokens = torch.cat([layout.tokens, torch.full((1, block), dlm.mask_id)], dim=1)
+                want = FullStepper(dlm, layout).block_logits(start, torch.arange(start, start + block))[0]
+                torch.testing.assert_close(logits[i, cols], want, atol=1e-4, rtol=1e-4,
+                                           msg=lambda m, i=i, j=j: f"row {i}, hypothesis {j}: {m}")
+                checked += 1
+    assert checked == 2
+
+
+@pytest.mark.parametrize("family,token_shift", [("llama", True), ("qwen3", True), ("gemma", True), ("llama", False)])
+def test_a_drafted_block_predicts_as_a_diffusion_step_on_its_prefix(family, token_shift):
+    assert_drafts_equal_diffusion_steps(varied_dlm(family, token_shift))
