@@ -38,7 +38,11 @@ def test_presets_load_and_overrides_apply():
                 assert isinstance(source_config(study, ["x.jsonl"]), TrainConfig)
             for run in unique_runs(expand(study)):
                 assert isinstance(run_config(study, run, REPO / "src", ["x.jsonl"]), TrainConfig)
-        elif "drafter" in preset.name:  # the drafter recipe: its convert section is a gated TrainConfig
+        elif "block-drafter" in preset.name:  # the block drafter's recipe
+            from edlm.drafter_train import DrafterTrainConfig, is_block_drafter_config, load_config
+
+            assert is_block_drafter_config(preset) and isinstance(load_config(preset), DrafterTrainConfig)
+        elif "drafter" in preset.name:  # the gated drafter recipe: its convert section is a gated TrainConfig
             from edlm.studies.drafter import load_drafter_config
 
             assert load_drafter_config(preset).convert.lora.gated
