@@ -11,11 +11,12 @@ still depends slightly on the other rows of its call (fbgemm's activation zero p
 normalised range), so the decoder's exact invariants (batched row == alone, cached == full recomputation) are
 promised in fp32 and bf16 only.
 
-Which kernel does it was chosen by measurement (docs/roofline.md, SmolLM2-135M, 1 thread, AVX2 CPU): on CPU
-fbgemm's int8 GEMM (``torch.ops.quantized.linear_dynamic``) beat torchao's ``quantize_`` (int8 weight-only and int8
-dynamic-activation configs), which has no fast eager CPU kernel for them, and ``torch._int_mm`` (100x slower than
-fp32 here); on CUDA, where fbgemm has no kernels, torchao's int8 weight-only config is used (``pip install
-torchao``).
+Which kernel does it was chosen by measurement (docs/roofline.md, section 1, SmolLM2-135M, AVX2 CPU; re-measured
+at 2 threads with torchao 0.18 for issue 36): on CPU fbgemm's int8 GEMM (``torch.ops.quantized.linear_dynamic``)
+beat torchao's ``quantize_`` (int8 weight-only: 1.7x slower at 1 column, 3.1x at 8; int8 dynamic-activation: 4-14x),
+which has no fast eager CPU kernel for them, and ``torch._int_mm`` (100x slower than fp32 here). So it stays on
+``torch.ao``'s deprecated dynamic quantization, whose notice is silenced at its one call. On CUDA, where fbgemm has
+no kernels, torchao's int8 weight-only config is used (``pip install torchao``).
 
 Which dtype is fastest depends on the machine (bf16 is fast only with native bf16 math, e.g. AVX-512 BF16 or AMX):
 measure with ``edlm bench --dtypes fp32,bf16,int8``.
@@ -109,8 +110,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
                             f"(engines: {torch.backends.quantized.supported_engines}); use fp32 or bf16")
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        with warnings.catch_warnings():  # "torch.ao.quantization is deprecated": still the fastest on CPU, see above
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # torch.ao is deprecated, but still the fastest int8 on CPU (see above)
+            warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
             return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig},
                                     mapping={nn.Linear: RowScaledInt8Linear}, inplace=True)
     try:
