@@ -318,6 +318,7 @@ class Drafter(nn.Module):
         tensors = {k: v.detach().to(torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in self.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME))
+        (tmp / WEIGHTS_NAME).chmod(0o644)  # safetensors writes owner-only; a shipped drafter must be readable
         (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
         if path.exists():
             old = path.with_name(path.name + f".old{os.getpid()}")
