@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import edlm.demo as demo
 import edlm.drafter as drafter_mod
 import edlm.speculative as spec
 from edlm.checkpoints import tiny_model
@@ -287,3 +288,20 @@ def test_sampled_drafted_decoding_is_reproducible_per_seed():
     a = drafted_generate(model, drafter, PROMPTS, DecodeConfig(seed=1, **cfg), None).sequences
     assert a == drafted_generate(model, drafter, PROMPTS, DecodeConfig(seed=1, **cfg), None).sequences
     assert a != drafted_generate(model, drafter, PROMPTS, DecodeConfig(seed=2, **cfg), None).sequences
+
+
+def test_the_block_drafter_demo_reports_every_system_and_the_json_keys(tmp_path, monkeypatch):
+    model, tok = tiny_model("llama", seed=1, layers=4)
+    tok.chat_template = None
+    monkeypatch.setattr(demo, "resolve_model", lambda spec, dtype: (model, tok))
+    monkeypatch.setattr(demo, "compile_model", lambda m, dtype: compile_model(m, dtype, compile=False))
+    make_drafter(model).save(tmp_path / "d")
+    result = demo.run_block_drafter_demo(tmp_path / "d", [("chat", "hello there"), ("code", "def f(x):")],
+                                         max_new_tokens=6, llama_cpp=False)
+    spec_ = result["speculative"]
+    assert spec_["identical"] == 1.0 and spec_["tokens_per_forward"] >= 1.0
+    assert {"tokens_per_s", "speedup", "accepted_per_verify", "tokens_per_forward"} <= set(spec_)
+    assert result["ar"]["dtype"] in ("fp32",) and result["llamacpp_skipped"] == "not asked for"
+    assert [r["domain"] for r in result["prompts"]] == ["chat", "code"]
+    text = demo.block_drafter_demo_report(result)
+    assert "identical to the source" in text and "block drafter" in text

@@ -132,7 +132,10 @@ def run_block_drafter_demo(drafter_dir: str | Path | None = None, prompts: list[
                "speculative": drafter_system(engine, drafter, tokenizer, cfg)}
     skipped = None
     if llama_cpp:
-        gguf = smollm2_gguf_path()
+        try:
+            gguf = smollm2_gguf_path()
+        except FileNotFoundError:
+            gguf = None
         skipped = llamacpp.skip_reason(gguf)
         if skipped is None:
             systems["llamacpp"] = llamacpp.system(llamacpp.load(llamacpp.q8_0_gguf(gguf), threads or 2),
