@@ -18,8 +18,8 @@ import time
 import torch
 
 from edlm.checkpoints import resolve_model
-from edlm.compat import new_cache
-from edlm.drafter import Drafter, DrafterConfig, DraftContext
+from edlm.compat import cache_kwargs, new_cache
+from edlm.drafter import DraftContext, Drafter, DrafterConfig
 from edlm.engine import compile_model
 from edlm.results import machine_info
 
@@ -31,14 +31,14 @@ def step(model, width: int):
     """A callable: one forward of ``width`` columns after a CACHE-column cache, the cache cropped back after."""
     cache = new_cache(model, 1)
     with torch.no_grad():
-        model(input_ids=torch.arange(100, 100 + CACHE)[None], use_cache=True, past_key_values=cache,
-              logits_to_keep=1)
+        model(input_ids=torch.arange(100, 100 + CACHE)[None], use_cache=True, logits_to_keep=1,
+              **cache_kwargs(model, cache))
     ids = torch.arange(300, 300 + width)[None]
     pos = torch.arange(CACHE, CACHE + width)[None]
 
     def run():
         with torch.no_grad():
-            model(input_ids=ids, position_ids=pos, use_cache=True, past_key_values=cache, logits_to_keep=width)
+            model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=width, **cache_kwargs(model, cache))
         cache.crop(CACHE)
 
     return run
