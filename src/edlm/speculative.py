@@ -163,6 +163,16 @@ def _next_draft(row: _Row, drafted: torch.Tensor, start: int, block: int, cfg: D
     row.draft_probs = probs
 
 
+def _drop_unused_columns(cache, col_pos: torch.Tensor) -> torch.Tensor:
+    """Crop the trailing cache columns no row needs any more (at batch 1: everything past the verified tokens);
+    returns the positions table (R, columns) of what is kept."""
+    keep = int((col_pos >= 0).any(dim=0).nonzero().max()) + 1 if bool((col_pos >= 0).any()) else 0
+    if keep < col_pos.shape[1]:
+        cache.crop(keep - col_pos.shape[1])  # a negative count of trailing columns to drop
+        col_pos = col_pos[:, :keep]
+    return col_pos
+
+
 def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
                      should_stop: Callable[[int], bool] | None = None, seeds: list[int] | None = None,
                      ) -> Iterator[tuple[list[list[int]], DecodeStats]]:
@@ -231,12 +241,7 @@ def iter_speculative(dlm, prompts: list[list[int]], cfg: DecodeConfig,
                 if shift:  # the state at p - 1 predicts p; a block's first position is never drafted
                     drafted = torch.cat([drafted[:1] * float("nan"), drafted[:-1]])
                 _next_draft(row, drafted, starts[i][j], block, cfg, generators[i])
-        col_pos = torch.cat([col_pos, new_pos], dim=1)
-        # Columns no row needs any more (at batch 1: everything past the verified tokens) leave the cache.
-        keep = int((col_pos >= 0).any(dim=0).nonzero().max()) + 1 if bool((col_pos >= 0).any()) else 0
-        if keep < col_pos.shape[1]:
-            cache.crop(keep - col_pos.shape[1])  # a negative count of trailing columns to drop
-            col_pos = col_pos[:, :keep]
+        col_pos = _drop_unused_columns(cache, torch.cat([col_pos, new_pos], dim=1))
         stats.tokens = sum(r.produced for r in rows)
         stats.seconds = time.perf_counter() - t0
         yield new_tokens, stats
@@ -310,11 +315,7 @@ def iter_drafted(source, drafter: Drafter, prompts: list[list[int]], cfg: Decode
             row.done = row.done or row.produced >= cfg.max_new_tokens
             row.draft, row.draft_probs = [], None
             new_tokens.append(new)
-        col_pos = torch.cat([col_pos, new_pos], dim=1)
-        keep = int((col_pos >= 0).any(dim=0).nonzero().max()) + 1 if bool((col_pos >= 0).any()) else 0
-        if keep < col_pos.shape[1]:
-            cache.crop(keep - col_pos.shape[1])
-            col_pos = col_pos[:, :keep]
+        col_pos = _drop_unused_columns(cache, torch.cat([col_pos, new_pos], dim=1))
         live = [i for i, r in enumerate(rows) if not r.done]
         if live:
             drafted = context.draft(live, [rows[i].seq[-1] for i in live])  # (len(live), B, Vd)
