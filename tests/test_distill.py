@@ -6,7 +6,7 @@ import pytest
 
 from edlm.api import encode_prompt
 from edlm.ar import ar_generate
-from edlm.assets.prompts import DEMO_PROMPTS, distillation_prompts
+from edlm.assets.prompts import DEMO_PROMPTS, distillation_prompts, heldout_prompts, packaged_prompts
 from edlm.checkpoints import tiny_model
 from edlm.config import DecodeConfig
 from edlm.distill import DistillConfig, distill, distilled_tokens, read_prompts
@@ -19,6 +19,19 @@ def test_builtin_prompts_mix_domains_never_hold_a_demo_prompt_and_are_stable():
     assert {d for d, _ in prompts} == {"chat", "math", "code"}
     assert not {p for _, p in DEMO_PROMPTS} & {p for _, p in prompts}
     assert distillation_prompts(600, seed=0)[:50] == distillation_prompts(50, seed=0)  # a prefix, whatever n
+
+
+def test_packaged_prompts_are_balanced_stable_and_never_held_out_or_demo():
+    prompts = packaged_prompts(seed=0)
+    held = heldout_prompts()
+    assert len(prompts) > 4000 and len({p for _, p in prompts}) == len(prompts)
+    assert len(held) == 40 and {d for d, _ in held} == {"chat", "math", "code"}
+    assert not ({p for _, p in held} | {p for _, p in DEMO_PROMPTS}) & {p for _, p in prompts}
+    first = [d for d, _ in prompts[:300]]
+    assert {first.count(d) for d in ("chat", "math", "code")} == {100}  # the domains take turns
+    assert packaged_prompts(seed=0) == prompts and packaged_prompts(seed=1) != prompts
+    mixed = read_prompts(DistillConfig(prompts="mixed", num_prompts=30))
+    assert mixed[:30] == distillation_prompts(30, seed=0) and mixed[30:] == prompts  # builtin ids stay put
 
 
 def test_distill_writes_the_sources_greedy_answers_and_resumes(tmp_path):
@@ -41,6 +54,11 @@ def test_distill_writes_the_sources_greedy_answers_and_resumes(tmp_path):
     distill(model, tok, cfg, out)
     again = [json.loads(line) for line in out.read_text().splitlines()]
     assert again[:4] == records[:4] and sorted(r["id"] for r in again) == list(range(7))
+    # Resuming with another prompt set would pair answers with the wrong prompts: refused, nothing written.
+    before = out.read_text()
+    with pytest.raises(EdlmError, match="another prompt set"):
+        distill(model, tok, DistillConfig(num_prompts=7, max_new_tokens=6, batch_size=3, seed=1), out)
+    assert out.read_text() == before
 
 
 def test_prompt_files(tmp_path):

