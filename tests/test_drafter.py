@@ -9,6 +9,7 @@ import torch
 import edlm.demo as demo
 import edlm.drafter as drafter_mod
 import edlm.speculative as spec
+from edlm.ar import ar_generate
 from edlm.checkpoints import tiny_model
 from edlm.compat import new_cache
 from edlm.config import DecodeConfig
@@ -297,11 +298,38 @@ def test_the_block_drafter_demo_reports_every_system_and_the_json_keys(tmp_path,
     monkeypatch.setattr(demo, "compile_model", lambda m, dtype: compile_model(m, dtype, compile=False))
     make_drafter(model).save(tmp_path / "d")
     result = demo.run_block_drafter_demo(tmp_path / "d", [("chat", "hello there"), ("code", "def f(x):")],
-                                         max_new_tokens=6, llama_cpp=False)
+                                         max_new_tokens=6, llama_cpp=False, batch=2)
     spec_ = result["speculative"]
+    assert set(result["by_domain"]) == {"chat", "code"} and result["by_domain"]["chat"]["prompts"] == 1
+    assert result["batch"]["size"] == 2 and result["batch"]["identical"] == 1.0
     assert spec_["identical"] == 1.0 and spec_["tokens_per_forward"] >= 1.0
     assert {"tokens_per_s", "speedup", "accepted_per_verify", "tokens_per_forward"} <= set(spec_)
     assert result["ar"]["dtype"] in ("fp32",) and result["llamacpp_skipped"] == "not asked for"
     assert [r["domain"] for r in result["prompts"]] == ["chat", "code"]
     text = demo.block_drafter_demo_report(result)
     assert "identical to the source" in text and "block drafter" in text
+
+
+def test_a_served_drafter_streams_the_sources_own_text_and_refuses_other_modes():
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from edlm.api import DraftedLM
+    from edlm.serve import Engine, ServerThread, ServeSettings, create_app
+
+    model, tok = varied_source("llama")
+    tok.chat_template = None
+    settings = ServeSettings(model_id="drafted", decode=DecodeConfig(mode="speculative", max_new_tokens=9))
+    engine = Engine(DraftedLM(model, make_drafter(model), tok), settings)
+    prompt = "hello there, how are you"
+    ids = tok(prompt)["input_ids"]
+    want_ids = ar_generate(model, [ids], DecodeConfig(max_new_tokens=9), tok.eos_token_id).sequences[0]
+    want = tok.decode(want_ids, skip_special_tokens=True)
+    with ServerThread(create_app(settings, engine)) as srv:
+        url = f"{srv.base_url}/v1/completions"
+        body = {"prompt": prompt, "max_tokens": 9}
+        whole = httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"]
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        refused = httpx.post(url, json={**body, "mode": "diffusion"}, timeout=60)
+    assert len(want_ids) > 3 and whole == want and "".join(c["choices"][0]["text"] for c in chunks) == want
+    assert refused.status_code == 400 and "speculative" in refused.json()["error"]["message"]

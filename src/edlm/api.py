@@ -8,6 +8,7 @@ prompts in one batch and cuts each text at the first stop string. :class:`edlm.m
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -79,6 +80,28 @@ def drafted_until_stop(source, drafter, tokenizer: Any, prompts: list[list[int]]
         for seq, part in zip(sequences, new):
             seq.extend(part)
     return DecodeOutput(sequences, stats)
+
+
+class DraftedLM:
+    """An unmodified ``source`` (Hugging Face causal LM or compiled engine) with its block ``drafter``, shaped like a
+    :class:`edlm.model.DiffusionLM` where a server needs one (``model``, ``tokenizer``, ``config.block_size``,
+    :meth:`encode`, :meth:`iter_steps`). It decodes only speculatively, so its text is the source's own."""
+
+    speculative_only = True
+
+    def __init__(self, source, drafter, tokenizer: Any):
+        self.model, self.drafter, self.tokenizer = source, drafter, tokenizer
+        self.config = SimpleNamespace(block_size=drafter.cfg.block_size)
+
+    def encode(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+        """Token ids of a user prompt or a conversation (:func:`encode_prompt`)."""
+        return encode_prompt(self.tokenizer, prompt, chat)
+
+    def iter_steps(self, prompts: list[list[int]], cfg: DecodeConfig, should_stop=None, seeds=None):
+        """:func:`edlm.speculative.iter_drafted` (the contract of :func:`edlm.decode.iter_steps`)."""
+        eos = None if cfg.ignore_eos else self.tokenizer.eos_token_id
+        return iter_drafted(self.model, self.drafter, prompts, cfg, eos, pad_token_id(self.tokenizer),
+                            should_stop=should_stop, seeds=seeds)
 
 
 def stopped_text(tokenizer: Any, sequence: list[int], stop: list[str] | tuple[str, ...]) -> str:

@@ -95,6 +95,9 @@ NEEDS_ENTROPY = {"entropy", "entropy_sum"}
 
 def validate(dlm, prompts: list[list[int]], cfg: DecodeConfig) -> int:
     """Check prompts and settings; returns the decoding block size."""
+    if getattr(dlm, "speculative_only", False) and cfg.mode != "speculative":
+        raise EdlmError(f"mode {cfg.mode!r} is not available here: a source with a block drafter decodes only in "
+                        "mode 'speculative' (the source's own text)")
     if cfg.mode == "diffusion" and cfg.policy not in POLICIES:
         raise EdlmError(f"unknown decoding policy {cfg.policy!r}; choose one of {sorted(POLICIES)}")
     return validate_prompts(dlm, prompts, cfg)

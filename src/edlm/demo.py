@@ -111,12 +111,14 @@ def block_drafter_dir() -> Path:
 
 def run_block_drafter_demo(drafter_dir: str | Path | None = None, prompts: list[tuple[str, str]] | None = None,
                            max_new_tokens: int = 64, dtype: str = "fp32", draft_cut: float | None = None,
-                           llama_cpp: bool = True, threads: int | None = None) -> dict[str, Any]:
+                           llama_cpp: bool = True, threads: int | None = None, batch: int | None = None,
+                           ) -> dict[str, Any]:
     """The real model with the block drafter: the embedded SmolLM2-135M-Instruct decodes each prompt as it is (AR:
     eager fp32, and on the compiled engine at ``dtype``), then with the drafter drafting after every verify of the
     unmodified source on the same engine (its text is the source's), and, when llama-cpp-python is installed,
     through llama.cpp (Q8_0). Batch 1, greedy, interleaved prompt by prompt after an untimed pass that compiles
-    every shape; returns per-prompt rows and totals (the ``--json`` schema of ``edlm demo``)."""
+    every shape; returns per-prompt rows, per-domain and overall totals (the ``--json`` schema of ``edlm demo``).
+    ``batch``: also decode the prompts ``batch`` at a time (compiled AR vs the drafter), under ``"batch"``."""
     folder = Path(drafter_dir or block_drafter_dir())
     source, tokenizer = resolve_model("embedded", dtype=torch.float32)
     source.eval()
@@ -167,12 +169,37 @@ def run_block_drafter_demo(drafter_dir: str | Path | None = None, prompts: list[
         "settings": {"max_new_tokens": max_new_tokens, "batch": 1, "greedy": True,
                      "block_size": drafter.cfg.block_size},
         "machine": provenance()}
+    result["by_domain"] = _by_domain(runs, rows, ar_best)
     if "llamacpp" in runs:
         result["llamacpp"] = {"tokens_per_s": runs["llamacpp"].tokens_per_s, "quant": "Q8_0"}
         result["speculative"]["vs_llamacpp"] = spec.tokens_per_s / max(runs["llamacpp"].tokens_per_s, 1e-9)
     else:
         result["llamacpp_skipped"] = skipped or "not asked for"
+    if batch and batch > 1:
+        wide = {k: systems[k] for k in ("ar", "speculative")}
+        with torch.no_grad():
+            b = run_interleaved(wide, ids, batch, detokenize=lambda s: stopped_text(tokenizer, s, []), warmup=True)
+        result["batch"] = {"size": batch, "ar_tokens_per_s": b["ar"].tokens_per_s,
+                           "speculative_tokens_per_s": b["speculative"].tokens_per_s,
+                           "speedup": b["speculative"].tokens_per_s / max(b["ar"].tokens_per_s, 1e-9),
+                           "identical": sum(x == y for x, y in zip(b["speculative"].texts, b["ar"].texts)) / len(ids),
+                           "tokens_per_forward": b["speculative"].tokens_per_forward}
     return result
+
+
+def _by_domain(runs, rows: list[dict[str, Any]], ar_best: str) -> dict[str, dict[str, float]]:
+    """Batch-1 totals per prompt domain: the drafter's accepted drafts per verify, tokens per source forward and
+    speed-up over the best AR."""
+    out = {}
+    for domain in dict.fromkeys(r["domain"] for r in rows):
+        ks = [k for k, r in enumerate(rows) if r["domain"] == domain]
+        tokens, forwards, seconds = (sum(runs["speculative"].chunks[k][i] for k in ks) for i in range(3))
+        ar_tokens, _, ar_seconds = (sum(runs[ar_best].chunks[k][i] for k in ks) for i in range(3))
+        out[domain] = {"prompts": len(ks), "accepted_per_verify": (tokens - forwards) / max(forwards - len(ks), 1),
+                       "tokens_per_forward": tokens / max(forwards, 1),
+                       "speedup": (tokens / max(seconds, 1e-9)) / max(ar_tokens / max(ar_seconds, 1e-9), 1e-9),
+                       "identical": sum(rows[k]["speculative"]["identical"] for k in ks) / len(ks)}
+    return out
 
 
 def _accepted_per_verify(run, prompts: int) -> float:
@@ -207,6 +234,14 @@ def block_drafter_demo_report(result: dict[str, Any]) -> str:
                  f"block drafter {spec['tokens_per_s']:.1f} tok/s ({spec['tokens_per_forward']:.2f} tokens per "
                  f"source forward, {spec['accepted_per_verify']:.2f} drafts accepted per verify, "
                  f"{spec['speedup']:.2f}x the best AR, identical text on {100 * spec['identical']:.0f}% of prompts)")
+    for domain, d in result.get("by_domain", {}).items():
+        lines.append(f"  {domain} ({d['prompts']} prompts): {d['accepted_per_verify']:.2f} drafts accepted per "
+                     f"verify, {d['tokens_per_forward']:.2f} tokens per forward, {d['speedup']:.2f}x")
+    if "batch" in result:
+        b = result["batch"]
+        lines.append(f"batch {b['size']}: AR {b['ar_tokens_per_s']:.1f} tok/s, block drafter "
+                     f"{b['speculative_tokens_per_s']:.1f} tok/s ({b['speedup']:.2f}x, identical text on "
+                     f"{100 * b['identical']:.0f}% of prompts)")
     if "llamacpp" in result:
         lines.append(f"llama.cpp Q8_0: {result['llamacpp']['tokens_per_s']:.1f} tok/s; the block drafter is "
                      f"{spec['vs_llamacpp']:.2f}x that")

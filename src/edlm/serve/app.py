@@ -297,11 +297,15 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
 # ----------------------------------------------------------------------------------------------- running
 
 
-def serve(model_dir: str | Path, settings: ServeSettings) -> None:
-    """Load a converted model and serve it until interrupted (``edlm serve``)."""
-    engine = Engine.from_pretrained(model_dir, settings)
+def serve(model_dir: str | Path | None, settings: ServeSettings, drafter: str | Path | None = None) -> None:
+    """Load a converted model, or an AR source with its block ``drafter`` folder (``model_dir`` then names the
+    source; None: the one the drafter names), and serve it until interrupted (``edlm serve``)."""
+    if drafter is not None:
+        engine = Engine.from_drafter(drafter, settings, None if model_dir is None else str(model_dir))
+    else:
+        engine = Engine.from_pretrained(model_dir, settings)
     app = create_app(settings, engine)
-    logger.info("serving %s as %r on http://%s:%d/v1%s", model_dir, settings.model_id, settings.host,
+    logger.info("serving %s as %r on http://%s:%d/v1%s", drafter or model_dir, settings.model_id, settings.host,
                 settings.port, " (API key required)" if settings.api_key else "")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -23,10 +24,13 @@ from typing import Any, Literal
 
 import torch
 
+from edlm.api import DraftedLM
 from edlm.config import DecodeConfig
 from edlm.decode import DecodeStats, iter_steps, validate
+from edlm.drafter import Drafter, drafter_source
+from edlm.engine import compile_model
 from edlm.errors import ConfigError, EdlmError
-from edlm.loading import load
+from edlm.loading import load, load_ar
 from edlm.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -118,6 +122,8 @@ class Engine:
             raise ConfigError(f"serve settings: decode: {e}") from None
         self.dlm = dlm
         self.settings = settings
+        # A source with a block drafter (edlm.api.DraftedLM) brings its own decoder.
+        self._iter_steps = getattr(dlm, "iter_steps", None) or functools.partial(iter_steps, dlm)
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._active: deque[_Cohort] = deque()  # worker thread only
@@ -131,6 +137,16 @@ class Engine:
     def from_pretrained(cls, model_dir: str | Path, settings: ServeSettings, device: str = "cpu") -> Engine:
         """Load a converted model folder, weights in ``settings.dtype``, and wrap it."""
         return cls(load(model_dir, settings.dtype, device=device, compile=settings.compile), settings)
+
+    @classmethod
+    def from_drafter(cls, drafter_dir: str | Path, settings: ServeSettings, source: str | None = None) -> Engine:
+        """An unmodified AR source (default: the one the drafter folder names) with its block drafter, the source
+        in ``settings.dtype`` (on the compiled engine when ``settings.compile`` or the dtype is not fp32)."""
+        source_model, tokenizer = load_ar(source or drafter_source(drafter_dir), "fp32")
+        drafter = Drafter.load(drafter_dir, source_model)
+        model = compile_model(source_model, settings.dtype, compile=settings.compile) \
+            if settings.compile or settings.dtype != "fp32" else source_model
+        return cls(DraftedLM(model, drafter, tokenizer), settings)
 
     # ------------------------------------------------------------------------------------ handler side
 
@@ -264,9 +280,9 @@ class Engine:
                 for job in rows:
                     job.state = "active"
                 self._busy += len(rows)
-                steps = iter_steps(self.dlm, [j.prompt for j in rows], rows[0].cfg,
-                                    should_stop=lambda r, jobs=rows: self._row_stopped(jobs[r]),
-                                    seeds=[j.cfg.seed for j in rows])
+                steps = self._iter_steps([j.prompt for j in rows], rows[0].cfg,
+                                         should_stop=lambda r, jobs=rows: self._row_stopped(jobs[r]),
+                                         seeds=[j.cfg.seed for j in rows])
                 cohorts.append(_Cohort(rows, steps))
                 self._counts["cohorts"] += 1
                 self._counts["rows"] += len(rows)
