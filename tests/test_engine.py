@@ -107,6 +107,16 @@ def test_engine_benchmark_reports_every_backend_and_the_targets(model_dir):
     assert result["targets"]["width8_over_ar_step"] == pytest.approx(
         result["forward_ms"][result["dlm"][0]["dtype"]]["4"] / result["forward_ms"][result["dlm"][0]["dtype"]]["1"])
     assert result["bandwidth_bound_tokens_per_s"] > 0
+    curve = result["curve"]  # every width 1..16 for eager fp32 and each engine dtype, with floors
+    assert sorted({(r["path"], r["dtype"]) for r in curve["rows"]}) == [("eager", "fp32"), ("engine", "fp32"),
+                                                                         ("engine", "int8")]
+    assert sorted({r["width"] for r in curve["rows"]}) == list(range(1, 17)) and len(curve["rows"]) == 48
+    for w, ms in result["verify_ms"].items():
+        assert ms == min(r["ms"] for r in curve["rows"] if r["width"] == w)
+    assert result["verify_ratio_8"] == pytest.approx(result["verify_ms"][8] / result["verify_ms"][1])
+    assert all(r["min_ms"] <= r["ms"] <= r["max_ms"] and r["floor_ms"] > 0 for r in curve["rows"])
+    assert min(r["ar_steps"] for r in curve["rows"] if r["width"] == 1) == pytest.approx(1.0)
+    assert set(curve["floors"]["gemm_gflops"]) == {"fp32", "int8"} and "cpu_flags" in curve["machine"]
     own = engine_benchmark(model_dir, [[5, 6, 7, 8]], max_new_tokens=4, dtypes=("fp32",), eager_dtypes=(), block=4,
                            tpfs=(4,), llama_cpp=False, compile=False, ar_source=None)  # the converted weights
     assert [r["backend"] for r in own["ar"]] == ["engine"] and own["ar"][0]["tokens"] == 4

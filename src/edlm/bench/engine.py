@@ -17,8 +17,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from edlm.assets import cache_dir
+from edlm.bench.curve import curve_report, memory_bandwidth, verify_curve
 from edlm.bench.llamacpp import llamacpp_ar, q8_0_gguf, skip_reason, source_gguf
-from edlm.bench.timing import forward_step, forward_times, median_seconds
+from edlm.bench.timing import forward_step, forward_times
 from edlm.config import DecodeConfig
 from edlm.engine import compile_dlm, compile_model
 from edlm.harness import ar_system, dlm_system, run_interleaved
@@ -30,14 +31,6 @@ from edlm.table import Table
 
 HEADLINE = ("ar_best_tokens_per_s", "ar_best", "llamacpp_tokens_per_s", "bandwidth_bound_tokens_per_s")
 """The fields ``edlm bench decode --compile`` also copies to its JSON's top level."""
-
-
-def memory_bandwidth(mb: int = 512, repeats: int = 5) -> float:
-    """Bytes per second a reduction over an ``mb`` MB fp32 tensor reads at the current thread count (median).
-
-    Random contents: a freshly filled constant tensor measured several times faster than DRAM here."""
-    x = torch.randn(mb * 1024 * 1024 // 4, generator=torch.Generator().manual_seed(0))
-    return x.numel() * 4 / median_seconds(x.sum, repeats)
 
 
 def _source(model_dir: str | os.PathLike, ar_source: str | None):
@@ -62,7 +55,7 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
                      eager_dtypes: tuple[str, ...] = ("fp32", "int8"), repeats: int = 1, block: int = 8,
                      tpfs: tuple[int, ...] = (1, 4), ar_source: str | None = "auto",
                      gguf: str | os.PathLike | None = None, llama_cpp: bool = True,
-                     compile: bool = True) -> dict[str, Any]:
+                     compile: bool = True, curve_repeats: int = 5) -> dict[str, Any]:
     """Batch-1 AR tokens/s of the source on each backend and dtype, EOS ignored (every run makes
     ``max_new_tokens`` per prompt), and the dLM at forced tokens per forward on the engine, at the dtype whose
     block-wide forward is fastest (the diffusion step's width).
@@ -71,7 +64,10 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     compile seconds for the engine), ``ar_best_tokens_per_s`` and ``ar_best`` (backend, dtype),
     ``llamacpp_tokens_per_s`` (Q8_0, None when skipped), ``bandwidth_bound_tokens_per_s`` (of the fastest row's
     weights), ``memory_bandwidth_gb_s``, ``forward_ms`` (engine, by dtype and width 1 / block / 2 x block on a
-    typical cache), ``dlm`` (forced-TPF rows on the engine), and ``targets`` (the engine issue's ratios).
+    typical cache), ``curve`` (V(b) for every width 1..16 per dtype with the host's floors:
+    :func:`edlm.bench.curve.verify_curve`, ``curve_repeats`` interleaved passes), ``verify_ms`` and
+    ``verify_ratio_8`` (the curve's cheapest forward per width, and at 8 over 1 column), ``dlm`` (forced-TPF rows on
+    the engine), and ``targets`` (the engine issue's ratios).
     ``ar_source``: ``"auto"`` (the source named in the folder's ``train_config.yaml``), a model spec, or None (the
     converted weights decoded causally). ``compile=False`` runs the engine's function eagerly (backend ``engine``).
     """
@@ -95,6 +91,7 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
         rows.append({"backend": backend, "dtype": d, **row, "weight_bytes": weight_bytes,
                      "bandwidth_bound_tokens_per_s": bandwidth / weight_bytes,
                      "compile_s": sum(engine.compile_s.values()), "forward_bench_s": time.perf_counter() - t0})
+    curve = verify_curve(source, dtypes, cache_len=cache_len, repeats=curve_repeats, compile=compile)
     lc = llamacpp_rows(model_dir, ids, max_new_tokens, repeats, gguf) if llama_cpp else {"skipped": "--no-llama-cpp"}
     if "rows" in lc:
         for r in lc["rows"]:
@@ -119,10 +116,11 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
         "llamacpp_tokens_per_s": q8, "llamacpp": {k: v for k, v in lc.items() if k != "rows"},
         "bandwidth_bound_tokens_per_s": bandwidth / engine_best["weight_bytes"],
         "memory_bandwidth_gb_s": bandwidth / 1e9, "forward_ms": forward_ms, "forward_cache_len": cache_len,
+        "curve": curve, "verify_ms": curve["verify_ms"], "verify_ratio_8": curve["verify_ratio_8"],
         "dlm": dlm_rows, "dlm_engine_compile_s": sum(dlm.model.compile_s.values()),
         "targets": {
             "best_ar_over_llamacpp_q8": None if q8 is None else best["tokens_per_s"] / q8,
-            "width8_over_ar_step": fwd[str(block)] / fwd["1"],
+            "width8_over_ar_step": fwd[str(block)] / fwd["1"], "verify_ratio_8": curve["verify_ratio_8"],
             "tpf4_over_best_ar": None if tpf4 is None else tpf4["speedup_vs_best_ar"]},
         "settings": {"block": block, "tpfs": list(tpfs), "dtypes": list(dtypes), "eager_dtypes": list(eager_dtypes),
                      "max_new_tokens": max_new_tokens, "prompts": len(ids), "repeats": repeats,
@@ -257,6 +255,7 @@ def engine_report(e: dict[str, Any]) -> str:
     lines.append(f"compiled forward ms, {e['forward_cache_len']}-token cache, by new columns:")
     for d, f in e["forward_ms"].items():
         lines.append(f"  {d:<5} " + "  ".join(f"{w:>2}: {ms:6.1f}" for w, ms in f.items()))
+    lines.append(curve_report(e["curve"]))
     for r in e["dlm"]:
         lines.append(f"dLM on the engine ({r['dtype']}), forced TPF {r['tpf_forced']}: {r['tokens_per_s']:.1f} "
                      f"tokens/s, {r['tokens_per_forward']:.2f} tokens/forward, {r['speedup_vs_best_ar']:.2f}x the "

@@ -18,12 +18,13 @@ COMMANDS: dict[str, str] = {
     "convert": "cmd_convert", "distill": "cmd_distill", "drafter": "cmd_drafter", "generate": "cmd_generate",
     "eval": "cmd_eval", "sweep": "cmd_sweep", "table": "cmd_table", "demo": "cmd_demo", "study": "cmd_study",
     "headline": "cmd_headline", "serve": "cmd_serve", "bench decode": "cmd_bench", "bench engine": "cmd_bench_engine",
-    "bench train": "cmd_bench_train", "bench masks": "cmd_bench_masks", "bench load": "cmd_serve_bench"}
+    "bench train": "cmd_bench_train", "bench masks": "cmd_bench_masks", "bench load": "cmd_serve_bench",
+    "bench verify": "cmd_bench_verify"}
 """Command name -> its function in :mod:`edlm.cli.commands`, which is imported only when a command runs (it
 imports the library; ``edlm --help`` stays fast)."""
 
 
-BENCH_COMMANDS = ("decode", "engine", "train", "masks", "load")
+BENCH_COMMANDS = ("decode", "engine", "verify", "train", "masks", "load")
 
 
 def canonical_argv(argv: list[str]) -> list[str]:

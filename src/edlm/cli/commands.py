@@ -16,6 +16,7 @@ from tqdm import tqdm
 from edlm.api import drafted_until_stop, encode_prompt, stopped_text
 from edlm.assets import default_chat_prompts
 from edlm.assets.prompts import DEMO_PROMPTS, heldout_prompts
+from edlm.bench.curve import curve_report, verify_curve
 from edlm.bench.decode import decode_benchmark, decode_report, plot_ceiling, plot_sweep
 from edlm.bench.engine import choose_dtype, engine_benchmark, engine_report, profile_engine, profile_report
 from edlm.bench.train import mask_memory, masks_report, train_report, train_throughput, training_memory
@@ -253,6 +254,22 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     result["settings"].update(model=str(args.model), prompts_text=texts, chat_template=not args.no_chat)
     result["machine"] = machine_info()
     return _written(result, args.json, engine_report(result))
+
+
+def cmd_bench_verify(args: argparse.Namespace) -> int:
+    _set_threads(args)
+    a, dash, b = args.widths.partition("-")
+    try:
+        widths = tuple(range(int(a), int(b) + 1)) if dash else tuple(int(w) for w in args.widths.split(","))
+    except ValueError:
+        raise EdlmError(f"--widths: give a range like 1-16 or a list like 1,4,8, not {args.widths!r}") from None
+    if not widths or min(widths) < 1:
+        raise EdlmError(f"--widths: every width must be >= 1, got {args.widths!r}")
+    source, _ = load_ar(args.model, "fp32")
+    result = verify_curve(source.eval(), parse_dtypes(args.dtypes), widths, cache_len=args.cache_len,
+                          repeats=args.repeats, eager=not args.no_eager)
+    result["model"] = str(args.model)
+    return _written(result, args.json, curve_report(result))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -291,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     _no_chat(p)
     _threads(p)
 
+    p = bench.add_parser("verify", help="V(b): the cost of one forward over b = 1..16 new columns per weight dtype "
+                                        "(eager and compiled), against the host's measured floors (JSON)")
+    p.add_argument("--model", default="embedded", help="AR source spec or folder (default: embedded SmolLM2-135M)")
+    p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument("--dtypes", default="fp32,bf16,int8,int4", help="the compiled engine's weight dtypes")
+    p.add_argument("--widths", default="1-16", help="new columns per forward: a range 'a-b' or a comma list")
+    p.add_argument("--cache-len", type=int, default=200, help="tokens already in the KV cache (default: 200)")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved timed passes (median and spread)")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager fp32 row")
+    _threads(p)
+
     p = bench.add_parser("train", help="conversion vs AR fine-tuning throughput (JSON)")
     p.add_argument("--config", help="YAML preset; model, batch, seq_len and block come from it")
     p.add_argument("--model", help="source model (default: the config's, else embedded SmolLM2-135M)")
