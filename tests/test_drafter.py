@@ -193,6 +193,22 @@ def test_save_load_round_trip_and_refusal_of_another_source(tmp_path):
         Drafter.load(tmp_path / "missing", model)
 
 
+def test_a_copied_drafter_loads_the_same_and_replaces_the_old_copy(tmp_path):
+    model, _ = varied_source("llama")
+    drafter = make_drafter(model)
+    drafter.save(tmp_path / "run")
+    (tmp_path / "run" / "stray.txt").write_text("not part of a drafter")
+    (tmp_path / "ship").mkdir()
+    (tmp_path / "ship" / "old.bin").write_text("old")
+    drafter_mod.copy_drafter(tmp_path / "run", tmp_path / "ship")
+    assert sorted(p.name for p in (tmp_path / "ship").iterdir()) == ["drafter.safetensors", "drafter_config.json"]
+    again = Drafter.load(tmp_path / "ship", model)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), Drafter.load(tmp_path / "run", model)
+                                                 .state_dict().values()))
+    with pytest.raises(EdlmError, match="no drafter"):
+        drafter_mod.copy_drafter(tmp_path / "nothing", tmp_path / "x")
+
+
 def test_config_refuses_the_last_layer_and_bad_sizes():
     model, _ = varied_source("llama")
     with pytest.raises(EdlmError, match="out of range"):
@@ -333,3 +349,32 @@ def test_a_served_drafter_streams_the_sources_own_text_and_refuses_other_modes()
         refused = httpx.post(url, json={**body, "mode": "diffusion"}, timeout=60)
     assert len(want_ids) > 3 and whole == want and "".join(c["choices"][0]["text"] for c in chunks) == want
     assert refused.status_code == 400 and "speculative" in refused.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_the_shipped_drafter_on_the_embedded_smollm2_gives_hugging_face_generate_exactly():
+    """The real pair: SmolLM2-135M-Instruct and the drafter shipped for it (a fresh one when none is shipped), greedy,
+    two chat prompts of different lengths in one batch, eager and on the compiled engine at fp32."""
+    from edlm.api import encode_prompt
+    from edlm.checkpoints import resolve_model
+
+    source, tok = resolve_model("embedded", dtype=torch.float32)
+    source.eval()
+    folder = demo.block_drafter_dir()
+    if (folder / "drafter_config.json").is_file():
+        drafter = Drafter.load(folder, source)
+    else:
+        drafter = Drafter(DrafterConfig.for_source(source, draft_vocab_size=8192), source).eval()
+    prompts = [encode_prompt(tok, p) for p in ("What is a rainbow?", "Write a Python function that adds two "
+                                                                     "numbers and explain it in one sentence.")]
+    eos = tok.eos_token_id
+    truth = []
+    for p in prompts:  # Hugging Face generate, greedy, stopping at EOS (kept, as the decoders keep it)
+        g = source.generate(torch.tensor([p]), max_new_tokens=40, do_sample=False, eos_token_id=eos,
+                            pad_token_id=eos, attention_mask=torch.ones(1, len(p), dtype=torch.long))[0, len(p):]
+        row = g.tolist()
+        truth.append(row[:row.index(eos) + 1] if eos in row else row)
+    cfg = DecodeConfig(max_new_tokens=40, mode="speculative")
+    for model in (source, compile_model(source, "fp32")):
+        out = drafted_generate(model, drafter, prompts, cfg, eos_id=eos)
+        assert out.sequences == truth

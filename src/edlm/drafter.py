@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,13 +321,7 @@ class Drafter(nn.Module):
         save_file(tensors, str(tmp / WEIGHTS_NAME))
         (tmp / WEIGHTS_NAME).chmod(0o644)  # safetensors writes owner-only; a shipped drafter must be readable
         (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(path.name + f".old{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _remove_tree(old)
-        else:
-            os.replace(tmp, path)
+        _swap_in(tmp, path)
         return path
 
     @classmethod
@@ -400,6 +395,31 @@ class DraftContext:
         mask = torch.cat([ctx_mask[:, None, :].expand(-1, b, -1), torch.ones(len(rows), b, b, dtype=torch.bool)], -1)
         positions = lengths[:, None] + torch.arange(b)
         return d.draft_logits(torch.tensor(first)[:, None], positions, kvs, mask)
+
+
+def copy_drafter(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy a drafter folder (its weights and config, nothing else) to ``dest``, atomically."""
+    src, dest = Path(src), Path(dest)
+    if not (src / CONFIG_NAME).is_file() or not (src / WEIGHTS_NAME).is_file():
+        raise EdlmError(f"no drafter in {str(src)!r}; train one with: edlm drafter")
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        shutil.copyfile(src / name, tmp / name)
+        (tmp / name).chmod(0o644)
+    _swap_in(tmp, dest)
+    return dest
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Put the finished folder ``tmp`` at ``path``, replacing what was there."""
+    if path.exists():
+        old = path.with_name(path.name + f".old{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _remove_tree(old)
+    else:
+        os.replace(tmp, path)
 
 
 def _remove_tree(path: Path) -> None:

@@ -176,27 +176,37 @@ def run_batch(drafter: Drafter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(drafter: Drafter, answers: list[Answer], anchors: int = 32, seed: int = 1234) -> dict[str, Any]:
-    """Held-out quality: accuracy per block offset and tau, the mean run of right guesses from offset 1 (what a
-    greedy verify accepts per block), over ``anchors`` fixed random blocks per answer."""
+def block_guesses(drafter: Drafter, answers: list[Answer], anchors: int = 32, seed: int = 1234,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The drafter's greedy guesses at ``anchors`` fixed random blocks per answer, teacher-forced on the source's
+    own answer (what greedy decoding sees): ``(right, confidence, real)``, each (N, B-1) over offsets 1..B-1: the
+    guess equals the answer's token; the guess's probability; the offset holds a token of the answer."""
+    was_training = drafter.training
     drafter.eval()
     b = drafter.cfg.block_size
     t2d = token_to_draft(drafter)
     gen = torch.Generator().manual_seed(seed)
-    correct, valid = [], []
+    right, conf, real = [], [], []
     for at in range(0, len(answers), 8):
         batch = make_batch(answers[at:at + 8], anchors, b, t2d, gen)
         logits = run_batch(drafter, batch)
         r = logits.shape[0]
-        guess = logits.argmax(-1).view(r, anchors, b)[..., 1:]
+        p, guess = torch.softmax(logits.float(), -1).max(-1)
         labels = batch["labels"].view(r, anchors, b)[..., 1:]
-        real = _true_tokens(answers[at:at + 8], batch["anchors"], b)  # labels outside the draft vocabulary
-        correct.append(((guess == labels) & (labels >= 0)).reshape(-1, b - 1))
-        valid.append(real.reshape(-1, b - 1))
-    c, v = torch.cat(correct), torch.cat(valid)
-    drafter.train()
-    run = (c & v).long().cumprod(-1).sum(-1).float()
-    return {"tau": float(run.mean()), "accuracy": [float(c[:, k][v[:, k]].float().mean()) for k in range(b - 1)]}
+        right.append(((guess.view(r, anchors, b)[..., 1:] == labels) & (labels >= 0)).reshape(-1, b - 1))
+        conf.append(p.view(r, anchors, b)[..., 1:].reshape(-1, b - 1))
+        real.append(_true_tokens(answers[at:at + 8], batch["anchors"], b).reshape(-1, b - 1))
+    drafter.train(was_training)
+    return torch.cat(right), torch.cat(conf), torch.cat(real)
+
+
+def score(drafter: Drafter, answers: list[Answer], anchors: int = 32, seed: int = 1234) -> dict[str, Any]:
+    """Held-out quality: accuracy per block offset and tau, the mean run of right guesses from offset 1 (what a
+    greedy verify accepts per block), over ``anchors`` fixed random blocks per answer."""
+    right, _, real = block_guesses(drafter, answers, anchors, seed)
+    run = (right & real).long().cumprod(-1).sum(-1).float()
+    return {"tau": float(run.mean()),
+            "accuracy": [float(right[:, k][real[:, k]].float().mean()) for k in range(right.shape[1])]}
 
 
 def _true_tokens(answers: list[Answer], opens: torch.Tensor, block: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ from edlm.demo import (
     run_miniature_demo,
 )
 from edlm.distill import DistillConfig, distill, distilled_tokens
-from edlm.drafter import Drafter, drafter_source
+from edlm.drafter import Drafter, copy_drafter, drafter_source
 from edlm.drafter_train import is_block_drafter_config, load_config, train_drafter
 from edlm.engine import compile_model
 from edlm.errors import EdlmError, require
@@ -154,6 +154,8 @@ def _block_drafter(args: argparse.Namespace) -> int:
     folder = train_drafter(cfg, progress=bar, say=lambda msg: print(msg, flush=True))
     bar.close()
     print(f"drafter: {folder}")
+    if args.ship:
+        print(f"shipped the drafter to {copy_drafter(folder, block_drafter_dir())}")
     return 0
 
 

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set convert.max_steps=100 --set measure.batch_sizes=[1]")
     p.add_argument("--ship", action="store_true",
-                   help="then copy the adapter (fp16) into the package, where edlm demo finds it")
+                   help="then copy the drafter (block: bf16; gated adapter: fp16) into the package, where edlm "
+                        "demo finds it")
     _threads(p)
 
     p = sub.add_parser("generate", help="generate text with a converted model, or with an AR source and its drafter")
