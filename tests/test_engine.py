@@ -59,6 +59,15 @@ def test_static_cache_crop_follows_dynamic_cache_semantics():
 
 def test_bucket_widths():
     assert [_bucket(w) for w in (1, 2, 3, 5, 8, 9, 17, 64, 65, 130)] == [1, 2, 4, 8, 8, 16, 24, 64, 128, 192]
+    assert [_bucket(w, exact=8) for w in (1, 3, 5, 7, 8, 9, 17)] == [1, 3, 5, 7, 8, 16, 24]
+
+
+def test_exact_widths_run_unpadded_and_give_the_same_logits():
+    model, _ = tiny_model("llama", hidden=64)
+    ids = torch.arange(3, 8)[None]  # 5 columns: padded to 8, or run at 5
+    padded, exact = compile_model(model, compile=False), compile_model(model, compile=False, exact_widths=8)
+    assert torch.allclose(padded(input_ids=ids).logits, exact(input_ids=ids).logits, atol=1e-5)
+    assert padded.widths == {(1, 8)} and exact.widths == {(1, 5)}
 
 
 @pytest.mark.parametrize("dtype, tol", [("bf16", 0.15), ("int8", 0.15), ("int4", 0.6)])

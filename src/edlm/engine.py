@@ -69,9 +69,11 @@ def check_supported(model: nn.Module) -> None:
                             "decode without --compile")
 
 
-def _bucket(width: int) -> int:
-    """The padded width a forward of ``width`` columns runs at: 1, 2, 4, 8, then multiples of 8 up to 64, then of
-    64."""
+def _bucket(width: int, exact: int = 0) -> int:
+    """The padded width a forward of ``width`` columns runs at: ``width`` itself up to ``exact``, else 1, 2, 4, 8,
+    then multiples of 8 up to 64, then of 64."""
+    if width <= exact:
+        return width
     if width <= 8:
         return 1 << (width - 1).bit_length()
     step = 8 if width <= 64 else 64
@@ -266,19 +268,21 @@ class Engine(nn.Module):
         chunk: layers per compiled graph. Every chunk of this size runs one graph (weights are its inputs), so
             compile time follows the chunk, not the depth; each chunk call costs ~0.3 ms of dispatch and guards.
             SmolLM2 (30 layers): the whole stack took 60-85 s to compile per width, chunks of 6 take 15-25 s.
+        exact_widths: forwards of up to this many columns run at their own width (one graph each) instead of being
+            padded to a power of two: a verify of 5 columns then costs 5 columns, not 8, for a few more compiles.
 
     A cache that grows to a new capacity changes the graphs' shapes: they compile again at the new size.
     """
 
     def __init__(self, model: nn.Module, dtype: str = "fp32", compile: bool = True, capacity: int = 256,
-                 chunk: int = 6):
+                 chunk: int = 6, exact_widths: int = 0):
         super().__init__()
         check_supported(model)
         if dtype not in ENGINE_DTYPES:
             raise EdlmError(f"unknown engine dtype {dtype!r}; choose one of {', '.join(ENGINE_DTYPES)}")
         self.inner = model  # for config, embeddings, tokenizer-facing attributes
         cfg = model.config
-        self.dtype_name, self.capacity = dtype, capacity
+        self.dtype_name, self.capacity, self.exact_widths = dtype, capacity, exact_widths
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
@@ -442,7 +446,7 @@ class Engine(nn.Module):
             raise EdlmError("the compiled engine needs its own cache: create it with engine.new_cache(rows) "
                             "(edlm.model.new_cache does this for any model)")
         start = store.length
-        width = _bucket(q_len)
+        width = _bucket(q_len, self.exact_widths)
         end = start + width
         if end > store.capacity:
             store.grow(max(end, 2 * store.capacity))
@@ -498,9 +502,9 @@ class Engine(nn.Module):
         return full
 
 
-def compile_model(model: nn.Module, dtype: str = "fp32", compile: bool = True) -> Engine:
+def compile_model(model: nn.Module, dtype: str = "fp32", compile: bool = True, exact_widths: int = 0) -> Engine:
     """The engine for a Hugging Face causal LM (see :class:`Engine`)."""
-    return Engine(model, dtype=dtype, compile=compile).eval()
+    return Engine(model, dtype=dtype, compile=compile, exact_widths=exact_widths).eval()
 
 
 def compile_dlm(dlm, dtype: str = "fp32", compile: bool = True):

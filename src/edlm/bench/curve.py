@@ -53,7 +53,7 @@ def step_flops(source, width: int, cache_len: int) -> float:
 
 def verify_curve(source, dtypes: tuple[str, ...] = ("fp32", "bf16", "int8", "int4"), widths: tuple[int, ...] =
                  tuple(range(1, 17)), cache_len: int = 200, repeats: int = 7, eager: bool = True,
-                 compile: bool = True) -> dict[str, Any]:
+                 compile: bool = True, exact_widths: int = 0) -> dict[str, Any]:
     """V(b) of an fp32 Hugging Face causal LM ``source``: eager fp32 (when ``eager``) and the compiled engine at each
     dtype, every width, interleaved over ``repeats`` passes after a pass that compiles every shape.
 
@@ -61,10 +61,11 @@ def verify_curve(source, dtypes: tuple[str, ...] = ("fp32", "bf16", "int8", "int
     one-column ms, ``floor_ms`` and ``over_floor``), ``verify_ms`` (the cheapest forward per width over all paths),
     ``verify_ratio_8`` (the cheapest 8-column forward over the cheapest 1-column one), ``floors``
     (``memory_bandwidth_gb_s``, ``gemm_gflops`` per dtype), ``weight_bytes`` per dtype and ``machine`` (CPU flags
-    included). The engine pads widths to its buckets (:func:`edlm.engine._bucket`), which the curve shows as steps.
+    included). The engine pads widths to its buckets (:func:`edlm.engine._bucket`), which the curve shows as steps,
+    except widths up to ``exact_widths``.
     """
     bandwidth = memory_bandwidth()
-    engines = {d: compile_model(source, d, compile=compile) for d in dtypes}
+    engines = {d: compile_model(source, d, compile=compile, exact_widths=exact_widths) for d in dtypes}
     peak = {d: gemm_rate(d) for d in dtypes}
     peak.setdefault("fp32", gemm_rate("fp32"))
     path = "compiled" if compile else "engine"
@@ -96,7 +97,7 @@ def verify_curve(source, dtypes: tuple[str, ...] = ("fp32", "bf16", "int8", "int
     return {"rows": rows, "verify_ms": verify_ms,
             "verify_ratio_8": verify_ms[8] / verify_ms[1] if 8 in verify_ms and 1 in verify_ms else None,
             "floors": {"memory_bandwidth_gb_s": bandwidth / 1e9, "gemm_gflops": {d: p / 1e9 for d, p in peak.items()}},
-            "weight_bytes": weight_bytes, "cache_len": cache_len, "repeats": repeats,
+            "weight_bytes": weight_bytes, "cache_len": cache_len, "repeats": repeats, "exact_widths": exact_widths,
             "threads": torch.get_num_threads(), "machine": machine_info()}
 
 

@@ -269,7 +269,7 @@ def cmd_bench_verify(args: argparse.Namespace) -> int:
         raise EdlmError(f"--widths: every width must be >= 1, got {args.widths!r}")
     source, _ = load_ar(args.model, "fp32")
     result = verify_curve(source.eval(), parse_dtypes(args.dtypes), widths, cache_len=args.cache_len,
-                          repeats=args.repeats, eager=not args.no_eager)
+                          repeats=args.repeats, eager=not args.no_eager, exact_widths=args.exact_widths)
     result["model"] = str(args.model)
     return _written(result, args.json, curve_report(result))
 

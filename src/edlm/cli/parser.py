@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-len", type=int, default=200, help="tokens already in the KV cache (default: 200)")
     p.add_argument("--repeats", type=int, default=7, help="interleaved timed passes (median and spread)")
     p.add_argument("--no-eager", action="store_true", help="skip the eager fp32 row")
+    p.add_argument("--exact-widths", type=int, default=0,
+                   help="compile widths up to this exactly instead of padding them to a power of two (default: 0)")
     _threads(p)
 
     p = bench.add_parser("train", help="conversion vs AR fine-tuning throughput (JSON)")
