@@ -83,8 +83,9 @@ def test_greedy_drafted_output_equals_hugging_face_generate(monkeypatch, family)
         for wrong_every in (None, 0, 3):  # None: the drafter's own (random) guesses
             if wrong_every is not None:
                 oracle(monkeypatch, {tuple(p): s for p, s in zip(PROMPTS, truth)}, PROMPTS, wrong_every)
-            for cut in ((0.0, 0.5) if wrong_every == 3 else (0.0,)):
-                cfg = DecodeConfig(max_new_tokens=budget, mode="speculative", draft_cut=cut)
+            for cut in (({}, {"draft_cut": 0.5}, {"verify_costs": (1, 1.2, 1.4, 2.5)}) if wrong_every == 3
+                        else ({},)):
+                cfg = DecodeConfig(max_new_tokens=budget, mode="speculative", **cut)
                 out = drafted_generate(model, drafter, PROMPTS, cfg, eos_id=None)
                 assert out.sequences == truth, (budget, wrong_every, cut)
                 if wrong_every == 3:  # rows accept different lengths: each row must still equal its lone run
@@ -154,6 +155,22 @@ def test_draft_logits_come_from_the_committed_prefix_only():
         ref = drafter(torch.tensor([[first]]), torch.arange(length, length + b)[None], ctx,
                       torch.arange(length)[None], mask)
         torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_draft_length_keeps_the_best_expected_tokens_per_cost_or_the_confident_prefix():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        conf = torch.rand(7, generator=g)
+        costs = tuple((1 + torch.rand(8, generator=g).cumsum(0) / 3).tolist())
+        value = [(1 + sum(float(conf[:j + 1].prod()) for j in range(k))) / costs[k] for k in range(8)]
+        assert spec.draft_length(conf, DecodeConfig(verify_costs=costs)) == max(range(8), key=value.__getitem__)
+        want = next((k for k in range(7) if float(conf[:k + 1].prod()) < 0.3), 7)
+        assert spec.draft_length(conf, DecodeConfig(draft_cut=0.3)) == want
+        assert spec.draft_length(conf, DecodeConfig()) == 7
+    short = torch.tensor([0.99, 0.99])  # fewer guesses than costs (the budget ran out): only their lengths compete
+    assert spec.draft_length(short, DecodeConfig(verify_costs=(1, 1, 1, 1))) == 2
+    with pytest.raises(EdlmError, match="verify_costs"):
+        DecodeConfig(verify_costs=(1, 0))
 
 
 def test_training_mask_matches_a_brute_force_loop():
@@ -311,13 +328,15 @@ def test_the_block_drafter_demo_reports_every_system_and_the_json_keys(tmp_path,
     model, tok = tiny_model("llama", seed=1, layers=4)
     tok.chat_template = None
     monkeypatch.setattr(demo, "resolve_model", lambda spec, dtype: (model, tok))
-    monkeypatch.setattr(demo, "compile_model", lambda m, dtype: compile_model(m, dtype, compile=False))
+    monkeypatch.setattr(demo, "compile_model", lambda m, dtype, **kw: compile_model(m, dtype, compile=False, **kw))
     make_drafter(model).save(tmp_path / "d")
     result = demo.run_block_drafter_demo(tmp_path / "d", [("chat", "hello there"), ("code", "def f(x):")],
-                                         max_new_tokens=6, llama_cpp=False, batch=2)
+                                         max_new_tokens=6, llama_cpp=False, batch=2, draft_cut="auto")
     spec_ = result["speculative"]
     assert set(result["by_domain"]) == {"chat", "code"} and result["by_domain"]["chat"]["prompts"] == 1
     assert result["batch"]["size"] == 2 and result["batch"]["identical"] == 1.0
+    costs = spec_["cycle_costs_ms"]  # measured: one per number of drafts, 0 .. block - 1
+    assert spec_["draft_cut"] == "auto" and len(costs) == 4 and all(c > 0 for c in costs)
     assert spec_["identical"] == 1.0 and spec_["tokens_per_forward"] >= 1.0
     assert {"tokens_per_s", "speedup", "accepted_per_verify", "tokens_per_forward"} <= set(spec_)
     assert result["ar"]["dtype"] in ("fp32",) and result["llamacpp_skipped"] == "not asked for"

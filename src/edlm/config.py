@@ -254,6 +254,11 @@ class DecodeConfig:
     draft_cut: float = 0.0
     """``speculative`` with a drafter: cut each draft where the running product of its guesses' confidences falls
     below this (0: verify every guess; the verify's cost grows with its width)."""
+    verify_costs: tuple[float, ...] | None = None
+    """``speculative`` with a drafter: the cost of a cycle that verifies ``k`` drafts (``verify_costs[k]``: a forward
+    of k + 1 columns plus the draft, any unit; k = 0 .. block - 1). When given, each draft keeps the length that
+    maximises its expected committed tokens (1 + the sum of its running confidences) per unit of cost, instead of
+    ``draft_cut``. ``edlm demo --draft-cut auto`` measures them."""
     block_size: int | None = None
     """Decoding block size; None uses the model's training block size. Must be a multiple or divisor of it."""
     policy: str = "threshold"
@@ -285,6 +290,10 @@ class DecodeConfig:
         _check(self.block_size is None or self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         _check(0.0 < self.threshold <= 1.0, f"threshold must be in (0, 1], got {self.threshold}")
         _check(0.0 <= self.draft_cut < 1.0, f"draft_cut must be in [0, 1), got {self.draft_cut}")
+        if self.verify_costs is not None:
+            self.verify_costs = tuple(float(c) for c in self.verify_costs)
+            _check(len(self.verify_costs) >= 1 and all(math.isfinite(c) and c > 0 for c in self.verify_costs),
+                   f"verify_costs must be positive numbers, one per verify width, got {self.verify_costs}")
         _check(self.draft_hypotheses >= 1, f"draft_hypotheses must be >= 1, got {self.draft_hypotheses}")
         _check(self.tokens_per_step >= 1, f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
         _check(math.isfinite(self.entropy_bound) and self.entropy_bound >= 0,

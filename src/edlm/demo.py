@@ -30,6 +30,7 @@ from edlm.assets import miniature_dir
 from edlm.assets.embedded import smollm2_gguf_path
 from edlm.assets.prompts import DEMO_PROMPTS
 from edlm.bench import llamacpp
+from edlm.bench.curve import cycle_costs
 from edlm.checkpoints import resolve_model
 from edlm.config import DecodeConfig
 from edlm.drafter import Drafter
@@ -110,24 +111,34 @@ def block_drafter_dir() -> Path:
 
 
 def run_block_drafter_demo(drafter_dir: str | Path | None = None, prompts: list[tuple[str, str]] | None = None,
-                           max_new_tokens: int = 64, dtype: str = "fp32", draft_cut: float | None = None,
+                           max_new_tokens: int = 64, dtype: str = "fp32", draft_cut: float | str | None = None,
                            llama_cpp: bool = True, threads: int | None = None, batch: int | None = None,
-                           ) -> dict[str, Any]:
+                           exact_widths: bool = True) -> dict[str, Any]:
     """The real model with the block drafter: the embedded SmolLM2-135M-Instruct decodes each prompt as it is (AR:
     eager fp32, and on the compiled engine at ``dtype``), then with the drafter drafting after every verify of the
     unmodified source on the same engine (its text is the source's), and, when llama-cpp-python is installed,
     through llama.cpp (Q8_0). Batch 1, greedy, interleaved prompt by prompt after an untimed pass that compiles
     every shape; returns per-prompt rows, per-domain and overall totals (the ``--json`` schema of ``edlm demo``).
-    ``batch``: also decode the prompts ``batch`` at a time (compiled AR vs the drafter), under ``"batch"``."""
+    ``batch``: also decode the prompts ``batch`` at a time (compiled AR vs the drafter), under ``"batch"``.
+    ``draft_cut``: a running-confidence cut, or ``"auto"``: measure this machine's cost of a cycle per number of
+    drafts (:func:`edlm.bench.curve.cycle_costs`) and keep, per draft, the length with the most expected tokens per
+    unit of cost (``DecodeConfig.verify_costs``). ``exact_widths``: the engine runs verifies of up to a block's
+    columns at their own width (a few more compiles), so a cut draft costs its width."""
     folder = Path(drafter_dir or block_drafter_dir())
     source, tokenizer = resolve_model("embedded", dtype=torch.float32)
     source.eval()
     drafter = Drafter.load(folder, source)
     prompts = list(prompts or DEMO_PROMPTS)
     ids = [encode_prompt(tokenizer, p) for _, p in prompts]
-    cfg = DecodeConfig(mode="speculative", max_new_tokens=max_new_tokens,
-                       **({} if draft_cut is None else {"draft_cut": draft_cut}))
-    engine = compile_model(source, dtype)
+    engine = compile_model(source, dtype, exact_widths=drafter.cfg.block_size if exact_widths else 0)
+    costs = None
+    if draft_cut == "auto":
+        with torch.no_grad():
+            costs = cycle_costs(engine, drafter)
+        cut = {"verify_costs": tuple(costs)}
+    else:
+        cut = {} if draft_cut is None else {"draft_cut": float(draft_cut)}
+    cfg = DecodeConfig(mode="speculative", max_new_tokens=max_new_tokens, **cut)
     eos = tokenizer.eos_token_id
     systems = {"ar_eager": ar_system(source, cfg, eos, tokenizer.pad_token_id),
                "ar": ar_system(engine, cfg, eos, tokenizer.pad_token_id),
@@ -165,7 +176,7 @@ def run_block_drafter_demo(drafter_dir: str | Path | None = None, prompts: list[
                         "speedup": spec.tokens_per_s / max(runs[ar_best].tokens_per_s, 1e-9),
                         "identical": sum(r["speculative"]["identical"] for r in rows) / len(rows),
                         "accepted_per_verify": _accepted_per_verify(spec, len(rows)), "dtype": dtype,
-                        "draft_cut": cfg.draft_cut},
+                        "draft_cut": "auto" if costs else cfg.draft_cut, "cycle_costs_ms": costs},
         "settings": {"max_new_tokens": max_new_tokens, "batch": 1, "greedy": True,
                      "block_size": drafter.cfg.block_size},
         "machine": provenance()}

@@ -326,6 +326,20 @@ def iter_drafted(source, drafter: Drafter, prompts: list[list[int]], cfg: Decode
         yield new_tokens, stats
 
 
+def draft_length(conf: torch.Tensor, cfg: DecodeConfig) -> int:
+    """How many of a draft's guesses to verify, from their confidences (n,): with ``cfg.verify_costs``, the length
+    k maximising (1 + sum of the first k running confidences) / verify_costs[k], the expected tokens a cycle commits
+    per unit of its cost; else those whose running confidence stays >= ``cfg.draft_cut`` (all when it is 0)."""
+    running = conf.float().cumprod(0)
+    if cfg.verify_costs is not None:
+        costs = torch.tensor(cfg.verify_costs[:conf.shape[0] + 1])
+        expected = 1 + torch.cat([running.new_zeros(1), running.cumsum(0)])[:costs.shape[0]]
+        return int((expected / costs).argmax())
+    if cfg.draft_cut > 0:
+        return int((running >= cfg.draft_cut).sum())
+    return conf.shape[0]
+
+
 def _set_draft(row: _Row, logits: torch.Tensor, d2t: torch.Tensor, vocab: int, cfg: DecodeConfig,
                generator: torch.Generator) -> None:
     """The row's next draft from draft-vocabulary logits (B-1, Vd): at most the budget left after the source's next
@@ -341,8 +355,8 @@ def _set_draft(row: _Row, logits: torch.Tensor, d2t: torch.Tensor, vocab: int, c
         q = probabilities(logits, cfg)  # (n, Vd)
         idx = torch.multinomial(q, 1, generator=generator).squeeze(-1)
         conf = q.gather(-1, idx[:, None]).squeeze(-1)
-    if cfg.draft_cut > 0:
-        n = int((conf.cumprod(0) >= cfg.draft_cut).sum())
+    n = draft_length(conf, cfg)
+    if n < conf.shape[0]:
         idx, conf = idx[:n], conf[:n]
         q = None if q is None else q[:n]
     row.draft = d2t[idx].tolist()

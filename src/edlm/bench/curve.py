@@ -117,3 +117,19 @@ def curve_report(c: dict[str, Any]) -> str:
     if c["verify_ratio_8"] is not None:
         lines.append(f"cheapest 8-column forward / cheapest 1-column forward: {c['verify_ratio_8']:.2f}")
     return "\n".join(lines)
+
+
+def cycle_costs(model, drafter, cache_len: int = 200, repeats: int = 5) -> list[float]:
+    """Milliseconds of a drafted cycle that verifies ``k`` drafts, k = 0 .. block - 1: a forward of k + 1 columns
+    of ``model`` on a ``cache_len`` cache (median of ``repeats``) plus one draft of ``drafter`` over as many
+    context positions: the ``verify_costs`` of :class:`edlm.config.DecodeConfig`. Compiles the widths it times."""
+    from edlm.drafter import DraftContext  # the drafter's module is only needed here
+
+    block = drafter.cfg.block_size
+    step = forward_step(model, cache_len)
+    ctx = DraftContext(drafter, 1)
+    g = torch.Generator().manual_seed(0)
+    ctx.extend(0, torch.randn(cache_len, len(drafter.cfg.target_layer_ids), drafter.cfg.hidden_size, generator=g))
+    with torch.no_grad():
+        draft_s = median_seconds(lambda: ctx.draft([0], [0]), repeats)
+        return [1e3 * (median_seconds(lambda w=w: step(w), repeats) + draft_s) for w in range(1, block + 1)]

@@ -392,12 +392,25 @@ def _embedded_demo(args: argparse.Namespace) -> int:
         print(drafter_demo_report(result))
     else:
         result = run_block_drafter_demo(args.drafter, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                                        draft_cut=args.draft_cut, llama_cpp=not args.no_llama_cpp,
+                                        draft_cut=_draft_cut(args.draft_cut), llama_cpp=not args.no_llama_cpp,
                                         threads=args.threads, batch=args.batch)
         print(block_drafter_demo_report(result))
     if args.json:
         write_json(result, args.json)
     return 0
+
+
+def _draft_cut(value: str | None) -> float | str | None:
+    """``--draft-cut``: None, ``auto`` or a number in [0, 1)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        cut = float(value)
+    except ValueError:
+        cut = -1.0
+    if not 0.0 <= cut < 1.0:
+        raise EdlmError(f"--draft-cut: give a number in [0, 1) or 'auto', not {value!r}")
+    return cut
 
 
 def _study_overrides(args: argparse.Namespace) -> list[str]:

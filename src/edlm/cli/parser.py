@@ -186,8 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded: show a gated adapter folder instead of the block drafter")
     p.add_argument("--drafter", default=None,
                    help="embedded: a block drafter folder (default: the one shipped in the package)")
-    p.add_argument("--draft-cut", type=float, default=None,
-                   help="embedded: cut drafts where their running confidence falls below this (default: none)")
+    p.add_argument("--draft-cut", default=None,
+                   help="embedded: cut drafts where their running confidence falls below this number, or 'auto': "
+                        "keep the length with the most expected tokens per unit of this machine's measured cost "
+                        "(default: none)")
     p.add_argument("--no-llama-cpp", action="store_true", help="embedded: skip llama.cpp's row")
     p.add_argument("--prompt", action="append", help="embedded: prompt text (repeat); default: four built-in prompts")
     p.add_argument("--heldout", action="store_true",
