@@ -113,6 +113,14 @@ class DrafterConfig:
     """Columns per draft: the verified token, then ``block_size - 1`` guesses."""
     mask_token_id: int | None = None
     """DFlash's key. None: the mask column has a learned embedding, no token id."""
+    feature_norm: bool = True
+    """RMS-normalise each source layer's features (learned scale per layer and channel) before they are fused.
+    Without it a few channels carrying the source's massive activations (SmolLM2: ~25x the median channel, and
+    ~25,000 at some tokens) and the deepest layer's scale dominate the fused state."""
+    input_features: bool = True
+    """Also add the context state of the position just before a block (the last one the source verified) to every
+    column's input, through ``in_proj`` (the identity at the start): EAGLE's input fusion on top of DFlash's KV
+    injection, so a shallow drafter starts from the source's state instead of a bare mask."""
     init: str = "source"
     """``source``: drafter layer i starts as a copy of source layer ``init_layers[i]``; ``random``: initialised
     at random (std 0.02)."""
@@ -224,6 +232,8 @@ class Drafter(nn.Module):
         n = len(cfg.target_layer_ids)
         self.fc = nn.Linear(n * d, d, bias=False)
         self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.feature_norm = nn.Parameter(torch.ones(n, d)) if cfg.feature_norm else None
+        self.in_proj = nn.Linear(d, d, bias=False) if cfg.input_features else None
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         embed = source.get_input_embeddings().weight.detach().float()
@@ -250,6 +260,10 @@ class Drafter(nn.Module):
         d = self.cfg.hidden_size
         self.fc.weight.copy_(torch.cat([torch.eye(d)] * n, dim=1) / n)
         self.hidden_norm.weight.fill_(1.0)
+        if self.feature_norm is not None:
+            self.feature_norm.fill_(1.0)
+        if self.in_proj is not None:
+            self.in_proj.weight.copy_(torch.eye(d))
         self.norm.weight.copy_(_final_norm(source).weight.detach().float())
         src_layers = source.model.layers
         picks = self.cfg.init_layers or list(range(len(src_layers) - len(self.layers), len(src_layers)))
@@ -275,7 +289,10 @@ class Drafter(nn.Module):
 
     def context(self, features: torch.Tensor) -> torch.Tensor:
         """The injected context states (R, C, D) of source features (R, C, n, D)."""
-        return self.hidden_norm(self.fc(features.flatten(-2).float()))
+        x = features.float()
+        if self.feature_norm is not None:  # (.., n, D): each layer's vector on its own scale
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps) * self.feature_norm
+        return self.hidden_norm(self.fc(x.flatten(-2)))
 
     # ------------------------------------------------------------------------------------ the forward
 
@@ -293,16 +310,25 @@ class Drafter(nn.Module):
         """
         ccos, csin = self.rope(ctx_positions)
         kvs = [layer.context_kv(ctx, ccos, csin) for layer in self.layers]
-        return self.draft_logits(first, positions, kvs, mask)
+        last = None
+        if self.in_proj is not None:  # the context state just before each block's anchor (position anchor - 1)
+            r, a = first.shape
+            before = (positions.view(r, a, -1)[..., 0] - 1).clamp(0, ctx.shape[1] - 1)  # (R, A)
+            last = ctx.gather(1, before[..., None].expand(-1, -1, ctx.shape[-1]))
+        return self.draft_logits(first, positions, kvs, mask, last)
 
     def draft_logits(self, first: torch.Tensor, positions: torch.Tensor,
-                     kvs: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> torch.Tensor:
+                     kvs: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+                     last: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`forward` over context keys/values already projected per layer (``kvs``: (R, KV, C, hd) pairs, as
-        :class:`DraftContext` keeps them)."""
+        :class:`DraftContext` keeps them); ``last`` (R, A, D): the context state before each block (needed with
+        ``input_features``)."""
         r, a = first.shape
         b = self.cfg.block_size
         x = self.mask_embedding.expand(r, a, b, -1).clone()
         x[:, :, 0] = self.embed[first]
+        if self.in_proj is not None:
+            x = x + self.in_proj(last)[:, :, None, :]
         x = x.reshape(r, a * b, -1)  # (R, A*B, D)
         cos, sin = self.rope(positions)
         for layer, (k, v) in zip(self.layers, kvs):
@@ -356,6 +382,7 @@ class DraftContext:
     def __init__(self, drafter: Drafter, rows: int):
         self.drafter = drafter
         self.length = [0] * rows
+        self.last: list[torch.Tensor | None] = [None] * rows  # each row's latest context state (D,)
         self.kv: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = [[None] * rows for _ in drafter.layers]
 
     @torch.no_grad()
@@ -368,6 +395,7 @@ class DraftContext:
         pos = torch.arange(self.length[row], self.length[row] + n)[None]
         cos, sin = d.rope(pos)
         ctx = d.context(features[None])
+        self.last[row] = ctx[0, -1]
         for layer, store in zip(d.layers, self.kv):
             k, v = layer.context_kv(ctx, cos, sin)  # (1, KV, n, hd)
             old = store[row]
@@ -394,7 +422,8 @@ class DraftContext:
         ctx_mask = torch.arange(width)[None, :] < lengths[:, None]  # (R, C)
         mask = torch.cat([ctx_mask[:, None, :].expand(-1, b, -1), torch.ones(len(rows), b, b, dtype=torch.bool)], -1)
         positions = lengths[:, None] + torch.arange(b)
-        return d.draft_logits(torch.tensor(first)[:, None], positions, kvs, mask)
+        last = torch.stack([self.last[r] for r in rows])[:, None] if d.in_proj is not None else None
+        return d.draft_logits(torch.tensor(first)[:, None], positions, kvs, mask, last)
 
 
 def copy_drafter(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
