@@ -170,8 +170,16 @@ def test_serve_decoding_flags_become_the_servers_decode_defaults(tmp_path, monke
     from edlm.cli import main
 
     seen = {}
-    monkeypatch.setattr(edlm.serve, "serve", lambda model, settings: seen.update(settings=settings))
+    monkeypatch.setattr(edlm.serve, "serve", lambda model, settings, drafter=None: seen.update(
+        settings=settings, drafter=drafter, model=model))
     assert main(["serve", "--model", str(tmp_path), "--threshold", "0.8", "--set", "top_p=0.5",
                  "--stop", "END"]) == 0
     decode = seen["settings"].decode
     assert (decode.threshold, decode.top_p, decode.stop, decode.block_size) == (0.8, 0.5, ["END"], None)
+    assert seen["drafter"] is None
+    # --drafter: the source named by the drafter (no --model), decoding speculatively whatever the defaults say
+    assert main(["serve", "--drafter", str(tmp_path), "--max-new-tokens", "12"]) == 0
+    assert (seen["drafter"], seen["model"]) == (str(tmp_path), None)
+    assert (seen["settings"].decode.mode, seen["settings"].decode.max_new_tokens) == ("speculative", 12)
+    assert main(["serve", "--drafter", str(tmp_path), "--mode", "diffusion"]) == 2
+    assert main(["serve"]) == 2

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from edlm.bench.timing import forward_step, median_seconds
+from edlm.drafter import DraftContext
 from edlm.engine import Linear, compile_model
 from edlm.results import machine_info
 
@@ -35,7 +36,7 @@ def gemm_rate(dtype: str, rows: int = 256, size: int = 1536, repeats: int = 5) -
     (rows x size) @ (size x size) product: the arithmetic a wide step can reach at this thread count."""
     g = torch.Generator().manual_seed(0)
     lin = Linear(torch.randn(size, size, generator=g) / size ** 0.5, None, dtype)
-    x = torch.randn(rows, size, generator=g)
+    x = torch.randn(rows, size, generator=g).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
     with torch.no_grad():
         return 2 * rows * size * size / median_seconds(lambda: lin(x), repeats)
 
@@ -123,8 +124,6 @@ def cycle_costs(model, drafter, cache_len: int = 200, repeats: int = 5) -> list[
     """Milliseconds of a drafted cycle that verifies ``k`` drafts, k = 0 .. block - 1: a forward of k + 1 columns
     of ``model`` on a ``cache_len`` cache (median of ``repeats``) plus one draft of ``drafter`` over as many
     context positions: the ``verify_costs`` of :class:`edlm.config.DecodeConfig`. Compiles the widths it times."""
-    from edlm.drafter import DraftContext  # the drafter's module is only needed here
-
     block = drafter.cfg.block_size
     step = forward_step(model, cache_len)
     ctx = DraftContext(drafter, 1)

@@ -43,7 +43,7 @@ from edlm.evals.run import evaluate, plot_pareto, results_table, sweep, sweep_re
 from edlm.evals.tasks import default_max_new_tokens
 from edlm.loading import load, load_ar
 from edlm.model import read_diffusion_config
-from edlm.quant import parse_dtypes
+from edlm.quant import check_dtype, parse_dtypes
 from edlm.results import machine_info, write_json
 from edlm.studies import collect, load_study_config, run_study, write_report
 from edlm.studies.drafter import drafter_report, load_drafter_config, run_drafter, ship_drafter
@@ -268,7 +268,8 @@ def cmd_bench_verify(args: argparse.Namespace) -> int:
     if not widths or min(widths) < 1:
         raise EdlmError(f"--widths: every width must be >= 1, got {args.widths!r}")
     source, _ = load_ar(args.model, "fp32")
-    result = verify_curve(source.eval(), parse_dtypes(args.dtypes), widths, cache_len=args.cache_len,
+    dtypes = tuple(check_dtype(d.strip(), compiled=True) for d in args.dtypes.split(",") if d.strip())
+    result = verify_curve(source.eval(), dtypes, widths, cache_len=args.cache_len,
                           repeats=args.repeats, eager=not args.no_eager, exact_widths=args.exact_widths)
     result["model"] = str(args.model)
     return _written(result, args.json, curve_report(result))
