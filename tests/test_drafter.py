@@ -337,6 +337,7 @@ def test_the_block_drafter_demo_reports_every_system_and_the_json_keys(tmp_path,
     assert result["batch"]["size"] == 2 and result["batch"]["identical"] == 1.0
     costs = spec_["cycle_costs_ms"]  # measured: one per number of drafts, 0 .. block - 1
     assert spec_["draft_cut"] == "auto" and len(costs) == 4 and all(c > 0 for c in costs)
+    assert costs == sorted(costs)  # a wider verify never costs less
     assert spec_["identical"] == 1.0 and spec_["tokens_per_forward"] >= 1.0
     assert {"tokens_per_s", "speedup", "accepted_per_verify", "tokens_per_forward"} <= set(spec_)
     assert result["ar"]["dtype"] in ("fp32",) and result["llamacpp_skipped"] == "not asked for"
