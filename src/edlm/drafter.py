@@ -121,9 +121,9 @@ class DrafterConfig:
     """Also add the context state of the position just before a block (the last one the source verified) to every
     column's input, through ``in_proj`` (the identity at the start): EAGLE's input fusion on top of DFlash's KV
     injection, so a shallow drafter starts from the source's state instead of a bare mask."""
-    init: str = "random"
-    """``random``: initialised at random (std 0.02); ``source``: drafter layer i starts as a copy of source layer
-    ``init_layers[i]``. On SmolLM2 a random layer learnt ~2.5x faster than a copy of the last one (docs/drafter.md)."""
+    init: str = "source"
+    """``source``: drafter layer i starts as a copy of source layer ``init_layers[i]``; ``random``: initialised at
+    random (std 0.02). On SmolLM2 a random layer led for the first ~500 steps, then fell behind (docs/drafter.md)."""
     init_layers: list[int] = field(default_factory=list)
     """Source layers copied by ``init: source`` (default: the last ``num_hidden_layers`` layers)."""
     source: str = ""
