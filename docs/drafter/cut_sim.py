@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
+from edlm.bench.curve import draft_seconds
 from edlm.checkpoints import resolve_model
-from edlm.drafter import DraftContext, Drafter
+from edlm.drafter import Drafter
 from edlm.drafter_train import block_guesses, load_answers
 
 
@@ -60,14 +60,7 @@ def main() -> None:
     one = rows[1]
     drafter_ms = curve.get("drafter_ms")
     if drafter_ms is None:
-        ctx = DraftContext(drafter, 1)
-        ctx.extend(0, torch.randn(200, len(drafter.cfg.target_layer_ids), source.config.hidden_size))
-        for _ in range(3):
-            ctx.draft([0], [5])
-        t0 = time.perf_counter()
-        for _ in range(20):
-            ctx.draft([0], [5])
-        drafter_ms = 1e3 * (time.perf_counter() - t0) / 20
+        drafter_ms = 1e3 * draft_seconds(drafter, repeats=20)
     costs = [rows[w] / one + drafter_ms / one for w in range(1, b + 1)]
 
     run = (right & real).long().cumprod(-1)  # 1 while every guess so far is right

@@ -128,10 +128,16 @@ def cycle_costs(model, drafter, cache_len: int = 200, repeats: int = 5) -> list[
     single medians right after compiling were noisy enough here to rank 8 columns below 5."""
     block = drafter.cfg.block_size
     step = forward_step(model, cache_len)
+    draft_s = draft_seconds(drafter, cache_len, repeats)
+    with torch.no_grad():
+        ms = [1e3 * (median_seconds(lambda w=w: step(w), repeats) + draft_s) for w in range(1, block + 1)]
+    return [max(ms[:k + 1]) for k in range(len(ms))]
+
+
+def draft_seconds(drafter, cache_len: int = 200, repeats: int = 5) -> float:
+    """Median seconds of one draft of ``drafter`` over ``cache_len`` context positions (random features)."""
     ctx = DraftContext(drafter, 1)
     g = torch.Generator().manual_seed(0)
     ctx.extend(0, torch.randn(cache_len, len(drafter.cfg.target_layer_ids), drafter.cfg.hidden_size, generator=g))
     with torch.no_grad():
-        draft_s = median_seconds(lambda: ctx.draft([0], [0]), repeats)
-        ms = [1e3 * (median_seconds(lambda w=w: step(w), repeats) + draft_s) for w in range(1, block + 1)]
-    return [max(ms[:k + 1]) for k in range(len(ms))]
+        return median_seconds(lambda: ctx.draft([0], [0]), repeats)
