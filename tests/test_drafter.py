@@ -107,6 +107,20 @@ def test_drafted_decoding_on_the_compiled_engine_equals_the_source(monkeypatch):
     assert drafted_generate(engine, drafter, PROMPTS, cfg, eos_id=None).sequences == truth
 
 
+@pytest.mark.parametrize("dtype", ["int8", "bf16"])
+def test_drafted_decoding_at_a_quantized_dtype_gives_that_dtypes_own_ar_text(monkeypatch, dtype):
+    # Lossless at every dtype: the verify's columns see what the AR step's one column sees (int8: the guard that
+    # pins fbgemm's range), so drafting changes nothing of the engine's own greedy text.
+    model, _ = varied_source("llama")
+    drafter = make_drafter(model)
+    engine = compile_model(model, dtype, compile=False)
+    own = [ar_generate(engine, [p], DecodeConfig(max_new_tokens=11), eos_id=None).sequences[0] for p in PROMPTS]
+    oracle(monkeypatch, {tuple(p): s for p, s in zip(PROMPTS, own)}, PROMPTS, 3)
+    cfg = DecodeConfig(max_new_tokens=11, mode="speculative")
+    out = drafted_generate(engine, drafter, PROMPTS, cfg, eos_id=None)
+    assert out.sequences == own and out.stats.accepted_per_verify > 1
+
+
 def test_eos_ends_a_row_and_a_stop_request_is_honoured(monkeypatch):
     model, _ = varied_source("llama")
     drafter = make_drafter(model)

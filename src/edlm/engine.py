@@ -16,10 +16,11 @@ speculative) runs on it unchanged, and the eager Hugging Face path stays the ref
 Weights (docs/roofline.md, section 7, has the measurements behind each choice):
 
 - ``fp32``, ``bf16``: ``F.linear`` (MKL / oneDNN);
-- ``int8``: edlm's int8 (:mod:`edlm.quant`): fbgemm's int8 GEMM with one weight scale per output channel and one
-  activation scale per token. fbgemm's packed weights are an object the compiler cannot trace, so the graph
-  calls them through an opaque op (``edlm::int8_linear``); on this CPU it beat ``aten._weight_int8pack_mm``
-  (weight-only int8) by 2x at one column and 3.5x at eight;
+- ``int8``: edlm's int8 (:mod:`edlm.quant`): fbgemm's int8 GEMM with one weight scale per output channel, one
+  activation scale per token and the guard features that make a column's result independent of its neighbours.
+  fbgemm's packed weights are an object the compiler cannot trace, so the graph calls them through an opaque op
+  (``edlm::int8_linear``); on this CPU it beat ``aten._weight_int8pack_mm`` (weight-only int8) by 2x at one column
+  and 3.5x at eight;
 - ``int4``: weight-only, groups of 32 with scale and zero point, ``aten._weight_int4pack_mm_for_cpu``, bf16
   activations.
 
@@ -42,7 +43,7 @@ from torch import nn
 
 from edlm.errors import EdlmError
 from edlm.model import DiffusionLM
-from edlm.quant import quantize_int8
+from edlm.quant import int8_guarded, quantize_int8
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def linear(dtype: str, out_features: int, x: torch.Tensor, weight: torch.Tensor,
         return F.linear(x, weight, bias)
     if dtype == "int8":  # one activation scale per token (see edlm.quant.RowScaledInt8Linear)
         row = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min(1e-12)
-        y = torch.ops.edlm.int8_linear(x / row, weight, out_features) * row
+        y = torch.ops.edlm.int8_linear(int8_guarded(x / row), weight, out_features) * row
         return y if bias is None else y + bias
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # the kernel's fast path takes bf16 activations
@@ -159,7 +160,8 @@ _HANDLES = itertools.count()
 
 
 def _pack_int8(weight: torch.Tensor) -> int:
-    """Pack a float (N, K) weight for fbgemm (per-channel scales, as ``edlm.quant`` int8 does); returns its handle."""
+    """Pack a float (N, K) weight for fbgemm as ``edlm.quant`` int8 does (per-channel scales, the guard's zero
+    columns appended: the input it takes is :func:`edlm.quant.int8_guarded`); returns its handle."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         lin.weight.copy_(weight)

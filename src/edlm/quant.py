@@ -6,10 +6,14 @@ token's input row is divided by its own absolute maximum before fbgemm's dynamic
 whole input with one scale) and the output row multiplied back (:class:`RowScaledInt8Linear`). Without that row
 scaling, one token with large activations (small Llama-family models have them at the first token and in the MLP
 ``down_proj`` inputs) sets the scale for every other token in the call: on SmolLM2-135M plain dynamic int8 cost
-1.24 nats per token of held-out likelihood, row-scaled int8 0.12 (docs/roofline.md, section 1). A row's result
-still depends slightly on the other rows of its call (fbgemm's activation zero point comes from the whole call's
-normalised range), so the decoder's exact invariants (batched row == alone, cached == full recomputation) are
-promised in fp32 and bf16 only.
+1.24 nats per token of held-out likelihood, row-scaled int8 0.12 (docs/roofline.md, section 1).
+
+fbgemm still takes its scale and zero point from the whole call's normalised range, which a row alone need not
+span: on its own a row's range might be [-0.6, 1], beside others [-1, 1], and its result changed with the other
+rows of its call (on random rows: by 0.33 against outputs of ~0.8). So every normalised row carries the guard
+``[1, -1, 0, 0]`` in four extra input features whose weights are zero (:data:`INT8_GUARD`): every call's range is
+then exactly [-1, 1], and a row's int8 product is bit for bit the same alone, in a batch, or in a wider verify as
+in a one-column AR step. That is what makes speculative decoding at int8 give the int8 AR's text.
 
 Which kernel does it was chosen by measurement (docs/roofline.md, section 1, SmolLM2-135M, AVX2 CPU; re-measured
 at 2 threads with torchao 0.18 for issue 36): on CPU fbgemm's int8 GEMM (``torch.ops.quantized.linear_dynamic``)
@@ -30,6 +34,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
@@ -65,6 +70,22 @@ def parse_dtypes(names: str) -> tuple[str, ...]:
     return out
 
 
+INT8_GUARD = (1.0, -1.0, 0.0, 0.0)
+"""Input features appended to every row-normalised int8 activation row, their weight columns zero: they pin
+fbgemm's per-call range to [-1, 1], so a row's result does not depend on the other rows of its call."""
+
+
+def int8_guard_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A float (N, K) weight with :data:`INT8_GUARD`'s zero columns appended: (N, K + 4)."""
+    return F.pad(weight.detach().float(), (0, len(INT8_GUARD)))
+
+
+def int8_guarded(x: torch.Tensor) -> torch.Tensor:
+    """Row-normalised activations (..., K) with :data:`INT8_GUARD` appended to every row: (..., K + 4)."""
+    guard = torch.tensor(INT8_GUARD, dtype=x.dtype, device=x.device)
+    return torch.cat([x, guard.expand(*x.shape[:-1], len(INT8_GUARD))], dim=-1)
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -73,21 +94,23 @@ class RowScaledInt8Linear(DynamicInt8Linear):
     """fbgemm's dynamic int8 Linear with per-output-channel weight scales and one activation scale per token.
 
     fbgemm quantizes a call's whole input with one scale; dividing each row by its absolute maximum first makes
-    that one scale right for every row (per-token quantization), and the output row is multiplied back. The bias
-    is added after rescaling (it is kept out of the packed weights).
+    that one scale right for every row (per-token quantization), and the output row is multiplied back. The
+    guard features (:data:`INT8_GUARD`) fix the call's range, so a row's result does not depend on its neighbours.
+    The bias is added after rescaling (it is kept out of the packed weights).
     """
 
     @classmethod
     def from_float(cls, mod: nn.Module, use_precomputed_fake_quant: bool = False) -> RowScaledInt8Linear:
-        bare = nn.Linear(mod.in_features, mod.out_features, bias=False)
-        bare.weight, bare.qconfig = mod.weight, mod.qconfig
+        bare = nn.Linear(mod.in_features + len(INT8_GUARD), mod.out_features, bias=False)
+        bare.weight, bare.qconfig = nn.Parameter(int8_guard_weight(mod.weight), requires_grad=False), mod.qconfig
         q = super().from_float(bare)
         q.register_buffer("row_bias", None if mod.bias is None else mod.bias.detach().float().clone())
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12)
-        y = torch.ops.quantized.linear_dynamic(x / scale, self._packed_params._packed_params, reduce_range=True)
+        y = torch.ops.quantized.linear_dynamic(int8_guarded(x / scale), self._packed_params._packed_params,
+                                               reduce_range=True)
         y.mul_(scale)
         if self.row_bias is not None:
             y.add_(self.row_bias)
