@@ -360,6 +360,31 @@ def test_the_block_drafter_demo_reports_every_system_and_the_json_keys(tmp_path,
     assert "identical to the source" in text and "block drafter" in text
 
 
+def test_dtype_auto_verifies_at_the_fastest_wide_dtype_and_checks_text_against_that_dtypes_ar(tmp_path, monkeypatch):
+    import edlm.bench.engine as bench_engine
+
+    model, tok = tiny_model("llama", seed=1, layers=4)
+    tok.chat_template = None
+    monkeypatch.setenv("EDLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(bench_engine, "compile_model", lambda m, d, **kw: compile_model(m, d, compile=False, **kw))
+    drafter = make_drafter(model)
+    dtype, record = bench_engine.choose_source_dtype(model, drafter.cfg.source_fingerprint, 4, ("fp32", "int8"))
+    assert not record["cached"] and dtype == min(record["forward_ms"], key=record["forward_ms"].get)
+    assert bench_engine.choose_source_dtype(model, drafter.cfg.source_fingerprint, 4, ("fp32", "int8"))[1]["cached"]
+    # Narrow and wide choices differ: AR runs at the narrow one, and the drafted text is checked against the AR of
+    # the verify's own dtype (a third system), not against the other dtype's text.
+    monkeypatch.setattr(demo, "choose_source_dtype", lambda m, fp, width, **kw: ("int8" if width > 1 else "fp32", {}))
+    monkeypatch.setattr(demo, "resolve_model", lambda spec, dtype: (model, tok))
+    monkeypatch.setattr(demo, "compile_model", lambda m, dtype, **kw: compile_model(m, dtype, compile=False, **kw))
+    drafter.save(tmp_path / "d")
+    result = demo.run_block_drafter_demo(tmp_path / "d", [("chat", "hello there")], max_new_tokens=6,
+                                         llama_cpp=False, dtype="auto", batch=2)
+    assert result["speculative"]["dtype"] == "int8" and result["ar"]["compiled_dtype"] == "fp32"
+    assert "ar_verify_dtype" in result["prompts"][0] and result["speculative"]["identical"] == 1.0
+    assert result["batch"]["identical"] == 1.0
+    assert "AR (source, compiled int8)" in demo.block_drafter_demo_report(result)
+
+
 def test_a_served_drafter_streams_the_sources_own_text_and_refuses_other_modes():
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")

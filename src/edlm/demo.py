@@ -31,6 +31,7 @@ from edlm.assets.embedded import smollm2_gguf_path
 from edlm.assets.prompts import DEMO_PROMPTS
 from edlm.bench import llamacpp
 from edlm.bench.curve import cycle_costs
+from edlm.bench.engine import choose_source_dtype
 from edlm.checkpoints import resolve_model
 from edlm.config import DecodeConfig
 from edlm.drafter import Drafter
@@ -130,7 +131,13 @@ def run_block_drafter_demo(drafter_dir: str | Path | None = None, prompts: list[
     drafter = Drafter.load(folder, source)
     prompts = list(prompts or DEMO_PROMPTS)
     ids = [encode_prompt(tokenizer, p) for _, p in prompts]
-    engine = compile_model(source, dtype, exact_widths=drafter.cfg.block_size if exact_widths else 0)
+    block = drafter.cfg.block_size
+    ar_dtype = dtype
+    if dtype == "auto":  # the fastest verify for the drafter, the fastest one-column step for AR
+        dtype = choose_source_dtype(source, drafter.cfg.source_fingerprint, block, exact_widths=block)[0]
+        ar_dtype = choose_source_dtype(source, drafter.cfg.source_fingerprint, 1)[0]
+    engine = compile_model(source, dtype, exact_widths=block if exact_widths else 0)
+    ar_engine = engine if ar_dtype == dtype else compile_model(source, ar_dtype)
     costs = None
     if draft_cut == "auto":
         with torch.no_grad():
@@ -141,8 +148,12 @@ def run_block_drafter_demo(drafter_dir: str | Path | None = None, prompts: list[
     cfg = DecodeConfig(mode="speculative", max_new_tokens=max_new_tokens, **cut)
     eos = tokenizer.eos_token_id
     systems = {"ar_eager": ar_system(source, cfg, eos, tokenizer.pad_token_id),
-               "ar": ar_system(engine, cfg, eos, tokenizer.pad_token_id),
+               "ar": ar_system(ar_engine, cfg, eos, tokenizer.pad_token_id),
                "speculative": drafter_system(engine, drafter, tokenizer, cfg)}
+    same = "ar"  # the AR whose text the drafted text must equal: the verify's own dtype
+    if ar_engine is not engine:
+        same = "ar_verify_dtype"
+        systems[same] = ar_system(engine, cfg, eos, tokenizer.pad_token_id)
     skipped = None
     if llama_cpp:
         try:
@@ -155,7 +166,7 @@ def run_block_drafter_demo(drafter_dir: str | Path | None = None, prompts: list[
                                                   max_new_tokens)
     with torch.no_grad():
         runs = run_interleaved(systems, ids, 1, detokenize=lambda s: stopped_text(tokenizer, s, []), warmup="pass")
-    ar_best = max(("ar", "ar_eager"), key=lambda n: runs[n].tokens_per_s)
+    ar_best = max(("ar", "ar_eager", same), key=lambda n: runs[n].tokens_per_s)
     rows = []
     for k, (domain, prompt) in enumerate(prompts):
         row: dict[str, Any] = {"domain": domain, "prompt": prompt}
@@ -163,15 +174,16 @@ def run_block_drafter_demo(drafter_dir: str | Path | None = None, prompts: list[
             tokens, forwards, seconds = r.chunks[k]
             row[name] = {"text": r.texts[k], "tokens": tokens, "tokens_per_forward": tokens / max(forwards, 1),
                          "tokens_per_s": tokens / max(seconds, 1e-9)}
-        row["speculative"]["identical"] = runs["speculative"].texts[k] == runs["ar"].texts[k]
+        row["speculative"]["identical"] = runs["speculative"].texts[k] == runs[same].texts[k]
         row["speculative"]["speedup"] = row["speculative"]["tokens_per_s"] / max(row[ar_best]["tokens_per_s"], 1e-9)
         rows.append(row)
     spec = runs["speculative"]
     result: dict[str, Any] = {
         "model": f"SmolLM2-135M-Instruct (embedded) + block drafter {folder}", "prompts": rows,
-        "ar": {"tokens_per_s": runs[ar_best].tokens_per_s, "dtype": "fp32" if ar_best == "ar_eager" else dtype,
-               "compiled": ar_best == "ar", "eager_fp32_tokens_per_s": runs["ar_eager"].tokens_per_s,
-               "compiled_tokens_per_s": runs["ar"].tokens_per_s},
+        "ar": {"tokens_per_s": runs[ar_best].tokens_per_s,
+               "dtype": {"ar_eager": "fp32", "ar": ar_dtype, same: dtype}[ar_best],
+               "compiled": ar_best != "ar_eager", "eager_fp32_tokens_per_s": runs["ar_eager"].tokens_per_s,
+               "compiled_tokens_per_s": runs["ar"].tokens_per_s, "compiled_dtype": ar_dtype},
         "speculative": {"tokens_per_forward": spec.tokens / max(spec.forwards, 1), "tokens_per_s": spec.tokens_per_s,
                         "speedup": spec.tokens_per_s / max(runs[ar_best].tokens_per_s, 1e-9),
                         "identical": sum(r["speculative"]["identical"] for r in rows) / len(rows),
@@ -187,13 +199,13 @@ def run_block_drafter_demo(drafter_dir: str | Path | None = None, prompts: list[
     else:
         result["llamacpp_skipped"] = skipped or "not asked for"
     if batch and batch > 1:
-        wide = {k: systems[k] for k in ("ar", "speculative")}
+        wide = {k: systems[k] for k in dict.fromkeys(("ar", same, "speculative"))}
         with torch.no_grad():
             b = run_interleaved(wide, ids, batch, detokenize=lambda s: stopped_text(tokenizer, s, []), warmup=True)
         result["batch"] = {"size": batch, "ar_tokens_per_s": b["ar"].tokens_per_s,
                            "speculative_tokens_per_s": b["speculative"].tokens_per_s,
                            "speedup": b["speculative"].tokens_per_s / max(b["ar"].tokens_per_s, 1e-9),
-                           "identical": sum(x == y for x, y in zip(b["speculative"].texts, b["ar"].texts)) / len(ids),
+                           "identical": sum(x == y for x, y in zip(b["speculative"].texts, b[same].texts)) / len(ids),
                            "tokens_per_forward": b["speculative"].tokens_per_forward}
     return result
 
@@ -228,7 +240,9 @@ def block_drafter_demo_report(result: dict[str, Any]) -> str:
     spec, ar = result["speculative"], result["ar"]
     lines = [f"\n{result['model']}, greedy, at most {result['settings']['max_new_tokens']} new tokens, batch 1; "
              f"the drafter's verify on the compiled engine at {spec['dtype']}\n"]
-    names = {"ar_eager": "AR (source, eager fp32)", "ar": f"AR (source, compiled {spec['dtype']})",
+    names = {"ar_eager": "AR (source, eager fp32)",
+             "ar": f"AR (source, compiled {ar.get('compiled_dtype', spec['dtype'])})",
+             "ar_verify_dtype": f"AR (source, compiled {spec['dtype']})",
              "speculative": "block drafter + source", "llamacpp": "llama.cpp Q8_0 (AR)"}
     for row in result["prompts"]:
         t = Table("<system", "tok/s", "tok/fwd", "<text")

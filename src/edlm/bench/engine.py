@@ -21,7 +21,7 @@ from edlm.bench.curve import curve_report, memory_bandwidth, verify_curve
 from edlm.bench.llamacpp import llamacpp_ar, q8_0_gguf, skip_reason, source_gguf
 from edlm.bench.timing import forward_step, forward_times
 from edlm.config import DecodeConfig
-from edlm.engine import compile_dlm, compile_model
+from edlm.engine import ENGINE_DTYPES, compile_dlm, compile_model
 from edlm.harness import ar_system, dlm_system, run_interleaved
 from edlm.loading import load, load_ar
 from edlm.model import source_spec
@@ -209,19 +209,13 @@ def profile_engine(model_dir: str | os.PathLike, dtypes: tuple[str, ...] = ("fp3
     return out
 
 
-def choose_dtype(model_dir: str | os.PathLike, width: int, compile: bool = False,
-                 candidates: tuple[str, ...] | None = None, cache_len: int = 128) -> tuple[str, dict[str, Any]]:
-    """``--dtype auto``: the weight dtype whose forward of ``width`` new columns (1 for AR, the block for diffusion
-    and speculative steps) is fastest here, measured once per machine, model folder, thread count, path and width
-    and remembered in ``<edlm cache>/dtype-choices.json``. Returns (dtype, the record: times per dtype, whether it
-    came from the cache)."""
-    candidates = candidates or (("fp32", "bf16", "int8", "int4") if compile else ("fp32", "bf16", "int8"))
+def _remembered(identity: list, width: int, compile: bool, candidates: tuple[str, ...], build) -> tuple[str, dict]:
+    """The candidate dtype whose forward of ``width`` new columns is fastest, measured with ``build(dtype)`` (a
+    model) once per machine and ``identity`` (what names the weights) and remembered in
+    ``<edlm cache>/dtype-choices.json``."""
     machine = machine_info()
-    folder = Path(model_dir).resolve()
-    stamp = max((f.stat().st_mtime for f in folder.glob("*.safetensors")), default=0.0)
-    key = hashlib.sha256(json.dumps([machine["cpu"], machine["cpu_flags"], machine["torch"],
-                                     torch.get_num_threads(), str(folder), stamp, compile, width,
-                                     list(candidates)]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([machine["cpu"], machine["cpu_flags"], machine["torch"], torch.get_num_threads(),
+                                     *identity, compile, width, list(candidates)]).encode()).hexdigest()[:16]
     path = cache_dir() / "dtype-choices.json"
     try:
         known = json.loads(path.read_text())
@@ -231,13 +225,41 @@ def choose_dtype(model_dir: str | os.PathLike, width: int, compile: bool = False
         return known[key]["dtype"], {**known[key], "cached": True}
     times = {}
     for d in candidates:
-        dlm = load(folder, d, compile=compile)
-        times[d] = 1e3 * forward_times(dlm.model, cache_len, (width,), repeats=5, token=dlm.mask_id)[width]
+        model, token = build(d)
+        times[d] = 1e3 * forward_times(model, 128, (width,), repeats=5, token=token)[width]
     best = min(times, key=times.get)
-    record = {"dtype": best, "forward_ms": times, "width": width, "compile": compile, "model": str(folder)}
+    record = {"dtype": best, "forward_ms": times, "width": width, "compile": compile, "model": str(identity[0])}
     known[key] = record
     write_json(known, path)
     return best, {**record, "cached": False}
+
+
+def choose_dtype(model_dir: str | os.PathLike, width: int, compile: bool = False,
+                 candidates: tuple[str, ...] | None = None) -> tuple[str, dict[str, Any]]:
+    """``--dtype auto`` for a converted model: the weight dtype whose forward of ``width`` new columns (1 for AR, the
+    block for diffusion and speculative steps) is fastest here, measured once per machine, model folder, thread
+    count, path and width and remembered in ``<edlm cache>/dtype-choices.json``. Returns (dtype, the record: times
+    per dtype, whether it came from the cache)."""
+    candidates = candidates or (("fp32", "bf16", "int8", "int4") if compile else ("fp32", "bf16", "int8"))
+    folder = Path(model_dir).resolve()
+    stamp = max((f.stat().st_mtime for f in folder.glob("*.safetensors")), default=0.0)
+
+    def build(d):
+        dlm = load(folder, d, compile=compile)
+        return dlm.model, dlm.mask_id
+
+    return _remembered([str(folder), stamp], width, compile, candidates, build)
+
+
+def choose_source_dtype(source, fingerprint: str, width: int, candidates: tuple[str, ...] = ENGINE_DTYPES,
+                        exact_widths: int = 0) -> tuple[str, dict[str, Any]]:
+    """``--dtype auto`` for an AR source on the compiled engine (``--drafter``): the engine dtype whose forward of
+    ``width`` columns is fastest here (1: the AR step; the drafter's block: its verify), remembered per machine and
+    source weights (``fingerprint``, :func:`edlm.drafter.fingerprint`) as :func:`choose_dtype` does."""
+    def build(d):
+        return compile_model(source, d, exact_widths=exact_widths), 0
+
+    return _remembered([f"source {fingerprint}"], width, True, tuple(candidates), build)
 
 
 def engine_report(e: dict[str, Any]) -> str:

@@ -18,7 +18,14 @@ from edlm.assets import default_chat_prompts
 from edlm.assets.prompts import DEMO_PROMPTS, heldout_prompts
 from edlm.bench.curve import curve_report, verify_curve
 from edlm.bench.decode import decode_benchmark, decode_report, plot_ceiling, plot_sweep
-from edlm.bench.engine import choose_dtype, engine_benchmark, engine_report, profile_engine, profile_report
+from edlm.bench.engine import (
+    choose_dtype,
+    choose_source_dtype,
+    engine_benchmark,
+    engine_report,
+    profile_engine,
+    profile_report,
+)
 from edlm.bench.train import mask_memory, masks_report, train_report, train_throughput, training_memory
 from edlm.checkpoints import best_device
 from edlm.cli.console import Bars, TrainingBar
@@ -165,9 +172,24 @@ def _auto_dtype(args: argparse.Namespace, mode: str, block: int | None) -> None:
         return
     width = 1 if mode == "ar" else block or read_diffusion_config(args.model).block_size
     args.dtype, record = choose_dtype(args.model, width, compile=getattr(args, "compile", False))
+    _say_auto(args.dtype, width, record)
+
+
+def _say_auto(dtype: str, width: int, record: dict) -> None:
     times = ", ".join(f"{d} {ms:.1f}" for d, ms in record["forward_ms"].items())
-    print(f"[dtype auto: {args.dtype} (forward of {width} new columns, ms: {times}; "
+    print(f"[dtype auto: {dtype} (forward of {width} new columns, ms: {times}; "
           f"{'cached' if record['cached'] else 'measured now'})]", file=sys.stderr)
+
+
+def _auto_drafted_dtype(args: argparse.Namespace, source, drafter: Drafter) -> None:
+    """``--dtype auto`` with ``--drafter``: the engine dtype whose verify (a forward of the drafter's block) is
+    fastest here; the engine compiles, as every candidate but eager fp32 needs it."""
+    if args.dtype != "auto":
+        return
+    width = drafter.cfg.block_size
+    args.dtype, record = choose_source_dtype(source, drafter.cfg.source_fingerprint, width, exact_widths=width)
+    args.compile = True
+    _say_auto(args.dtype, width, record)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -200,12 +222,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate_drafted(args: argparse.Namespace, prompts: list[str], cfg: DecodeConfig):
     """``edlm generate --drafter``: the source (eager, or on the compiled engine) with its block drafter."""
-    if args.dtype == "auto":
-        raise EdlmError("--dtype auto is not available with --drafter yet; give fp32, bf16, int8 or int4")
     source, tokenizer = load_ar(args.model or drafter_source(args.drafter), "fp32")
     drafter = Drafter.load(args.drafter, source)
-    model = compile_model(source, args.dtype, compile=args.compile) if args.compile or args.dtype != "fp32" \
-        else source
+    _auto_drafted_dtype(args, source, drafter)
+    model = compile_model(source, args.dtype, compile=args.compile, exact_widths=drafter.cfg.block_size) \
+        if args.compile or args.dtype != "fp32" else source
     ids = [encode_prompt(tokenizer, p, not args.no_chat) for p in prompts]
     out = drafted_until_stop(model, drafter, tokenizer, ids, dataclasses.replace(cfg, mode="speculative"))
     return [stopped_text(tokenizer, s, cfg.stop) for s in out.sequences], out.stats, SimpleNamespace(model=model)
@@ -283,7 +304,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     given = decode_given(args)
     if args.drafter:
         if args.dtype == "auto":
-            raise EdlmError("--dtype auto is not available with --drafter yet; give fp32, bf16, int8 or int4")
+            source = load_ar(args.model or drafter_source(args.drafter), "fp32")[0]
+            _auto_drafted_dtype(args, source, Drafter.load(args.drafter, source))
+            del source
         if given.get("mode", "speculative") != "speculative":
             raise EdlmError("--drafter serves the source speculatively; drop --mode (or give --mode speculative)")
         given["mode"] = "speculative"
@@ -388,6 +411,9 @@ def _embedded_demo(args: argparse.Namespace) -> int:
     if args.heldout:
         prompts = (prompts or list(DEMO_PROMPTS)) + heldout_prompts()
     if args.adapter or not (args.drafter or (block_drafter_dir() / "drafter_config.json").is_file()):
+        if args.dtype == "auto":
+            raise EdlmError("--dtype auto chooses the block drafter's verify dtype; the gated adapter's demo takes "
+                            "fp32, bf16 or int8")
         result = run_drafter_demo(args.adapter, prompts, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                                   threshold=args.threshold)
         print(drafter_demo_report(result))

@@ -197,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "never distilled), with totals per domain")
     p.add_argument("--batch", type=int, default=None,
                    help="embedded, block drafter: also decode the prompts this many at a time (AR vs drafter)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="embedded: weights of both systems")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
+                   help="embedded: weights of both systems; auto (block drafter): the fastest verify here for the "
+                        "drafter, the fastest one-column step for AR (measured once, cached)")
     p.add_argument("--problems", type=int, default=40, help="miniature: held-out problems per task family")
     p.add_argument("--convert", action="store_true",
                    help="miniature: convert the shipped source again (the headline's settings) instead of using the "

@@ -144,7 +144,8 @@ class Engine:
         in ``settings.dtype`` (on the compiled engine when ``settings.compile`` or the dtype is not fp32)."""
         source_model, tokenizer = load_ar(source or drafter_source(drafter_dir), "fp32")
         drafter = Drafter.load(drafter_dir, source_model)
-        model = compile_model(source_model, settings.dtype, compile=settings.compile) \
+        model = compile_model(source_model, settings.dtype, compile=settings.compile,
+                              exact_widths=drafter.cfg.block_size) \
             if settings.compile or settings.dtype != "fp32" else source_model
         return cls(DraftedLM(model, drafter, tokenizer), settings)
 
