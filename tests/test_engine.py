@@ -126,9 +126,26 @@ def test_engine_benchmark_reports_every_backend_and_the_targets(model_dir):
     assert all(r["min_ms"] <= r["ms"] <= r["max_ms"] and r["floor_ms"] > 0 for r in curve["rows"])
     assert min(r["ar_steps"] for r in curve["rows"] if r["width"] == 1) == pytest.approx(1.0)
     assert set(curve["floors"]["gemm_gflops"]) == {"fp32", "int8"} and "cpu_flags" in curve["machine"]
+    assert curve["exact_widths"] == 4  # the block: verifies of up to a block run unpadded
+    t = result["targets"]
+    assert t["verify_ratio_8_target"] == (1.5 if t["cpu_class"] != "avx2" else 1.8)
+    assert t["verify_ratio_8_met"] == (result["verify_ratio_8"] <= t["verify_ratio_8_target"])
     own = engine_benchmark(model_dir, [[5, 6, 7, 8]], max_new_tokens=4, dtypes=("fp32",), eager_dtypes=(), block=4,
                            tpfs=(4,), llama_cpp=False, compile=False, ar_source=None)  # the converted weights
     assert [r["backend"] for r in own["ar"]] == ["engine"] and own["ar"][0]["tokens"] == 4
+
+
+def test_the_v8_target_follows_the_cpu_class():
+    from edlm.bench.engine import cpu_class_targets
+
+    def curve(flags, ratio):
+        return {"machine": {"cpu_flags": flags}, "verify_ratio_8": ratio}
+
+    assert cpu_class_targets(curve(["avx2", "fma"], 1.65)) == {"cpu_class": "avx2", "verify_ratio_8_target": 1.8,
+                                                             "verify_ratio_8_met": True}
+    amx = cpu_class_targets(curve(["avx2", "amx_int8", "avx512f"], 1.65))
+    assert amx["verify_ratio_8_target"] == 1.5 and amx["verify_ratio_8_met"] is False
+    assert cpu_class_targets(curve(["avx512_vnni"], None))["verify_ratio_8_met"] is None
 
 
 def test_int4_needs_the_compiled_engine(model_dir):

@@ -55,7 +55,7 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
                      eager_dtypes: tuple[str, ...] = ("fp32", "int8"), repeats: int = 1, block: int = 8,
                      tpfs: tuple[int, ...] = (1, 4), ar_source: str | None = "auto",
                      gguf: str | os.PathLike | None = None, llama_cpp: bool = True,
-                     compile: bool = True, curve_repeats: int = 5) -> dict[str, Any]:
+                     compile: bool = True, curve_repeats: int = 5, exact_widths: int | None = None) -> dict[str, Any]:
     """Batch-1 AR tokens/s of the source on each backend and dtype, EOS ignored (every run makes
     ``max_new_tokens`` per prompt), and the dLM at forced tokens per forward on the engine, at the dtype whose
     block-wide forward is fastest (the diffusion step's width).
@@ -70,6 +70,8 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
     the engine), and ``targets`` (the engine issue's ratios).
     ``ar_source``: ``"auto"`` (the source named in the folder's ``train_config.yaml``), a model spec, or None (the
     converted weights decoded causally). ``compile=False`` runs the engine's function eagerly (backend ``engine``).
+    ``exact_widths``: the curve's engines run widths up to this many columns unpadded (default: the block, as the
+    drafted decoders run their verifies).
     """
     bandwidth = memory_bandwidth()
     source = _source(model_dir, ar_source)
@@ -91,7 +93,9 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
         rows.append({"backend": backend, "dtype": d, **row, "weight_bytes": weight_bytes,
                      "bandwidth_bound_tokens_per_s": bandwidth / weight_bytes,
                      "compile_s": sum(engine.compile_s.values()), "forward_bench_s": time.perf_counter() - t0})
-    curve = verify_curve(source, dtypes, cache_len=cache_len, repeats=curve_repeats, compile=compile)
+    exact = block if exact_widths is None else exact_widths
+    curve = verify_curve(source, dtypes, cache_len=cache_len, repeats=curve_repeats, compile=compile,
+                         exact_widths=exact)
     lc = llamacpp_rows(model_dir, ids, max_new_tokens, repeats, gguf) if llama_cpp else {"skipped": "--no-llama-cpp"}
     if "rows" in lc:
         for r in lc["rows"]:
@@ -121,11 +125,27 @@ def engine_benchmark(model_dir: str | os.PathLike, ids: list[list[int]], max_new
         "targets": {
             "best_ar_over_llamacpp_q8": None if q8 is None else best["tokens_per_s"] / q8,
             "width8_over_ar_step": fwd[str(block)] / fwd["1"], "verify_ratio_8": curve["verify_ratio_8"],
-            "tpf4_over_best_ar": None if tpf4 is None else tpf4["speedup_vs_best_ar"]},
+            "tpf4_over_best_ar": None if tpf4 is None else tpf4["speedup_vs_best_ar"], **cpu_class_targets(curve)},
         "settings": {"block": block, "tpfs": list(tpfs), "dtypes": list(dtypes), "eager_dtypes": list(eager_dtypes),
                      "max_new_tokens": max_new_tokens, "prompts": len(ids), "repeats": repeats,
                      "threads": torch.get_num_threads()},
     }
+
+
+WIDE_ARITHMETIC = ("avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+"""CPU flags of the class whose wide steps the engine issue holds to V(8) <= 1.5 (native bf16 or int8 dot products);
+other x86 CPUs (AVX2) are held to 1.8."""
+
+
+def cpu_class_targets(curve: dict[str, Any]) -> dict[str, Any]:
+    """The engine issue's V(8) target for this host's class (from ``curve["machine"]["cpu_flags"]``) and whether the
+    curve's cheapest 8-column forward over its cheapest 1-column one meets it."""
+    flags = set(curve["machine"].get("cpu_flags") or ())
+    wide = sorted(flags & set(WIDE_ARITHMETIC))
+    target = 1.5 if wide else 1.8
+    ratio = curve["verify_ratio_8"]
+    return {"cpu_class": "avx512-bf16/vnni or amx" if wide else "avx2", "verify_ratio_8_target": target,
+            "verify_ratio_8_met": None if ratio is None else ratio <= target}
 
 
 def llamacpp_rows(model_dir, ids: list[list[int]], max_new_tokens: int, repeats: int,
@@ -287,6 +307,10 @@ def engine_report(e: dict[str, Any]) -> str:
     def num(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.2f}"
 
+    if t.get("verify_ratio_8") is not None:
+        lines.append(f"V(8) = {t['verify_ratio_8']:.2f} of the cheapest AR step; target for this CPU class "
+                     f"({t['cpu_class']}) <= {t['verify_ratio_8_target']}: "
+                     f"{'met' if t['verify_ratio_8_met'] else 'missed'}")
     lines.append(f"best AR: {e['ar_best'][0]} {e['ar_best'][1]}, {e['ar_best_tokens_per_s']:.1f} tokens/s; "
                  f"llama.cpp Q8_0 / best AR {num(None if q8 is None else 1 / q8)}; width-8 step / AR step "
                  f"{num(t['width8_over_ar_step'])}; forced TPF 4 / best AR {num(t['tpf4_over_best_ar'])}")

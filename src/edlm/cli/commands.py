@@ -273,7 +273,7 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     ids = [tokenizer.encode(t, not args.no_chat) for t in texts]
     result = engine_benchmark(args.model, ids, args.max_new_tokens, dtypes=dtypes, eager_dtypes=eager_dtypes,
                               repeats=args.repeats, block=args.block, tpfs=tuple(args.tpf), gguf=args.gguf,
-                              llama_cpp=not args.no_llama_cpp)
+                              llama_cpp=not args.no_llama_cpp, exact_widths=args.exact_widths)
     result["settings"].update(model=str(args.model), prompts_text=texts, chat_template=not args.no_chat)
     result["machine"] = machine_info()
     return _written(result, args.json, engine_report(result))

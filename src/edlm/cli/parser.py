@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (median reported)")
     p.add_argument("--gguf", default=None, help="GGUF of the AR source for the llama.cpp rows")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows")
+    p.add_argument("--exact-widths", type=int, default=None,
+                   help="the V(b) curve's engines run widths up to this unpadded (default: --block, as drafted "
+                        "verifies run)")
     p.add_argument("--profile", action="store_true",
                    help="instead: where a forward's time goes (torch.profiler by op category, and the time outside "
                         "any op), eager and compiled, per dtype and width 1 / block / 2 x block")
