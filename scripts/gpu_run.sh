@@ -39,4 +39,18 @@ edlm table "$OUT"/eval_*.json --output "$OUT/table.md"
 # 4. decoding throughput, dLM vs AR, batch 1 / 4 / 16, threshold sweep (JSON + PNG).
 edlm bench --model "$MODEL" --json "$OUT/bench_decode.json" --batch-sizes 1 4 16 --max-new-tokens 128 --repeats 3
 cat "$OUT/table.md"
+
+# 5. (issue 37) the block drafter trained on the GPU: DRAFTER_STEPS=20000 bash scripts/gpu_run.sh. It resumes from
+# the committed checkpoint (docs/drafter/block/drafter) and the committed distilled ids; the features are rebuilt
+# by a prefill on this machine's CPU cores when missing. Commit $OUT/block-drafter/drafter (a few MB) and
+# metrics.jsonl, then measure on the CPU with edlm demo --drafter.
+if [ -n "${DRAFTER_STEPS:-}" ]; then
+  DR="$OUT/block-drafter"
+  if [ ! -f "$DR/progress.json" ]; then
+    mkdir -p "$DR" && cp -r docs/drafter/block/drafter "$DR/drafter"
+    cp "$DR/drafter/progress.json" "$DR/" 2>/dev/null || echo '{"step": 0}' > "$DR/progress.json"
+  fi
+  edlm drafter --config configs/smollm2-135m-block-drafter.yaml --output-dir "$DR" --set device=cuda \
+      --set steps="$DRAFTER_STEPS" --set batch_size=32 --set num_threads=null
+fi
 echo "results in $OUT"

@@ -296,6 +296,18 @@ def test_distil_train_resume_and_budget_curve(tmp_path, monkeypatch):
     assert trained > fresh
 
 
+def test_the_training_device_is_checked_with_a_clear_error():
+    from edlm.drafter_train import train_device
+
+    with pytest.raises(EdlmError, match="device must be auto, cpu or cuda"):
+        DrafterTrainConfig(device="tpu")
+    assert train_device("cpu") == torch.device("cpu")
+    assert train_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(EdlmError, match="no CUDA GPU"):
+            train_device("cuda")
+
+
 def test_source_forward_features_on_hf_and_engine_agree():
     model, _ = varied_source("qwen2")
     ids = torch.tensor([PROMPTS[1]])

@@ -342,7 +342,7 @@ class Drafter(nn.Module):
         path = Path(path)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to(torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous()
+        tensors = {k: v.detach().to("cpu", torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in self.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME))
         (tmp / WEIGHTS_NAME).chmod(0o644)  # safetensors writes owner-only; a shipped drafter must be readable

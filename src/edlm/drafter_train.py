@@ -79,10 +79,15 @@ class DrafterTrainConfig:
     save_every: int = 100
     seed: int = 0
     num_threads: int | None = None
+    device: str = "auto"
+    """Where the drafter trains: ``auto`` (a CUDA GPU when one is visible, else the CPU), ``cpu`` or ``cuda``. The
+    source (distillation, feature rebuilds) stays on the CPU; the cached features travel with each batch."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.anchors < 1:
             raise EdlmError("drafter training: steps, batch_size and anchors must be >= 1")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise EdlmError(f"drafter training: device must be auto, cpu or cuda[:N], not {self.device!r}")
         if self.data is None:
             self.data = str(Path(self.output_dir) / "distill.jsonl")
 
@@ -169,10 +174,22 @@ def make_batch(answers: list[Answer], anchors: int, block: int, t2d: torch.Tenso
 
 
 def run_batch(drafter: Drafter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Draft logits (R, A*B, Vd) of a batch."""
-    mask = training_mask(batch["anchors"], batch["features"].shape[1], drafter.cfg.block_size)
-    ctx = drafter.context(batch["features"])
-    return drafter(batch["first"], batch["positions"], ctx, batch["ctx_positions"], mask)
+    """Draft logits (R, A*B, Vd) of a (CPU) batch, on the drafter's device."""
+    device = drafter.embed.device
+    mask = training_mask(batch["anchors"], batch["features"].shape[1], drafter.cfg.block_size).to(device)
+    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    ctx = drafter.context(b["features"])
+    return drafter(b["first"], b["positions"], ctx, b["ctx_positions"], mask)
+
+
+def train_device(name: str) -> torch.device:
+    """The device of :attr:`DrafterTrainConfig.device`; a clear error when CUDA is asked for and not there."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EdlmError(f"drafter training on {name!r}, but torch sees no CUDA GPU here (torch {torch.__version__}); "
+                        "use --set device=cpu, or install a CUDA build of torch")
+    return torch.device(name)
 
 
 @torch.no_grad()
@@ -189,7 +206,7 @@ def block_guesses(drafter: Drafter, answers: list[Answer], anchors: int = 32, se
     right, conf, real = [], [], []
     for at in range(0, len(answers), 8):
         batch = make_batch(answers[at:at + 8], anchors, b, t2d, gen)
-        logits = run_batch(drafter, batch)
+        logits = run_batch(drafter, batch).cpu()
         r = logits.shape[0]
         p, guess = torch.softmax(logits.float(), -1).max(-1)
         labels = batch["labels"].view(r, anchors, b)[..., 1:]
@@ -218,7 +235,7 @@ def _true_tokens(answers: list[Answer], opens: torch.Tensor, block: int) -> torc
 def token_to_draft(drafter: Drafter) -> torch.Tensor:
     """(V,) draft-vocabulary index of every token id, -100 for tokens the drafter cannot propose."""
     t2d = torch.full((drafter.cfg.vocab_size,), -100, dtype=torch.long)
-    t2d[drafter.d2t] = torch.arange(drafter.d2t.numel())
+    t2d[drafter.d2t.cpu()] = torch.arange(drafter.d2t.numel())
     return t2d
 
 
@@ -276,12 +293,13 @@ def train_drafter(cfg: DrafterTrainConfig, progress: Callable[[int, int, dict[st
         drafter = Drafter(dcfg, source, d2t=d2t)
         covered = float(counts[d2t].sum() / counts.sum().clamp_min(1))
         logger.info("draft vocabulary: %d tokens cover %.1f%% of training answer tokens", size, 100 * covered)
-    drafter.train()
+    device = train_device(cfg.device)
+    drafter.to(device).train()
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     start = 0
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location=device)
         drafter.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
@@ -296,7 +314,7 @@ def train_drafter(cfg: DrafterTrainConfig, progress: Callable[[int, int, dict[st
         t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
-    weights = position_weights(drafter.cfg.block_size, cfg.gamma)
+    weights = position_weights(drafter.cfg.block_size, cfg.gamma).to(device)
     t2d = token_to_draft(drafter)
     metrics = out / "metrics.jsonl"
     tokens_per_step = cfg.batch_size * cfg.anchors * (drafter.cfg.block_size - 1)
@@ -307,7 +325,7 @@ def train_drafter(cfg: DrafterTrainConfig, progress: Callable[[int, int, dict[st
         batch = make_batch([train[i] for i in picks], cfg.anchors, drafter.cfg.block_size, t2d, gen)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = block_loss(run_batch(drafter, batch), batch["labels"], weights)
+        loss = block_loss(run_batch(drafter, batch), batch["labels"].to(device), weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
