@@ -13,7 +13,11 @@ span: on its own a row's range might be [-0.6, 1], beside others [-1, 1], and it
 rows of its call (on random rows: by 0.33 against outputs of ~0.8). So every normalised row carries the guard
 ``[1, -1, 0, 0]`` in four extra input features whose weights are zero (:data:`INT8_GUARD`): every call's range is
 then exactly [-1, 1], and a row's int8 product is bit for bit the same alone, in a batch, or in a wider verify as
-in a one-column AR step. That is what makes speculative decoding at int8 give the int8 AR's text.
+in a one-column AR step. A whole forward is width-free only if the fp32 ops around the products are too: the
+next layer's activation rounding turns any last-bit difference into a different quantum, and the layers after
+amplify it. The compiled engine's attention is written for that at int8 and int4 (``edlm.engine.Engine._attend``),
+so there drafted decoding gives the int8 AR's text; the eager Hugging Face model at int8 (this module's Linear under
+its own attention) does not promise it.
 
 Which kernel does it was chosen by measurement (docs/roofline.md, section 1, SmolLM2-135M, AVX2 CPU; re-measured
 at 2 threads with torchao 0.18 for issue 36): on CPU fbgemm's int8 GEMM (``torch.ops.quantized.linear_dynamic``)
