@@ -11,8 +11,8 @@ Candidates (the issue's list): fp32 and bf16 ``F.linear`` (MKL / oneDNN as PyTor
 fp32 / bf16 linear (``torch.ops.mkldnn._linear_pointwise`` on weights reordered once); fbgemm's dynamic int8
 (edlm's int8: per-token scales, guard features); oneDNN's static int8 (``torch.ops.onednn.qlinear_pointwise``:
 rows normalised by their maximum are quantized with one fixed scale, so no range is computed per call); aten's
-int8 and int4 weight-only kernels (torchao's CPU layouts); and with ``--autotune`` inductor's C++ GEMM template
-(``torch.compile(mode="max-autotune")`` of an fp32 / bf16 linear).
+int8 and int4 weight-only kernels (torchao's CPU layouts). ``--autotune`` instead compares inductor's
+max-autotune GEMM with ``F.linear`` in fp32 (:func:`autotune_probe`) and writes that to ``out.json``.
 """
 
 from __future__ import annotations
@@ -88,12 +88,30 @@ def int8_weight_only(w):
     return lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale)
 
 
-def autotuned(dtype):
-    def make(w):
-        w = w.to(dtype).contiguous()
-        fn = torch.compile(lambda x: F.linear(x, w), mode="max-autotune", dynamic=False)
-        return lambda x: fn(x.to(dtype))
-    return make
+def autotune_probe(widths=(1, 8), repeats=7) -> dict:
+    """Inductor's max-autotune GEMM against ``F.linear``, fp32, per distinct SmolLM2 shape (one weight each, so
+    warmer than a forward's: a comparison of kernels, not a forward's time), ms per forward (each shape's time times
+    its count in a forward). Weights are graph inputs, so each (shape, width) compiles once."""
+    torch._dynamo.config.recompile_limit = 64  # 5 shapes x the widths: past the default 8 it would run eagerly
+    tuned = torch.compile(F.linear, mode="max-autotune", dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    counts = {shape: SHAPES.count(shape) for shape in dict.fromkeys(SHAPES)}
+    out = {"F.linear": {}, "max-autotune": {}}
+    with torch.no_grad():
+        for m in widths:
+            for name, fn in (("F.linear", F.linear), ("max-autotune", tuned)):
+                total = 0.0
+                for (n, k), count in counts.items():
+                    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+                    fn(x, w)
+                    times = []
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        fn(x, w)
+                        times.append(time.perf_counter() - t0)
+                    total += count * statistics.median(times)
+                out[name][m] = 1e3 * total
+    return out
 
 
 KERNELS = {
@@ -115,8 +133,13 @@ def main() -> None:
     torch.set_num_threads(threads)
     kernels = dict(KERNELS)
     if "--autotune" in sys.argv:
-        kernels |= {"fp32 inductor max-autotune": autotuned(torch.float32),
-                    "bf16 inductor max-autotune": autotuned(torch.bfloat16)}
+        tuned = autotune_probe()
+        print("fp32, ms per forward's GEMMs (warm weights): " + "; ".join(
+            f"{name} " + ", ".join(f"{m} col {ms:.1f}" for m, ms in row.items()) for name, row in tuned.items()))
+        if out:
+            with open(out, "w") as f:
+                json.dump({"autotune_fp32_ms": tuned, "threads": threads, "machine": machine_info()}, f, indent=1)
+        return
     g = torch.Generator().manual_seed(0)
     check_w = torch.randn(2 * FF, D, generator=g) / D ** 0.5
     check_x = torch.randn(8, D, generator=g)
