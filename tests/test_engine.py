@@ -101,9 +101,10 @@ def test_a_quantized_column_is_bit_for_bit_the_same_in_an_ar_step_and_a_wide_ver
     # between an AR step and a verify into a different quantum, and the layers after amplify it.
     model, _ = tiny_model("llama", hidden=64, layers=4)
     engine = compile_model(model, dtype, compile=compile, exact_widths=8)
-    ids = torch.randint(3, 250, (1, 20), generator=torch.Generator().manual_seed(0))
-    one, wide = _one_by_one_and_wide(engine, ids, 8)
-    assert torch.equal(one, wide)
+    for length in (20, 78):  # 78: a 70-column prefill, past WIDTH_FREE_UP_TO (matmuls there, on both sides)
+        ids = torch.randint(3, 250, (1, length), generator=torch.Generator().manual_seed(length))
+        one, wide = _one_by_one_and_wide(engine, ids, 8)
+        assert torch.equal(one, wide), length
 
 
 def test_unsupported_models_and_dtypes_fail_clearly():

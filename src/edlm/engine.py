@@ -54,6 +54,9 @@ sliding attention window (Mistral) is not applied: contexts must fit in the wind
 INT4_GROUP = 32
 WIDTH_FREE = ("int8", "int4")
 """Dtypes whose forward of a column does not depend on the forward's width (see :meth:`Engine._attend`)."""
+WIDTH_FREE_UP_TO = 64
+"""Forwards of up to this many columns (AR steps, verifies, diffusion blocks) use the width-free attention; wider
+ones (long prefills, which both sides of any comparison run at the same width) keep the faster matmuls."""
 
 
 def check_supported(model: nn.Module) -> None:
@@ -395,12 +398,14 @@ class Engine(nn.Module):
         different int8 quantum, which the layers after amplified (a 3-logit difference on SmolLM2 by the 8th
         token). A reduction sums each (query, key) pair in the same order whatever the width, so a column's
         forward is bit for bit the same in an AR step and in a verify (with :func:`edlm.quant.int8_guarded`), and
-        drafted decoding gives the AR's text. It was also no slower here (18.8 / 33.9 ms at 1 / 8 columns against
-        19.1 / 38.3). fp32 and bf16 keep the matmuls: their linears are not width-free anyway."""
+        drafted decoding gives the AR's text. It costs 10-24% of an 8-column int8 forward here and is even at 1-2
+        (docs/roofline.md, section 9.1). Forwards wider than :data:`WIDTH_FREE_UP_TO` (long prefills) and fp32 /
+        bf16 keep the matmuls: a prefill runs at the same width on both sides of a comparison, and fp32 / bf16
+        linears are not width-free anyway."""
         rows, heads, q_len, hd = q.shape
         group = heads // self.kv_heads
         q = q.reshape(rows, self.kv_heads, group * q_len, hd)
-        width_free = self.dtype_name in WIDTH_FREE
+        width_free = self.dtype_name in WIDTH_FREE and q_len <= WIDTH_FREE_UP_TO  # q_len: fixed per graph
         if width_free:
             scores = (q.unsqueeze(-2).float() * k.unsqueeze(-3).float()).sum(-1) * hd ** -0.5
         else:
