@@ -33,10 +33,6 @@ SHAPES = [(D + 2 * KV, D), (D, D), (2 * FF, D), (D, FF)] * LAYERS + [(V, D)]
 WIDTHS = (1, 2, 4, 8, 16)
 
 
-def fbgemm_int8(w):
-    return Linear(w, None, "int8")
-
-
 def engine_linear(dtype):
     def make(w):
         return Linear(w, None, dtype)
@@ -119,7 +115,7 @@ KERNELS = {
     "fp32 oneDNN packed": mkldnn_packed(torch.float32),
     "bf16 F.linear": dense(torch.bfloat16),
     "bf16 oneDNN packed": mkldnn_packed(torch.bfloat16),
-    "int8 fbgemm dynamic (edlm)": fbgemm_int8,
+    "int8 fbgemm dynamic (edlm)": engine_linear("int8"),
     "int8 oneDNN static": onednn_static_int8,
     "int8 weight-only (aten)": int8_weight_only,
     "int4 weight-only (aten, edlm)": engine_linear("int4"),

@@ -43,7 +43,7 @@ from torch import nn
 
 from edlm.errors import EdlmError
 from edlm.model import DiffusionLM
-from edlm.quant import int8_guarded, quantize_int8
+from edlm.quant import int8_input, quantize_int8
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,8 @@ def linear(dtype: str, out_features: int, x: torch.Tensor, weight: torch.Tensor,
     if dtype in ("fp32", "bf16"):
         return F.linear(x, weight, bias)
     if dtype == "int8":  # one activation scale per token (see edlm.quant.RowScaledInt8Linear)
-        row = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min(1e-12)
-        y = torch.ops.edlm.int8_linear(int8_guarded(x / row), weight, out_features) * row
+        guarded, row = int8_input(x)
+        y = torch.ops.edlm.int8_linear(guarded, weight, out_features) * row
         return y if bias is None else y + bias
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # the kernel's fast path takes bf16 activations
@@ -166,7 +166,7 @@ _HANDLES = itertools.count()
 
 def _pack_int8(weight: torch.Tensor) -> int:
     """Pack a float (N, K) weight for fbgemm as ``edlm.quant`` int8 does (per-channel scales, the guard's zero
-    columns appended: the input it takes is :func:`edlm.quant.int8_guarded`); returns its handle."""
+    columns appended: the input it takes is :func:`edlm.quant.int8_input`'s); returns its handle."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         lin.weight.copy_(weight)
@@ -290,6 +290,8 @@ class Engine(nn.Module):
         self.inner = model  # for config, embeddings, tokenizer-facing attributes
         cfg = model.config
         self.dtype_name, self.capacity, self.exact_widths = dtype, capacity, exact_widths
+        self.width_free_up_to = WIDTH_FREE_UP_TO if dtype in WIDTH_FREE else 0
+        """Forwards of up to this many columns use the width-free attention (:meth:`_attend`); 0: never."""
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
@@ -397,7 +399,7 @@ class Engine(nn.Module):
         between a one-column AR step and a wide verify, and the next layer's activation rounding turned that into a
         different int8 quantum, which the layers after amplified (a 3-logit difference on SmolLM2 by the 8th
         token). A reduction sums each (query, key) pair in the same order whatever the width, so a column's
-        forward is bit for bit the same in an AR step and in a verify (with :func:`edlm.quant.int8_guarded`), and
+        forward is bit for bit the same in an AR step and in a verify (with :func:`edlm.quant.int8_input`), and
         drafted decoding gives the AR's text. It costs 10-24% of an 8-column int8 forward here and is even at 1-2
         (docs/roofline.md, section 9.1). Forwards wider than :data:`WIDTH_FREE_UP_TO` (long prefills) and fp32 /
         bf16 keep the matmuls: a prefill runs at the same width on both sides of a comparison, and fp32 / bf16
@@ -405,7 +407,7 @@ class Engine(nn.Module):
         rows, heads, q_len, hd = q.shape
         group = heads // self.kv_heads
         q = q.reshape(rows, self.kv_heads, group * q_len, hd)
-        width_free = self.dtype_name in WIDTH_FREE and q_len <= WIDTH_FREE_UP_TO  # q_len: fixed per graph
+        width_free = q_len <= self.width_free_up_to  # q_len: fixed per graph
         if width_free:
             scores = (q.unsqueeze(-2).float() * k.unsqueeze(-3).float()).sum(-1) * hd ** -0.5
         else:

@@ -84,10 +84,12 @@ def int8_guard_weight(weight: torch.Tensor) -> torch.Tensor:
     return F.pad(weight.detach().float(), (0, len(INT8_GUARD)))
 
 
-def int8_guarded(x: torch.Tensor) -> torch.Tensor:
-    """Row-normalised activations (..., K) with :data:`INT8_GUARD` appended to every row: (..., K + 4)."""
+def int8_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What fbgemm's int8 GEMM takes for activations ``x`` (..., K): each row divided by its absolute maximum, with
+    :data:`INT8_GUARD` appended (..., K + 4); and those maxima (..., 1), to multiply the output rows back by."""
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min(1e-12)
     guard = torch.tensor(INT8_GUARD, dtype=x.dtype, device=x.device)
-    return torch.cat([x, guard.expand(*x.shape[:-1], len(INT8_GUARD))], dim=-1)
+    return torch.cat([x / scale, guard.expand(*x.shape[:-1], len(INT8_GUARD))], dim=-1), scale
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -112,9 +114,8 @@ class RowScaledInt8Linear(DynamicInt8Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12)
-        y = torch.ops.quantized.linear_dynamic(int8_guarded(x / scale), self._packed_params._packed_params,
-                                               reduce_range=True)
+        guarded, scale = int8_input(x)
+        y = torch.ops.quantized.linear_dynamic(guarded, self._packed_params._packed_params, reduce_range=True)
         y.mul_(scale)
         if self.row_bias is not None:
             y.add_(self.row_bias)
