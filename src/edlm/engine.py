@@ -400,10 +400,10 @@ class Engine(nn.Module):
         different int8 quantum, which the layers after amplified (a 3-logit difference on SmolLM2 by the 8th
         token). A reduction sums each (query, key) pair in the same order whatever the width, so a column's
         forward is bit for bit the same in an AR step and in a verify (with :func:`edlm.quant.int8_input`), and
-        drafted decoding gives the AR's text. It costs 10-24% of an 8-column int8 forward here and is even at 1-2
-        (docs/roofline.md, section 9.1). Forwards wider than :data:`WIDTH_FREE_UP_TO` (long prefills) and fp32 /
-        bf16 keep the matmuls: a prefill runs at the same width on both sides of a comparison, and fp32 / bf16
-        linears are not width-free anyway."""
+        drafted decoding gives the AR's text. It cost 0-24% of an 8-column int8 forward here, by run, and -8% to +6%
+        at one column (docs/roofline.md, section 9.1). Forwards wider than :data:`WIDTH_FREE_UP_TO` (long
+        prefills) and fp32 / bf16 keep the matmuls: a prefill runs at the same width on both sides of a comparison,
+        and fp32 / bf16 linears are not width-free anyway."""
         rows, heads, q_len, hd = q.shape
         group = heads // self.kv_heads
         q = q.reshape(rows, self.kv_heads, group * q_len, hd)
